@@ -1,0 +1,9 @@
+"""HaloNet-H0 with the paper's b, h, r_v, r_b, l_3, s, d_f."""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config() -> ml_collections.ConfigDict:
+  return base.variant_config('h0')

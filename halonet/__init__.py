@@ -1,0 +1,1 @@
+"""HaloNet: blocked local self-attention backbones (Vaswani et al., CVPR 2021) in Flax."""
