@@ -1,0 +1,151 @@
+"""HaloAttention against an explicit per-query NumPy reference, and its symmetry properties."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from halonet.attention import HaloAttention
+
+
+def naive_halo_attention(x, params, *, heads, block, halo, stride, mask_window=0):
+  """Loops over every output pixel: softmax over the real pixels of its block's neighbourhood.
+
+  Written from the paper's definition, independent of the layer's blocked implementation.
+  """
+  x = np.asarray(x, np.float64)
+  wq = np.asarray(params['query']['kernel'], np.float64)      # [C, heads, dk]
+  wkv = np.asarray(params['key_value']['kernel'], np.float64)  # [C, heads, dk + dv]
+  rel_h = np.asarray(params['relative_height'], np.float64)   # [2(b+h)-1, dk]
+  rel_w = np.asarray(params['relative_width'], np.float64)
+  dk = wq.shape[-1]
+  dv = wkv.shape[-1] - dk
+  batch, height, width, _ = x.shape
+  out_h, out_w = -(-height // stride), -(-width // stride)
+  out = np.zeros((batch, out_h, out_w, heads * dv))
+  for n in range(batch):
+    for oy in range(out_h):
+      for ox in range(out_w):
+        qy, qx = oy * stride, ox * stride
+        top, left = (qy // block) * block - halo, (qx // block) * block - halo
+        keys = [(ky, kx)
+                for ky in range(top, top + block + 2 * halo)
+                for kx in range(left, left + block + 2 * halo)
+                if 0 <= ky < height and 0 <= kx < width
+                and (not mask_window or (abs(ky - qy) <= mask_window // 2
+                                         and abs(kx - qx) <= mask_window // 2))]
+        for head in range(heads):
+          q = x[n, qy, qx] @ wq[:, head] / np.sqrt(dk)
+          logits, values = [], []
+          for ky, kx in keys:
+            kv = x[n, ky, kx] @ wkv[:, head]
+            offset_y = ky - qy + block + halo - 1
+            offset_x = kx - qx + block + halo - 1
+            logits.append(q @ kv[:dk] + q @ rel_h[offset_y] + q @ rel_w[offset_x])
+            values.append(kv[dk:])
+          logits = np.array(logits)
+          p = np.exp(logits - logits.max())
+          p /= p.sum()
+          out[n, oy, ox, head * dv:(head + 1) * dv] = p @ np.array(values)
+  return out
+
+
+def _layer_and_params(x, **kwargs):
+  layer = HaloAttention(**kwargs)
+  params = layer.init(jax.random.key(1), x)['params']
+  # Non-trivial relative tables, so the position terms are tested too.
+  params['relative_height'] = jax.random.normal(jax.random.key(2), params['relative_height'].shape)
+  params['relative_width'] = jax.random.normal(jax.random.key(3), params['relative_width'].shape)
+  return layer, params
+
+
+CASES = [
+    # (height, width, channels, qk, value, heads, block, halo, stride, mask)
+    dict(hw=(8, 8), c=8, qk=8, v=8, heads=2, block=4, halo=1, stride=1),
+    dict(hw=(8, 8), c=8, qk=8, v=12, heads=2, block=4, halo=2, stride=2),
+    dict(hw=(7, 10), c=6, qk=8, v=8, heads=4, block=4, halo=1, stride=1),   # b does not divide.
+    dict(hw=(9, 7), c=6, qk=8, v=8, heads=1, block=4, halo=2, stride=2),    # odd sizes, stride 2.
+    dict(hw=(6, 6), c=4, qk=4, v=4, heads=2, block=3, halo=0, stride=1),    # no halo.
+    dict(hw=(10, 10), c=8, qk=8, v=8, heads=2, block=4, halo=2, stride=1, mask=3),
+    dict(hw=(10, 10), c=8, qk=8, v=8, heads=2, block=4, halo=2, stride=2, mask=5),
+    dict(hw=(3, 3), c=4, qk=4, v=4, heads=2, block=4, halo=1, stride=2),    # map smaller than b.
+]
+
+
+@pytest.mark.parametrize('case', CASES, ids=lambda c: str(c))
+def test_matches_naive_reference(case):
+  x = jax.random.normal(jax.random.key(0), (2, *case['hw'], case['c']))
+  kwargs = dict(qk_width=case['qk'], value_width=case['v'], num_heads=case['heads'],
+                block_size=case['block'], halo_size=case['halo'], stride=case['stride'],
+                mask_window=case.get('mask', 0))
+  layer, params = _layer_and_params(x, **kwargs)
+  got = layer.apply({'params': params}, x)
+  want = naive_halo_attention(x, params, heads=case['heads'], block=case['block'],
+                              halo=case['halo'], stride=case['stride'],
+                              mask_window=case.get('mask', 0))
+  assert got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_finite_with_masks_and_padding():
+  x = jax.random.normal(jax.random.key(0), (1, 9, 9, 8))
+  layer, params = _layer_and_params(x, qk_width=8, value_width=8, num_heads=2, block_size=4,
+                                    halo_size=2, stride=2, mask_window=3)
+  grads = jax.grad(lambda p, x: layer.apply({'params': p}, x).sum(), argnums=(0, 1))(params, x)
+  for g in jax.tree_util.tree_leaves(grads):
+    assert np.isfinite(np.asarray(g)).all()
+    assert np.abs(np.asarray(g)).max() > 0
+
+
+def test_bfloat16_compute_close_to_float32():
+  x = jax.random.normal(jax.random.key(0), (1, 8, 8, 8))
+  kwargs = dict(qk_width=8, value_width=8, num_heads=2, block_size=4, halo_size=1)
+  layer32, params = _layer_and_params(x, **kwargs)
+  out32 = layer32.apply({'params': params}, x)
+  out16 = HaloAttention(**kwargs, dtype=jnp.bfloat16).apply({'params': params}, x)
+  assert out16.dtype == jnp.bfloat16
+  assert jax.tree_util.tree_leaves(params)[0].dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out16, np.float32), np.asarray(out32), atol=0.1)
+
+
+def _shift_rows(x, shift):
+  return jnp.zeros_like(x).at[:, shift:].set(x[:, :-shift])
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_equivariant_to_shifts_of_one_block_only(stride):
+  block, halo, height = 4, 1, 24
+  x = jax.random.normal(jax.random.key(0), (1, height, 8, 4))
+  layer, params = _layer_and_params(x, qk_width=4, value_width=4, num_heads=2,
+                                    block_size=block, halo_size=halo, stride=stride)
+  out = layer.apply({'params': params}, x)
+  # Output rows whose neighbourhood lies inside the image both before and after the shift.
+  rows = [y for y in range(out.shape[1])
+          if (y * stride // block) * block - halo >= 0
+          and (y * stride // block) * block + block + halo <= height - block]
+  assert len(rows) >= block
+  shifted = layer.apply({'params': params}, _shift_rows(x, block))
+  step = block // stride
+  np.testing.assert_allclose(np.asarray(shifted[:, [y + step for y in rows]]),
+                             np.asarray(out[:, rows]), atol=1e-5)
+  # A 1-pixel shift (stride 1) regroups the blocks, so the output is not simply shifted.
+  if stride == 1:
+    shifted_1 = layer.apply({'params': params}, _shift_rows(x, 1))
+    diff = np.abs(np.asarray(shifted_1[:, [y + 1 for y in rows]]) - np.asarray(out[:, rows]))
+    assert diff.max() > 1e-2
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(block_size=0), 'block_size=0'),
+    (dict(halo_size=-1), 'halo_size=-1'),
+    (dict(stride=3), 'stride=3'),
+    (dict(num_heads=3), 'num_heads=3'),
+    (dict(block_size=3, stride=2), 'block_size=3'),
+    (dict(mask_window=4), 'mask_window=4'),
+    (dict(mask_window=5, halo_size=1), 'mask_window=5'),
+])
+def test_bad_arguments_name_the_value(kwargs, message):
+  args = dict(qk_width=8, value_width=8, num_heads=2, block_size=4, halo_size=1)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=message):
+    HaloAttention(**args).init(jax.random.key(0), jnp.zeros((1, 8, 8, 8)))

@@ -1,0 +1,116 @@
+"""The model family against the paper's table, plus shape and validation behaviour."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base, tiny
+from halonet import model
+
+# Typed in from the paper's table of HaloNet variants (Params, M): independent of configs/base.py.
+PAPER_PARAMS_M = {'h0': 5.5, 'h1': 8.1, 'h2': 9.4, 'h3': 12.3, 'h4': 19.1, 'h5': 30.7,
+                  'h6': 43.4, 'h7': 67.0}
+# H3's published row does not reach its published count (see halonet/model.py's docstring).
+H3_COUNT = 11_834_728
+
+
+@pytest.mark.parametrize('variant', sorted(PAPER_PARAMS_M))
+def test_variant_params_match_paper(variant):
+  count = model.count_params(base.variant_config(variant))
+  if variant == 'h3':
+    assert count == H3_COUNT
+  else:
+    assert abs(count / 1e6 - PAPER_PARAMS_M[variant]) / PAPER_PARAMS_M[variant] < 0.01
+
+
+def test_variant_rows_match_paper():
+  # b, h, r_v, r_b, l_3, s, d_f from the paper's table.
+  rows = {'h0': (8, 3, 1.0, 0.5, 7, 256, 0), 'h4': (12, 2, 1.0, 3, 12, 384, 1280),
+          'h7': (10, 3, 4, 3.5, 26, 600, 2048)}
+  for name, (b, h, rv, rb, l3, s, df) in rows.items():
+    c = base.variant_config(name)
+    m = c.model
+    assert (m.block_size, m.halo_size, m.value_ratio, m.bottleneck_ratio) == (b, h, rv, rb)
+    assert (tuple(m.stage_depths), c.image_size, m.final_width) == ((3, 3, l3, 3), s, df)
+
+
+def test_h7_stage_shapes_at_600px():
+  """s=600 with b=10 gives 75x75 and 38x38 maps that b does not divide; they must work."""
+  config = base.variant_config('h7')
+  net = model.create_model(config)
+  shapes = {}
+
+  def capture(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and isinstance(context.module, model.BottleneckBlock):
+      shapes[context.module.name] = out.shape
+    return out
+
+  with nn.intercept_methods(capture):
+    jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 600, 600, 3)), train=False))
+  assert shapes['stage2_block0'][1:3] == (75, 75)
+  assert shapes['stage3_block0'][1:3] == (38, 38)
+  assert shapes['stage4_block0'][1:3] == (19, 19)
+
+
+def test_tiny_forward_train_and_eval():
+  config = tiny.get_config()
+  config.model.use_se = True
+  config.model.activation = 'silu'
+  config.model.stochastic_depth_rate = 0.2
+  config.model.conv_stages = (1,)
+  net = model.create_model(config)
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = net.init(jax.random.key(0), x, train=False)
+  logits, updates = net.apply(variables, x, train=True, mutable=['batch_stats'],
+                              rngs={'dropout': jax.random.key(1)})
+  assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+  assert np.isfinite(np.asarray(logits)).all()
+  eval_logits = net.apply({**variables, **updates}, x, train=False)
+  assert eval_logits.shape == (2, 10)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  config = tiny.get_config()
+  config.model.dtype = 'bfloat16'
+  net = model.create_model(config)
+  variables = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables['params']))
+  assert net.apply(variables, jnp.zeros((1, 32, 32, 3)), train=False).dtype == jnp.float32
+
+
+def test_conv_stages_replace_attention():
+  all_attention = model.count_params(tiny.get_config())
+  config = tiny.get_config()
+  config.model.conv_stages = (1, 2, 3, 4)
+  params = model.abstract_variables(config)['params']
+  assert not any('HaloAttention' in k for k in params['stage1_block0'])
+  assert model.count_params(config) != all_attention
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('model.block_size', 0, 'block_size=0'),
+    ('model.halo_size', -1, 'halo_size=-1'),
+    ('model.num_heads', (3, 2, 2, 2), 'num_heads=3'),
+    ('model.conv_stages', (0, 5), r'conv_stages=\(0, 5\)'),
+    ('model.activation', 'gelu', "activation='gelu'"),
+    ('model.block_size', 3, 'block_size=3'),     # stride-2 stages need an even block.
+    ('model.mask_window', 4, 'mask_window=4'),
+    ('image_size', 16, 'image_size=16'),
+])
+def test_bad_values_fail_with_one_line(field, value, message):
+  config = tiny.get_config()
+  node, key = config, field
+  if '.' in field:
+    node, key = config.model, field.split('.')[1]
+  node[key] = value
+  with pytest.raises(ValueError, match=message) as info:
+    model.create_model(config)
+  assert '\n' not in str(info.value)
+
+
+def test_unknown_variant():
+  with pytest.raises(ValueError, match="'h8'"):
+    base.variant_config('h8')
