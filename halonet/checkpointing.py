@@ -1,0 +1,105 @@
+"""What a workdir keeps between runs: Orbax checkpoints, the starting config, JSON results."""
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+# Fields that steer a run without changing what it computes; they may differ on restart.
+RUN_CONTROL_FIELDS = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+                      'keep_checkpoints', 'eval_splits', 'eval_batch_size', 'mesh_shape',
+                      'data_dir', 'manual_dir', 'cache')
+
+
+def create_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+  """Async manager in workdir/checkpoints keeping the last `keep` steps.
+
+  Orbax writes each step under a temporary name and renames it when complete, so a crash
+  mid-save leaves a tmp dir that `latest_step` never returns; a writer deletes such leftovers
+  at startup. Readers (eval.py) open read-only so they never touch a live run's files.
+  """
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+      enable_async_checkpointing=True,
+      cleanup_tmp_directories=not read_only,
+      read_only=read_only)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                               options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+  """Starts an async save; the device->host copy finishes before return, so donation is safe."""
+  manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> Any:
+  """Restores `step` (default: latest complete) onto the shardings carried by abstract_state."""
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(f'no complete checkpoint for step={step} in {manager.directory}; '
+                            f'have {sorted(manager.all_steps())}')
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Write-then-rename, so a reader or a crash never sees half a file (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.NamedTemporaryFile('w', dir=directory, prefix='.tmp_', suffix='.json',
+                                   delete=False) as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    tmp = f.name
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """Dotted names of fields that change the computation (run-control fields are ignored)."""
+  old_flat, new_flat = _flatten(old), _flatten(new)
+  return sorted(k for k in old_flat.keys() | new_flat.keys()
+                if k not in RUN_CONTROL_FIELDS and old_flat.get(k) != new_flat.get(k))
+
+
+def stored_config(workdir: str) -> dict[str, Any] | None:
+  path = os.path.join(workdir, 'config.json')
+  return read_json(path) if os.path.exists(path) else None
+
+
+def check_and_store_config(config: ml_collections.ConfigDict, workdir: str,
+                           allow_change: bool, step: int) -> None:
+  """Records the config on first start; on restart refuses a changed one unless allowed.
+
+  An allowed change keeps the old file as config.step<step>.json, so no history is lost.
+  """
+  path = os.path.join(workdir, 'config.json')
+  new = json.loads(config.to_json_best_effort())
+  old = stored_config(workdir)
+  if old is not None:
+    diff = config_differences(old, new)
+    if not diff:
+      return
+    if not allow_change:
+      raise ValueError(f'{path} was written by a different config (fields: {", ".join(diff)}); '
+                       'pass --allow_config_change to resume anyway')
+    if jax.process_index() == 0:
+      os.replace(path, os.path.join(workdir, f'config.step{step}.json'))
+  write_json_atomic(path, new)

@@ -1,0 +1,51 @@
+"""Device mesh and data placement: the batch splits over 'data', the state is replicated.
+
+Under `jax.jit` with these shardings XLA inserts the collectives itself, so BatchNorm statistics
+and the gradient are global over the batch without any `axis_name`.
+"""
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ('data', 'model')
+
+
+def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, int]:
+  """(data, model) sizes with a -1 filled in; raises one line if they cannot cover the devices."""
+  shape = tuple(int(n) for n in mesh_shape)
+  if len(shape) != 2 or shape.count(-1) > 1 or any(n == 0 or n < -1 for n in shape):
+    raise ValueError(f'config.mesh_shape={shape} must be (data, model) positive sizes, at most one -1')
+  known = int(np.prod([n for n in shape if n != -1]))
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f'config.mesh_shape={shape} does not divide the {num_devices} devices')
+    shape = tuple(num_devices // known if n == -1 else n for n in shape)
+  if shape[0] * shape[1] != num_devices:
+    raise ValueError(f'config.mesh_shape={shape} needs {shape[0] * shape[1]} devices but there are '
+                     f'{num_devices}')
+  return shape
+
+
+def create_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'model') mesh; Auto axes so Linen's sharding constraints keep working."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape(mesh_shape, len(devices))
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (example) dimension split over 'data'; the 'model' axis holds copies."""
+  return NamedSharding(mesh, P('data'))
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Joins each process's local rows into one global array sharded over 'data'."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

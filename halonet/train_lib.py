@@ -1,0 +1,346 @@
+"""Training loop: one jitted step over a ('data', 'model') mesh, periodic exact evaluation,
+async Orbax checkpoints, and a clean stop on preemption or a non-finite loss."""
+
+import functools
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+from jax.sharding import Mesh
+
+from halonet import checkpointing
+from halonet import eval_lib
+from halonet import input_pipeline
+from halonet import model as model_lib
+from halonet import optim
+from halonet import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs; the input position is `step` itself."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  ema_params: Any  # None unless config.ema_decay > 0.
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
+                    process_count: int | None = None) -> None:
+  """Rejects bad values with one line naming them, before anything is built or compiled."""
+  model_lib.validate_config(config)
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = jax.process_count() if process_count is None else process_count
+  if config.optimizer.name not in optim.OPTIMIZERS:
+    raise ValueError(f'config.optimizer.name={config.optimizer.name!r} is not one of '
+                     f'{optim.OPTIMIZERS}')
+  data_size, _ = sharding.resolve_mesh_shape(config.mesh_shape, num_devices)
+  for name in ('batch_size', 'eval_batch_size'):
+    value = config[name]
+    if value <= 0 or value % data_size:
+      raise ValueError(f'config.{name}={value} is not a positive multiple of the {data_size} '
+                       f'devices on the mesh data axis')
+    if value % process_count:
+      raise ValueError(f'config.{name}={value} is not divisible by the {process_count} processes')
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ValueError(f'config.num_epochs={config.num_epochs} must be > 0 when num_train_steps <= 0')
+  for name in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+    if config[name] <= 0:
+      raise ValueError(f'config.{name}={config[name]} must be > 0')
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise ValueError(f'config.ema_decay={config.ema_decay} must be in [0, 1)')
+  if not 0.0 <= config.label_smoothing < 1.0:
+    raise ValueError(f'config.label_smoothing={config.label_smoothing} must be in [0, 1)')
+
+
+def total_train_steps(config: ml_collections.ConfigDict) -> int:
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return int(math.ceil(config.num_epochs * input_pipeline.steps_per_epoch(config)))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+  """Per-example loss; `labels` are class ids [B] or (mixup/cutmix) soft targets [B, C]."""
+  num_classes = logits.shape[-1]
+  targets = jax.nn.one_hot(labels, num_classes) if labels.ndim == 1 else labels
+  targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+  return -jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module,
+                         tx: optax.GradientTransformation,
+                         mesh: Mesh) -> tuple[Callable[[jax.Array], TrainState], TrainState]:
+  """The init function and its output's shapes, each leaf carrying its (replicated) sharding.
+
+  Shapes come from `jax.eval_shape`, so restoring a checkpoint never builds the state twice.
+  """
+  def init(rng: jax.Array) -> TrainState:
+    params_rng, dropout_rng = jax.random.split(rng)
+    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    variables = model.init({'params': params_rng, 'dropout': dropout_rng}, images, train=False)
+    params = variables['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                      ema_params=params if config.ema_decay > 0 else None)
+
+  replicated = sharding.replicated(mesh)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                          jax.eval_shape(init, jax.random.key(0)))
+  return init, abstract
+
+
+def shardings_of(abstract: Any) -> Any:
+  return jax.tree.map(lambda a: a.sharding, abstract)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
+                       tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+  """A fresh state, initialized directly into its shardings."""
+  init, abstract = abstract_train_state(config, model, tx, mesh)
+  return jax.jit(init, out_shardings=shardings_of(abstract))(jax.random.key(config.seed))
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One update on the global batch; returns the new state and scalars for logging."""
+  # Dropout noise is a function of (seed, step), so a resumed run replays it exactly.
+  rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 1), state.step)
+  images = input_pipeline.normalize_images(batch['image'], jnp.dtype(config.model.dtype))
+  labels = batch['label']
+
+  def loss_fn(params):
+    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, images,
+                                  train=True, mutable=['batch_stats'], rngs={'dropout': rng})
+    logits = logits.astype(jnp.float32)
+    loss = jnp.mean(cross_entropy(logits, labels, config.label_smoothing))
+    return loss, (logits, updates.get('batch_stats', {}))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = state.ema_params
+  if ema is not None:
+    ema = optax.incremental_update(params, ema, step_size=1.0 - config.ema_decay)
+  hard_labels = labels if labels.ndim == 1 else jnp.argmax(labels, axis=-1)
+  metrics = {
+      'loss': loss,
+      'top1': 100.0 * jnp.mean(jnp.argmax(logits, axis=-1) == hard_labels),
+      'grad_norm': optax.global_norm(grads),
+      'lr': schedule(state.step),
+  }
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state, ema_params=ema)
+  return new_state, metrics
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh,
+                    state_shardings: Any):
+  """Jitted step: state replicated and donated (updated in place), batch split over 'data'."""
+  return jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=0)
+
+
+def build(config: ml_collections.ConfigDict) -> tuple[nn.Module, optax.GradientTransformation,
+                                                      optax.Schedule, int]:
+  """Model, optimizer, lr schedule and step count: what training and eval.py share."""
+  num_steps = total_train_steps(config)
+  schedule = optim.learning_rate_schedule(config, input_pipeline.steps_per_epoch(config), num_steps)
+  return model_lib.create_model(config), optim.create_optimizer(config, schedule), schedule, num_steps
+
+
+def count_params(params: Any) -> int:
+  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+
+
+def evaluate_all(eval_fn, state: TrainState, config: ml_collections.ConfigDict,
+                 mesh: Mesh) -> dict[str, dict[str, dict[str, float]]]:
+  """Every eval split with the raw params, and again with the EMA params when kept."""
+  weights = {'raw': state.params}
+  if state.ema_params is not None:
+    weights['ema'] = state.ema_params
+  return {name: {split: eval_lib.evaluate(eval_fn, {'params': params,
+                                                    'batch_stats': state.batch_stats},
+                                          config, split, mesh)
+                 for split in config.eval_splits}
+          for name, params in weights.items()}
+
+
+def _format_seconds(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds), 60)
+  return f'{minutes // 60}:{minutes % 60:02d}:{seconds:02d}'
+
+
+class _Preemption:
+  """SIGTERM sets a flag the loop checks each step; multi-host runs use Orbax's sync point."""
+
+  def __init__(self):
+    self.event = threading.Event()
+    self.previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self.previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+
+  def reached(self, manager, step: int) -> bool:
+    return self.event.is_set() or manager.reached_preemption(step)
+
+  def close(self):
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains (resuming from workdir/checkpoints if present) and returns the last results."""
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
+  start_step = manager.latest_step() or 0
+  checkpointing.check_and_store_config(config, workdir, allow_config_change, start_step)
+  logging.info('process %d/%d, devices %s', jax.process_index(), jax.process_count(),
+               jax.devices())
+  logging.info('config:\n%s', config)
+  mesh = sharding.create_mesh(config.mesh_shape)
+  logging.info('mesh %s', dict(mesh.shape))
+  model, tx, schedule, num_steps = build(config)
+  # The iterator is a pure function of (seed, process, step): resuming replays the same batches.
+  batches = input_pipeline.create_split(
+      config, config.train_split, train=True, batch_size=config.batch_size // jax.process_count(),
+      process_index=jax.process_index(), process_count=jax.process_count(), start_step=start_step)
+
+  init, abstract = abstract_train_state(config, model, tx, mesh)
+  state_shardings = shardings_of(abstract)
+  if start_step:
+    state = checkpointing.restore(manager, abstract, start_step)
+    logging.info('resumed from checkpoint at step %d', start_step)
+  else:
+    state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
+  num_params = count_params(state.params)
+  logging.info('%d parameters, %d train steps', num_params, num_steps)
+  step_fn = make_train_step(config, model, tx, schedule, mesh, state_shardings)
+  eval_fn = eval_lib.make_eval_step(model, config, mesh)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  preemption = _Preemption()
+  pending = []  # (step, device metrics) not yet fetched: fetching every step would stall dispatch.
+  results = {'step': start_step, 'num_params': num_params, 'train_images_per_sec': None}
+  window_start = time.perf_counter()
+
+  def flush_metrics(step: int) -> None:
+    nonlocal window_start
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m in pending])
+    for (s, _), m in zip(pending, fetched):
+      if not np.isfinite(m['loss']):
+        raise FloatingPointError(f'loss is {m["loss"]} at step {s}; stopped without saving, '
+                                 f'last good checkpoint is step {manager.latest_step()}')
+    elapsed = time.perf_counter() - window_start
+    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in ('loss', 'top1', 'grad_norm')}
+    scalars['lr'] = float(fetched[-1]['lr'])
+    scalars['images_per_sec'] = len(fetched) * config.batch_size / elapsed
+    results['train_images_per_sec'] = scalars['images_per_sec']
+    writer.write_scalars(step, scalars)
+    if jax.process_index() == 0:
+      eta = (num_steps - step) * elapsed / len(fetched)
+      print(f'step {step}/{num_steps} loss {scalars["loss"]:.4f} top1 {scalars["top1"]:.2f} '
+            f'lr {scalars["lr"]:.3g} img/s {scalars["images_per_sec"]:.1f} '
+            f'ETA {_format_seconds(eta)}', flush=True)
+    pending.clear()
+    window_start = time.perf_counter()
+
+  def run_eval(step: int) -> None:
+    nonlocal window_start
+    evals = evaluate_all(eval_fn, state, config, mesh)
+    results.update(step=step, **{f'{name}_eval': v for name, v in evals.items()})
+    for name, splits in evals.items():
+      writer.write_scalars(step, {f'{name}/{split}/{k}': v for split, r in splits.items()
+                                  for k, v in r.items()})
+    checkpointing.write_json_atomic(os.path.join(workdir, 'results.json'), results)
+    window_start = time.perf_counter()
+
+  step = start_step
+  try:
+    with jax.set_mesh(mesh):
+      while step < num_steps:
+        state, metrics = step_fn(state, sharding.shard_batch(next(batches), mesh))
+        step += 1
+        pending.append((step, metrics))
+        preempted = preemption.reached(manager, step)
+        save = step % config.checkpoint_every_steps == 0 or step == num_steps or preempted
+        evaluate = step % config.eval_every_steps == 0 and step < num_steps
+        if step % config.log_every_steps == 0 or save or evaluate:
+          flush_metrics(step)  # Also the finite-loss check that guards every save.
+        if save:
+          checkpointing.save(manager, step, state)
+        if preempted:
+          logging.warning('preempted at step %d: checkpoint saved, stopping', step)
+          return {**results, 'step': step, 'preempted': True}
+        if evaluate:
+          run_eval(step)
+      run_eval(step)
+    if jax.process_index() == 0:
+      for name in ('raw', 'ema'):
+        for split, r in results.get(f'{name}_eval', {}).items():
+          print(f'final {split} accuracy ({name} params, step {step}): top-1 {r["top1"]:.2f}% '
+                f'top-5 {r["top5"]:.2f}%', flush=True)
+    return results
+  finally:
+    preemption.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: int | None = None) -> dict[str, Any]:
+  """Evaluates a saved step (default: latest) and merges it into workdir/eval_results.json."""
+  validate_config(config)
+  stored = checkpointing.stored_config(workdir)
+  if stored is not None:
+    new = json.loads(config.to_json_best_effort())
+    diff = [k for k in checkpointing.config_differences(stored, new)
+            if k.startswith('model.') or k == 'num_classes']
+    if diff:
+      raise ValueError(f'the checkpoints in {workdir} were trained with a different model '
+                       f'(fields: {", ".join(diff)})')
+  manager = checkpointing.create_manager(workdir, config.keep_checkpoints, read_only=True)
+  try:
+    mesh = sharding.create_mesh(config.mesh_shape)
+    model, tx, _, _ = build(config)
+    _, abstract = abstract_train_state(config, model, tx, mesh)
+    state = checkpointing.restore(manager, abstract, step)
+  finally:
+    manager.close()
+  step = int(state.step)
+  with jax.set_mesh(mesh):
+    evals = evaluate_all(eval_lib.make_eval_step(model, config, mesh), state, config, mesh)
+  results = {'step': step, 'num_params': count_params(state.params),
+             **{f'{name}_eval': v for name, v in evals.items()}}
+  if jax.process_index() == 0:
+    for name, splits in evals.items():
+      for split, r in splits.items():
+        print(f'step {step} {split} ({name} params): top-1 {r["top1"]:.2f}% top-5 {r["top5"]:.2f}% '
+              f'loss {r["loss"]:.4f} {r["images_per_sec"]:.1f} img/s ({r["count"]} images)',
+              flush=True)
+  path = os.path.join(workdir, 'eval_results.json')
+  merged = checkpointing.read_json(path) if os.path.exists(path) else {}
+  merged[str(step)] = results
+  checkpointing.write_json_atomic(path, merged)
+  return results
