@@ -1,0 +1,274 @@
+"""Host input pipeline: TFDS (or an image folder) -> uint8 numpy batches for this process.
+
+The train stream is a pure function of (config.seed, process_index, step): epoch e is shuffled
+with seeds derived from (seed, process, e) and every random augmentation draw is keyed on
+(seed, process, e, position in the epoch), so `start_step=k` rebuilds the stream from step k by
+skipping still-encoded examples. Images stay uint8 until `normalize_images` runs on device.
+"""
+
+import functools
+import itertools
+import os
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from halonet import digits
+from halonet import randaugment
+
+MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+FOLDER_DATASETS = ('image_folder', 'digits')
+Batch = dict[str, np.ndarray]
+
+
+def normalize_images(images: jax.Array, dtype: Any) -> jax.Array:
+  """uint8 -> ImageNet-standardised `dtype`; on device, so only uint8 crosses the host link."""
+  mean = jnp.asarray(MEAN_RGB, jnp.float32)
+  std = jnp.asarray(STDDEV_RGB, jnp.float32)
+  return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+
+
+def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
+  """Examples in `split` over all processes.
+
+  TFDS metadata when it has the split; otherwise (e.g. under `tfds.testing.mock_data`, whose
+  `info.splits` is empty) the encoded examples are counted, which skips all decoding.
+  """
+  builder = _builder(config, split)
+  try:
+    return builder.info.splits[split].num_examples
+  except KeyError:
+    ds = _read(config, builder, split, 0, 1, shuffle_seed=None)
+    return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+  """Full global batches per epoch; the remainder of each shuffled epoch is dropped."""
+  return num_examples(config, config.train_split) // config.batch_size
+
+
+def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
+                 batch_size: int, process_index: int = 0, process_count: int = 1,
+                 start_step: int = 0) -> Iterator[Batch]:
+  """Numpy batches of this process's shard of `split`; `batch_size` is per process.
+
+  Yields `image` uint8 [B, s, s, 3] and `label`: int32 [B], or float32 [B, num_classes] mixed
+  soft labels when mixup/cutmix is on. Train repeats forever. Eval makes one pass that adds a
+  bool `mask` [B]; every process yields the same number of batches (padding is masked), so each
+  example is counted exactly once across processes.
+  """
+  if train and config.dataset.startswith('imagenet_v2'):
+    raise ValueError(f'{config.dataset} has only a test split; use it for eval only.')
+  builder = _builder(config, split)
+  read = lambda seed: _read(config, builder, split, process_index, process_count, seed)
+  total = num_examples(config, split)
+  if not train:
+    per_process = -(-total // process_count)
+    return _eval_batches(config, read(None), batch_size, -(-per_process // batch_size))
+  steps = total // (batch_size * process_count)
+  if steps == 0:
+    raise ValueError(f'{split} of {config.dataset} has {total} examples, fewer than one batch '
+                     f'of {batch_size} x {process_count} processes.')
+  if config.cache:
+    cached = read(None).cache()
+    read = lambda seed: cached
+  make_epoch = functools.partial(_epoch, config, read, _train_preprocess(config), batch_size,
+                                 steps, process_index)
+  epoch, skip = divmod(start_step, steps)
+  # The first epoch is built here, not lazily, so a broken dataset fails at the call.
+  return _train_batches(make_epoch(epoch, skip), make_epoch, epoch + 1)
+
+
+def _train_batches(first: tf.data.Dataset, make_epoch: Callable[[int, int], tf.data.Dataset],
+                   next_epoch: int) -> Iterator[Batch]:
+  """One tf.data pipeline per epoch, seeded by the epoch, so resuming needs no replay."""
+  yield from first.as_numpy_iterator()
+  for epoch in itertools.count(next_epoch):
+    yield from make_epoch(epoch, 0).as_numpy_iterator()
+
+
+def _epoch(config, read, augment, batch_size, steps, process_index, epoch, skip_steps):
+  """Batches `skip_steps..steps` of `epoch`; skipped examples are never decoded."""
+  file_seed, shuffle_seed, example_seed, mix_seed = np.random.SeedSequence(
+      [config.seed, process_index, epoch]).generate_state(4).tolist()
+  ds = read(file_seed).shuffle(config.shuffle_buffer, seed=shuffle_seed)
+  ds = ds.take(steps * batch_size).enumerate().skip(skip_steps * batch_size)
+  ds = ds.map(lambda i, ex: augment(ex, tf.stack([np.int64(example_seed), i])),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
+    ds = ds.enumerate(start=skip_steps).map(
+        lambda i, batch: _mix(config, batch, tf.stack([np.int64(mix_seed), i])),
+        num_parallel_calls=tf.data.AUTOTUNE)
+  return _with_options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def _eval_batches(config: ml_collections.ConfigDict, ds: tf.data.Dataset, batch_size: int,
+                  num_batches: int) -> Iterator[Batch]:
+  s = config.image_size
+  ds = ds.map(lambda ex: {'image': _eval_image(ex['image'], s, config.crop_fraction),
+                          'label': tf.cast(ex['label'], tf.int32), 'mask': True},
+              num_parallel_calls=tf.data.AUTOTUNE)
+  pad = {'image': tf.zeros([s, s, 3], tf.uint8), 'label': np.int32(0), 'mask': False}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
+  ds = ds.take(num_batches * batch_size).batch(batch_size)
+  return iter(_with_options(ds.prefetch(tf.data.AUTOTUNE)).as_numpy_iterator())
+
+
+def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = True
+  # One thread per op and a bounded pool, so TF does not oversubscribe the cores JAX uses.
+  options.threading.max_intra_op_parallelism = 1
+  options.threading.private_threadpool_size = os.cpu_count() or 1
+  return ds.with_options(options)
+
+
+def _builder(config: ml_collections.ConfigDict, split: str) -> tfds.core.DatasetBuilder:
+  """The TFDS builder for `config.dataset`; folders are checked before anything is read."""
+  if config.dataset == 'digits':
+    root = digits.prepare_digits(config.data_dir or digits.DEFAULT_ROOT)
+    return tfds.ImageFolder(root)
+  if config.dataset == 'image_folder':
+    split_dir = os.path.join(config.data_dir, split)
+    if not config.data_dir or not os.path.isdir(split_dir):
+      raise FileNotFoundError(
+          f'image_folder: no directory {split_dir!r}; set --config.data_dir to a folder with '
+          f'<split>/<class>/<image> files.')
+    return tfds.ImageFolder(config.data_dir)
+  return tfds.builder(config.dataset, data_dir=config.data_dir or None)
+
+
+def _read(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, split: str,
+          process_index: int, process_count: int, shuffle_seed: int | None) -> tf.data.Dataset:
+  """Still-encoded {'image', 'label'} of this process's disjoint shard, in a seeded order.
+
+  TFDS datasets read only their own files (`even_splits`); ImageFolder has no sub-split API,
+  so every process lists the folder and keeps every `process_count`-th file (its files are
+  read, not decoded, before the shard). `shuffle_seed` shuffles TFDS file order (None: fixed).
+  """
+  decoders = {'image': tfds.decode.SkipDecoding()}
+  if config.dataset in FOLDER_DATASETS:
+    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+    ds = ds.shard(process_count, process_index)
+  else:
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, skip_prefetch=True)
+    try:
+      ds = builder.as_dataset(
+          split=tfds.even_splits(split, process_count)[process_index],
+          shuffle_files=shuffle_seed is not None, decoders=decoders, read_config=read_config)
+    except AssertionError as e:  # TFDS signals "not prepared" with an assert.
+      raise FileNotFoundError(_missing_message(config, builder)) from e
+  return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+
+
+def _missing_message(config: ml_collections.ConfigDict,
+                     builder: tfds.core.DatasetBuilder) -> str:
+  data_dir = config.data_dir or '~/tensorflow_datasets'
+  manual = config.manual_dir or os.path.join(data_dir, 'downloads', 'manual')
+  how = f'`tfds build {config.dataset} --data_dir={data_dir}`'
+  if config.dataset == 'imagenet2012':
+    how = (f'download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar by hand into '
+           f'{manual}, then run `tfds build imagenet2012 --data_dir={data_dir} '
+           f'--manual_dir={manual}`')
+  return f'{config.dataset}: no prepared data in {builder.data_dir}; {how}.'
+
+
+def _train_preprocess(config: ml_collections.ConfigDict):
+  """(encoded example, stateless seed) -> augmented uint8 image and int32 label."""
+  s = config.image_size
+  use_ra = config.randaugment_layers > 0 and config.randaugment_magnitude > 0
+  rand_augment = (randaugment.RandAugment(config.randaugment_layers,
+                                          config.randaugment_magnitude) if use_ra else None)
+
+  def preprocess(ex: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
+    crop_seed, flip_seed, ra_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    image = _random_crop(ex['image'], crop_seed)
+    image = _resize(image, s, s)
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    if rand_augment is not None:
+      image = rand_augment(image, ra_seed)
+    return {'image': image, 'label': tf.cast(ex['label'], tf.int32)}
+
+  return preprocess
+
+
+def _random_crop(data: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """Inception crop (8-100% area, 3/4-4/3 aspect); JPEGs decode only the crop window."""
+
+  def sample(shape):
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed,
+        min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
+    return begin, size
+
+  def jpeg():
+    begin, size = sample(tf.image.extract_jpeg_shape(data))
+    window = tf.stack([begin[0], begin[1], size[0], size[1]])
+    return tf.image.decode_and_crop_jpeg(data, window, channels=3)
+
+  def other():
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    begin, size = sample(tf.shape(image))
+    return tf.slice(image, begin, size)
+
+  return tf.cond(tf.io.is_jpeg(data), jpeg, other)
+
+
+def _eval_image(data: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:
+  """Resize the short side to size / crop_fraction, then take the central size x size."""
+  image = tf.io.decode_image(data, channels=3, expand_animations=False)
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = size / crop_fraction / tf.reduce_min(shape)
+  h, w = tf.unstack(tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size))
+  image = _resize(image, h, w)
+  return tf.image.crop_to_bounding_box(image, (h - size) // 2, (w - size) // 2, size, size)
+
+
+def _resize(image: tf.Tensor, h, w) -> tf.Tensor:
+  image = tf.image.resize(image, [h, w], method='bicubic', antialias=True)
+  image = tf.ensure_shape(image, [h if isinstance(h, int) else None,
+                                  w if isinstance(w, int) else None, 3])
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _mix(config: ml_collections.ConfigDict, batch: dict[str, tf.Tensor],
+         seed: tf.Tensor) -> dict[str, tf.Tensor]:
+  """Mixup or cutmix (a coin flip when both are on) of the batch with its reverse.
+
+  Labels become float32 [B, num_classes] mixtures; the images stay uint8 (rounding costs at
+  most half a grey level) so the host->device transfer stays small.
+  """
+  choice_seed, lam_seed, box_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  if config.mixup_alpha > 0 and config.cutmix_alpha > 0:
+    use_cutmix = tf.random.stateless_uniform([], choice_seed) < 0.5
+  else:
+    use_cutmix = tf.constant(config.cutmix_alpha > 0)
+  alpha = tf.where(use_cutmix, float(config.cutmix_alpha), float(config.mixup_alpha))
+  g = tf.random.stateless_gamma([2], lam_seed, alpha)
+  lam = g[0] / (g[0] + g[1])  # ~ Beta(alpha, alpha).
+
+  images = tf.cast(batch['image'], tf.float32)
+  other = tf.reverse(images, axis=[0])
+  s = config.image_size
+  cut = tf.cast(tf.round(s * tf.sqrt(1.0 - lam)), tf.int32)
+  centre = tf.random.stateless_uniform([2], box_seed, 0, s, dtype=tf.int32)
+  lo, hi = tf.maximum(centre - cut // 2, 0), tf.minimum(centre + cut - cut // 2, s)
+  rows, cols = tf.range(s)[:, None], tf.range(s)[None, :]
+  box = (rows >= lo[0]) & (rows < hi[0]) & (cols >= lo[1]) & (cols < hi[1])
+  box_lam = 1.0 - tf.reduce_mean(tf.cast(box, tf.float32))  # Clipped boxes shrink the paste.
+  cutmix_images = tf.where(box[None, :, :, None], other, images)
+  mixup_images = lam * images + (1.0 - lam) * other
+  lam = tf.where(use_cutmix, box_lam, lam)
+  mixed = tf.where(use_cutmix, cutmix_images, mixup_images)
+
+  labels = tf.one_hot(batch['label'], config.num_classes)
+  return {'image': tf.cast(tf.clip_by_value(tf.round(mixed), 0, 255), tf.uint8),
+          'label': lam * labels + (1.0 - lam) * tf.reverse(labels, axis=[0])}

@@ -1,0 +1,69 @@
+"""RandAugment from `keras.layers.RandAugment`, driven by per-example stateless seeds.
+
+Why keras: it is maintained, already a dependency, and its ops run inside tf.data with the
+TensorFlow backend whatever KERAS_BACKEND the process uses. Why a wrapper: the layer draws its
+randomness from a stateful `SeedGenerator` (shared across tf.data's parallel map calls, so the
+order is racy and a resumed run differs) and picks one op sequence per *batch*. Here each image
+gets its own op choice, and every random draw is a fold-in of one seed we derive from
+(seed, epoch, example index), so a resumed run augments exactly as an unbroken one would.
+"""
+
+import keras
+import tensorflow as tf
+
+# RandAugment's magnitude scale: the paper tunes M up to ~30 on ImageNet (e.g. 28 for
+# EfficientNet-B7); keras takes a strength `factor` in [0, 1].
+MAX_MAGNITUDE = 30.0
+
+
+class _FoldInSeeds(keras.random.SeedGenerator):
+  """A `SeedGenerator` whose draws are `fold_in(seed, 1), fold_in(seed, 2), ...`.
+
+  Keras layers accept a `SeedGenerator` as `seed` and call `next()` once per random draw; the
+  counter advances at trace time, so the draws are fixed by the graph, not by run-time state.
+  `super().__init__` is skipped on purpose: it would create the state variable we avoid.
+  """
+
+  def __init__(self, seed: tf.Tensor):  # pylint: disable=super-init-not-called
+    self._seed = seed
+    self._count = 0
+
+  def next(self, ordered: bool = True) -> tf.Tensor:
+    del ordered  # Every draw is already distinct.
+    self._count += 1
+    return tf.random.experimental.stateless_fold_in(self._seed, self._count)
+
+
+class RandAugment:
+  """Applies N random ops of magnitude M to one uint8 image, reproducibly from a seed."""
+
+  def __init__(self, num_layers: int, magnitude: float):
+    self.num_layers = num_layers
+    self.layer = keras.layers.RandAugment(
+        value_range=(0, 255), num_ops=num_layers,
+        factor=min(magnitude / MAX_MAGNITUDE, 1.0), interpolation='bilinear')
+    # Inside tf.data the ops must be TensorFlow ops even when Keras itself runs on JAX.
+    for name in ['backend'] + [f'{n}.backend' for n in self.layer._AUGMENT_LAYERS]:  # pylint: disable=protected-access
+      _getattr_path(self.layer, name).set_backend('tensorflow')
+
+  def __call__(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """`image`: uint8 [H, W, 3]; `seed`: int [2] stateless seed. Returns uint8 [H, W, 3]."""
+    batch = tf.cast(image, tf.float32)[None]  # Keras samples one set of parameters per row.
+    op_seed, param_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    names = self.layer._AUGMENT_LAYERS  # pylint: disable=protected-access
+    seeds = _FoldInSeeds(param_seed)
+    transformation = {
+        'layer_idxes': tf.random.stateless_uniform(
+            [self.num_layers], op_seed, 0, len(names), dtype=tf.int32),
+        'transforms': {
+            name: getattr(self.layer, name).get_random_transformation(batch, seed=seeds)
+            for name in names},
+    }
+    out = self.layer.transform_images(batch, transformation, training=True)[0]
+    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+
+
+def _getattr_path(obj, path: str):
+  for name in path.split('.'):
+    obj = getattr(obj, name)
+  return obj

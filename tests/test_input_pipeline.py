@@ -1,0 +1,156 @@
+"""Input pipeline: shapes, labels, sharding, padding, exact resume, RandAugment, errors."""
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from configs import tiny
+from halonet import input_pipeline
+
+NUM_CLASSES = 3
+COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)  # One per class.
+SPLIT_SIZES = {'train': 12, 'val': 7}
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory) -> str:
+  """JPEGs whose class is readable from the pixels (solid red, green, blue) and whose index is
+  readable from the brightness."""
+  root = tmp_path_factory.mktemp('folder')
+  for split, n in SPLIT_SIZES.items():
+    for i in range(n):
+      label = i % NUM_CLASSES
+      os.makedirs(root / split / f'c{label}', exist_ok=True)
+      colour = (COLOURS[label] * (1.0 - i / 40)).round().astype(np.uint8)
+      image = np.broadcast_to(colour, (20 + i, 24, 3))  # Varied, non-square shapes.
+      Image.fromarray(np.ascontiguousarray(image)).save(root / split / f'c{label}' / f'{i}.jpg')
+  return str(root)
+
+
+def folder_config(folder, **overrides):
+  config = tiny.get_config()
+  config.dataset = 'image_folder'
+  config.data_dir = folder
+  config.image_size = 16
+  config.num_classes = NUM_CLASSES
+  config.eval_splits = ('val',)
+  config.shuffle_buffer = 16
+  config.batch_size = 4
+  config.update(overrides)
+  return config
+
+
+def take(iterator, n):
+  return list(itertools.islice(iterator, n))
+
+
+def test_train_batches_are_uint8_crops_with_labels_matching_pixels(folder):
+  config = folder_config(folder)
+  for batch in take(input_pipeline.create_split(config, 'train', train=True, batch_size=4), 4):
+    assert batch['image'].shape == (4, 16, 16, 3) and batch['image'].dtype == np.uint8
+    assert batch['label'].dtype == np.int32
+    # A solid colour stays solid under crop/flip: the dominant channel is the class.
+    mean_rgb = batch['image'].reshape(4, -1, 3).mean(axis=1)
+    np.testing.assert_array_equal(mean_rgb.argmax(axis=-1), batch['label'])
+
+
+def test_eval_is_deterministic_and_padded_batches_count_each_example_once(folder):
+  config = folder_config(folder)
+  first, second = (list(input_pipeline.create_split(config, 'val', train=False, batch_size=4))
+                   for _ in range(2))
+  assert len(first) == 2
+  for a, b in zip(first, second):
+    for key in ('image', 'label', 'mask'):
+      np.testing.assert_array_equal(a[key], b[key])
+  masks = np.concatenate([b['mask'] for b in first])
+  assert masks.dtype == np.bool_ and masks.sum() == SPLIT_SIZES['val'] == \
+      input_pipeline.num_examples(config, 'val')
+  images = np.concatenate([b['image'] for b in first])[masks]
+  labels = np.concatenate([b['label'] for b in first])[masks]
+  np.testing.assert_array_equal(images.reshape(len(images), -1, 3).mean(1).argmax(-1), labels)
+
+
+def test_eval_shards_of_two_processes_are_disjoint_and_complete(folder):
+  config = folder_config(folder)
+  seen = []
+  for index in range(2):
+    batches = list(input_pipeline.create_split(
+        config, 'val', train=False, batch_size=2, process_index=index, process_count=2))
+    assert len(batches) == 2  # ceil(ceil(7 / 2) / 2) on both processes, so steps agree.
+    for b in batches:
+      seen += [img.tobytes() + bytes([label]) for img, label, m in
+               zip(b['image'], b['label'], b['mask']) if m]
+  assert len(seen) == SPLIT_SIZES['val']
+  assert len(set(seen)) == len(seen)  # Every image has its own brightness.
+
+
+def test_start_step_resumes_the_exact_stream_across_epochs(folder):
+  config = folder_config(folder, randaugment_layers=2, randaugment_magnitude=10,
+                         mixup_alpha=0.2, cutmix_alpha=1.0)
+  assert input_pipeline.steps_per_epoch(config) == 3
+  unbroken = take(input_pipeline.create_split(config, 'train', train=True, batch_size=4), 7)
+  resumed = take(input_pipeline.create_split(
+      config, 'train', train=True, batch_size=4, start_step=4), 3)
+  assert unbroken[4]['label'].shape == (4, NUM_CLASSES)  # Soft labels under mixup/cutmix.
+  np.testing.assert_allclose(unbroken[4]['label'].sum(-1), 1.0, rtol=1e-6)
+  for a, b in zip(unbroken[4:], resumed):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  # A new epoch is a new shuffle, not a replay.
+  assert not np.array_equal(unbroken[0]['image'], unbroken[3]['image'])
+
+
+def test_randaugment_off_is_crop_flip_only_and_high_magnitude_changes_images(folder):
+  def first_batch(layers, magnitude):
+    config = folder_config(folder, randaugment_layers=layers, randaugment_magnitude=magnitude)
+    return next(input_pipeline.create_split(config, 'train', train=True, batch_size=4))['image']
+  plain = first_batch(0, 0)
+  np.testing.assert_array_equal(first_batch(2, 0), plain)
+  np.testing.assert_array_equal(first_batch(0, 30), plain)
+  assert not np.array_equal(first_batch(3, 30), plain)
+
+
+def test_mock_imagenet_train_and_eval():
+  config = tiny.get_config()
+  config.dataset = 'imagenet2012'
+  config.num_classes = 1000
+  config.image_size = 16
+  config.eval_splits = ('validation',)
+  config.batch_size = 4
+  with tfds.testing.mock_data(num_examples=6):
+    assert input_pipeline.num_examples(config, 'validation') == 6  # Counted: no metadata.
+    batch = next(input_pipeline.create_split(config, 'train', train=True, batch_size=4))
+    assert batch['image'].shape == (4, 16, 16, 3) and batch['image'].dtype == np.uint8
+    assert ((batch['label'] >= 0) & (batch['label'] < 1000)).all()
+    evals = list(input_pipeline.create_split(config, 'validation', train=False, batch_size=4))
+  assert sum(b['mask'].sum() for b in evals) == 6 and evals[-1]['mask'].tolist() == [1, 1, 0, 0]
+
+
+def test_digits_upscale_from_8x8(tmp_path):
+  config = tiny.get_config()
+  config.data_dir = str(tmp_path / 'digits')
+  batch = next(input_pipeline.create_split(config, 'test', train=False, batch_size=8))
+  assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].max() > 200
+  assert input_pipeline.num_examples(config, 'train') + \
+      input_pipeline.num_examples(config, 'test') == 1797
+
+
+@pytest.mark.parametrize('dataset', ['imagenet2012', 'image_folder'])
+def test_missing_data_names_the_directory(tmp_path, dataset):
+  config = tiny.get_config()
+  config.dataset = dataset
+  config.data_dir = str(tmp_path / 'nowhere')
+  with pytest.raises(FileNotFoundError, match='nowhere') as error:
+    input_pipeline.create_split(config, 'train', train=True, batch_size=4)
+  if dataset == 'imagenet2012':
+    assert 'tfds build imagenet2012' in str(error.value) and 'manual_dir' in str(error.value)
+
+
+def test_normalize_images_is_imagenet_standardisation():
+  images = np.array(input_pipeline.MEAN_RGB, np.float32).round().astype(np.uint8)[None]
+  out = input_pipeline.normalize_images(images, np.float32)
+  assert out.dtype == np.float32 and np.abs(out).max() < 0.02
