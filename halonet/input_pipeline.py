@@ -93,7 +93,9 @@ def _train_batches(first: tf.data.Dataset, make_epoch: Callable[[int, int], tf.d
     yield from make_epoch(epoch, 0).as_numpy_iterator()
 
 
-def _epoch(config, read, augment, batch_size, steps, process_index, epoch, skip_steps):
+def _epoch(config: ml_collections.ConfigDict, read: Callable[[int | None], tf.data.Dataset],
+           augment: Callable[..., dict[str, tf.Tensor]], batch_size: int, steps: int,
+           process_index: int, epoch: int, skip_steps: int) -> tf.data.Dataset:
   """Batches `skip_steps..steps` of `epoch`; skipped examples are never decoded."""
   file_seed, shuffle_seed, example_seed, mix_seed = np.random.SeedSequence(
       [config.seed, process_index, epoch]).generate_state(4).tolist()
@@ -180,7 +182,7 @@ def _missing_message(config: ml_collections.ConfigDict,
   return f'{config.dataset}: no prepared data in {builder.data_dir}; {how}.'
 
 
-def _train_preprocess(config: ml_collections.ConfigDict):
+def _train_preprocess(config: ml_collections.ConfigDict) -> Callable[..., dict[str, tf.Tensor]]:
   """(encoded example, stateless seed) -> augmented uint8 image and int32 label."""
   s = config.image_size
   use_ra = config.randaugment_layers > 0 and config.randaugment_magnitude > 0
@@ -232,7 +234,7 @@ def _eval_image(data: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:
   return tf.image.crop_to_bounding_box(image, (h - size) // 2, (w - size) // 2, size, size)
 
 
-def _resize(image: tf.Tensor, h, w) -> tf.Tensor:
+def _resize(image: tf.Tensor, h: int | tf.Tensor, w: int | tf.Tensor) -> tf.Tensor:
   image = tf.image.resize(image, [h, w], method='bicubic', antialias=True)
   image = tf.ensure_shape(image, [h if isinstance(h, int) else None,
                                   w if isinstance(w, int) else None, 3])
