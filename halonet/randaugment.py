@@ -42,6 +42,13 @@ class RandAugment:
     self.layer = keras.layers.RandAugment(
         value_range=(0, 255), num_ops=num_layers,
         factor=min(magnitude / MAX_MAGNITUDE, 1.0), interpolation='bilinear')
+    # Keras gives every op the same `factor`. With M/30 that matches the reference RandAugment
+    # (tensorflow/tpu autoaugment.py: at M=10, shear 0.3, translate ~0.3) for shear and translation,
+    # but RandomRotation reads its factor as a fraction of a full turn (M=10 would mean +-120 deg):
+    # rescale it to the reference's +-30 deg at M=10.
+    rotation = self.layer.random_rotation.get_config()
+    rotation['factor'] = min(magnitude / 10.0, 3.0) * 30.0 / 360.0  # Symmetric, +-30 deg at M=10.
+    self.layer.random_rotation = keras.layers.RandomRotation.from_config(rotation)
     # Inside tf.data the ops must be TensorFlow ops even when Keras itself runs on JAX.
     for name in ['backend'] + [f'{n}.backend' for n in self.layer._AUGMENT_LAYERS]:  # pylint: disable=protected-access
       _getattr_path(self.layer, name).set_backend('tensorflow')

@@ -154,3 +154,10 @@ def test_normalize_images_is_imagenet_standardisation():
   images = np.array(input_pipeline.MEAN_RGB, np.float32).round().astype(np.uint8)[None]
   out = input_pipeline.normalize_images(images, np.float32)
   assert out.dtype == np.float32 and np.abs(out).max() < 0.02
+
+
+def test_randaugment_rotation_matches_reference_range():
+  """M=10 rotates by at most +-30 degrees, as the reference RandAugment, not Keras' +-120."""
+  from halonet.randaugment import RandAugment
+  lower, upper = RandAugment(2, 10).layer.random_rotation.factor
+  assert (lower * 360, upper * 360) == pytest.approx((-30.0, 30.0))
