@@ -1,0 +1,149 @@
+"""Sweeps: every point checked before any runs, one launch command per point, finished points
+skipped on a rerun, and one table row per point."""
+
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
+import pytest
+
+from halonet import sweeps
+from halonet import train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POINT_COUNTS = {('window', 'paper'): 20, ('window', 'cpu'): 6, ('hybrids', 'paper'): 4,
+                ('hybrids', 'cpu'): 4, ('masks', 'paper'): 2, ('masks', 'cpu'): 2,
+                ('regularizers', 'paper'): 8, ('regularizers', 'cpu'): 8}
+
+
+@pytest.fixture(autouse=True)
+def _in_repo_root(monkeypatch):
+  # Sweep files name their base config relative to the repository root, as train.py does.
+  monkeypatch.chdir(ROOT)
+
+
+def _tiny_sweep(**fields) -> ml_collections.ConfigDict:
+  sweep = ml_collections.ConfigDict()
+  sweep.base = 'configs/tiny.py'
+  sweep.base_overrides = {'num_train_steps': 2, 'checkpoint_every_steps': 2,
+                          'eval_every_steps': 2, 'eval_batch_size': 120}
+  sweep.update(fields)
+  return sweep
+
+
+def _no_training(*args, **kwargs):
+  raise AssertionError('a point was trained')
+
+
+@pytest.mark.parametrize('name,scale', sorted(POINT_COUNTS))
+def test_shipped_sweeps_have_valid_points(name, scale):
+  sweep = sweeps.load_config(f'configs/sweeps/{name}.py:{scale}')
+  points = sweeps.build_points(sweep, '/sweep')
+  assert len(points) == POINT_COUNTS[name, scale]
+  dataset = 'digits' if scale == 'cpu' else 'imagenet2012'
+  assert all(p.config.dataset == dataset for p in points)
+
+
+def test_points_cross_the_list_with_the_grid():
+  sweep = _tiny_sweep(points=({'label_smoothing': 0.0}, {'label_smoothing': 0.2}),
+                      grid={'model': {'conv_stages': ((), (1, 2))}})
+  points = sweeps.build_points(sweep, '/sweep')
+  assert [p.name for p in points] == [
+      'label_smoothing=0.0,model.conv_stages=none', 'label_smoothing=0.0,model.conv_stages=1_2',
+      'label_smoothing=0.2,model.conv_stages=none', 'label_smoothing=0.2,model.conv_stages=1_2']
+  assert points[3].workdir == '/sweep/label_smoothing=0.2,model.conv_stages=1_2'
+  assert points[3].config.label_smoothing == 0.2
+  assert points[3].config.model.conv_stages == (1, 2)
+  assert points[3].config.num_train_steps == 2  # base_overrides reach every point.
+
+
+def test_bad_key_or_value_fails_before_any_point(tmp_path, monkeypatch):
+  monkeypatch.setattr(train_lib, 'train_and_evaluate', _no_training)
+  workdir = str(tmp_path / 'sweep')
+  # The bad key is on the last point: it must still fail before the first one starts.
+  sweep = _tiny_sweep(points=({}, {'model.blok_size': 4}))
+  with pytest.raises(ValueError, match="'model.blok_size'"):
+    sweeps.run_sweep(sweep, sweeps.build_points(sweep, workdir), workdir)
+  sweep = _tiny_sweep(grid={'model': {'block_size': (4, 3)}})  # odd b cannot stride by 2.
+  with pytest.raises(ValueError, match='model.block_size=3.*block_size=3'):
+    sweeps.build_points(sweep, workdir)
+  assert not os.path.exists(workdir)
+
+
+def test_cli_names_a_bad_key_in_one_line(tmp_path):
+  sweep_file = tmp_path / 'bad.py'
+  sweep_file.write_text(
+      'import ml_collections\n\n\ndef get_config():\n'
+      "  return ml_collections.ConfigDict({'base': 'configs/tiny.py', 'grid': "
+      "{'model': {'halo_sise': (1, 2)}}})\n")
+  workdir = tmp_path / 'sweep'
+  result = subprocess.run([sys.executable, 'sweep.py', f'--sweep={sweep_file}',
+                           f'--workdir={workdir}'], capture_output=True, text=True)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1] == (
+      "sweep.py: sweep override key 'model.halo_sise' is not a field of configs/tiny.py")
+  assert not workdir.exists()
+
+
+def test_dry_run_prints_one_train_command_per_point(tmp_path):
+  workdir = tmp_path / 'sweep'
+  out = subprocess.run([sys.executable, 'sweep.py', '--sweep=configs/sweeps/hybrids.py:cpu',
+                        f'--workdir={workdir}', '--dry_run'],
+                       capture_output=True, text=True, check=True).stdout
+  commands = out.strip().splitlines()
+  points = sweeps.build_points(sweeps.load_config('configs/sweeps/hybrids.py:cpu'), str(workdir))
+  assert len(commands) == len(points) == 4
+  assert not workdir.exists()
+  for command, point in zip(commands, points):
+    argv = shlex.split(command)
+    assert argv[:2] == ['python', 'train.py']
+    # train.py's own flags must rebuild exactly the point's config.
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', None, '', flag_values=flag_values, lock_config=True,
+                                    sys_argv=argv[1:])
+    flags.DEFINE_string('workdir', None, '', flag_values=flag_values)
+    flag_values(argv[1:])
+    assert flag_values.workdir == point.workdir
+    assert flag_values.config.to_dict() == point.config.to_dict()
+
+
+def test_is_finished_only_at_the_final_step(tmp_path):
+  point, = sweeps.build_points(_tiny_sweep(), str(tmp_path))
+  assert not sweeps.is_finished(point)
+  os.makedirs(point.workdir)
+  for step, finished in ((1, False), (2, True)):
+    with open(os.path.join(point.workdir, 'results.json'), 'w') as f:
+      json.dump({'step': step}, f)
+    assert sweeps.is_finished(point) == finished
+
+
+def test_two_point_sweep_writes_results_and_skips_finished_points(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  sweep = _tiny_sweep(grid={'model': {'halo_size': (0, 1)}})
+  rows = sweeps.run_sweep(sweep, sweeps.build_points(sweep, workdir), workdir)
+  assert [r['point'] for r in rows] == ['model.halo_size=0', 'model.halo_size=1']
+  with open(tmp_path / 'results.csv') as f:
+    table = list(csv.DictReader(f))
+  assert [r['model.halo_size'] for r in table] == ['0', '1']
+  assert [r['window'] for r in table] == ['4', '6']  # b + 2h with b = 4.
+  for r in table:
+    assert r['step'] == '2'
+    assert float(r['params_m']) > 0 and float(r['gflops']) > 0
+    assert 0 <= float(r['top1_test']) <= 100 and float(r['train_images_per_sec']) > 0
+  with open(tmp_path / 'results.json') as f:
+    assert [r['overrides'] for r in json.load(f)['rows']] == [{'model.halo_size': h}
+                                                              for h in (0, 1)]
+  assert (tmp_path / 'results.png').stat().st_size > 0
+
+  point_results = [tmp_path / r['point'] / 'results.json' for r in rows]
+  mtimes = [p.stat().st_mtime_ns for p in point_results]
+  monkeypatch.setattr(train_lib, 'train_and_evaluate', _no_training)
+  again = sweeps.run_sweep(sweep, sweeps.build_points(sweep, workdir), workdir)
+  assert again == rows
+  assert [p.stat().st_mtime_ns for p in point_results] == mtimes
