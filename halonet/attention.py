@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # Added to masked logits: finite, so a query whose whole window is padding (only possible in the
-# cropped-away padded region) gets a uniform softmax instead of NaN.
+# cropped-away padded region) gets finite weights instead of NaN.
 _MASKED_LOGIT = -1e30
 
 
@@ -155,25 +155,41 @@ class HaloAttention(nn.Module):
     kv = kv.transpose(0, 1, 3, 5, 2, 4, 6)  # [batch, nbh, nbw, heads, ky, kx, dk + dv]
     k, v = kv[..., :dk], kv[..., dk:]
 
-    logits = jnp.einsum('bijnyxd,bijnuvd->bijnyxuv', q, k, preferred_element_type=jnp.float32)
-    logits = logits + self._relative_logits(q)
-
-    valid = (_key_validity(height, b, h, nbh)[:, None, :, None]
-             & _key_validity(width, b, h, nbw)[None, :, None, :])  # [nbh, nbw, ky, kx]
-    valid = valid[:, :, None, None, None, :, :]
+    # Position terms and masks as a per-query row table and column table (both small), spread
+    # over the [queries, keys] logits by one plain matmul with a constant 0/1 matrix: no broadcast
+    # or mask pass over the logits, and their backward reductions become one matmul too.
+    rel_h, rel_w = self._relative_logits(q)  # [b, i, j, n, qy, qx, ky], [..., kx]
+    valid_h, valid_w = _key_validity(height, b, h, nbh), _key_validity(width, b, h, nbw)
     if self.mask_window:
       near = _window_mask(b, h, s, self.mask_window)
-      valid = valid & near[:, None, :, None] & near[None, :, None, :]  # [qy, qx, ky, kx]
-    logits = jnp.where(valid, logits, _MASKED_LOGIT)
+      valid_h, valid_w = valid_h[:, None] & near, valid_w[:, None] & near  # [blocks, q, keys]
+    else:
+      valid_h, valid_w = valid_h[:, None], valid_w[:, None]
+    bias = lambda valid: np.where(valid, 0.0, _MASKED_LOGIT).astype(np.float32)
+    rel_h = rel_h + bias(valid_h)[:, None, None, :, None, :]
+    rel_w = rel_w + bias(valid_w)[None, :, None, None, :, :]
+    queries, keys = bq * bq, window * window
+    rel = jnp.concatenate([rel_h, rel_w], axis=-1).reshape(batch, nbh, nbw, n, queries, 2 * window)
+    spread = np.concatenate([np.repeat(np.eye(window), window, axis=0),
+                             np.tile(np.eye(window), (window, 1))], axis=1)  # [keys, 2 window]
+    q = q.reshape(batch, nbh, nbw, n, queries, dk)
+    k = k.reshape(batch, nbh, nbw, n, keys, dk)
+    logits = (jnp.einsum('bijnqd,bijnkd->bijnqk', q, k, preferred_element_type=jnp.float32)
+              + jnp.einsum('bijnqe,ke->bijnqk', rel, jnp.asarray(spread, jnp.float32)))
 
-    weights = jax.nn.softmax(logits.reshape(*logits.shape[:6], window * window), axis=-1)
-    weights = weights.astype(self.dtype).reshape(logits.shape)
-    out = jnp.einsum('bijnyxuv,bijnuvd->bijnyxd', weights, v)
+    # Softmax with the normalisation applied to the (small) output instead of the weights.
+    top = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+    weights = jnp.exp(logits - top)
+    total = weights.sum(axis=-1, keepdims=True)
+    v = v.reshape(batch, nbh, nbw, n, keys, dv)
+    out = jnp.einsum('bijnqk,bijnkd->bijnqd', weights.astype(self.dtype), v,
+                     preferred_element_type=jnp.float32)
+    out = (out / total).astype(self.dtype).reshape(batch, nbh, nbw, n, bq, bq, dv)
     out = out.transpose(0, 1, 4, 2, 5, 3, 6).reshape(batch, nbh * bq, nbw * bq, n * dv)
     return out[:, :out_h, :out_w]
 
-  def _relative_logits(self, q: jax.Array) -> jax.Array:
-    """q . r_row + q . r_col for every (query, key) pair, broadcast to [..., qy, qx, ky, kx]."""
+  def _relative_logits(self, q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """q . r_row and q . r_col (float32) for every query and key row / key column."""
     b, h, s = self.block_size, self.halo_size, self.stride
     dk = q.shape[-1]
     init = nn.initializers.normal(dk ** -0.5)
@@ -185,4 +201,4 @@ class HaloAttention(nn.Module):
     rel_w = table_w.astype(self.dtype)[index]  # [qx, kx, dk]
     logits_h = jnp.einsum('bijnyxd,yud->bijnyxu', q, rel_h, preferred_element_type=jnp.float32)
     logits_w = jnp.einsum('bijnyxd,xvd->bijnyxv', q, rel_w, preferred_element_type=jnp.float32)
-    return logits_h[..., :, None] + logits_w[..., None, :]
+    return logits_h, logits_w
