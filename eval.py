@@ -10,6 +10,7 @@ from ml_collections import config_flags
 
 import jax
 
+from halonet import checkpointing
 from halonet import train_lib
 
 config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
@@ -24,6 +25,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  checkpointing.quiet_orbax_info_logs()
   if FLAGS.distributed:
     jax.distributed.initialize()
   train_lib.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)

@@ -1,6 +1,7 @@
 """What a workdir keeps between runs: Orbax checkpoints, the starting config, JSON results."""
 
 import json
+import logging as std_logging
 import os
 import tempfile
 from typing import Any
@@ -8,11 +9,18 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 # Fields that steer a run without changing what it computes; they may differ on restart.
 RUN_CONTROL_FIELDS = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                       'keep_checkpoints', 'eval_splits', 'eval_batch_size', 'mesh_shape',
                       'data_dir', 'manual_dir', 'cache')
+
+
+def quiet_orbax_info_logs() -> None:
+  """Orbax logs dozens of INFO lines per save through absl; keep its warnings only."""
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname)
 
 
 def create_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:

@@ -67,6 +67,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     raise ValueError(f'config.label_smoothing={config.label_smoothing} must be in [0, 1)')
 
 
+def check_data(config: ml_collections.ConfigDict) -> None:
+  """Touches every split the run reads, so a missing dataset fails before any compile."""
+  for split in (config.train_split, *config.eval_splits):
+    input_pipeline.num_examples(config, split)
+
+
 def total_train_steps(config: ml_collections.ConfigDict) -> int:
   if config.num_train_steps > 0:
     return config.num_train_steps
@@ -140,7 +146,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   metrics = {
       'loss': loss,
       'top1': 100.0 * jnp.mean(jnp.argmax(logits, axis=-1) == hard_labels),
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': optax.tree.norm(grads),
       'lr': schedule(state.step),
   }
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -210,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_config_change: bool = False) -> dict[str, Any]:
   """Trains (resuming from workdir/checkpoints if present) and returns the last results."""
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  check_data(config)
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
   start_step = manager.latest_step() or 0
   checkpointing.check_and_store_config(config, workdir, allow_config_change, start_step)
@@ -284,15 +290,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         pending.append((step, metrics))
         preempted = preemption.reached(manager, step)
         save = step % config.checkpoint_every_steps == 0 or step == num_steps or preempted
-        evaluate = step % config.eval_every_steps == 0 and step < num_steps
-        if step % config.log_every_steps == 0 or save or evaluate:
+        eval_now = step % config.eval_every_steps == 0 and step < num_steps
+        if step % config.log_every_steps == 0 or save or eval_now:
           flush_metrics(step)  # Also the finite-loss check that guards every save.
         if save:
           checkpointing.save(manager, step, state)
         if preempted:
           logging.warning('preempted at step %d: checkpoint saved, stopping', step)
           return {**results, 'step': step, 'preempted': True}
-        if evaluate:
+        if eval_now:
           run_eval(step)
       run_eval(step)
     if jax.process_index() == 0:
@@ -320,6 +326,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     if diff:
       raise ValueError(f'the checkpoints in {workdir} were trained with a different model '
                        f'(fields: {", ".join(diff)})')
+  check_data(config)
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints, read_only=True)
   try:
     mesh = sharding.create_mesh(config.mesh_shape)

@@ -1,0 +1,130 @@
+"""Interrupted runs: SIGTERM saves and stops, SIGKILL resumes, and the result is bit-identical."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from configs import tiny
+from halonet import checkpointing
+from halonet import input_pipeline
+from halonet import train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 8
+FLAGS = ['--config=configs/tiny.py', f'--config.num_train_steps={STEPS}']
+
+# train.py, but the train iterator sends `signal` to its own process just before it hands
+# out the batch for `step`, once `wait_for` (a finished checkpoint dir) exists: a kill at an
+# exact point of the run, which an outside timer could not hit in a run this short.
+INTERRUPTED_TRAIN = '''
+import os, signal, sys, time
+from absl import app
+from halonet import input_pipeline
+import train
+
+sig, at_step, wait_for = getattr(signal, sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+create_split = input_pipeline.create_split
+
+def interrupting(config, split, *, train, start_step=0, **kwargs):
+  batches = create_split(config, split, train=train, start_step=start_step, **kwargs)
+  if not train:
+    return batches
+  def gen():
+    for step, batch in enumerate(batches, start_step + 1):
+      if step == at_step:
+        deadline = time.time() + 120
+        while not os.path.isdir(wait_for) and time.time() < deadline:
+          time.sleep(0.05)
+        os.kill(os.getpid(), sig)
+      yield batch
+  return gen()
+
+input_pipeline.create_split = interrupting
+app.run(train.main, argv=['train.py'] + sys.argv[4:])
+'''
+
+
+def _run(args, workdir):
+  return subprocess.run([sys.executable, *args, f'--workdir={workdir}', *FLAGS], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def _interrupt(sig, at_step, workdir, wait_for_step):
+  wait_for = os.path.join(workdir, 'checkpoints', str(wait_for_step))
+  return _run(['-c', INTERRUPTED_TRAIN, sig, str(at_step), wait_for], workdir)
+
+
+def _final_state(workdir):
+  manager = checkpointing.create_manager(workdir, 3, read_only=True)
+  assert manager.latest_step() == STEPS
+  state = manager.restore(STEPS, args=ocp.args.StandardRestore())
+  manager.close()
+  return state
+
+
+def test_sigterm_then_sigkill_then_resume_equals_unbroken_run(tmp_path, monkeypatch):
+  config = tiny.get_config()
+  config.num_train_steps = STEPS
+  unbroken = str(tmp_path / 'unbroken')
+  train_lib.train_and_evaluate(config, unbroken)
+
+  # SIGTERM while step 3 is being fetched: step 3 runs, is saved, and the run returns cleanly.
+  workdir = str(tmp_path / 'interrupted')
+  create_split = input_pipeline.create_split
+
+  def terminating(config, split, *, train, **kwargs):
+    batches = create_split(config, split, train=train, **kwargs)
+    for step, batch in enumerate(batches, 1):
+      if train and step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, 'create_split', terminating)
+  assert train_lib.train_and_evaluate(config, workdir)['preempted']
+  monkeypatch.undo()
+  manager = checkpointing.create_manager(workdir, 3, read_only=True)
+  assert manager.all_steps() == [2, 3]
+  manager.close()
+
+  # A subprocess resumes at 3 and is SIGKILLed once checkpoint 6 is complete: 7 and 8 are lost.
+  kill = _interrupt('SIGKILL', 7, workdir, wait_for_step=6)
+  assert kill.returncode == -signal.SIGKILL, kill.stderr[-3000:]
+  assert 'resumed from checkpoint at step 3' in kill.stderr
+
+  # A half-written save of a later step (Orbax's tmp name) must be ignored, not restored.
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  shutil.copytree(os.path.join(checkpoints, '6'), os.path.join(checkpoints, '8.orbax-checkpoint-tmp'))
+  done = _run(['train.py'], workdir)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'resumed from checkpoint at step 6' in done.stderr
+  assert f'step {STEPS}/{STEPS}' in done.stdout
+
+  # Same program, same batches (the input position is the step): bit-identical on CPU.
+  jax.tree.map(np.testing.assert_array_equal, _final_state(workdir), _final_state(unbroken))
+
+
+def test_half_written_checkpoint_is_never_restored(tmp_path):
+  workdir = str(tmp_path)
+  manager = checkpointing.create_manager(workdir, 3)
+  checkpointing.save(manager, 2, {'w': np.arange(4.0)})
+  manager.wait_until_finished()
+  manager.close()
+  checkpoints = tmp_path / 'checkpoints'
+  shutil.copytree(checkpoints / '2', checkpoints / '4.orbax-checkpoint-tmp')
+  (checkpoints / '6.orbax-checkpoint-tmp').mkdir()
+
+  reader = checkpointing.create_manager(workdir, 3, read_only=True)  # eval.py's view.
+  assert reader.latest_step() == 2
+  reader.close()
+  writer = checkpointing.create_manager(workdir, 3)  # A resumed run also clears the leftovers.
+  assert writer.latest_step() == 2
+  abstract = {'w': jax.ShapeDtypeStruct((4,), np.float64)}
+  np.testing.assert_array_equal(checkpointing.restore(writer, abstract)['w'], np.arange(4.0))
+  writer.close()
+  assert sorted(os.listdir(checkpoints)) == ['2']

@@ -1,0 +1,156 @@
+"""Train step: same result on any mesh, one compile, learns digits; bad input fails early."""
+
+import functools
+import json
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from halonet import checkpointing
+from halonet import input_pipeline
+from halonet import model as model_lib
+from halonet import optim
+from halonet import sharding
+from halonet import train_lib
+
+
+def _setup(config, mesh):
+  """A fresh state and the jitted step, with a fixed schedule so no data is read."""
+  model = model_lib.create_model(config)
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch=10,
+                                          total_steps=config.num_train_steps)
+  tx = optim.create_optimizer(config, schedule)
+  _, abstract = train_lib.abstract_train_state(config, model, tx, mesh)
+  state = train_lib.create_train_state(config, model, tx, mesh)
+  step = train_lib.make_train_step(config, model, tx, schedule, mesh,
+                                   train_lib.shardings_of(abstract))
+  return state, step
+
+
+def _random_batch(config, seed):
+  rng = np.random.default_rng(seed)
+  s = config.image_size
+  return {'image': rng.integers(0, 256, (config.batch_size, s, s, 3), dtype=np.uint8),
+          'label': rng.integers(0, config.num_classes, config.batch_size, dtype=np.int32)}
+
+
+@functools.cache
+def _one_step(mesh_shape, num_devices):
+  config = tiny.get_config()
+  config.ema_decay = 0.5  # Covers the EMA update as well.
+  mesh = sharding.create_mesh(mesh_shape, jax.devices()[:num_devices])
+  state, step = _setup(config, mesh)
+  state, metrics = step(state, sharding.shard_batch(_random_batch(config, 0), mesh))
+  return jax.device_get((metrics['loss'], metrics['grad_norm'], state.params, state.batch_stats,
+                         state.ema_params))
+
+
+@pytest.mark.parametrize('mesh_shape', [(8, 1), (4, 2)])
+def test_sharded_step_matches_one_device(mesh_shape):
+  # Sharded BN statistics and gradients sum in a different order: float32 rounding only.
+  chex.assert_trees_all_close(_one_step(mesh_shape, 8), _one_step((1, 1), 1), rtol=1e-5, atol=1e-6)
+
+
+def test_train_step_compiles_once(monkeypatch):
+  monkeypatch.setattr(train_lib, 'train_step', chex.assert_max_traces(train_lib.train_step, n=1))
+  config = tiny.get_config()
+  mesh = sharding.create_mesh(config.mesh_shape)
+  state, step = _setup(config, mesh)
+  for seed in range(3):
+    state, _ = step(state, sharding.shard_batch(_random_batch(config, seed), mesh))
+  assert int(state.step) == 3
+
+
+def test_loss_falls_on_digits():
+  config = tiny.get_config()
+  config.num_train_steps = 40
+  config.optimizer.name = 'adamw'
+  config.optimizer.learning_rate = 0.05
+  mesh = sharding.create_mesh(config.mesh_shape)
+  state, step = _setup(config, mesh)
+  # The un-augmented view of the train split: this checks the step learns, not the augmentation.
+  batches = input_pipeline.create_split(config, config.train_split, train=False,
+                                        batch_size=config.batch_size)
+  losses = []
+  for _, batch in zip(range(config.num_train_steps), batches):
+    batch.pop('mask')
+    state, metrics = step(state, sharding.shard_batch(batch, mesh))
+    losses.append(metrics['loss'])
+  losses = np.asarray(jax.device_get(losses))
+  assert losses[-10:].mean() < losses[:5].mean() - 0.5, losses
+
+
+def _no_compile(*args, **kwargs):
+  raise AssertionError('something was traced or compiled before the input was validated')
+
+
+@pytest.mark.parametrize('overrides, named', [
+    ({'batch_size': 12}, 'batch_size=12'),
+    ({'eval_batch_size': 20}, 'eval_batch_size=20'),
+    ({'mesh_shape': (3, 1)}, 'mesh_shape=(3, 1)'),
+    ({'mesh_shape': (2, 2)}, 'mesh_shape=(2, 2)'),
+    ({'image_size': 16}, 'image_size=16'),
+    ({'optimizer.name': 'lamb'}, "'lamb'"),
+    ({'ema_decay': 1.5}, 'ema_decay=1.5'),
+    ({'dataset': 'image_folder', 'data_dir': '/nonexistent/images'}, '/nonexistent/images'),
+])
+def test_bad_input_fails_in_one_line_before_compile(overrides, named, tmp_path, monkeypatch):
+  config = tiny.get_config()
+  config.update_from_flattened_dict(overrides)
+  monkeypatch.setattr(jax, 'jit', _no_compile)
+  monkeypatch.setattr(jax, 'eval_shape', _no_compile)
+  with pytest.raises((ValueError, FileNotFoundError)) as error:
+    train_lib.train_and_evaluate(config, str(tmp_path / 'workdir'))
+  assert named in str(error.value) and '\n' not in str(error.value)
+  assert not (tmp_path / 'workdir').exists()  # A corrected rerun is not refused as a change.
+
+
+def test_batch_must_split_over_processes():
+  with pytest.raises(ValueError, match='batch_size=16 is not divisible by the 3 processes'):
+    train_lib.validate_config(tiny.get_config(), num_devices=8, process_count=3)
+
+
+def test_changed_config_is_refused_then_allowed(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  checkpointing.check_and_store_config(tiny.get_config(), workdir, allow_change=False, step=0)
+  original = (tmp_path / 'config.json').read_text()
+  changed = tiny.get_config()
+  changed.model.widths = (8, 16, 16, 16)
+  changed.optimizer.learning_rate = 0.5
+  changed.log_every_steps = 7  # Run control: may change freely.
+  monkeypatch.setattr(jax, 'jit', _no_compile)
+  with pytest.raises(ValueError) as error:
+    train_lib.train_and_evaluate(changed, workdir)
+  message = str(error.value)
+  assert 'model.widths' in message and 'optimizer.learning_rate' in message
+  assert 'log_every_steps' not in message and '\n' not in message
+  assert (tmp_path / 'config.json').read_text() == original
+  checkpointing.check_and_store_config(changed, workdir, allow_change=True, step=4)
+  assert (tmp_path / 'config.step4.json').read_text() == original
+  assert json.loads((tmp_path / 'config.json').read_text())['model']['widths'] == [8, 16, 16, 16]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  """Step 3 sees NaN targets: the run names step 3 and never saves a checkpoint after step 2."""
+  create_split = input_pipeline.create_split
+
+  def poisoned(config, split, *, train, **kwargs):
+    batches = create_split(config, split, train=train, **kwargs)
+    if not train:
+      return batches
+    def soft(step, batch):
+      labels = np.eye(config.num_classes, dtype=np.float32)[batch['label']]
+      return {**batch, 'label': labels * (np.nan if step == 3 else 1.0)}
+    return (soft(step, batch) for step, batch in enumerate(batches, 1))
+
+  monkeypatch.setattr(input_pipeline, 'create_split', poisoned)
+  config = tiny.get_config()
+  config.num_train_steps = 6
+  with pytest.raises(FloatingPointError, match='at step 3; .* last good checkpoint is step 2'):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  manager = checkpointing.create_manager(str(tmp_path), 3, read_only=True)
+  assert manager.all_steps() == [2]
+  manager.close()
