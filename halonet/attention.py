@@ -139,66 +139,68 @@ class HaloAttention(nn.Module):
         features, use_bias=False, dtype=self.dtype, name=name,
         kernel_init=nn.initializers.variance_scaling(1.0, 'fan_in', 'normal'))
 
-    # Queries: subsample, pad to whole blocks, split into blocks.
+    # Queries: subsample, pad to whole blocks, split into rows of blocks (a free reshape).
     q = dense((n, dk), 'query')(x[:, ::s, ::s])
     q = q * (dk ** -0.5)
     out_h, out_w = q.shape[1], q.shape[2]
     q = jnp.pad(q, ((0, 0), (0, nbh * bq - out_h), (0, nbw * bq - out_w), (0, 0), (0, 0)))
-    q = q.reshape(batch, nbh, bq, nbw, bq, n, dk).transpose(0, 1, 3, 5, 2, 4, 6)
-    # q: [batch, nbh, nbw, heads, qy, qx, dk]
+    q = q.reshape(batch * nbh, bq, nbw, bq, n, dk)  # [rows, qy, nbw, qx, heads, dk]
 
     # Keys and values: project once at full resolution, then cut overlapping neighbourhoods.
     kv = dense((n, dk + dv), 'key_value')(x)
     kv = jnp.pad(kv, ((0, 0), (h, 0), (h, 0), (0, 0), (0, 0)))
     kv = _extract_windows(kv, 1, b, h, nbh)
     kv = _extract_windows(kv, 3, b, h, nbw)
-    kv = kv.transpose(0, 1, 3, 5, 2, 4, 6)  # [batch, nbh, nbw, heads, ky, kx, dk + dv]
-    k, v = kv[..., :dk], kv[..., dk:]
+    kv = kv.reshape(batch * nbh, window, nbw, window, n, dk + dv)  # [rows, ky, nbw, kx, heads, d]
 
-    # Position terms and masks as a per-query row table and column table (both small), spread
-    # over the [queries, keys] logits by one plain matmul with a constant 0/1 matrix: no broadcast
-    # or mask pass over the logits, and their backward reductions become one matmul too.
-    rel_h, rel_w = self._relative_logits(q)  # [b, i, j, n, qy, qx, ky], [..., kx]
+    # Masks as additive biases on the row and column position terms (both small): padded keys,
+    # and keys outside mask_window.
     valid_h, valid_w = _key_validity(height, b, h, nbh), _key_validity(width, b, h, nbw)
     if self.mask_window:
       near = _window_mask(b, h, s, self.mask_window)
       valid_h, valid_w = valid_h[:, None] & near, valid_w[:, None] & near  # [blocks, q, keys]
     else:
       valid_h, valid_w = valid_h[:, None], valid_w[:, None]
-    bias = lambda valid: np.where(valid, 0.0, _MASKED_LOGIT).astype(np.float32)
-    rel_h = rel_h + bias(valid_h)[:, None, None, :, None, :]
-    rel_w = rel_w + bias(valid_w)[None, :, None, None, :, :]
-    queries, keys = bq * bq, window * window
-    rel = jnp.concatenate([rel_h, rel_w], axis=-1).reshape(batch, nbh, nbw, n, queries, 2 * window)
-    spread = np.concatenate([np.repeat(np.eye(window), window, axis=0),
-                             np.tile(np.eye(window), (window, 1))], axis=1)  # [keys, 2 window]
-    q = q.reshape(batch, nbh, nbw, n, queries, dk)
-    k = k.reshape(batch, nbh, nbw, n, keys, dk)
-    logits = (jnp.einsum('bijnqd,bijnkd->bijnqk', q, k, preferred_element_type=jnp.float32)
-              + jnp.einsum('bijnqe,ke->bijnqk', rel, jnp.asarray(spread, jnp.float32)))
+    bias = lambda valid: jnp.asarray(np.where(valid, 0.0, _MASKED_LOGIT), jnp.float32)
+    bias_h = jnp.tile(bias(valid_h), (batch, 1, 1))  # [rows, qy or 1, ky]
+    bias_w = bias(valid_w)  # [nbw, qx or 1, kx]
+    # Constant 0/1 matrix that spreads row and column terms over the keys: one matmul instead of a
+    # broadcast pass over the [queries, keys] logits, and one matmul again in the backward pass.
+    spread = jnp.asarray(np.concatenate([np.repeat(np.eye(window), window, axis=0),
+                                         np.tile(np.eye(window), (window, 1))], axis=1),
+                         jnp.float32)  # [keys, 2 window]
+    table_h, table_w = self._relative_tables(q.shape[-1])
 
-    # Softmax with the normalisation applied to the (small) output instead of the weights.
-    top = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-    weights = jnp.exp(logits - top)
-    total = weights.sum(axis=-1, keepdims=True)
-    v = v.reshape(batch, nbh, nbw, n, keys, dv)
-    out = jnp.einsum('bijnqk,bijnkd->bijnqd', weights.astype(self.dtype), v,
-                     preferred_element_type=jnp.float32)
-    out = (out / total).astype(self.dtype).reshape(batch, nbh, nbw, n, bq, bq, dv)
-    out = out.transpose(0, 1, 4, 2, 5, 3, 6).reshape(batch, nbh * bq, nbw * bq, n * dv)
+    def attend(args: tuple[jax.Array, ...]) -> jax.Array:
+      """Attention for one row of blocks of one image: [qy, nbw, qx, heads, dv]."""
+      q, kv, bias_h = args
+      k, v = kv[..., :dk], kv[..., dk:]
+      rel_h = jnp.einsum('yjxnd,yud->jnyxu', q, table_h, preferred_element_type=jnp.float32)
+      rel_w = jnp.einsum('yjxnd,xvd->jnyxv', q, table_w, preferred_element_type=jnp.float32)
+      rel = jnp.concatenate([rel_h + bias_h[:, None, :], rel_w + bias_w[:, None, None]], axis=-1)
+      logits = jnp.einsum('yjxnd,ujvnd->jnyxuv', q, k, preferred_element_type=jnp.float32)
+      logits = (logits.reshape(nbw, n, bq * bq, window * window)
+                + jnp.einsum('jnqe,ke->jnqk', rel.reshape(nbw, n, bq * bq, -1), spread))
+      # Softmax with the normalisation applied to the (small) output instead of the weights.
+      top = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+      weights = jnp.exp(logits - top)
+      weights_uv = weights.astype(self.dtype).reshape(nbw, n, bq * bq, window, window)
+      out = jnp.einsum('jnquv,ujvnd->jnqd', weights_uv, v, preferred_element_type=jnp.float32)
+      out = (out / weights.sum(axis=-1, keepdims=True)).astype(self.dtype)
+      return out.reshape(nbw, n, bq, bq, dv).transpose(2, 0, 3, 1, 4)
+
+    # One row of blocks at a time, recomputed in the backward pass: a row's logits and its layout
+    # changes stay in cache instead of streaming the whole layer's logits through memory.
+    out = jax.lax.map(jax.checkpoint(attend), (q, kv, bias_h))
+    out = out.reshape(batch, nbh * bq, nbw * bq, n * dv)
     return out[:, :out_h, :out_w]
 
-  def _relative_logits(self, q: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """q . r_row and q . r_col (float32) for every query and key row / key column."""
+  def _relative_tables(self, dk: int) -> tuple[jax.Array, jax.Array]:
+    """Row and column position embeddings for each (query, key) pair: [q, keys, dk] each."""
     b, h, s = self.block_size, self.halo_size, self.stride
-    dk = q.shape[-1]
     init = nn.initializers.normal(dk ** -0.5)
     offsets = num_relative_offsets(b, h)
     table_h = self.param('relative_height', init, (offsets, dk))
     table_w = self.param('relative_width', init, (offsets, dk))
     index = _relative_index(b, h, s)  # Static [queries, keys] indices into a small parameter.
-    rel_h = table_h.astype(self.dtype)[index]  # [qy, ky, dk]
-    rel_w = table_w.astype(self.dtype)[index]  # [qx, kx, dk]
-    logits_h = jnp.einsum('bijnyxd,yud->bijnyxu', q, rel_h, preferred_element_type=jnp.float32)
-    logits_w = jnp.einsum('bijnyxd,xvd->bijnyxv', q, rel_w, preferred_element_type=jnp.float32)
-    return logits_h, logits_w
+    return table_h.astype(self.dtype)[index], table_w.astype(self.dtype)[index]
