@@ -59,6 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train_split = 'train'
   config.eval_splits = ('validation',)
   config.crop_fraction = 0.875  # eval: resize to s / crop_fraction, centre crop s.
+  config.crop_area_range = (0.08, 1.0)  # train: Inception crop's share of the image area.
+  config.random_flip = True     # train: horizontal flips (off for data such as digits).
   config.randaugment_layers = 2
   config.randaugment_magnitude = 10
   config.mixup_alpha = 0.0
@@ -108,4 +110,21 @@ def variant_config(name: str) -> ml_collections.ConfigDict:
   m.value_ratio, m.bottleneck_ratio = row['rv'], row['rb']
   m.stage_depths = (3, 3, row['l3'], 3)
   m.final_width = row['df']
+  return config
+
+
+def digits_config() -> ml_collections.ConfigDict:
+  """`get_config()` for the offline digits at 32 px; the CPU-sized configs add a model."""
+  config = get_config()
+  config.image_size = 32
+  config.num_classes = 10
+  config.model.stage_depths = (1, 1, 1, 1)
+  config.dataset = 'digits'
+  config.eval_splits = ('test',)
+  # Digits fill their 8x8 frame and are not mirror-symmetric: mild crops, no flips, no eval crop.
+  config.crop_area_range = (0.4, 1.0)
+  config.random_flip = False
+  config.crop_fraction = 1.0
+  config.randaugment_layers = 0
+  config.randaugment_magnitude = 0
   return config

@@ -6,19 +6,12 @@ from configs import base
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = base.get_config()
+  config = base.digits_config()
   config.variant = 'tiny'
-  config.image_size = 32
-  config.num_classes = 10
   m = config.model
   m.block_size, m.halo_size = 4, 1
   m.widths = (8, 16, 16, 32)
-  m.stage_depths = (1, 1, 1, 1)
   m.num_heads = (2, 2, 2, 2)
-  config.dataset = 'digits'
-  config.eval_splits = ('test',)
-  config.randaugment_layers = 0
-  config.randaugment_magnitude = 0
   config.batch_size = 16
   config.eval_batch_size = 16
   config.num_train_steps = 4

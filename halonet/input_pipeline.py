@@ -191,9 +191,10 @@ def _train_preprocess(config: ml_collections.ConfigDict) -> Callable[..., dict[s
 
   def preprocess(ex: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
     crop_seed, flip_seed, ra_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    image = _random_crop(ex['image'], crop_seed)
+    image = _random_crop(ex['image'], crop_seed, tuple(config.crop_area_range))
     image = _resize(image, s, s)
-    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    if config.random_flip:
+      image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     if rand_augment is not None:
       image = rand_augment(image, ra_seed)
     return {'image': image, 'label': tf.cast(ex['label'], tf.int32)}
@@ -201,13 +202,13 @@ def _train_preprocess(config: ml_collections.ConfigDict) -> Callable[..., dict[s
   return preprocess
 
 
-def _random_crop(data: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """Inception crop (8-100% area, 3/4-4/3 aspect); JPEGs decode only the crop window."""
+def _random_crop(data: tf.Tensor, seed: tf.Tensor, area_range: tuple[float, float]) -> tf.Tensor:
+  """Inception crop (area_range of the area, 3/4-4/3 aspect); JPEGs decode only the crop window."""
 
   def sample(shape):
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         shape, tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed,
-        min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
+        min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3), area_range=area_range,
         max_attempts=10, use_image_if_no_bounding_boxes=True)
     return begin, size
 

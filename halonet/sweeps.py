@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 import ml_collections
 
 from halonet import checkpointing
@@ -182,14 +183,25 @@ def window_size(config: ml_collections.ConfigDict) -> int | None:
   return max(windows, default=None)
 
 
-def collect_row(point: Point) -> dict[str, Any]:
-  """Overrides, model cost and final results of a finished point."""
+def _significant(x: float) -> float:
+  return float(f'{x:.4g}')
+
+
+def _value(config: ml_collections.ConfigDict, key: str) -> Any:
+  for part in key.split('.'):
+    config = config[part]
+  return config
+
+
+def collect_row(point: Point, keys: list[str]) -> dict[str, Any]:
+  """The point's values of the swept `keys`, its model cost and its final results."""
   results = checkpointing.read_json(os.path.join(point.workdir, 'results.json'))
-  info = summary.summarize(point.config)
-  row = {'point': point.name, **{k: str(v) for k, v in point.overrides.items()},
-         'params_m': info['params_m'], 'gflops': info['gflops'],
-         'neighbourhood': info['neighbourhood'], 'window': window_size(point.config),
-         'step': results['step']}
+  # The summary's own pieces at 4 significant digits: its 3 decimals flatten CPU-scale models.
+  row = {'point': point.name, **{k: str(_value(point.config, k)) for k in keys},
+         'params_m': _significant(model.count_params(point.config) / 1e6),
+         'gflops': _significant(summary.gflops_per_image(point.config)),
+         'neighbourhood': summary.neighbourhood(point.config),
+         'window': window_size(point.config), 'step': results['step']}
   for name, prefix in (('raw_eval', 'top1'), ('ema_eval', 'top1_ema')):
     for split, metrics in results.get(name, {}).items():
       row[f'{prefix}_{split}'] = round(metrics['top1'], 2)
@@ -230,6 +242,7 @@ def plot(rows: list[dict[str, Any]], labels: list[str], metric: str, title: str,
       ax.scatter(row[x_key], row[metric], color='tab:blue')
       ax.annotate(label, (row[x_key], row[metric]), xytext=(3, 3), textcoords='offset points',
                   fontsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=x_key == 'window'))
     ax.set_xlabel(x_label)
     ax.set_ylabel(f'{metric} (%)')
     ax.grid(alpha=0.3)
@@ -240,7 +253,9 @@ def plot(rows: list[dict[str, Any]], labels: list[str], metric: str, title: str,
 def write_results(sweep: ml_collections.ConfigDict, points: list[Point],
                   workdir: str) -> list[dict[str, Any]]:
   """results.csv, results.json and results.png in `workdir`; returns the rows."""
-  rows = [collect_row(p) for p in points]
+  # Every swept key gets a column, so points that leave it at the base show the base value.
+  keys = list(dict.fromkeys(k for p in points for k in p.overrides))
+  rows = [collect_row(p, keys) for p in points]
   columns = _columns(rows)
   with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=columns)
@@ -253,7 +268,8 @@ def write_results(sweep: ml_collections.ConfigDict, points: list[Point],
   })
   # The first eval split with the raw params: the one every point has.
   metric = next(c for c in columns if c.startswith('top1_'))
-  plot(rows, [point_label(p.overrides) for p in points], metric, f'sweep over {sweep.base}',
+  title = f'{os.path.basename(os.path.abspath(workdir))}: {sweep.base}'
+  plot(rows, [point_label(p.overrides) for p in points], metric, title,
        os.path.join(workdir, 'results.png'))
   return rows
 

@@ -65,6 +65,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     raise ValueError(f'config.ema_decay={config.ema_decay} must be in [0, 1)')
   if not 0.0 <= config.label_smoothing < 1.0:
     raise ValueError(f'config.label_smoothing={config.label_smoothing} must be in [0, 1)')
+  if not 0.0 < config.crop_fraction <= 1.0:
+    raise ValueError(f'config.crop_fraction={config.crop_fraction} must be in (0, 1]')
+  low, high = config.crop_area_range
+  if not 0.0 < low <= high <= 1.0:
+    raise ValueError(f'config.crop_area_range={tuple(config.crop_area_range)} must satisfy '
+                     f'0 < low <= high <= 1')
 
 
 def check_data(config: ml_collections.ConfigDict) -> None:

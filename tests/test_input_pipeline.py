@@ -161,3 +161,24 @@ def test_randaugment_rotation_matches_reference_range():
   from halonet.randaugment import RandAugment
   lower, upper = RandAugment(2, 10).layer.random_rotation.factor
   assert (lower * 360, upper * 360) == pytest.approx((-30.0, 30.0))
+
+
+def test_crop_area_and_flip_follow_the_config(tmp_path):
+  """Images bright on the left half: without flips no crop puts the bright side right."""
+  for i in range(8):
+    os.makedirs(tmp_path / 'train' / 'c0', exist_ok=True)
+    image = np.zeros((24, 24, 3), np.uint8)
+    image[:, :12] = 200 + i
+    Image.fromarray(image).save(tmp_path / 'train' / 'c0' / f'{i}.png')
+
+  def left_minus_right(**overrides):
+    config = folder_config(str(tmp_path), num_classes=1, batch_size=8, **overrides)
+    images = next(input_pipeline.create_split(config, 'train', train=True, batch_size=8))['image']
+    images = images.astype(np.float32)  # 16 x 16: compare the outer 6 columns of each side.
+    return images[:, :, :6].mean(axis=(1, 2, 3)) - images[:, :, -6:].mean(axis=(1, 2, 3))
+
+  # The whole image, unflipped: the full contrast of each of the 8 images, bright side left.
+  whole = left_minus_right(crop_area_range=(1.0, 1.0), random_flip=False)
+  np.testing.assert_allclose(np.sort(whole), 200 + np.arange(8), atol=2)
+  assert (left_minus_right(random_flip=False) > -1).all()
+  assert (left_minus_right(crop_area_range=(1.0, 1.0)) < -100).any()  # Some are flipped.

@@ -66,9 +66,9 @@ def test_train_step_compiles_once(monkeypatch):
 
 def test_loss_falls_on_digits():
   config = tiny.get_config()
-  config.num_train_steps = 40
+  config.num_train_steps = 60
   config.optimizer.name = 'adamw'
-  config.optimizer.learning_rate = 0.05
+  config.optimizer.learning_rate = 0.1
   mesh = sharding.create_mesh(config.mesh_shape)
   state, step = _setup(config, mesh)
   # The un-augmented view of the train split: this checks the step learns, not the augmentation.
@@ -95,6 +95,8 @@ def _no_compile(*args, **kwargs):
     ({'image_size': 16}, 'image_size=16'),
     ({'optimizer.name': 'lamb'}, "'lamb'"),
     ({'ema_decay': 1.5}, 'ema_decay=1.5'),
+    ({'crop_fraction': 0.0}, 'crop_fraction=0.0'),
+    ({'crop_area_range': (0.5, 0.2)}, 'crop_area_range=(0.5, 0.2)'),
     ({'dataset': 'image_folder', 'data_dir': '/nonexistent/images'}, '/nonexistent/images'),
 ])
 def test_bad_input_fails_in_one_line_before_compile(overrides, named, tmp_path, monkeypatch):
