@@ -51,8 +51,8 @@ def evaluate(eval_fn, variables: Any, config: ml_collections.ConfigDict, split: 
       process_index=jax.process_index(), process_count=jax.process_count())
   totals = None
   start = time.perf_counter()
-  for batch in batches:
-    sums = eval_fn(variables, sharding.shard_batch(batch, mesh))
+  for batch in sharding.prefetch_to_device(batches, mesh):
+    sums = eval_fn(variables, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   seconds = time.perf_counter() - start

@@ -4,7 +4,8 @@ Under `jax.jit` with these shardings XLA inserts the collectives itself, so Batc
 and the gradient are global over the batch without any `axis_name`.
 """
 
-from collections.abc import Mapping, Sequence
+import collections
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -49,3 +50,15 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
   """Joins each process's local rows into one global array sharded over 'data'."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def prefetch_to_device(batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh,
+                       size: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Sharded batches placed `size` ahead: the next host->device copies overlap this step."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(shard_batch(batch, mesh))  # Asynchronous: returns before the copy is done.
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()

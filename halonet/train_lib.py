@@ -233,9 +233,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info('mesh %s', dict(mesh.shape))
   model, tx, schedule, num_steps = build(config)
   # The iterator is a pure function of (seed, process, step): resuming replays the same batches.
-  batches = input_pipeline.create_split(
+  batches = sharding.prefetch_to_device(input_pipeline.create_split(
       config, config.train_split, train=True, batch_size=config.batch_size // jax.process_count(),
-      process_index=jax.process_index(), process_count=jax.process_count(), start_step=start_step)
+      process_index=jax.process_index(), process_count=jax.process_count(), start_step=start_step),
+      mesh)
 
   init, abstract = abstract_train_state(config, model, tx, mesh)
   state_shardings = shardings_of(abstract)
@@ -291,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     with jax.set_mesh(mesh):
       while step < num_steps:
-        state, metrics = step_fn(state, sharding.shard_batch(next(batches), mesh))
+        state, metrics = step_fn(state, next(batches))
         step += 1
         pending.append((step, metrics))
         preempted = preemption.reached(manager, step)

@@ -181,4 +181,4 @@ def test_crop_area_and_flip_follow_the_config(tmp_path):
   whole = left_minus_right(crop_area_range=(1.0, 1.0), random_flip=False)
   np.testing.assert_allclose(np.sort(whole), 200 + np.arange(8), atol=2)
   assert (left_minus_right(random_flip=False) > -1).all()
-  assert (left_minus_right(crop_area_range=(1.0, 1.0)) < -100).any()  # Some are flipped.
+  assert (left_minus_right(crop_area_range=(1.0, 1.0), random_flip=True) < -100).any()  # Flipped.

@@ -156,3 +156,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   manager = checkpointing.create_manager(str(tmp_path), 3, read_only=True)
   assert manager.all_steps() == [2]
   manager.close()
+
+
+def test_prefetch_to_device_keeps_order_and_reads_only_two_ahead():
+  mesh = sharding.create_mesh((4, 2))
+  read = []
+
+  def host_batches():
+    for i in range(5):
+      read.append(i)
+      yield {'image': np.full((8, 2), i, np.float32)}
+
+  batches = sharding.prefetch_to_device(host_batches(), mesh, size=2)
+  first = next(batches)
+  assert read == [0, 1, 2]  # The batch handed out plus two in flight.
+  assert first['image'].sharding == sharding.batch_sharding(mesh)
+  rest = [int(b['image'][0, 0]) for b in batches]
+  assert [int(first['image'][0, 0])] + rest == [0, 1, 2, 3, 4]
