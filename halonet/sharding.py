@@ -12,6 +12,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ('data', 'model')
+PREFETCH_BATCHES = 2  # Batches placed on the devices ahead of the one a step is consuming.
 
 
 def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, int]:
@@ -53,7 +54,7 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
 
 
 def prefetch_to_device(batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh,
-                       size: int = 2) -> Iterator[dict[str, jax.Array]]:
+                       size: int = PREFETCH_BATCHES) -> Iterator[dict[str, jax.Array]]:
   """Sharded batches placed `size` ahead: the next host->device copies overlap this step."""
   queue = collections.deque()
   for batch in batches:

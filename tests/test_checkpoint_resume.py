@@ -13,14 +13,18 @@ import orbax.checkpoint as ocp
 from configs import tiny
 from halonet import checkpointing
 from halonet import input_pipeline
+from halonet import sharding
 from halonet import train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 FLAGS = ['--config=configs/tiny.py', f'--config.num_train_steps={STEPS}']
+# Batches are read this many steps ahead (device prefetch): the read of batch n + AHEAD happens
+# just before step n runs.
+AHEAD = sharding.PREFETCH_BATCHES
 
-# train.py, but the train iterator sends `signal` to its own process just before it hands
-# out the batch for `step`, once `wait_for` (a finished checkpoint dir) exists: a kill at an
+# train.py, but the train iterator sends `signal` to its own process just before it reads
+# batch `at_step`, once `wait_for` (a finished checkpoint dir) exists: a kill at an
 # exact point of the run, which an outside timer could not hit in a run this short.
 INTERRUPTED_TRAIN = '''
 import os, signal, sys, time
@@ -74,14 +78,14 @@ def test_sigterm_then_sigkill_then_resume_equals_unbroken_run(tmp_path, monkeypa
   unbroken = str(tmp_path / 'unbroken')
   train_lib.train_and_evaluate(config, unbroken)
 
-  # SIGTERM while step 3 is being fetched: step 3 runs, is saved, and the run returns cleanly.
+  # SIGTERM just before step 3: step 3 runs, is saved, and the run returns cleanly.
   workdir = str(tmp_path / 'interrupted')
   create_split = input_pipeline.create_split
 
   def terminating(config, split, *, train, **kwargs):
     batches = create_split(config, split, train=train, **kwargs)
     for step, batch in enumerate(batches, 1):
-      if train and step == 3:
+      if train and step == 3 + AHEAD:
         os.kill(os.getpid(), signal.SIGTERM)
       yield batch
 
@@ -93,7 +97,7 @@ def test_sigterm_then_sigkill_then_resume_equals_unbroken_run(tmp_path, monkeypa
   manager.close()
 
   # A subprocess resumes at 3 and is SIGKILLed once checkpoint 6 is complete: 7 and 8 are lost.
-  kill = _interrupt('SIGKILL', 7, workdir, wait_for_step=6)
+  kill = _interrupt('SIGKILL', 7 + AHEAD, workdir, wait_for_step=6)
   assert kill.returncode == -signal.SIGKILL, kill.stderr[-3000:]
   assert 'resumed from checkpoint at step 3' in kill.stderr
 
