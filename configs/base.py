@@ -35,6 +35,7 @@ def model_config() -> ml_collections.ConfigDict:
       final_width=0,          # d_f: final 1x1 conv before pooling; 0 = none.
       conv_stages=(),         # stages (1-4) that use a 3x3 conv instead of attention.
       mask_window=0,          # k > 0 restricts each query to a k x k window (masked attention).
+      attention_rows_per_step=1,  # rows of blocks per attention loop step; 0 = all at once.
       use_se=False,
       activation='relu',      # 'relu' or 'silu'.
       stochastic_depth_rate=0.0,

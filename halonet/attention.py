@@ -111,6 +111,9 @@ class HaloAttention(nn.Module):
     mask_window: k > 0 restricts each query to the k x k keys centred on it (relaxed equivariance
       ablation); 0 lets it see the whole (b+2h)^2 neighbourhood.
     dtype: compute dtype of projections and attention products.
+    rows_per_step: rows of blocks attended per loop step (recomputed in the backward pass);
+      0 does all rows in one vectorised pass, with no loop: more memory, and the form whose
+      FLOPs XLA's cost analysis counts in full (it counts a loop body once).
   """
   qk_width: int
   value_width: int
@@ -120,9 +123,12 @@ class HaloAttention(nn.Module):
   stride: int = 1
   mask_window: int = 0
   dtype: Any = jnp.float32
+  rows_per_step: int = 1
 
   def setup(self):
     check_attention_args(self.block_size, self.halo_size, self.stride, self.mask_window)
+    if self.rows_per_step < 0:
+      raise ValueError(f'rows_per_step={self.rows_per_step} must be >= 0 (0 = all at once)')
     for name, width in (('qk_width', self.qk_width), ('value_width', self.value_width)):
       if width % self.num_heads:
         raise ValueError(f'num_heads={self.num_heads} does not divide {name}={width}')
@@ -191,7 +197,10 @@ class HaloAttention(nn.Module):
 
     # One row of blocks at a time, recomputed in the backward pass: a row's logits and its layout
     # changes stay in cache instead of streaming the whole layer's logits through memory.
-    out = jax.lax.map(jax.checkpoint(attend), (q, kv, bias_h))
+    rows = q.shape[0]
+    chunk = min(self.rows_per_step or rows, rows)
+    out = jax.lax.map(jax.checkpoint(attend), (q, kv, bias_h),
+                      batch_size=None if chunk == 1 else chunk)
     out = out.reshape(batch, nbh * bq, nbw * bq, n * dv)
     return out[:, :out_h, :out_w]
 

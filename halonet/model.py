@@ -58,6 +58,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f'(the network downsamples by {MIN_IMAGE_SIZE})')
   if config.num_classes < 1:
     raise ValueError(f'num_classes={config.num_classes} must be positive')
+  if m.attention_rows_per_step < 0:
+    raise ValueError(f'attention_rows_per_step={m.attention_rows_per_step} must be >= 0 '
+                     f'(0 = all rows at once)')
   for stage, ((b, h), w, heads) in enumerate(zip(stage_windows(m), m.widths, m.num_heads), 1):
     if stage in m.conv_stages:
       continue
@@ -96,6 +99,7 @@ class BottleneckBlock(nn.Module):
   halo_size: int
   use_attention: bool
   mask_window: int
+  attention_rows_per_step: int
   use_se: bool
   drop_path_rate: float
   act: Callable[[jax.Array], jax.Array]
@@ -111,7 +115,8 @@ class BottleneckBlock(nn.Module):
       y = attention.HaloAttention(
           qk_width=self.width, value_width=self.value_width, num_heads=self.num_heads,
           block_size=self.block_size, halo_size=self.halo_size, stride=self.stride,
-          mask_window=self.mask_window, dtype=self.dtype)(y)
+          mask_window=self.mask_window, rows_per_step=self.attention_rows_per_step,
+          dtype=self.dtype)(y)
     else:
       y = conv(self.value_width, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)))(y)
     y = self.act(norm()(y))
@@ -141,6 +146,7 @@ class HaloNet(nn.Module):
   final_width: int = 0
   conv_stages: Sequence[int] = ()
   mask_window: int = 0
+  attention_rows_per_step: int = 1
   use_se: bool = False
   activation: str = 'relu'
   stochastic_depth_rate: float = 0.0
@@ -170,7 +176,8 @@ class HaloNet(nn.Module):
             stride=2 if stage > 1 and i == 0 else 1,
             num_heads=heads, block_size=b, halo_size=h,
             use_attention=stage not in self.conv_stages,
-            mask_window=self.mask_window, use_se=self.use_se,
+            mask_window=self.mask_window,
+            attention_rows_per_step=self.attention_rows_per_step, use_se=self.use_se,
             drop_path_rate=self.stochastic_depth_rate * block_index / max(total_blocks - 1, 1),
             act=act, dtype=self.dtype, name=f'stage{stage}_block{i}')(x, train)
         block_index += 1
@@ -199,6 +206,7 @@ def create_model(config: ml_collections.ConfigDict) -> HaloNet:
       final_width=m.final_width,
       conv_stages=tuple(m.conv_stages),
       mask_window=m.mask_window,
+      attention_rows_per_step=m.attention_rows_per_step,
       use_se=m.use_se,
       activation=m.activation,
       stochastic_depth_rate=m.stochastic_depth_rate,

@@ -60,7 +60,7 @@ def _layer_and_params(x, **kwargs):
 
 
 CASES = [
-    # (height, width, channels, qk, value, heads, block, halo, stride, mask)
+    # (height, width, channels, qk, value, heads, block, halo, stride, mask, rows per loop step)
     dict(hw=(8, 8), c=8, qk=8, v=8, heads=2, block=4, halo=1, stride=1),
     dict(hw=(8, 8), c=8, qk=8, v=12, heads=2, block=4, halo=2, stride=2),
     dict(hw=(7, 10), c=6, qk=8, v=8, heads=4, block=4, halo=1, stride=1),   # b does not divide.
@@ -69,6 +69,10 @@ CASES = [
     dict(hw=(10, 10), c=8, qk=8, v=8, heads=2, block=4, halo=2, stride=1, mask=3),
     dict(hw=(10, 10), c=8, qk=8, v=8, heads=2, block=4, halo=2, stride=2, mask=5),
     dict(hw=(3, 3), c=4, qk=4, v=4, heads=2, block=4, halo=1, stride=2),    # map smaller than b.
+    # Rows of blocks per loop step: 2 images x 3 rows, in chunks of 4 (one chunk and a remainder),
+    # and all at once.
+    dict(hw=(10, 7), c=6, qk=8, v=8, heads=2, block=4, halo=1, stride=2, rows=4),
+    dict(hw=(10, 7), c=6, qk=8, v=8, heads=2, block=4, halo=1, stride=1, rows=0),
 ]
 
 
@@ -77,7 +81,7 @@ def test_matches_naive_reference(case):
   x = jax.random.normal(jax.random.key(0), (2, *case['hw'], case['c']))
   kwargs = dict(qk_width=case['qk'], value_width=case['v'], num_heads=case['heads'],
                 block_size=case['block'], halo_size=case['halo'], stride=case['stride'],
-                mask_window=case.get('mask', 0))
+                mask_window=case.get('mask', 0), rows_per_step=case.get('rows', 1))
   layer, params = _layer_and_params(x, **kwargs)
   got = layer.apply({'params': params}, x)
   want = naive_halo_attention(x, params, heads=case['heads'], block=case['block'],
