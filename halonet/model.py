@@ -108,9 +108,12 @@ class BottleneckBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    # 1x1 convolutions as Dense over channels: the same function and parameter count, and XLA:CPU
+    # runs a plain matmul ~1.7x faster than its 1x1 convolution (fwd + bwd).
+    pointwise = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype)
-    y = self.act(norm()(conv(self.width, (1, 1))(x)))
+    y = self.act(norm()(pointwise(self.width)(x)))
     if self.use_attention:
       y = attention.HaloAttention(
           qk_width=self.width, value_width=self.value_width, num_heads=self.num_heads,
@@ -120,7 +123,7 @@ class BottleneckBlock(nn.Module):
     else:
       y = conv(self.value_width, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)))(y)
     y = self.act(norm()(y))
-    y = conv(self.out_width, (1, 1))(y)
+    y = pointwise(self.out_width)(y)
     # Zero-init the last BN scale so every block starts as the identity (Goyal et al.).
     y = norm(scale_init=nn.initializers.zeros)(y)
     if self.use_se:
@@ -129,7 +132,7 @@ class BottleneckBlock(nn.Module):
     y = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3))(y, deterministic=not train)
     residual = x
     if self.stride != 1 or x.shape[-1] != self.out_width:
-      residual = conv(self.out_width, (1, 1), strides=self.stride, name='proj')(x)
+      residual = pointwise(self.out_width, name='proj')(x[:, ::self.stride, ::self.stride])
       residual = norm(name='proj_bn')(residual)
     return self.act(y + residual)
 
@@ -183,7 +186,7 @@ class HaloNet(nn.Module):
         block_index += 1
 
     if self.final_width:
-      x = nn.Conv(self.final_width, (1, 1), use_bias=False, dtype=self.dtype, name='final_conv')(x)
+      x = nn.Dense(self.final_width, use_bias=False, dtype=self.dtype, name='final_conv')(x)
       x = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                            dtype=self.dtype, name='final_bn')(x))
     x = x.mean(axis=(1, 2))
