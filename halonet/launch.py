@@ -1,5 +1,6 @@
 """What train.py and eval.py share: the --config/--workdir/--distributed flags and start-up."""
 
+import sys
 from collections.abc import Sequence
 
 from absl import app
@@ -19,6 +20,17 @@ def define_flags(workdir_help: str) -> None:
   flags.DEFINE_bool('distributed', False,
                     'Call jax.distributed.initialize() first (multi-host pods).')
   flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with an unknown --config.field reported in one line, not a traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:  # What absl's own parser reports, e.g. a value of the wrong type.
+    sys.exit(f'FATAL Flags parsing error: {e}')
+  except (AttributeError, KeyError) as e:  # ml_collections: no such field in the locked config.
+    message = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').replace("'", '').split())
+    sys.exit(f'FATAL Flags parsing error: unknown config field: {message}')
 
 
 def start(argv: Sequence[str]) -> None:

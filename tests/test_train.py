@@ -2,6 +2,9 @@
 
 import functools
 import json
+import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -173,3 +176,18 @@ def test_prefetch_to_device_keeps_order_and_reads_only_two_ahead():
   assert first['image'].sharding == sharding.batch_sharding(mesh)
   rest = [int(b['image'][0, 0]) for b in batches]
   assert [int(first['image'][0, 0])] + rest == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize('flag, named', [
+    ('--config.batch_sz=3', 'unknown config field: batch_sz'),
+    ('--config.batch_size=abc', '--config.batch_size=abc'),
+])
+def test_bad_command_line_fails_in_one_line(flag, named, tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = subprocess.run([sys.executable, 'train.py', '--config=configs/tiny.py',
+                        f'--workdir={tmp_path / "run"}', flag], cwd=root, capture_output=True,
+                       text=True, timeout=120)
+  assert run.returncode != 0
+  assert named in run.stderr.strip().splitlines()[-1]
+  assert 'Traceback' not in run.stderr
+  assert not (tmp_path / 'run').exists()
