@@ -98,6 +98,7 @@ def test_conv_stages_replace_attention():
     ('model.activation', 'gelu', "activation='gelu'"),
     ('model.block_size', 3, 'block_size=3'),     # stride-2 stages need an even block.
     ('model.mask_window', 4, 'mask_window=4'),
+    ('model.attention_rows_per_step', -1, 'rows_per_step=-1'),
     ('image_size', 16, 'image_size=16'),
 ])
 def test_bad_values_fail_with_one_line(field, value, message):
