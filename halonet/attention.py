@@ -35,7 +35,8 @@ import numpy as np
 _MASKED_LOGIT = -1e30
 
 
-def check_attention_args(block_size: int, halo_size: int, stride: int, mask_window: int) -> None:
+def check_attention_args(block_size: int, halo_size: int, stride: int, mask_window: int,
+                         rows_per_step: int = 1) -> None:
   """Raises ValueError naming the first bad attention hyper-parameter."""
   if block_size <= 0:
     raise ValueError(f'block_size={block_size} must be positive')
@@ -51,6 +52,8 @@ def check_attention_args(block_size: int, halo_size: int, stride: int, mask_wind
     raise ValueError(
         f'mask_window={mask_window} does not fit in the neighbourhood of halo_size={halo_size}; '
         f'use at most {2 * halo_size + 1}')
+  if rows_per_step < 0:
+    raise ValueError(f'rows_per_step={rows_per_step} must be >= 0 (0 = all rows at once)')
 
 
 def num_relative_offsets(block_size: int, halo_size: int) -> int:
@@ -126,9 +129,8 @@ class HaloAttention(nn.Module):
   rows_per_step: int = 1
 
   def setup(self):
-    check_attention_args(self.block_size, self.halo_size, self.stride, self.mask_window)
-    if self.rows_per_step < 0:
-      raise ValueError(f'rows_per_step={self.rows_per_step} must be >= 0 (0 = all at once)')
+    check_attention_args(self.block_size, self.halo_size, self.stride, self.mask_window,
+                         self.rows_per_step)
     for name, width in (('qk_width', self.qk_width), ('value_width', self.value_width)):
       if width % self.num_heads:
         raise ValueError(f'num_heads={self.num_heads} does not divide {name}={width}')

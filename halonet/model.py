@@ -58,15 +58,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f'(the network downsamples by {MIN_IMAGE_SIZE})')
   if config.num_classes < 1:
     raise ValueError(f'num_classes={config.num_classes} must be positive')
-  if m.attention_rows_per_step < 0:
-    raise ValueError(f'attention_rows_per_step={m.attention_rows_per_step} must be >= 0 '
-                     f'(0 = all rows at once)')
   for stage, ((b, h), w, heads) in enumerate(zip(stage_windows(m), m.widths, m.num_heads), 1):
     if stage in m.conv_stages:
       continue
     stride = 1 if stage == 1 else 2
     try:
-      attention.check_attention_args(b, h, stride, m.mask_window)
+      attention.check_attention_args(b, h, stride, m.mask_window, m.attention_rows_per_step)
     except ValueError as e:
       raise ValueError(f'stage {stage}: {e}') from None
     value_width = int(w * m.value_ratio)
