@@ -91,6 +91,54 @@ def test_matches_naive_reference(case):
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
 
 
+GRADIENT_CASES = [CASES[i] for i in (0, 1, 2, 3, 4, 6, 8, 9)]
+
+
+@pytest.mark.parametrize('case', GRADIENT_CASES, ids=lambda c: str(c))
+def test_gradients_match_finite_differences_of_naive_reference(case):
+  """The hand-written backward pass against central differences of the float64 reference.
+
+  One direction per input (x, each kernel, each position table), so a wrong gradient of any one
+  of them is caught.
+  """
+  x = jax.random.normal(jax.random.key(0), (2, *case['hw'], case['c']))
+  kwargs = dict(qk_width=case['qk'], value_width=case['v'], num_heads=case['heads'],
+                block_size=case['block'], halo_size=case['halo'], stride=case['stride'],
+                mask_window=case.get('mask', 0), rows_per_step=case.get('rows', 1))
+  layer, params = _layer_and_params(x, **kwargs)
+  cotangent = np.asarray(jax.random.normal(jax.random.key(4), layer.apply({'params': params},
+                                                                          x).shape))
+  loss = lambda p, x: (layer.apply({'params': p}, x) * cotangent).sum()
+  grads = jax.grad(loss, argnums=(0, 1))(params, x)
+  naive = lambda p, x: (naive_halo_attention(
+      x, p, heads=case['heads'], block=case['block'], halo=case['halo'], stride=case['stride'],
+      mask_window=case.get('mask', 0)) * cotangent).sum()
+  as64 = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
+  params64, x64 = as64(params), as64(x)
+  rng = np.random.default_rng(0)
+  eps = 1e-6
+  for name in ('x', 'query', 'key_value', 'relative_height', 'relative_width'):
+    if name == 'x':
+      direction = rng.normal(size=x64.shape)
+      shifted = lambda sign: naive(params64, x64 + sign * eps * direction)
+      analytic = np.sum(np.asarray(grads[1], np.float64) * direction)
+    else:
+      leaf = params64[name]['kernel'] if name in ('query', 'key_value') else params64[name]
+      direction = rng.normal(size=leaf.shape)
+
+      def shifted(sign, name=name, direction=direction):
+        p = jax.tree_util.tree_map(lambda a: a, params64)
+        if name in ('query', 'key_value'):
+          p[name] = {'kernel': p[name]['kernel'] + sign * eps * direction}
+        else:
+          p[name] = p[name] + sign * eps * direction
+        return naive(p, x64)
+      g = grads[0][name]['kernel'] if name in ('query', 'key_value') else grads[0][name]
+      analytic = np.sum(np.asarray(g, np.float64) * direction)
+    numeric = (shifted(1) - shifted(-1)) / (2 * eps)
+    np.testing.assert_allclose(analytic, numeric, rtol=2e-4, atol=2e-4, err_msg=name)
+
+
 def test_gradients_finite_with_masks_and_padding():
   x = jax.random.normal(jax.random.key(0), (1, 9, 9, 8))
   layer, params = _layer_and_params(x, qk_width=8, value_width=8, num_heads=2, block_size=4,
