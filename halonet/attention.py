@@ -152,11 +152,11 @@ def _blocked_attention(block: int, halo: int, num_block_rows: int, num_block_col
     windows = windows.transpose(0, 3, 1, 2, 4)  # [nbw, heads, ky, kx, d]
     return windows.reshape(windows.shape[:2] + (window * window, windows.shape[-1]))
 
-  def strip_of_windows(d_windows: jax.Array, strip: jax.Array) -> jax.Array:
+  def strip_of_windows(d_windows: jax.Array, strip_shape: jax.ShapeDtypeStruct) -> jax.Array:
     """Adjoint of windows_of (overlapping windows add up), as a few shifted blockings."""
     blocked = lambda strip: _extract_windows(strip, 1, block, halo, nbw).transpose(1, 3, 0, 2, 4)
     d_windows = d_windows.reshape(d_windows.shape[:2] + (window, window, d_windows.shape[-1]))
-    return jax.vjp(blocked, strip)[1](d_windows)[0]
+    return jax.linear_transpose(blocked, strip_shape)(d_windows)[0]
 
   # Constant 0/1 matrix that spreads row and column terms over the keys: a matmul instead of a
   # broadcast pass over the [queries, keys] logits, and, transposed, instead of two reductions in
@@ -211,7 +211,7 @@ def _blocked_attention(block: int, halo: int, num_block_rows: int, num_block_col
     d_v = jnp.einsum('jnyxd,jnyxk->jndk', d_out, weights.astype(dtype),
                      preferred_element_type=f32)
     d_kv = jnp.concatenate([d_k, d_v], axis=2).astype(dtype).transpose(0, 1, 3, 2)
-    d_strip = strip_of_windows(d_kv, strip)
+    d_strip = strip_of_windows(d_kv, jax.ShapeDtypeStruct(strip.shape, strip.dtype))
     return d_q.astype(dtype).transpose(2, 0, 3, 1, 4), d_strip, d_table_h, d_table_w
 
   def chunks(x: jax.Array, chunk: int) -> jax.Array:
