@@ -127,10 +127,11 @@ def _blocked_attention(block: int, halo: int, num_block_rows: int, num_block_col
   window, nbh, nbw = block + 2 * halo, num_block_rows, num_block_cols
   bias_w = jnp.asarray(bias_w)[:, None, None]  # [j, 1, 1, qx or 1, kx]: broadcast over heads, qy.
 
-  def strip_starts(rows: int) -> jax.Array:
-    """First kv_map row of each row of blocks' strip (a constant: no index math in the loop)."""
-    return jnp.asarray((np.arange(rows) // nbh) * strip_stride + (np.arange(rows) % nbh) * block,
-                       jnp.int32)
+  def row_constants(rows: int) -> tuple[jax.Array, jax.Array]:
+    """Each row of blocks' first kv_map row (no index math in the loop) and row mask bias."""
+    block_row = np.arange(rows) % nbh
+    starts = (np.arange(rows) // nbh) * strip_stride + block_row * block
+    return jnp.asarray(starts, jnp.int32), jnp.asarray(bias_h[block_row])
 
   def take_strips(kv_map: jax.Array, starts: jax.Array) -> jax.Array:
     """[c, window, map width, heads, d]: the map rows each row of blocks attends to."""
@@ -173,12 +174,16 @@ def _blocked_attention(block: int, halo: int, num_block_rows: int, num_block_col
     logits = jnp.einsum('jnyxd,jnkd->jnyxk', q, k, preferred_element_type=f32)
     return logits + jnp.einsum('jnyxe,ke->jnyxk', rel, jnp.asarray(spread, f32))
 
-  def row_forward(q_row, strip, table_h, table_w, bias_h):
-    """One row of blocks: output [qy, nbw, qx, heads, dv] and log-sum-exp [nbw, heads, qy, qx]."""
+  def row_inputs(q_row, strip, table_h, table_w, bias_h):
+    """Queries [j, n, qy, qx, dk], keys, values [j, n, keys, d] and logits of one row of blocks."""
     q = q_row.transpose(1, 3, 0, 2, 4)
     kv = windows_of(strip)
     k, v = kv[..., :qk_dim], kv[..., qk_dim:]
-    logits = logits_of(q, k, table_h, table_w, bias_h)
+    return q, k, v, logits_of(q, k, table_h, table_w, bias_h)
+
+  def row_forward(q_row, strip, table_h, table_w, bias_h):
+    """One row of blocks: output [qy, nbw, qx, heads, dv] and log-sum-exp [nbw, heads, qy, qx]."""
+    q, _, v, logits = row_inputs(q_row, strip, table_h, table_w, bias_h)
     top = logits.max(axis=-1, keepdims=True)
     weights = jnp.exp(logits - top)
     total = weights.sum(axis=-1, keepdims=True)
@@ -190,10 +195,8 @@ def _blocked_attention(block: int, halo: int, num_block_rows: int, num_block_col
   def row_backward(q_row, strip, table_h, table_w, bias_h, out_row, lse, d_out_row):
     """Gradients of one row of blocks: dq row, key/value strip, and both position tables."""
     dtype, f32 = q_row.dtype, jnp.float32
-    q = q_row.transpose(1, 3, 0, 2, 4)
-    kv = windows_of(strip)
-    k, v = kv[..., :qk_dim], kv[..., qk_dim:]
-    weights = jnp.exp(logits_of(q, k, table_h, table_w, bias_h) - lse[..., None])
+    q, k, v, logits = row_inputs(q_row, strip, table_h, table_w, bias_h)
+    weights = jnp.exp(logits - lse[..., None])
     d_out = d_out_row.transpose(1, 3, 0, 2, 4)
     out = out_row.transpose(1, 3, 0, 2, 4)
     d_weights = jnp.einsum('jnyxd,jnkd->jnyxk', d_out, v, preferred_element_type=f32)
@@ -233,7 +236,6 @@ def _blocked_attention(block: int, halo: int, num_block_rows: int, num_block_col
 
   def forward(q, kv_map, table_h, table_w):
     rows = q.shape[0]
-    row_bias_h = jnp.asarray(bias_h)[jnp.arange(rows) % nbh]
 
     def body(_, xs):
       q_rows, starts, biases = xs
@@ -241,7 +243,7 @@ def _blocked_attention(block: int, halo: int, num_block_rows: int, num_block_col
       step = jax.vmap(row_forward, in_axes=(0, 0, None, None, 0))
       return None, step(q_rows, strips, table_h, table_w, biases)
 
-    _, (out, lse) = loop(body, None, (q, strip_starts(rows), row_bias_h), rows)
+    _, (out, lse) = loop(body, None, (q, *row_constants(rows)), rows)
     return out, lse
 
   @jax.custom_vjp
@@ -255,7 +257,6 @@ def _blocked_attention(block: int, halo: int, num_block_rows: int, num_block_col
   def attention_bwd(residuals, d_out):
     q, kv_map, table_h, table_w, out, lse = residuals
     rows = q.shape[0]
-    row_bias_h = jnp.asarray(bias_h)[jnp.arange(rows) % nbh]
 
     def body(carry, xs):
       d_map, d_table_h, d_table_w = carry
@@ -271,7 +272,7 @@ def _blocked_attention(block: int, halo: int, num_block_rows: int, num_block_col
     carry = (jnp.zeros_like(kv_map), zeros(table_h), zeros(table_w))
     # Padded rows of the last chunk get a zero output gradient, so they add nothing.
     (d_map, d_table_h, d_table_w), d_q = loop(
-        body, carry, (q, strip_starts(rows), row_bias_h, out, lse, d_out), rows)
+        body, carry, (q, *row_constants(rows), out, lse, d_out), rows)
     return d_q, d_map, d_table_h.astype(table_h.dtype), d_table_w.astype(table_w.dtype)
 
   attention.defvjp(attention_fwd, attention_bwd)
