@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import sys
 import time
 
@@ -66,18 +67,32 @@ def load_timm():
   return torch, timm
 
 
-def best_of(fns: dict, repeats: int) -> dict[str, float]:
-  """Min seconds of each callable, run round-robin so drifts in CPU load hit all of them."""
+def best_of(fns: dict, repeats: int) -> dict[str, dict[str, float]]:
+  """The fastest run of each callable, run round-robin so drifts in CPU load hit all of them.
+
+  Each run also records the kernel CPU time and page faults it caused (process-wide, but only
+  the timed callable is running): on a VM, a step that gets fresh pages from the kernel pays for
+  zeroing them, and that cost depends on what else freed memory.
+  """
   for fn in fns.values():
     fn()  # Warm-up (compilation, allocator).
-  times = {name: [] for name in fns}
+  runs = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
       time.sleep(0.2)  # Lets the previous call's worker threads (XLA's or OpenMP's) go idle.
+      before = resource.getrusage(resource.RUSAGE_SELF)
       start = time.perf_counter()
       fn()
-      times[name].append(time.perf_counter() - start)
-  return {name: min(t) for name, t in times.items()}
+      seconds = time.perf_counter() - start
+      after = resource.getrusage(resource.RUSAGE_SELF)
+      runs[name].append({'seconds': seconds, 'kernel_seconds': after.ru_stime - before.ru_stime,
+                         'page_faults': after.ru_minflt - before.ru_minflt})
+  return {name: min(r, key=lambda run: run['seconds']) for name, r in runs.items()}
+
+
+def seconds_of(timings: dict[str, dict[str, float]]) -> dict[str, float]:
+  """Just the seconds of best_of's runs."""
+  return {name: run['seconds'] for name, run in timings.items()}
 
 
 def h1_config(tiny: bool, image_size: int | None = None, dtype: str = 'float32'
@@ -151,9 +166,12 @@ def bench_train_step(timm_or_reason, batch: int) -> dict:
       torch.nn.functional.cross_entropy(net(images), labels).backward()
       opt.step()
     fns['timm_float32'] = run_timm
-  seconds = best_of(fns, ARGS.repeats + 2)  # The headline figure: more runs.
+  timings = best_of(fns, ARGS.repeats + 2)  # The headline figure: more runs.
+  seconds = seconds_of(timings)
   result = {'batch': batch, 'image_size': h1_config(ARGS.tiny).image_size,
             'seconds': seconds, 'images_per_s': {k: batch / v for k, v in seconds.items()},
+            'kernel_seconds': {k: t['kernel_seconds'] for k, t in timings.items()},
+            'page_faults': {k: t['page_faults'] for k, t in timings.items()},
             'timm_skipped': timm_skipped}
   if not timm_skipped:
     result['train_step_speedup_vs_timm'] = seconds['timm_float32'] / seconds['ours_float32']
@@ -168,7 +186,7 @@ def matmul_peak(size: int) -> dict:
     a = jnp.ones((size, size), dtype)
     f = jax.jit(lambda a: a @ a)
     fns[name] = lambda f=f, a=a: jax.block_until_ready(f(a))
-  seconds = best_of(fns, ARGS.repeats + 2)
+  seconds = seconds_of(best_of(fns, ARGS.repeats + 2))
   return {name: 2 * size ** 3 / s for name, s in seconds.items()}
 
 
@@ -208,7 +226,7 @@ def bench_attention(timm_or_reason, batch: int, peak: dict) -> dict:
         x.grad = None
         layer(x).sum().backward()
       fns['timm_float32'] = run_timm
-    seconds = best_of(fns, ARGS.repeats)
+    seconds = seconds_of(best_of(fns, ARGS.repeats))
     row = {'input': [batch, side, side, width], 'heads': heads, 'stride': stride,
            'seconds': seconds, 'xla_flops': flops['float32']}
     for dname in _DTYPES:
@@ -263,7 +281,8 @@ def bench_memory(batch: int) -> dict:
 def machine_info(timm_or_reason) -> dict:
   info = {'platform': platform.platform(), 'processor': platform.processor(),
           'cpu_count': os.cpu_count(), 'threads': ARGS.threads, 'python': platform.python_version(),
-          'jax': jax.__version__, 'jax_devices': [str(d) for d in jax.devices()]}
+          'jax': jax.__version__, 'jax_devices': [str(d) for d in jax.devices()],
+          'glibc_tunables': os.environ.get('GLIBC_TUNABLES')}  # malloc settings, if any.
   try:
     with open('/proc/cpuinfo') as f:
       info['cpu_model'] = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
@@ -278,9 +297,11 @@ def machine_info(timm_or_reason) -> dict:
 
 def print_table(results: dict) -> None:
   train = results['train_step']
-  print(f"\nTrain step, batch {train['batch']}, {train['image_size']} px (images/s):")
+  print(f"\nTrain step, batch {train['batch']}, {train['image_size']} px:")
+  print(f"  {'':16s} {'images/s':>8s} {'kernel s':>8s} {'page faults':>11s}")
   for name, v in train['images_per_s'].items():
-    print(f'  {name:16s} {v:8.2f}')
+    print(f"  {name:16s} {v:8.2f} {train['kernel_seconds'][name]:8.2f} "
+          f"{train['page_faults'][name]:11d}")
   if train['timm_skipped']:
     print(f"  timm skipped: {train['timm_skipped']}")
   else:

@@ -21,6 +21,10 @@ def test_tiny_benchmark_writes_results(tmp_path):
   assert set(results['matmul_peak_flops_per_s']) == {'float32', 'bfloat16'}
   train = results['train_step']
   assert set(train['images_per_s']) >= {'ours_float32', 'ours_bfloat16'}
+  # Kernel time and page faults of each timed step, the VM's memory cost (see README).
+  assert set(train['kernel_seconds']) == set(train['page_faults']) == set(train['images_per_s'])
+  assert all(v >= 0 for v in train['kernel_seconds'].values())
+  assert all(isinstance(v, int) and v >= 0 for v in train['page_faults'].values())
   # timm is optional (bench/requirements.txt): without it the JSON says why it was skipped.
   # Only look for timm: importing torch after TensorFlow (loaded by other tests) segfaults.
   if importlib.util.find_spec('timm') is None:
