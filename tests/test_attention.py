@@ -76,17 +76,25 @@ CASES = [
 ]
 
 
+def _case_layer_and_params(case, x):
+  return _layer_and_params(
+      x, qk_width=case['qk'], value_width=case['v'], num_heads=case['heads'],
+      block_size=case['block'], halo_size=case['halo'], stride=case['stride'],
+      mask_window=case.get('mask', 0), rows_per_step=case.get('rows', 1))
+
+
+def _case_naive(case, x, params):
+  return naive_halo_attention(x, params, heads=case['heads'], block=case['block'],
+                              halo=case['halo'], stride=case['stride'],
+                              mask_window=case.get('mask', 0))
+
+
 @pytest.mark.parametrize('case', CASES, ids=lambda c: str(c))
 def test_matches_naive_reference(case):
   x = jax.random.normal(jax.random.key(0), (2, *case['hw'], case['c']))
-  kwargs = dict(qk_width=case['qk'], value_width=case['v'], num_heads=case['heads'],
-                block_size=case['block'], halo_size=case['halo'], stride=case['stride'],
-                mask_window=case.get('mask', 0), rows_per_step=case.get('rows', 1))
-  layer, params = _layer_and_params(x, **kwargs)
+  layer, params = _case_layer_and_params(case, x)
   got = layer.apply({'params': params}, x)
-  want = naive_halo_attention(x, params, heads=case['heads'], block=case['block'],
-                              halo=case['halo'], stride=case['stride'],
-                              mask_window=case.get('mask', 0))
+  want = _case_naive(case, x, params)
   assert got.shape == want.shape
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
 
@@ -102,39 +110,25 @@ def test_gradients_match_finite_differences_of_naive_reference(case):
   of them is caught.
   """
   x = jax.random.normal(jax.random.key(0), (2, *case['hw'], case['c']))
-  kwargs = dict(qk_width=case['qk'], value_width=case['v'], num_heads=case['heads'],
-                block_size=case['block'], halo_size=case['halo'], stride=case['stride'],
-                mask_window=case.get('mask', 0), rows_per_step=case.get('rows', 1))
-  layer, params = _layer_and_params(x, **kwargs)
+  layer, params = _case_layer_and_params(case, x)
   cotangent = np.asarray(jax.random.normal(jax.random.key(4), layer.apply({'params': params},
                                                                           x).shape))
   loss = lambda p, x: (layer.apply({'params': p}, x) * cotangent).sum()
-  grads = jax.grad(loss, argnums=(0, 1))(params, x)
-  naive = lambda p, x: (naive_halo_attention(
-      x, p, heads=case['heads'], block=case['block'], halo=case['halo'], stride=case['stride'],
-      mask_window=case.get('mask', 0)) * cotangent).sum()
-  as64 = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
-  params64, x64 = as64(params), as64(x)
+  grads = jax.tree_util.tree_leaves(jax.grad(loss, argnums=(0, 1))(params, x))
+  inputs, treedef = jax.tree_util.tree_flatten_with_path((params, x))
+  inputs = [(jax.tree_util.keystr(path), np.asarray(leaf, np.float64)) for path, leaf in inputs]
+
+  def naive(leaves):
+    p, x = jax.tree_util.tree_unflatten(treedef, leaves)
+    return (_case_naive(case, x, p) * cotangent).sum()
+
   rng = np.random.default_rng(0)
   eps = 1e-6
-  for name in ('x', 'query', 'key_value', 'relative_height', 'relative_width'):
-    if name == 'x':
-      direction = rng.normal(size=x64.shape)
-      shifted = lambda sign: naive(params64, x64 + sign * eps * direction)
-      analytic = np.sum(np.asarray(grads[1], np.float64) * direction)
-    else:
-      leaf = params64[name]['kernel'] if name in ('query', 'key_value') else params64[name]
-      direction = rng.normal(size=leaf.shape)
-
-      def shifted(sign, name=name, direction=direction):
-        p = jax.tree_util.tree_map(lambda a: a, params64)
-        if name in ('query', 'key_value'):
-          p[name] = {'kernel': p[name]['kernel'] + sign * eps * direction}
-        else:
-          p[name] = p[name] + sign * eps * direction
-        return naive(p, x64)
-      g = grads[0][name]['kernel'] if name in ('query', 'key_value') else grads[0][name]
-      analytic = np.sum(np.asarray(g, np.float64) * direction)
+  for i, ((name, leaf), grad) in enumerate(zip(inputs, grads)):
+    direction = rng.normal(size=leaf.shape)
+    shifted = lambda sign: naive([leaf + sign * eps * direction if j == i else other
+                                  for j, (_, other) in enumerate(inputs)])
+    analytic = np.sum(np.asarray(grad, np.float64) * direction)
     numeric = (shifted(1) - shifted(-1)) / (2 * eps)
     np.testing.assert_allclose(analytic, numeric, rtol=2e-4, atol=2e-4, err_msg=name)
 
