@@ -12,12 +12,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_tiny_benchmark_writes_results(tmp_path):
   out = tmp_path / 'results.json'
   env = dict(os.environ, XLA_FLAGS='')  # The script sets its own threads; no fake devices.
+  env['GLIBC_TUNABLES'] = 'glibc.malloc.hugetlb=0'  # glibc's default: recorded, changes nothing.
   subprocess.run([sys.executable, os.path.join(REPO, 'bench', 'run.py'), '--tiny', '--repeats', '1',
                   '--out', str(out)], check=True, cwd=REPO, env=env, timeout=300)
   results = json.loads(out.read_text())
 
   assert results['tiny'] is True
   assert results['machine']['threads'] >= 1
+  assert results['machine']['glibc_tunables'] == 'glibc.malloc.hugetlb=0'
   assert set(results['matmul_peak_flops_per_s']) == {'float32', 'bfloat16'}
   train = results['train_step']
   assert set(train['images_per_s']) >= {'ours_float32', 'ours_bfloat16'}
