@@ -28,7 +28,7 @@ def create_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.Chec
 
   Orbax writes each step under a temporary name and renames it when complete, so a crash
   mid-save leaves a tmp dir that `latest_step` never returns; a writer deletes such leftovers
-  at startup. Readers (eval.py) open read-only so they never touch a live run's files.
+  in the background, finished before its first save. Readers (eval.py) open read-only so they never touch a live run's files.
   """
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(keep),

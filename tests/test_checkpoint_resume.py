@@ -126,9 +126,12 @@ def test_half_written_checkpoint_is_never_restored(tmp_path):
   reader = checkpointing.create_manager(workdir, 3, read_only=True)  # eval.py's view.
   assert reader.latest_step() == 2
   reader.close()
-  writer = checkpointing.create_manager(workdir, 3)  # A resumed run also clears the leftovers.
+  writer = checkpointing.create_manager(workdir, 3)  # A resumed run.
   assert writer.latest_step() == 2
   abstract = {'w': jax.ShapeDtypeStruct((4,), np.float64)}
   np.testing.assert_array_equal(checkpointing.restore(writer, abstract)['w'], np.arange(4.0))
+  # Orbax clears the leftovers in the background and waits for that before the writer's first
+  # save (not before close), so they are gone once the resumed run has saved.
+  checkpointing.save(writer, 3, {'w': np.arange(4.0) + 1})
   writer.close()
-  assert sorted(os.listdir(checkpoints)) == ['2']
+  assert sorted(os.listdir(checkpoints)) == ['2', '3']
