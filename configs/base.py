@@ -35,12 +35,17 @@ def model_config() -> ml_collections.ConfigDict:
       final_width=0,          # d_f: final 1x1 conv before pooling; 0 = none.
       conv_stages=(),         # stages (1-4) that use a 3x3 conv instead of attention.
       mask_window=0,          # k > 0 restricts each query to a k x k window (masked attention).
-      attention_rows_per_step=1,  # rows of blocks per attention loop step; 0 = all at once.
+      # 'plain' (loop-free, batch-parallel), 'rows' (row loop, hand-written backward: the CPU
+      # fast path) or 'auto': plain on TPU/GPU, rows on CPU (halonet/attention.py).
+      attention_impl='auto',
+      remat=False,            # recompute each block's activations in the backward pass.
       use_se=False,
       activation='relu',      # 'relu' or 'silu'.
       stochastic_depth_rate=0.0,
       dropout_rate=0.0,
-      dtype='float32',        # compute dtype; params stay float32.
+      # compute dtype; params, optimizer state and softmax stay float32. 'auto': bfloat16 on
+      # TPU/GPU, float32 on CPU.
+      dtype='auto',
   ))
 
 
@@ -120,6 +125,7 @@ def digits_config() -> ml_collections.ConfigDict:
   config.image_size = 32
   config.num_classes = 10
   config.model.stage_depths = (1, 1, 1, 1)
+  config.model.dtype = 'float32'  # CPU-sized: float32 wherever it runs.
   config.dataset = 'digits'
   config.eval_splits = ('test',)
   # Digits fill their 8x8 frame and are not mirror-symmetric: mild crops, no flips, no eval crop.

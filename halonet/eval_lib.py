@@ -15,11 +15,11 @@ from halonet import input_pipeline
 from halonet import sharding
 
 
-def eval_step(variables: Any, batch: dict[str, jax.Array], *, model: nn.Module,
-              dtype: Any) -> dict[str, jax.Array]:
+def eval_step(variables: Any, batch: dict[str, jax.Array], *,
+              model: nn.Module) -> dict[str, jax.Array]:
   """Sums (not means) over the real rows of one batch, so batches add up exactly."""
-  logits = model.apply(variables, input_pipeline.normalize_images(batch['image'], dtype),
-                       train=False).astype(jnp.float32)
+  images = input_pipeline.normalize_images(batch['image'], jnp.dtype(model.dtype))
+  logits = model.apply(variables, images, train=False).astype(jnp.float32)
   labels = batch['label']
   if labels.ndim == 2:
     labels = jnp.argmax(labels, axis=-1)
@@ -35,10 +35,10 @@ def eval_step(variables: Any, batch: dict[str, jax.Array], *, model: nn.Module,
   }
 
 
-def make_eval_step(model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh):
+def make_eval_step(model: nn.Module, mesh: Mesh):
   """Jitted eval step: variables replicated, batch split over 'data', sums replicated."""
   return jax.jit(
-      functools.partial(eval_step, model=model, dtype=jnp.dtype(config.model.dtype)),
+      sharding.traced_within(mesh, functools.partial(eval_step, model=model)),
       in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
       out_shardings=sharding.replicated(mesh))
 

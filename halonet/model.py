@@ -28,7 +28,10 @@ from halonet import attention
 # Total downsampling of the stem and stages 2-4: the smallest image that yields a 1x1 stage-4 map.
 MIN_IMAGE_SIZE = 32
 _ACTIVATIONS = {'relu': nn.relu, 'silu': nn.silu}
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+_DTYPES = ('float32', 'bfloat16')
+# What dtype='auto' computes in on each backend: bfloat16 on TPU and GPU (matmul units built for
+# it); float32 on CPU, which has no bfloat16 matmul units (bench/run.py: bf16 is slower there).
+AUTO_DTYPE = {'cpu': 'float32'}
 
 
 def stage_windows(model_config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
@@ -40,13 +43,29 @@ def stage_windows(model_config: ml_collections.ConfigDict) -> list[tuple[int, in
   return list(zip(blocks, halos))
 
 
+def resolve_backend_defaults(model_config: ml_collections.ConfigDict,
+                             backend: str | None = None) -> dict[str, Any]:
+  """config.model as plain values, with each 'auto' (dtype, attention_impl) chosen for `backend`.
+
+  `backend` defaults to JAX's default backend ('cpu', 'gpu' or 'tpu'); pass one explicitly to
+  build the model a TPU or GPU would run, e.g. for cross-platform lowering.
+  """
+  backend = backend or jax.default_backend()
+  fields = model_config.to_dict()
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+  if fields['dtype'] == 'auto':
+    fields['dtype'] = AUTO_DTYPE.get(backend, 'bfloat16')
+  fields['attention_impl'] = attention.resolve_impl(fields['attention_impl'], backend)
+  return fields
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails with one line naming the first bad model value, before anything is built or compiled."""
   m = config.model
   if m.activation not in _ACTIVATIONS:
     raise ValueError(f'activation={m.activation!r} is not one of {sorted(_ACTIVATIONS)}')
-  if m.dtype not in _DTYPES:
-    raise ValueError(f'dtype={m.dtype!r} is not one of {sorted(_DTYPES)}')
+  if m.dtype not in ('auto', *_DTYPES):
+    raise ValueError(f"dtype={m.dtype!r} is not one of {['auto', *_DTYPES]}")
   for name in ('widths', 'stage_depths', 'num_heads'):
     if len(m[name]) != 4:
       raise ValueError(f'{name}={tuple(m[name])} needs one entry per stage (4)')
@@ -63,7 +82,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       continue
     stride = 1 if stage == 1 else 2
     try:
-      attention.check_attention_args(b, h, stride, m.mask_window, m.attention_rows_per_step)
+      attention.check_attention_args(b, h, stride, m.mask_window, m.attention_impl)
     except ValueError as e:
       raise ValueError(f'stage {stage}: {e}') from None
     value_width = int(w * m.value_ratio)
@@ -85,18 +104,29 @@ class SqueezeExcite(nn.Module):
     return x * s
 
 
+class Conv3x3(nn.Module):
+  """The ResNet 3x3 convolution, the spatial mixer of hybrid (conv_stages) stages."""
+  value_width: int
+  stride: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.Conv(self.value_width, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)),
+                   use_bias=False, dtype=self.dtype)(x)
+
+
 class BottleneckBlock(nn.Module):
-  """1x1 conv -> attention (or 3x3 conv) -> 1x1 conv, plus a residual."""
+  """1x1 conv -> spatial mixer (halo attention or 3x3 conv) -> 1x1 conv, plus a residual.
+
+  `mixer` builds the spatial mixer as mixer(value_width=..., stride=...): any module with those
+  two fields fits, so a new attention variant plugs in without touching the block.
+  """
   width: int
   out_width: int
   value_width: int
   stride: int
-  num_heads: int
-  block_size: int
-  halo_size: int
-  use_attention: bool
-  mask_window: int
-  attention_rows_per_step: int
+  mixer: Callable[..., nn.Module]
   use_se: bool
   drop_path_rate: float
   act: Callable[[jax.Array], jax.Array]
@@ -104,21 +134,13 @@ class BottleneckBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
     # 1x1 convolutions as Dense over channels: the same function and parameter count, and XLA:CPU
     # runs a plain matmul ~1.7x faster than its 1x1 convolution (fwd + bwd).
     pointwise = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype)
     y = self.act(norm()(pointwise(self.width)(x)))
-    if self.use_attention:
-      y = attention.HaloAttention(
-          qk_width=self.width, value_width=self.value_width, num_heads=self.num_heads,
-          block_size=self.block_size, halo_size=self.halo_size, stride=self.stride,
-          mask_window=self.mask_window, rows_per_step=self.attention_rows_per_step,
-          dtype=self.dtype)(y)
-    else:
-      y = conv(self.value_width, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)))(y)
+    y = self.mixer(value_width=self.value_width, stride=self.stride)(y)
     y = self.act(norm()(y))
     y = pointwise(self.out_width)(y)
     # Zero-init the last BN scale so every block starts as the identity (Goyal et al.).
@@ -135,84 +157,83 @@ class BottleneckBlock(nn.Module):
 
 
 class HaloNet(nn.Module):
-  """The HaloNet family; H0-H7 differ only in the fields of `configs/h*.py`."""
+  """The HaloNet family. Fields are exactly those of `config.model` (configs/base.py), where
+  each is documented; H0-H7 differ only in their values. `attention_cls` is the attention module
+  of the attention stages (HaloAttention's fields), for trying a new variant.
+  """
   num_classes: int
+  block_size: int
+  halo_size: int
+  block_sizes: Sequence[int]
+  halo_sizes: Sequence[int]
+  value_ratio: float
+  bottleneck_ratio: float
   widths: Sequence[int]
   stage_depths: Sequence[int]
   num_heads: Sequence[int]
-  windows: Sequence[tuple[int, int]]
-  value_ratio: float
-  bottleneck_ratio: float
-  final_width: int = 0
-  conv_stages: Sequence[int] = ()
-  mask_window: int = 0
-  attention_rows_per_step: int = 1
-  use_se: bool = False
-  activation: str = 'relu'
-  stochastic_depth_rate: float = 0.0
-  dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
+  final_width: int
+  conv_stages: Sequence[int]
+  mask_window: int
+  attention_impl: str
+  remat: bool
+  use_se: bool
+  activation: str
+  stochastic_depth_rate: float
+  dropout_rate: float
+  dtype: str
+  attention_cls: Callable[..., nn.Module] = attention.HaloAttention
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
     act = _ACTIVATIONS[self.activation]
-    x = images.astype(self.dtype)
+    dtype = jnp.dtype(self.dtype)
+    x = images.astype(dtype)
     x = nn.Conv(64, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
-                dtype=self.dtype, name='stem_conv')(x)
+                dtype=dtype, name='stem_conv')(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, name='stem_bn')(x)
+                     dtype=dtype, name='stem_bn')(x)
     x = nn.relu(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
+    # Rematerialisation recomputes each block's activations in the backward pass: only block
+    # inputs are kept, for large images (H7 at 600 px) at a larger per-device batch.
+    block_cls = nn.remat(BottleneckBlock, static_argnums=(2,)) if self.remat else BottleneckBlock
+    windows = stage_windows(self)
     total_blocks = sum(self.stage_depths)
     block_index = 0
     for stage, (width, depth, heads, (b, h)) in enumerate(
-        zip(self.widths, self.stage_depths, self.num_heads, self.windows), 1):
+        zip(self.widths, self.stage_depths, self.num_heads, windows), 1):
+      if stage in self.conv_stages:
+        mixer = functools.partial(Conv3x3, dtype=dtype)
+      else:
+        mixer = functools.partial(
+            self.attention_cls, qk_width=width, num_heads=heads, block_size=b, halo_size=h,
+            mask_window=self.mask_window, attention_impl=self.attention_impl, dtype=dtype)
       for i in range(depth):
-        x = BottleneckBlock(
+        x = block_cls(
             width=width,
             out_width=int(width * self.bottleneck_ratio),
             value_width=int(width * self.value_ratio),
             stride=2 if stage > 1 and i == 0 else 1,
-            num_heads=heads, block_size=b, halo_size=h,
-            use_attention=stage not in self.conv_stages,
-            mask_window=self.mask_window,
-            attention_rows_per_step=self.attention_rows_per_step, use_se=self.use_se,
+            mixer=mixer, use_se=self.use_se,
             drop_path_rate=self.stochastic_depth_rate * block_index / max(total_blocks - 1, 1),
-            act=act, dtype=self.dtype, name=f'stage{stage}_block{i}')(x, train)
+            act=act, dtype=dtype, name=f'stage{stage}_block{i}')(x, train)
         block_index += 1
 
     if self.final_width:
-      x = nn.Dense(self.final_width, use_bias=False, dtype=self.dtype, name='final_conv')(x)
+      x = nn.Dense(self.final_width, use_bias=False, dtype=dtype, name='final_conv')(x)
       x = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                           dtype=self.dtype, name='final_bn')(x))
+                           dtype=dtype, name='final_bn')(x))
     x = x.mean(axis=(1, 2))
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     return nn.Dense(self.num_classes, dtype=jnp.float32, name='head')(x.astype(jnp.float32))
 
 
-def create_model(config: ml_collections.ConfigDict) -> HaloNet:
-  """The HaloNet described by `config.model` (validated first)."""
+def create_model(config: ml_collections.ConfigDict, backend: str | None = None) -> HaloNet:
+  """The HaloNet of `config.model` (validated first), with 'auto' fields chosen for `backend`."""
   validate_config(config)
-  m = config.model
-  return HaloNet(
-      num_classes=config.num_classes,
-      widths=tuple(m.widths),
-      stage_depths=tuple(m.stage_depths),
-      num_heads=tuple(m.num_heads),
-      windows=tuple(stage_windows(m)),
-      value_ratio=m.value_ratio,
-      bottleneck_ratio=m.bottleneck_ratio,
-      final_width=m.final_width,
-      conv_stages=tuple(m.conv_stages),
-      mask_window=m.mask_window,
-      attention_rows_per_step=m.attention_rows_per_step,
-      use_se=m.use_se,
-      activation=m.activation,
-      stochastic_depth_rate=m.stochastic_depth_rate,
-      dropout_rate=m.dropout_rate,
-      dtype=_DTYPES[m.dtype],
-  )
+  return HaloNet(num_classes=config.num_classes,
+                 **resolve_backend_defaults(config.model, backend))
 
 
 def abstract_variables(config: ml_collections.ConfigDict, batch_size: int = 1) -> Any:

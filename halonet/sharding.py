@@ -5,13 +5,15 @@ and the gradient are global over the batch without any `axis_name`.
 """
 
 import collections
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ('data', 'model')
+DATA_AXIS = 'data'  # The mesh axis the batch is split over.
+AXES = (DATA_AXIS, 'model')
 PREFETCH_BATCHES = 2  # Batches placed on the devices ahead of the one a step is consuming.
 
 
@@ -36,6 +38,16 @@ def create_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device] | None 
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(mesh_shape, len(devices))
   return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def traced_within(mesh: Mesh, fn: Callable) -> Callable:
+  """`fn`, traced with `mesh` as the abstract mesh: layers that shard_map over the data axis
+  (the CPU attention path) then see it, however the jitted step is called."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -43,10 +43,10 @@ def neighbourhood(config: ml_collections.ConfigDict) -> str:
 def gflops_per_image(config: ml_collections.ConfigDict) -> float:
   """Forward GFLOPs for one image at config.image_size (a multiply-add counts as 2).
 
-  Counted with all attention rows in one pass: XLA's cost analysis counts a loop body once.
+  Counted on the loop-free plain attention: XLA's cost analysis counts a loop body once.
   """
   config = config.copy_and_resolve_references()
-  config.model.attention_rows_per_step = 0
+  config.model.attention_impl = 'plain'
   net = model.create_model(config)
   variables = model.abstract_variables(config)
   images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)

@@ -132,7 +132,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   """One update on the global batch; returns the new state and scalars for logging."""
   # Dropout noise is a function of (seed, step), so a resumed run replays it exactly.
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 1), state.step)
-  images = input_pipeline.normalize_images(batch['image'], jnp.dtype(config.model.dtype))
+  images = input_pipeline.normalize_images(batch['image'], jnp.dtype(model.dtype))
   labels = batch['label']
 
   def loss_fn(params):
@@ -164,11 +164,32 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                     tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh,
                     state_shardings: Any):
   """Jitted step: state replicated and donated (updated in place), batch split over 'data'."""
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config)
   return jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
+      sharding.traced_within(mesh, step),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=0)
+
+
+def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh,
+                     backend: str | None = None) -> tuple[jax.stages.Lowered, nn.Module]:
+  """The train step for a global batch of config.batch_size, lowered from shapes alone.
+
+  Nothing is initialised and no data is read (a fixed 10-step schedule stands in for the
+  dataset's), so `.compile()` gives XLA's per-device cost and buffer plan of H7 at 600 px on any
+  machine. `backend` builds the model as that backend would ('auto' fields), e.g. 'tpu'.
+  """
+  model = model_lib.create_model(config, backend=backend)
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch=10, total_steps=10)
+  tx = optim.create_optimizer(config, schedule)
+  _, abstract = abstract_train_state(config, model, tx, mesh)
+  step = make_train_step(config, model, tx, schedule, mesh, shardings_of(abstract))
+  size, on_data = config.image_size, sharding.batch_sharding(mesh)
+  batch = {'image': jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,
+                                         sharding=on_data),
+           'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=on_data)}
+  return step.lower(abstract, batch), model
 
 
 def build(config: ml_collections.ConfigDict) -> tuple[nn.Module, optax.GradientTransformation,
@@ -232,6 +253,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = sharding.create_mesh(config.mesh_shape)
   logging.info('mesh %s', dict(mesh.shape))
   model, tx, schedule, num_steps = build(config)
+  logging.info('on %s: compute dtype %s, attention_impl %s', jax.default_backend(), model.dtype,
+               model.attention_impl)
   # The iterator is a pure function of (seed, process, step): resuming replays the same batches.
   batches = sharding.prefetch_to_device(input_pipeline.create_split(
       config, config.train_split, train=True, batch_size=config.batch_size // jax.process_count(),
@@ -248,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   num_params = count_params(state.params)
   logging.info('%d parameters, %d train steps', num_params, num_steps)
   step_fn = make_train_step(config, model, tx, schedule, mesh, state_shardings)
-  eval_fn = eval_lib.make_eval_step(model, config, mesh)
+  eval_fn = eval_lib.make_eval_step(model, mesh)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   preemption = _Preemption()
   pending = []  # (step, device metrics) not yet fetched: fetching every step would stall dispatch.
@@ -344,7 +367,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     manager.close()
   step = int(state.step)
   with jax.set_mesh(mesh):
-    evals = evaluate_all(eval_lib.make_eval_step(model, config, mesh), state, config, mesh)
+    evals = evaluate_all(eval_lib.make_eval_step(model, mesh), state, config, mesh)
   results = {'step': step, 'num_params': count_params(state.params),
              **{f'{name}_eval': v for name, v in evals.items()}}
   if jax.process_index() == 0:

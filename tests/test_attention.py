@@ -1,11 +1,12 @@
-"""HaloAttention against an explicit per-query NumPy reference, and its symmetry properties."""
+"""Every HaloAttention implementation against an explicit per-query NumPy reference and each other,
+and the layer's symmetry properties."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from halonet.attention import HaloAttention
+from halonet.attention import HaloAttention, IMPLEMENTATIONS
 
 
 def naive_halo_attention(x, params, *, heads, block, halo, stride, mask_window=0):
@@ -60,7 +61,7 @@ def _layer_and_params(x, **kwargs):
 
 
 CASES = [
-    # (height, width, channels, qk, value, heads, block, halo, stride, mask, rows per loop step)
+    # (height, width, channels, qk, value, heads, block, halo, stride, mask)
     dict(hw=(8, 8), c=8, qk=8, v=8, heads=2, block=4, halo=1, stride=1),
     dict(hw=(8, 8), c=8, qk=8, v=12, heads=2, block=4, halo=2, stride=2),
     dict(hw=(7, 10), c=6, qk=8, v=8, heads=4, block=4, halo=1, stride=1),   # b does not divide.
@@ -69,18 +70,18 @@ CASES = [
     dict(hw=(10, 10), c=8, qk=8, v=8, heads=2, block=4, halo=2, stride=1, mask=3),
     dict(hw=(10, 10), c=8, qk=8, v=8, heads=2, block=4, halo=2, stride=2, mask=5),
     dict(hw=(3, 3), c=4, qk=4, v=4, heads=2, block=4, halo=1, stride=2),    # map smaller than b.
-    # Rows of blocks per loop step: 2 images x 3 rows, in chunks of 4 (one chunk and a remainder),
-    # and all at once.
-    dict(hw=(10, 7), c=6, qk=8, v=8, heads=2, block=4, halo=1, stride=2, rows=4),
-    dict(hw=(10, 7), c=6, qk=8, v=8, heads=2, block=4, halo=1, stride=1, rows=0),
+    # 3 rows of blocks per image, whose strips overlap in the row loop's backward pass.
+    dict(hw=(10, 7), c=6, qk=8, v=8, heads=2, block=4, halo=1, stride=2),
+    dict(hw=(10, 7), c=6, qk=8, v=8, heads=2, block=4, halo=1, stride=1),
 ]
+IMPLS = sorted(IMPLEMENTATIONS)
 
 
-def _case_layer_and_params(case, x):
+def _case_layer_and_params(case, x, impl):
   return _layer_and_params(
       x, qk_width=case['qk'], value_width=case['v'], num_heads=case['heads'],
       block_size=case['block'], halo_size=case['halo'], stride=case['stride'],
-      mask_window=case.get('mask', 0), rows_per_step=case.get('rows', 1))
+      mask_window=case.get('mask', 0), attention_impl=impl)
 
 
 def _case_naive(case, x, params):
@@ -89,11 +90,12 @@ def _case_naive(case, x, params):
                               mask_window=case.get('mask', 0))
 
 
+@pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('case', CASES, ids=lambda c: str(c))
-def test_matches_naive_reference(case):
+def test_matches_naive_reference(case, impl):
   x = jax.random.normal(jax.random.key(0), (2, *case['hw'], case['c']))
-  layer, params = _case_layer_and_params(case, x)
-  got = layer.apply({'params': params}, x)
+  layer, params = _case_layer_and_params(case, x, impl)
+  got = jax.jit(layer.apply)({'params': params}, x)
   want = _case_naive(case, x, params)
   assert got.shape == want.shape
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
@@ -102,19 +104,21 @@ def test_matches_naive_reference(case):
 GRADIENT_CASES = [CASES[i] for i in (0, 1, 2, 3, 4, 6, 8, 9)]
 
 
+@pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('case', GRADIENT_CASES, ids=lambda c: str(c))
-def test_gradients_match_finite_differences_of_naive_reference(case):
-  """The hand-written backward pass against central differences of the float64 reference.
+def test_gradients_match_finite_differences_of_naive_reference(case, impl):
+  """Gradients (autodiff, or the row loop's hand-written backward) against central differences
+  of the float64 reference.
 
   One direction per input (x, each kernel, each position table), so a wrong gradient of any one
   of them is caught.
   """
   x = jax.random.normal(jax.random.key(0), (2, *case['hw'], case['c']))
-  layer, params = _case_layer_and_params(case, x)
+  layer, params = _case_layer_and_params(case, x, impl)
   cotangent = np.asarray(jax.random.normal(jax.random.key(4), layer.apply({'params': params},
                                                                           x).shape))
   loss = lambda p, x: (layer.apply({'params': p}, x) * cotangent).sum()
-  grads = jax.tree_util.tree_leaves(jax.grad(loss, argnums=(0, 1))(params, x))
+  grads = jax.tree_util.tree_leaves(jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x))
   inputs, treedef = jax.tree_util.tree_flatten_with_path((params, x))
   inputs = [(jax.tree_util.keystr(path), np.asarray(leaf, np.float64)) for path, leaf in inputs]
 
@@ -133,19 +137,45 @@ def test_gradients_match_finite_differences_of_naive_reference(case):
     np.testing.assert_allclose(analytic, numeric, rtol=2e-4, atol=2e-4, err_msg=name)
 
 
-def test_gradients_finite_with_masks_and_padding():
+@pytest.mark.parametrize('impl', IMPLS)
+def test_gradients_finite_with_masks_and_padding(impl):
   x = jax.random.normal(jax.random.key(0), (1, 9, 9, 8))
   layer, params = _layer_and_params(x, qk_width=8, value_width=8, num_heads=2, block_size=4,
-                                    halo_size=2, stride=2, mask_window=3)
+                                    halo_size=2, stride=2, mask_window=3, attention_impl=impl)
   grads = jax.grad(lambda p, x: layer.apply({'params': p}, x).sum(), argnums=(0, 1))(params, x)
   for g in jax.tree_util.tree_leaves(grads):
     assert np.isfinite(np.asarray(g)).all()
     assert np.abs(np.asarray(g)).max() > 0
 
 
-def test_bfloat16_compute_close_to_float32():
+@pytest.mark.parametrize('impl', [i for i in IMPLS if i != 'plain'])
+@pytest.mark.parametrize('stride', [1, 2])
+def test_implementations_agree(impl, stride):
+  """Each implementation against the plain one on a larger map (H1-like b=8, h=3, 3 x 2 blocks
+  that b does not divide), forward and gradients, float32 and bfloat16."""
+  x = jax.random.normal(jax.random.key(0), (3, 21, 13, 16))
+  kwargs = dict(qk_width=16, value_width=24, num_heads=4, block_size=8, halo_size=3, stride=stride)
+  plain, params = _layer_and_params(x, **kwargs, attention_impl='plain')
+  other = HaloAttention(**kwargs, attention_impl=impl)
+  cotangent = jax.random.normal(jax.random.key(5), plain.apply({'params': params}, x).shape)
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+    results = []
+    for layer in (plain, other):
+      layer = layer.clone(dtype=dtype)
+      loss = lambda p, x: (layer.apply({'params': p}, x).astype(jnp.float32) * cotangent).sum()
+      results.append(jax.jit(lambda p, x: (layer.apply({'params': p}, x).astype(jnp.float32),
+                                           jax.grad(loss, argnums=(0, 1))(p, x)))(params, x))
+    scale = jax.tree.map(lambda a: float(np.abs(np.asarray(a, np.float32)).max()), results[0])
+    jax.tree.map(lambda a, b, s: np.testing.assert_allclose(
+        np.asarray(b, np.float32), np.asarray(a, np.float32), atol=tol * s, rtol=0),
+        results[0], results[1], scale)
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+def test_bfloat16_compute_close_to_float32(impl):
   x = jax.random.normal(jax.random.key(0), (1, 8, 8, 8))
-  kwargs = dict(qk_width=8, value_width=8, num_heads=2, block_size=4, halo_size=1)
+  kwargs = dict(qk_width=8, value_width=8, num_heads=2, block_size=4, halo_size=1,
+                attention_impl=impl)
   layer32, params = _layer_and_params(x, **kwargs)
   out32 = layer32.apply({'params': params}, x)
   out16 = HaloAttention(**kwargs, dtype=jnp.bfloat16).apply({'params': params}, x)
@@ -158,12 +188,14 @@ def _shift_rows(x, shift):
   return jnp.zeros_like(x).at[:, shift:].set(x[:, :-shift])
 
 
+@pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('stride', [1, 2])
-def test_equivariant_to_shifts_of_one_block_only(stride):
+def test_equivariant_to_shifts_of_one_block_only(stride, impl):
   block, halo, height = 4, 1, 24
   x = jax.random.normal(jax.random.key(0), (1, height, 8, 4))
   layer, params = _layer_and_params(x, qk_width=4, value_width=4, num_heads=2,
-                                    block_size=block, halo_size=halo, stride=stride)
+                                    block_size=block, halo_size=halo, stride=stride,
+                                    attention_impl=impl)
   out = layer.apply({'params': params}, x)
   # Output rows whose neighbourhood lies inside the image both before and after the shift.
   rows = [y for y in range(out.shape[1])
@@ -189,6 +221,7 @@ def test_equivariant_to_shifts_of_one_block_only(stride):
     (dict(block_size=3, stride=2), 'block_size=3'),
     (dict(mask_window=4), 'mask_window=4'),
     (dict(mask_window=5, halo_size=1), 'mask_window=5'),
+    (dict(attention_impl='fast'), "attention_impl='fast'"),
 ])
 def test_bad_arguments_name_the_value(kwargs, message):
   args = dict(qk_width=8, value_width=8, num_heads=2, block_size=4, halo_size=1)

@@ -98,7 +98,8 @@ def test_conv_stages_replace_attention():
     ('model.activation', 'gelu', "activation='gelu'"),
     ('model.block_size', 3, 'block_size=3'),     # stride-2 stages need an even block.
     ('model.mask_window', 4, 'mask_window=4'),
-    ('model.attention_rows_per_step', -1, 'rows_per_step=-1'),
+    ('model.attention_impl', 'fast', "attention_impl='fast'"),
+    ('model.dtype', 'float16', "dtype='float16'"),
     ('image_size', 16, 'image_size=16'),
 ])
 def test_bad_values_fail_with_one_line(field, value, message):
@@ -115,3 +116,64 @@ def test_bad_values_fail_with_one_line(field, value, message):
 def test_unknown_variant():
   with pytest.raises(ValueError, match="'h8'"):
     base.variant_config('h8')
+
+
+@pytest.mark.parametrize('backend, dtype, impl', [
+    ('tpu', 'bfloat16', 'plain'), ('gpu', 'bfloat16', 'plain'), ('cpu', 'float32', 'rows')])
+def test_paper_configs_resolve_auto_per_backend(backend, dtype, impl):
+  net = model.create_model(base.variant_config('h7'), backend=backend)
+  assert (net.dtype, net.attention_impl) == (dtype, impl)
+
+
+def test_explicit_choices_and_cpu_configs_are_kept_on_every_backend():
+  config = base.variant_config('h1')
+  config.model.dtype, config.model.attention_impl = 'float32', 'rows'
+  net = model.create_model(config, backend='tpu')
+  assert (net.dtype, net.attention_impl) == ('float32', 'rows')
+  assert model.create_model(tiny.get_config(), backend='tpu').dtype == 'float32'
+
+
+def _loss_and_grads(config, x):
+  net = model.create_model(config)
+  variables = jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(x)
+
+  def loss(params):
+    logits, _ = net.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+    return jnp.sum(logits * jnp.arange(logits.shape[-1]))
+  return jax.jit(jax.value_and_grad(loss))(variables['params'])
+
+
+@pytest.mark.parametrize('field, value', [('remat', True), ('attention_impl', 'plain'),
+                                          ('attention_impl', 'rows')])
+def test_remat_and_implementations_give_the_same_loss_and_gradients(field, value):
+  """Against the plain, non-rematerialised model: same function, same gradients."""
+  config = tiny.get_config()
+  config.model.attention_impl = 'plain'
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  want = _loss_and_grads(config, x)
+  config.model[field] = value
+  got = _loss_and_grads(config, x)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got[1], want[1])
+
+
+def test_remat_recomputes_blocks_in_the_backward_pass():
+  """With remat each block's forward runs again inside the gradient: more FLOPs, less memory.
+
+  Wide blocks, so they (not the stem) dominate; conftest.py keeps XLA:CPU from undoing remat.
+  """
+  def compiled(remat):
+    config = tiny.get_config()
+    config.model.remat = remat
+    config.model.widths, config.model.stage_depths = (32, 32, 32, 32), (4, 1, 1, 1)
+    config.model.attention_impl = 'plain'  # Its residuals (logits) are what remat drops.
+    net = model.create_model(config)
+    x = jnp.zeros((4, 64, 64, 3))
+    variables = jax.eval_shape(lambda x: net.init(jax.random.key(0), x, train=False), x[:1])
+    loss = lambda p, stats: net.apply({'params': p, 'batch_stats': stats}, x, train=True,
+                                      mutable=['batch_stats'])[0].sum()
+    return jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats']).compile()
+  plain, remat = compiled(False), compiled(True)
+  assert remat.cost_analysis()['flops'] > 1.1 * plain.cost_analysis()['flops']
+  assert (remat.memory_analysis().temp_size_in_bytes
+          < 0.7 * plain.memory_analysis().temp_size_in_bytes)

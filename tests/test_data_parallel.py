@@ -1,0 +1,125 @@
+"""The train step is data-parallel on 8 (fake CPU) devices, and lowers loop-free for TPU and GPU.
+
+Checked on the compiled HLO, not by timing: the collectives XLA inserts, the trip counts of its
+loops, and its per-device FLOPs and buffer plan against a 1-device step on the per-device batch.
+"""
+
+import functools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import h1, tiny
+from halonet import model as model_lib
+from halonet import sharding
+from halonet import train_lib
+
+GLOBAL_BATCH = 64
+DEVICES = 8
+_OP = re.compile(r'=\s*(?P<shape>.+?)\s(?P<op>[a-z][a-z0-9-]*?)(?:-start)?\(')
+_COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'collective-permute', 'all-to-all')
+
+
+def hlo_ops(hlo: str, names: tuple[str, ...]) -> list[tuple[str, str]]:
+  """(op, result shape) of every instruction of an op in `names` in compiled HLO text."""
+  found = []
+  for line in hlo.splitlines():
+    match = _OP.search(line)
+    if match and match['op'] in names:
+      found.append((match['op'], match['shape']))
+  return found
+
+
+def array_dims(shape: str) -> list[list[int]]:
+  """Dimensions of each array in an HLO shape, e.g. '(f32[8,2]{1,0}, f32[])' -> [[8, 2], []]."""
+  return [[int(d) for d in dims.split(',') if d]
+          for dims in re.findall(r'[a-z]+[0-9]*\[([0-9,]*)\]', shape)]
+
+
+def trip_counts(hlo: str) -> list[int]:
+  """Known trip count of every while loop (XLA records it in the loop's backend config)."""
+  return sorted(int(n) for line in hlo.splitlines() if re.search(r'\swhile\(', line)
+                for n in re.findall(r'"known_trip_count":\{"n":"(\d+)"\}', line))
+
+
+@functools.cache
+def compiled_train_step(impl: str, batch: int, devices: int):
+  """The real train step of configs/tiny.py, compiled, as `impl` 'name@backend' builds it."""
+  config = tiny.get_config()
+  config.batch_size = batch
+  impl, backend = impl.split('@')  # e.g. 'auto@tpu': attention_impl 'auto' as it resolves on TPU.
+  config.model.attention_impl = impl
+  mesh = sharding.create_mesh((-1, 1), jax.devices()[:devices])
+  lowered, model = train_lib.lower_train_step(config, mesh, backend=backend)
+  num_params = model_lib.count_params(config)
+  return lowered.compile(), num_params, model
+
+
+# 'auto@tpu' and 'auto@gpu' resolve to the same implementation; one is enough to compile.
+@pytest.mark.parametrize('impl', ['auto@tpu', 'rows@cpu'])
+def test_train_step_only_all_reduces_parameter_sized_tensors(impl):
+  """Data parallelism: gradients and BN statistics are all-reduced, nothing is gathered."""
+  compiled, num_params, _ = compiled_train_step(impl, GLOBAL_BATCH, DEVICES)
+  hlo = compiled.as_text()
+  collectives = hlo_ops(hlo, _COLLECTIVES)
+  assert {op for op, _ in collectives} == {'all-reduce'}, collectives
+  reduced = [dims for _, shape in collectives for dims in array_dims(shape)]
+  # No NHWC activation led by a batch (the only 4-d parameter is the stem's [7, 7, 3, 64]).
+  assert not any(len(dims) == 4 and dims[0] in (GLOBAL_BATCH, GLOBAL_BATCH // DEVICES)
+                 for dims in reduced), reduced
+  total = sum(math.prod(dims) for dims in reduced)
+  assert total < 1.5 * num_params, (total, num_params)  # Gradients, BN statistics, metrics.
+
+
+def test_accelerator_train_step_has_no_loop():
+  compiled, _, model = compiled_train_step('auto@tpu', GLOBAL_BATCH, DEVICES)
+  assert model.attention_impl == 'plain'
+  assert trip_counts(compiled.as_text()) == []
+  assert not hlo_ops(compiled.as_text(), ('while',))
+
+
+def test_cpu_row_loop_runs_over_this_devices_images_only():
+  """The CPU path loops over (image, block row) pairs: 8 devices run the trip counts of one
+  device on the per-device batch, not of the global batch."""
+  sharded = trip_counts(compiled_train_step('rows@cpu', GLOBAL_BATCH, DEVICES)[0].as_text())
+  single = trip_counts(compiled_train_step('rows@cpu', GLOBAL_BATCH // DEVICES, 1)[0].as_text())
+  assert sharded and sharded == single
+  # configs/tiny.py: b = 4 on 8x8 and 4x4 maps: 2 and 1 rows of blocks per image.
+  assert set(sharded) == {2 * GLOBAL_BATCH // DEVICES, GLOBAL_BATCH // DEVICES}
+
+
+@pytest.mark.parametrize('impl', ['auto@tpu', 'rows@cpu'])
+def test_per_device_cost_is_that_of_the_per_device_batch(impl):
+  """XLA costs a loop body once: a loop over the global batch is the trip-count test's to catch."""
+  sharded = compiled_train_step(impl, GLOBAL_BATCH, DEVICES)[0]
+  single = compiled_train_step(impl, GLOBAL_BATCH // DEVICES, 1)[0]
+  flops = sharded.cost_analysis()['flops'], single.cost_analysis()['flops']
+  temp = (sharded.memory_analysis().temp_size_in_bytes,
+          single.memory_analysis().temp_size_in_bytes)
+  assert abs(flops[0] / flops[1] - 1) < 0.25, flops
+  assert abs(temp[0] / temp[1] - 1) < 0.25, temp
+
+
+def test_h1_forward_backward_lowers_for_tpu_and_gpu_without_a_loop():
+  """Cross-platform lowering needs no accelerator: the StableHLO a TPU or GPU would compile."""
+  config = h1.get_config()
+  model = model_lib.create_model(config, backend='tpu')
+  assert (model.attention_impl, model.dtype) == ('plain', 'bfloat16')
+  size = config.image_size
+  variables = model_lib.abstract_variables(config)
+
+  def loss(params, batch_stats, images):
+    logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
+                            mutable=['batch_stats'])
+    return logits.sum()
+
+  images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  exported = jax.export.export(jax.jit(jax.grad(loss)), platforms=('tpu', 'cuda'))(
+      variables['params'], variables['batch_stats'], images)
+  text = exported.mlir_module()
+  assert exported.platforms == ('tpu', 'cuda')
+  assert 'stablehlo.while' not in text
+  assert re.search(r'stablehlo.dot_general.*tensor<[0-9x]+xbf16>', text)  # bfloat16 products.
