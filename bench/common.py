@@ -156,16 +156,3 @@ def compiled_bytes(compiled) -> dict[str, int]:
            'output': m.output_size_in_bytes}
   return {**parts, 'total': sum(parts.values())}
 
-
-def load_timm(skip: bool, threads: int | None):
-  """(torch, timm) or a string saying why the timm comparison is skipped."""
-  if skip:
-    return '--skip-timm'
-  try:
-    import timm  # pylint: disable=import-outside-toplevel
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    return f'not installed ({e.name}); pip install -r bench/requirements.txt'
-  if threads:
-    torch.set_num_threads(threads)
-  return torch, timm

@@ -16,13 +16,15 @@ import os
 import platform
 import sys
 
-# Threads and XLA flags must be fixed before jax (XLA's Eigen pool) and torch are imported.
+# XLA flags must be set before jax is imported.
 _parser = argparse.ArgumentParser(description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 _parser.add_argument('--tiny', action='store_true', help='toy shapes: a smoke test, not a benchmark')
 _parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results.json'))
 _parser.add_argument('--sections', default='', help='comma-separated: cpu, costs, accelerator')
-_parser.add_argument('--threads', type=int, default=os.cpu_count())
+_parser.add_argument('--threads', type=int, default=os.cpu_count(),
+                     help="torch's CPU threads; XLA:CPU always uses every core (no flag sets it), "
+                          'so keep the default for a like-for-like comparison')
 _parser.add_argument('--batch', type=int, default=8, help='CPU train step and attention batch')
 _parser.add_argument('--h1-batch', type=int, default=64, help='accelerator per-device batch, H1')
 _parser.add_argument('--h7-batch', type=int, default=16, help='accelerator per-device batch, H7')
@@ -31,16 +33,34 @@ _parser.add_argument('--skip-timm', action='store_true', help='ours only, even i
 ARGS = _parser.parse_args()
 os.environ['XLA_FLAGS'] = ' '.join([
     os.environ.get('XLA_FLAGS', ''), '--xla_cpu_multi_thread_eigen=true',
-    f'intra_op_parallelism_threads={ARGS.threads}',
     # XLA:CPU otherwise expands remat's optimization barriers and CSEs the recomputation away, so
     # its buffer plan would not show what remat saves on a TPU or GPU.
     '--xla_disable_hlo_passes=cse_barrier_expander']).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
+def load_timm():
+  """(torch, timm) or a string saying why the timm comparison is skipped.
+
+  Called before jax and TensorFlow load: triton's native module, which torchvision pulls in,
+  segfaults when it loads after them.
+  """
+  if ARGS.skip_timm:
+    return '--skip-timm'
+  try:
+    import timm  # pylint: disable=import-outside-toplevel
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    return f'not installed ({e.name}); pip install -r bench/requirements.txt'
+  return torch, timm
+
+
+TIMM_OR_REASON = load_timm()
+
 import jax  # noqa: E402
 
-from bench import accelerator, common, costs, cpu  # noqa: E402
+from bench import accelerator, costs, cpu  # noqa: E402
 
 
 def machine_info(timm_or_reason) -> dict:
@@ -101,7 +121,9 @@ def main() -> None:
   unknown = set(sections) - {'cpu', 'costs', 'accelerator'}
   if unknown:
     sys.exit(f'--sections: unknown {sorted(unknown)}; choose from cpu, costs, accelerator')
-  timm_or_reason = common.load_timm(ARGS.skip_timm, ARGS.threads if on_cpu else None)
+  timm_or_reason = TIMM_OR_REASON
+  if on_cpu and not isinstance(timm_or_reason, str):
+    timm_or_reason[0].set_num_threads(ARGS.threads)  # The same threads as XLA's pool.
   batch = 2 if ARGS.tiny else ARGS.batch
   results = {'tiny': ARGS.tiny, 'sections': sections, 'machine': machine_info(timm_or_reason),
              'timm_skipped': timm_or_reason if isinstance(timm_or_reason, str) else None}

@@ -116,6 +116,9 @@ def variant_config(name: str) -> ml_collections.ConfigDict:
   m.value_ratio, m.bottleneck_ratio = row['rv'], row['rb']
   m.stage_depths = (3, 3, row['l3'], 3)
   m.final_width = row['df']
+  # From 448 px a train step needs 2.4-5.4 GB per image without remat (bench/run.py, costs):
+  # recompute each block in the backward pass so a realistic per-device batch fits.
+  m.remat = row['s'] >= 448
   return config
 
 

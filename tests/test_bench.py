@@ -57,8 +57,10 @@ def test_tiny_benchmark_writes_results(tmp_path):
     assert len(layers) == 2
     for impls in layers.values():
       assert set(impls) == {'plain', 'rows'} and all(v > 0 for v in impls.values())
-  assert set(results['train_step_mib_per_image']) == {'h1', 'h1_remat'}
-  assert all(v > 0 for v in results['train_step_mib_per_image'].values())
+  per_image = results['train_step_mib_per_image']
+  assert set(per_image) == {'h1', 'h1_remat'} and all(v > 0 for v in per_image.values())
+  # Remat keeps only block inputs (the bench keeps XLA:CPU from undoing it: see run.py).
+  assert per_image['h1_remat'] < 0.7 * per_image['h1']
   growth = results['costs']['memory_growth']
   assert len(growth['rows']) == 2
   for key in ('memory_growth_exponent', 'memory_growth_exponent_halo_attention',

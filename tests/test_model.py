@@ -125,6 +125,12 @@ def test_paper_configs_resolve_auto_per_backend(backend, dtype, impl):
   assert (net.dtype, net.attention_impl) == (dtype, impl)
 
 
+def test_large_variants_rematerialise_by_default():
+  """From 448 px (H5-H7) a step needs GBs per image without remat (README, Benchmarks)."""
+  assert {name: base.variant_config(name).model.remat for name in PAPER_PARAMS_M} == {
+      f'h{i}': i >= 5 for i in range(8)}
+
+
 def test_explicit_choices_and_cpu_configs_are_kept_on_every_backend():
   config = base.variant_config('h1')
   config.model.dtype, config.model.attention_impl = 'float32', 'rows'
