@@ -34,7 +34,9 @@ def main(argv: list[str]) -> None:
     for point in points:
       print(sweeps.launch_command(_SWEEP.value, point))
     return
-  sweeps.run_sweep(_SWEEP.value, points, _WORKDIR.value)
+  # The plot's title names the sweep file (and scale) as typed, e.g. configs/sweeps/window.py:cpu.
+  sweeps.run_sweep(_SWEEP.value, points, _WORKDIR.value,
+                   title=config_flags.get_config_filename(flags.FLAGS['sweep']))
 
 
 if __name__ == '__main__':

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from configs import base
+from configs import halonet as named_configs
 from halonet import attention
 from halonet import model as model_lib
 
@@ -54,7 +54,7 @@ def variant_config(name: str, *, tiny: bool = False, **overrides: Any) -> ml_col
   """The paper's variant `name`; `tiny` keeps one block per stage at an eighth of the image size,
   at least 64 px (the smoke test's shapes). `overrides` are flattened config fields, e.g.
   {'model.remat': True}."""
-  config = base.variant_config(name)
+  config = named_configs.get_config(name)
   if tiny:
     config.model.stage_depths = (1, 1, 1, 1)
     config.image_size = max(2 * model_lib.MIN_IMAGE_SIZE, config.image_size // 8)

@@ -1,9 +1,7 @@
-"""HaloNet-H0 with the paper's b, h, r_v, r_b, l_3, s, d_f."""
+"""HaloNet-H0, the paper's row: the same config as --config=configs/halonet.py:h0."""
 
-import ml_collections
-
-from configs import base
+from configs import halonet
 
 
-def get_config() -> ml_collections.ConfigDict:
-  return base.variant_config('h0')
+def get_config():
+  return halonet.get_config('h0')

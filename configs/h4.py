@@ -1,9 +1,7 @@
-"""HaloNet-H4 with the paper's b, h, r_v, r_b, l_3, s, d_f."""
+"""HaloNet-H4, the paper's row: the same config as --config=configs/halonet.py:h4."""
 
-import ml_collections
-
-from configs import base
+from configs import halonet
 
 
-def get_config() -> ml_collections.ConfigDict:
-  return base.variant_config('h4')
+def get_config():
+  return halonet.get_config('h4')

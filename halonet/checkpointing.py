@@ -1,20 +1,26 @@
 """What a workdir keeps between runs: Orbax checkpoints, the starting config, JSON results."""
 
+import itertools
 import json
 import logging as std_logging
 import os
 import tempfile
 from typing import Any
 
+from absl import logging
+from flax import traverse_util
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from absl import logging
 
-# Fields that steer a run without changing what it computes; they may differ on restart.
-RUN_CONTROL_FIELDS = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-                      'keep_checkpoints', 'eval_splits', 'eval_batch_size', 'mesh_shape',
-                      'data_dir', 'manual_dir', 'cache')
+# What a resumed run may change: how it is run and observed, and how long it trains (the
+# learning-rate schedule then follows the new length from the resumed step on). Any other
+# change would make the resumed run a different experiment, and is refused unless allowed.
+RESUMABLE_FIELDS = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+                    'keep_checkpoints', 'eval_splits', 'eval_batch_size', 'mesh_shape',
+                    'data_dir', 'manual_dir', 'cache', 'num_epochs', 'num_train_steps')
+# What a checkpoint's arrays depend on: evaluating it with other values here cannot work.
+CHECKPOINT_FIELDS = ('model', 'num_classes')
 
 
 def quiet_orbax_info_logs() -> None:
@@ -71,20 +77,18 @@ def read_json(path: str) -> Any:
     return json.load(f)
 
 
-def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
-  if isinstance(tree, dict):
-    out = {}
-    for key, value in tree.items():
-      out.update(_flatten(value, f'{prefix}{key}.'))
-    return out
-  return {prefix[:-1]: tree}
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """Dotted names of the fields whose values differ between two configs (as JSON dicts)."""
+  old_flat, new_flat = (traverse_util.flatten_dict(c, sep='.') for c in (old, new))
+  return sorted(k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k) != new_flat.get(k))
 
 
-def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-  """Dotted names of fields that change the computation (run-control fields are ignored)."""
-  old_flat, new_flat = _flatten(old), _flatten(new)
-  return sorted(k for k in old_flat.keys() | new_flat.keys()
-                if k not in RUN_CONTROL_FIELDS and old_flat.get(k) != new_flat.get(k))
+def refused_on_resume(fields: list[str]) -> list[str]:
+  return [f for f in fields if f.split('.')[0] not in RESUMABLE_FIELDS]
+
+
+def refused_for_eval(fields: list[str]) -> list[str]:
+  return [f for f in fields if f.split('.')[0] in CHECKPOINT_FIELDS]
 
 
 def stored_config(workdir: str) -> dict[str, Any] | None:
@@ -96,18 +100,26 @@ def check_and_store_config(config: ml_collections.ConfigDict, workdir: str,
                            allow_change: bool, step: int) -> None:
   """Records the config on first start; on restart refuses a changed one unless allowed.
 
-  An allowed change keeps the old file as config.step<step>.json, so no history is lost.
+  A changed config (one RESUMABLE_FIELDS allows, or any when allowed) replaces config.json and
+  the old one is kept as config.step<step>.json (.1, .2, ... on further restarts at that step),
+  so no history is lost.
   """
   path = os.path.join(workdir, 'config.json')
   new = json.loads(config.to_json_best_effort())
   old = stored_config(workdir)
   if old is not None:
-    diff = config_differences(old, new)
-    if not diff:
+    changes = changed_fields(old, new)
+    if not changes:
       return
-    if not allow_change:
-      raise ValueError(f'{path} was written by a different config (fields: {", ".join(diff)}); '
+    refused = refused_on_resume(changes)
+    if refused and not allow_change:
+      raise ValueError(f'{path} was written by a different config (fields: {", ".join(refused)}); '
                        'pass --allow_config_change to resume anyway')
     if jax.process_index() == 0:
-      os.replace(path, os.path.join(workdir, f'config.step{step}.json'))
+      archive = os.path.join(workdir, f'config.step{step}.json')
+      for n in itertools.count(1):
+        if not os.path.exists(archive):
+          break
+        archive = os.path.join(workdir, f'config.step{step}.{n}.json')
+      os.replace(path, archive)
   write_json_atomic(path, new)

@@ -48,15 +48,12 @@ def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
     return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
 
 
-def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
-  """Full global batches per epoch; the remainder of each shuffled epoch is dropped."""
-  return num_examples(config, config.train_split) // config.batch_size
-
-
 def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
-                 batch_size: int, process_index: int = 0, process_count: int = 1,
-                 start_step: int = 0) -> Iterator[Batch]:
+                 batch_size: int, split_size: int | None = None, process_index: int = 0,
+                 process_count: int = 1, start_step: int = 0) -> Iterator[Batch]:
   """Numpy batches of this process's shard of `split`; `batch_size` is per process.
+
+  `split_size`: the split's example count when the caller has it (a run reads it once).
 
   Yields `image` uint8 [B, s, s, 3] and `label`: int32 [B], or float32 [B, num_classes] mixed
   soft labels when mixup/cutmix is on. Train repeats forever. Eval makes one pass that adds a
@@ -67,7 +64,7 @@ def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
     raise ValueError(f'{config.dataset} has only a test split; use it for eval only.')
   builder = _builder(config, split)
   read = lambda seed: _read(config, builder, split, process_index, process_count, seed)
-  total = num_examples(config, split)
+  total = num_examples(config, split) if split_size is None else split_size
   if not train:
     per_process = -(-total // process_count)
     return _eval_batches(config, read(None), batch_size, -(-per_process // batch_size))

@@ -6,6 +6,8 @@ randomness from a stateful `SeedGenerator` (shared across tf.data's parallel map
 order is racy and a resumed run differs) and picks one op sequence per *batch*. Here each image
 gets its own op choice, and every random draw is a fold-in of one seed we derive from
 (seed, epoch, example index), so a resumed run augments exactly as an unbroken one would.
+Only the public parts of Keras are used: the layer's per-op sub-layers (`OPS`), each with its
+own `get_random_transformation` and `transform_images`; only the chosen op runs.
 """
 
 import keras
@@ -14,6 +16,11 @@ import tensorflow as tf
 # RandAugment's magnitude scale: the paper tunes M up to ~30 on ImageNet (e.g. 28 for
 # EfficientNet-B7); keras takes a strength `factor` in [0, 1].
 MAX_MAGNITUDE = 30.0
+# The ops RandAugment draws from: the sub-layers keras.layers.RandAugment builds with one shared
+# strength (shear and translation each cover x and y).
+OPS = ('random_shear', 'random_translation', 'random_rotation', 'random_brightness',
+       'random_color_degeneration', 'random_contrast', 'random_sharpness', 'random_posterization',
+       'solarization', 'auto_contrast', 'equalization')
 
 
 class _FoldInSeeds(keras.random.SeedGenerator):
@@ -49,28 +56,22 @@ class RandAugment:
     rotation = self.layer.random_rotation.get_config()
     rotation['factor'] = min(magnitude / 10.0, 3.0) * 30.0 / 360.0  # Symmetric, +-30 deg at M=10.
     self.layer.random_rotation = keras.layers.RandomRotation.from_config(rotation)
+    self.ops = [getattr(self.layer, name) for name in OPS]
     # Inside tf.data the ops must be TensorFlow ops even when Keras itself runs on JAX.
-    for name in ['backend'] + [f'{n}.backend' for n in self.layer._AUGMENT_LAYERS]:  # pylint: disable=protected-access
-      _getattr_path(self.layer, name).set_backend('tensorflow')
+    for op in self.ops:
+      op.backend.set_backend('tensorflow')
 
   def __call__(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """`image`: uint8 [H, W, 3]; `seed`: int [2] stateless seed. Returns uint8 [H, W, 3]."""
     batch = tf.cast(image, tf.float32)[None]  # Keras samples one set of parameters per row.
     op_seed, param_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    names = self.layer._AUGMENT_LAYERS  # pylint: disable=protected-access
+    chosen = tf.random.stateless_uniform([self.num_layers], op_seed, 0, len(OPS), dtype=tf.int32)
     seeds = _FoldInSeeds(param_seed)
-    transformation = {
-        'layer_idxes': tf.random.stateless_uniform(
-            [self.num_layers], op_seed, 0, len(names), dtype=tf.int32),
-        'transforms': {
-            name: getattr(self.layer, name).get_random_transformation(batch, seed=seeds)
-            for name in names},
-    }
-    out = self.layer.transform_images(batch, transformation, training=True)[0]
-    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
-
-
-def _getattr_path(obj, path: str):
-  for name in path.split('.'):
-    obj = getattr(obj, name)
-  return obj
+    for i in range(self.num_layers):
+      # Every op's parameters are drawn (a fixed number of draws per layer, so the seeds do not
+      # depend on the choice); only the chosen op runs.
+      transformations = [op.get_random_transformation(batch, seed=seeds) for op in self.ops]
+      branches = [lambda op=op, t=t, batch=batch: op.transform_images(batch, t)
+                  for op, t in zip(self.ops, transformations)]
+      batch = tf.switch_case(chosen[i], branches)
+    return tf.cast(tf.clip_by_value(tf.round(batch[0]), 0, 255), tf.uint8)

@@ -73,16 +73,25 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
                      f'0 < low <= high <= 1')
 
 
-def check_data(config: ml_collections.ConfigDict) -> None:
-  """Touches every split the run reads, so a missing dataset fails before any compile."""
-  for split in (config.train_split, *config.eval_splits):
-    input_pipeline.num_examples(config, split)
+def split_sizes(config: ml_collections.ConfigDict, train: bool = True) -> dict[str, int]:
+  """Examples in every split the run reads (the train split only if `train`), read once here.
+
+  The one place a run touches its data before compiling, so a missing dataset fails first.
+  """
+  splits = (config.train_split, *config.eval_splits) if train else tuple(config.eval_splits)
+  return {split: input_pipeline.num_examples(config, split) for split in dict.fromkeys(splits)}
 
 
-def total_train_steps(config: ml_collections.ConfigDict) -> int:
+def steps_per_epoch(config: ml_collections.ConfigDict, train_examples: int) -> int:
+  """Full global batches per epoch; the remainder of each shuffled epoch is dropped."""
+  return train_examples // config.batch_size
+
+
+def total_train_steps(config: ml_collections.ConfigDict, train_examples: int) -> int:
+  """config.num_train_steps if set, else num_epochs of full global batches."""
   if config.num_train_steps > 0:
     return config.num_train_steps
-  return int(math.ceil(config.num_epochs * input_pipeline.steps_per_epoch(config)))
+  return int(math.ceil(config.num_epochs * steps_per_epoch(config, train_examples)))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
@@ -117,13 +126,6 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module,
 
 def shardings_of(abstract: Any) -> Any:
   return jax.tree.map(lambda a: a.sharding, abstract)
-
-
-def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
-                       tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-  """A fresh state, initialized directly into its shardings."""
-  init, abstract = abstract_train_state(config, model, tx, mesh)
-  return jax.jit(init, out_shardings=shardings_of(abstract))(jax.random.key(config.seed))
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
@@ -192,27 +194,24 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh,
   return step.lower(abstract, batch), model
 
 
-def build(config: ml_collections.ConfigDict) -> tuple[nn.Module, optax.GradientTransformation,
-                                                      optax.Schedule, int]:
-  """Model, optimizer, lr schedule and step count: what training and eval.py share."""
-  num_steps = total_train_steps(config)
-  schedule = optim.learning_rate_schedule(config, input_pipeline.steps_per_epoch(config), num_steps)
+def build(config: ml_collections.ConfigDict, train_examples: int) -> tuple[
+    nn.Module, optax.GradientTransformation, optax.Schedule, int]:
+  """Model, optimizer, lr schedule and step count for a train split of `train_examples`."""
+  num_steps = total_train_steps(config, train_examples)
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch(config, train_examples),
+                                          num_steps)
   return model_lib.create_model(config), optim.create_optimizer(config, schedule), schedule, num_steps
 
 
-def count_params(params: Any) -> int:
-  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
-
-
 def evaluate_all(eval_fn, state: TrainState, config: ml_collections.ConfigDict,
-                 mesh: Mesh) -> dict[str, dict[str, dict[str, float]]]:
+                 sizes: dict[str, int], mesh: Mesh) -> dict[str, dict[str, dict[str, float]]]:
   """Every eval split with the raw params, and again with the EMA params when kept."""
   weights = {'raw': state.params}
   if state.ema_params is not None:
     weights['ema'] = state.ema_params
   return {name: {split: eval_lib.evaluate(eval_fn, {'params': params,
                                                     'batch_stats': state.batch_stats},
-                                          config, split, mesh)
+                                          config, split, sizes[split], mesh)
                  for split in config.eval_splits}
           for name, params in weights.items()}
 
@@ -243,7 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_config_change: bool = False) -> dict[str, Any]:
   """Trains (resuming from workdir/checkpoints if present) and returns the last results."""
   validate_config(config)
-  check_data(config)
+  sizes = split_sizes(config)
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
   start_step = manager.latest_step() or 0
   checkpointing.check_and_store_config(config, workdir, allow_config_change, start_step)
@@ -252,14 +251,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info('config:\n%s', config)
   mesh = sharding.create_mesh(config.mesh_shape)
   logging.info('mesh %s', dict(mesh.shape))
-  model, tx, schedule, num_steps = build(config)
+  model, tx, schedule, num_steps = build(config, sizes[config.train_split])
   logging.info('on %s: compute dtype %s, attention_impl %s', jax.default_backend(), model.dtype,
                model.attention_impl)
   # The iterator is a pure function of (seed, process, step): resuming replays the same batches.
   batches = sharding.prefetch_to_device(input_pipeline.create_split(
       config, config.train_split, train=True, batch_size=config.batch_size // jax.process_count(),
-      process_index=jax.process_index(), process_count=jax.process_count(), start_step=start_step),
-      mesh)
+      split_size=sizes[config.train_split], process_index=jax.process_index(),
+      process_count=jax.process_count(), start_step=start_step), mesh)
 
   init, abstract = abstract_train_state(config, model, tx, mesh)
   state_shardings = shardings_of(abstract)
@@ -268,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info('resumed from checkpoint at step %d', start_step)
   else:
     state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
-  num_params = count_params(state.params)
+  num_params = model_lib.count_params(config)
   logging.info('%d parameters, %d train steps', num_params, num_steps)
   step_fn = make_train_step(config, model, tx, schedule, mesh, state_shardings)
   eval_fn = eval_lib.make_eval_step(model, mesh)
@@ -303,7 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   def run_eval(step: int) -> None:
     nonlocal window_start
-    evals = evaluate_all(eval_fn, state, config, mesh)
+    evals = evaluate_all(eval_fn, state, config, sizes, mesh)
     results.update(step=step, **{f'{name}_eval': v for name, v in evals.items()})
     for name, splits in evals.items():
       writer.write_scalars(step, {f'{name}/{split}/{k}': v for split, r in splits.items()
@@ -351,24 +350,25 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   stored = checkpointing.stored_config(workdir)
   if stored is not None:
     new = json.loads(config.to_json_best_effort())
-    diff = [k for k in checkpointing.config_differences(stored, new)
-            if k.startswith('model.') or k == 'num_classes']
+    diff = checkpointing.refused_for_eval(checkpointing.changed_fields(stored, new))
     if diff:
       raise ValueError(f'the checkpoints in {workdir} were trained with a different model '
                        f'(fields: {", ".join(diff)})')
-  check_data(config)
+  sizes = split_sizes(config, train=False)
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints, read_only=True)
   try:
     mesh = sharding.create_mesh(config.mesh_shape)
-    model, tx, _, _ = build(config)
+    model = model_lib.create_model(config)
+    # Only the optimizer state's structure matters for restoring, not the schedule's values.
+    tx = optim.create_optimizer(config, optax.constant_schedule(0.0))
     _, abstract = abstract_train_state(config, model, tx, mesh)
     state = checkpointing.restore(manager, abstract, step)
   finally:
     manager.close()
   step = int(state.step)
   with jax.set_mesh(mesh):
-    evals = evaluate_all(eval_lib.make_eval_step(model, mesh), state, config, mesh)
-  results = {'step': step, 'num_params': count_params(state.params),
+    evals = evaluate_all(eval_lib.make_eval_step(model, mesh), state, config, sizes, mesh)
+  results = {'step': step, 'num_params': model_lib.count_params(config),
              **{f'{name}_eval': v for name, v in evals.items()}}
   if jax.process_index() == 0:
     for name, splits in evals.items():

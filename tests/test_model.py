@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base, tiny
+from configs import halonet as named_configs
+from configs import tiny
 from halonet import model
 
-# Typed in from the paper's table of HaloNet variants (Params, M): independent of configs/base.py.
+# Typed in from the paper's table of HaloNet variants (Params, M): independent of halonet/paper.py.
 PAPER_PARAMS_M = {'h0': 5.5, 'h1': 8.1, 'h2': 9.4, 'h3': 12.3, 'h4': 19.1, 'h5': 30.7,
                   'h6': 43.4, 'h7': 67.0}
 # H3's published row does not reach its published count (see halonet/model.py's docstring).
@@ -18,7 +19,7 @@ H3_COUNT = 11_834_728
 
 @pytest.mark.parametrize('variant', sorted(PAPER_PARAMS_M))
 def test_variant_params_match_paper(variant):
-  count = model.count_params(base.variant_config(variant))
+  count = model.count_params(named_configs.get_config(variant))
   if variant == 'h3':
     assert count == H3_COUNT
   else:
@@ -30,7 +31,7 @@ def test_variant_rows_match_paper():
   rows = {'h0': (8, 3, 1.0, 0.5, 7, 256, 0), 'h4': (12, 2, 1.0, 3, 12, 384, 1280),
           'h7': (10, 3, 4, 3.5, 26, 600, 2048)}
   for name, (b, h, rv, rb, l3, s, df) in rows.items():
-    c = base.variant_config(name)
+    c = named_configs.get_config(name)
     m = c.model
     assert (m.block_size, m.halo_size, m.value_ratio, m.bottleneck_ratio) == (b, h, rv, rb)
     assert (tuple(m.stage_depths), c.image_size, m.final_width) == ((3, 3, l3, 3), s, df)
@@ -38,7 +39,7 @@ def test_variant_rows_match_paper():
 
 def test_h7_stage_shapes_at_600px():
   """s=600 with b=10 gives 75x75 and 38x38 maps that b does not divide; they must work."""
-  config = base.variant_config('h7')
+  config = named_configs.get_config('h7')
   net = model.create_model(config)
   shapes = {}
 
@@ -113,26 +114,26 @@ def test_bad_values_fail_with_one_line(field, value, message):
   assert '\n' not in str(info.value)
 
 
-def test_unknown_variant():
-  with pytest.raises(ValueError, match="'h8'"):
-    base.variant_config('h8')
+def test_unknown_config_name():
+  with pytest.raises(ValueError, match="unknown HaloNet config 'h8'"):
+    named_configs.get_config('h8')
 
 
 @pytest.mark.parametrize('backend, dtype, impl', [
     ('tpu', 'bfloat16', 'plain'), ('gpu', 'bfloat16', 'plain'), ('cpu', 'float32', 'rows')])
 def test_paper_configs_resolve_auto_per_backend(backend, dtype, impl):
-  net = model.create_model(base.variant_config('h7'), backend=backend)
+  net = model.create_model(named_configs.get_config('h7'), backend=backend)
   assert (net.dtype, net.attention_impl) == (dtype, impl)
 
 
 def test_large_variants_rematerialise_by_default():
   """From 448 px (H5-H7) a step needs GBs per image without remat (README, Benchmarks)."""
-  assert {name: base.variant_config(name).model.remat for name in PAPER_PARAMS_M} == {
+  assert {name: named_configs.get_config(name).model.remat for name in PAPER_PARAMS_M} == {
       f'h{i}': i >= 5 for i in range(8)}
 
 
 def test_explicit_choices_and_cpu_configs_are_kept_on_every_backend():
-  config = base.variant_config('h1')
+  config = named_configs.get_config('h1')
   config.model.dtype, config.model.attention_impl = 'float32', 'rows'
   net = model.create_model(config, backend='tpu')
   assert (net.dtype, net.attention_impl) == ('float32', 'rows')

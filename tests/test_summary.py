@@ -5,7 +5,8 @@ import os
 import subprocess
 import sys
 
-from configs import base, tiny
+from configs import halonet as named_configs
+from configs import tiny
 from halonet import summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_neighbourhoods_span_the_papers_range():
   # The paper: neighbourhoods range from 14x14 (b=8, h=3) to 18x18 (b=14, h=2).
-  assert summary.neighbourhood(base.variant_config('h0')).startswith('14x14 (b=8, h=3)')
-  assert summary.neighbourhood(base.variant_config('h5')).startswith('18x18 (b=14, h=2)')
+  assert summary.neighbourhood(named_configs.get_config('h0')).startswith('14x14 (b=8, h=3)')
+  assert summary.neighbourhood(named_configs.get_config('h5')).startswith('18x18 (b=14, h=2)')
   config = tiny.get_config()
   config.model.conv_stages = (1, 2, 3, 4)
   assert summary.neighbourhood(config) == 'none (all conv)'
@@ -40,7 +41,7 @@ def test_flops_are_linear_in_pixel_count():
 
 def test_json_lists_all_variants_and_the_extra_config():
   out = subprocess.run(
-      [sys.executable, '-m', 'halonet.summary', '--json', '--config=configs/tiny.py'],
+      [sys.executable, 'summary.py', '--json', '--config=configs/tiny.py'],
       cwd=ROOT, capture_output=True, text=True, check=True).stdout
   rows = json.loads(out)
   assert [r['variant'] for r in rows] == [f'h{i}' for i in range(8)] + ['tiny']

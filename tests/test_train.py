@@ -26,8 +26,8 @@ def _setup(config, mesh):
   schedule = optim.learning_rate_schedule(config, steps_per_epoch=10,
                                           total_steps=config.num_train_steps)
   tx = optim.create_optimizer(config, schedule)
-  _, abstract = train_lib.abstract_train_state(config, model, tx, mesh)
-  state = train_lib.create_train_state(config, model, tx, mesh)
+  init, abstract = train_lib.abstract_train_state(config, model, tx, mesh)
+  state = jax.jit(init, out_shardings=train_lib.shardings_of(abstract))(jax.random.key(config.seed))
   step = train_lib.make_train_step(config, model, tx, schedule, mesh,
                                    train_lib.shardings_of(abstract))
   return state, step
@@ -136,6 +136,18 @@ def test_changed_config_is_refused_then_allowed(tmp_path, monkeypatch):
   checkpointing.check_and_store_config(changed, workdir, allow_change=True, step=4)
   assert (tmp_path / 'config.step4.json').read_text() == original
   assert json.loads((tmp_path / 'config.json').read_text())['model']['widths'] == [8, 16, 16, 16]
+
+
+def test_resume_may_train_longer_and_keeps_every_replaced_config(tmp_path):
+  workdir, read = str(tmp_path), lambda name: json.loads((tmp_path / name).read_text())
+  checkpointing.check_and_store_config(tiny.get_config(), workdir, allow_change=False, step=0)
+  for steps in (8, 12):  # Extended twice, both times resumed at step 4: neither is refused.
+    longer = tiny.get_config()
+    longer.num_train_steps = steps
+    checkpointing.check_and_store_config(longer, workdir, allow_change=False, step=4)
+  assert read('config.json')['num_train_steps'] == 12
+  assert read('config.step4.json')['num_train_steps'] == 4  # Not overwritten by the second.
+  assert read('config.step4.1.json')['num_train_steps'] == 8
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -1,0 +1,33 @@
+"""Params and FLOPs of H0-H7 (and any config) next to the paper's figures.
+
+    python summary.py                                  # H0-H7
+    python summary.py --config=configs/quickstart.py --json
+"""
+
+import json
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from configs import halonet as named_configs
+from halonet import paper
+from halonet import summary
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Also summarise this config.',
+                                          lock_config=True)
+_JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  configs = [named_configs.get_config(name) for name in paper.VARIANTS]
+  if _CONFIG.value is not None:
+    configs.append(_CONFIG.value)
+  rows = [summary.summarize(c) for c in configs]
+  print(json.dumps(rows, indent=2) if _JSON.value else summary.format_rows(rows))
+
+
+if __name__ == '__main__':
+  app.run(main)
