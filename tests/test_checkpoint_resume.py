@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from configs import tiny
 from halonet import checkpointing
@@ -25,7 +26,9 @@ AHEAD = sharding.PREFETCH_BATCHES
 
 # train.py, but the train iterator sends `signal` to its own process just before it reads
 # batch `at_step`, once `wait_for` (a finished checkpoint dir) exists: a kill at an
-# exact point of the run, which an outside timer could not hit in a run this short.
+# exact point of the run, which an outside timer could not hit in a run this short. Batches are
+# numbered from `resumed_at`, the step the test knows the run resumes from, not from what the
+# code under test asks the pipeline for: an off-by-one there then fails the final comparison.
 INTERRUPTED_TRAIN = '''
 import os, signal, sys, time
 from absl import app
@@ -33,14 +36,15 @@ from halonet import input_pipeline
 import train
 
 sig, at_step, wait_for = getattr(signal, sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+resumed_at = int(sys.argv[4])
 create_split = input_pipeline.create_split
 
-def interrupting(config, split, *, train, start_step=0, **kwargs):
-  batches = create_split(config, split, train=train, start_step=start_step, **kwargs)
+def interrupting(config, split, *, train, **kwargs):
+  batches = create_split(config, split, train=train, **kwargs)
   if not train:
     return batches
   def gen():
-    for step, batch in enumerate(batches, start_step + 1):
+    for step, batch in enumerate(batches, resumed_at + 1):
       if step == at_step:
         deadline = time.time() + 120
         while not os.path.isdir(wait_for) and time.time() < deadline:
@@ -50,7 +54,7 @@ def interrupting(config, split, *, train, start_step=0, **kwargs):
   return gen()
 
 input_pipeline.create_split = interrupting
-app.run(train.main, argv=['train.py'] + sys.argv[4:])
+app.run(train.main, argv=['train.py'] + sys.argv[5:])
 '''
 
 
@@ -59,9 +63,9 @@ def _run(args, workdir):
                         capture_output=True, text=True, timeout=300)
 
 
-def _interrupt(sig, at_step, workdir, wait_for_step):
+def _interrupt(sig, at_step, workdir, wait_for_step, resumed_at):
   wait_for = os.path.join(workdir, 'checkpoints', str(wait_for_step))
-  return _run(['-c', INTERRUPTED_TRAIN, sig, str(at_step), wait_for], workdir)
+  return _run(['-c', INTERRUPTED_TRAIN, sig, str(at_step), wait_for, str(resumed_at)], workdir)
 
 
 def _final_state(workdir):
@@ -72,6 +76,7 @@ def _final_state(workdir):
   return state
 
 
+@pytest.mark.slow
 def test_sigterm_then_sigkill_then_resume_equals_unbroken_run(tmp_path, monkeypatch):
   config = tiny.get_config()
   config.num_train_steps = STEPS
@@ -97,7 +102,7 @@ def test_sigterm_then_sigkill_then_resume_equals_unbroken_run(tmp_path, monkeypa
   manager.close()
 
   # A subprocess resumes at 3 and is SIGKILLed once checkpoint 6 is complete: 7 and 8 are lost.
-  kill = _interrupt('SIGKILL', 7 + AHEAD, workdir, wait_for_step=6)
+  kill = _interrupt('SIGKILL', 7 + AHEAD, workdir, wait_for_step=6, resumed_at=3)
   assert kill.returncode == -signal.SIGKILL, kill.stderr[-3000:]
   assert 'resumed from checkpoint at step 3' in kill.stderr
 
@@ -111,6 +116,46 @@ def test_sigterm_then_sigkill_then_resume_equals_unbroken_run(tmp_path, monkeypa
 
   # Same program, same batches (the input position is the step): bit-identical on CPU.
   jax.tree.map(np.testing.assert_array_equal, _final_state(workdir), _final_state(unbroken))
+
+
+def _recording(read):
+  """create_split, noting every train batch it hands out (its first image's bytes), in order."""
+  create_split = input_pipeline.create_split
+
+  def recorded(config, split, *, train, **kwargs):
+    batches = create_split(config, split, train=train, **kwargs)
+    if not train:
+      return batches
+
+    def gen():
+      for batch in batches:
+        read.append(batch['image'][0].tobytes())
+        yield batch
+    return gen()
+  return recorded
+
+
+@pytest.mark.slow
+def test_training_reads_the_stream_from_its_start_and_resumes_at_its_checkpoint(tmp_path,
+                                                                                monkeypatch):
+  """The input pipeline's own stream from step 0, read here, is the reference: a fresh run reads
+  it from batch 0, and a run resumed from step 2 (known here: the only checkpoint left) from
+  batch 2 (counting from 0: the batch step 3 trains on). Comparing two runs of the training code
+  with each other would miss an offset that both share."""
+  config = tiny.get_config()
+  config.num_train_steps, config.checkpoint_every_steps = 4, 2
+  stream = [batch['image'][0].tobytes() for _, batch in zip(range(4), input_pipeline.create_split(
+      config, config.train_split, train=True, batch_size=config.batch_size))]
+  assert len(set(stream)) == 4  # Distinct batches, so a shifted read cannot match.
+  workdir = str(tmp_path)
+  fresh, resumed = [], []
+  monkeypatch.setattr(input_pipeline, 'create_split', _recording(fresh))
+  train_lib.train_and_evaluate(config, workdir)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))  # As if it crashed after step 2's.
+  monkeypatch.setattr(input_pipeline, 'create_split', _recording(resumed))
+  train_lib.train_and_evaluate(config, workdir)
+  assert fresh[:4] == stream
+  assert resumed[:2] == stream[2:]
 
 
 def test_half_written_checkpoint_is_never_restored(tmp_path):

@@ -184,3 +184,98 @@ def test_remat_recomputes_blocks_in_the_backward_pass():
   assert remat.cost_analysis()['flops'] > 1.1 * plain.cost_analysis()['flops']
   assert (remat.memory_analysis().temp_size_in_bytes
           < 0.7 * plain.memory_analysis().temp_size_in_bytes)
+
+
+def _tiny_count(**model_fields) -> int:
+  config = tiny.get_config()
+  config.model.update(model_fields)
+  return model.count_params(config)
+
+
+def test_options_add_the_parameters_counted_by_hand():
+  """configs/tiny.py: block output widths C = 8, 16, 16, 32 (r_b = 1), 2 heads, b = 4, h = 1,
+  10 classes. Each count below is written from the architecture, not read from the code."""
+  base_count = _tiny_count()
+  # Squeeze-excite per block: Dense C -> r and r -> C, with biases, r = max(8, C // 16).
+  se = lambda widths: sum(c * max(8, c // 16) + max(8, c // 16) + max(8, c // 16) * c + c
+                         for c in widths)
+  assert _tiny_count(use_se=True) - base_count == se((8, 16, 16, 32))
+  # A 256-wide last stage, where the reduction is C // 16 = 16 units rather than the floor of 8.
+  wide = (8, 16, 16, 256)
+  assert _tiny_count(use_se=True, widths=wide) - _tiny_count(widths=wide) == se(wide)
+  # Stage 1 as a conv: the 3x3 conv (9 * 8 * 8, no bias) replaces the attention's query (8 * 8),
+  # key/value (8 * 16) projections and its two relative tables ((2 (b + h) - 1) * d_k each).
+  attention = 8 * 8 + 8 * 16 + 2 * (2 * (4 + 1) - 1) * 4
+  assert _tiny_count(conv_stages=(1,)) - base_count == 9 * 8 * 8 - attention
+  # final_width: a 1x1 conv 32 -> 64 with BN (scale, offset), and a head reading 64, not 32.
+  assert _tiny_count(final_width=64) - base_count == 32 * 64 + 2 * 64 + (64 - 32) * 10
+  # SiLU and the drop rates have no parameters.
+  assert _tiny_count(activation='silu', stochastic_depth_rate=0.5, dropout_rate=0.5) == base_count
+
+
+def _calls(config, x, module_type, train, unit_bn_scales=False):
+  """(module, input, output) of every call of `module_type` in one forward pass.
+
+  `unit_bn_scales`: every BN scale set to 1, so residual branches (zero at init) carry signal.
+  """
+  net = model.create_model(config)
+  variables = jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(x[:1])
+  if unit_bn_scales:
+    variables = {**variables, 'params': jax.tree_util.tree_map_with_path(
+        lambda path, p: jnp.ones_like(p) if path[-1].key == 'scale' else p, variables['params'])}
+  calls = []
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and isinstance(context.module, module_type):
+      calls.append((context.module, args[0], out))
+    return out
+
+  with nn.intercept_methods(record):
+    net.apply(variables, x, train=train, mutable=['batch_stats'], rngs={'dropout': jax.random.key(1)})
+  return calls, variables
+
+
+def test_activation_is_applied_once_at_each_block_output():
+  """At init the last BN of a block has scale 0, so in eval mode a block returns
+  act(BN(proj(x[::s, ::s]))) with BN's initial statistics (mean 0, variance 1): silu once."""
+  config = tiny.get_config()
+  config.model.activation = 'silu'
+  x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+  calls, variables = _calls(config, x, model.BottleneckBlock, train=False)
+  assert len(calls) == 4
+  for block, inputs, out in calls:
+    kernel = np.asarray(variables['params'][block.name]['proj']['kernel'])
+    z = np.asarray(inputs)[:, ::block.stride, ::block.stride] @ kernel / np.sqrt(1 + 1e-5)
+    np.testing.assert_allclose(np.asarray(out), z / (1 + np.exp(-z)), rtol=1e-4, atol=1e-5)
+
+
+def test_stochastic_depth_drops_whole_examples_at_rates_rising_with_depth():
+  config = tiny.get_config()
+  config.model.stochastic_depth_rate = 0.6
+  x = jax.random.normal(jax.random.key(3), (64, 32, 32, 3))
+  calls, _ = _calls(config, x, nn.Dropout, train=True, unit_bn_scales=True)
+  per_block = [(m, i, o) for m, i, o in calls if m.broadcast_dims == (1, 2, 3)]
+  # Linear in the block index: 0, 0.6/3, 2*0.6/3, 0.6 for 4 blocks.
+  assert [m.rate for m, _, _ in per_block] == pytest.approx([0.0, 0.2, 0.4, 0.6])
+  module, inputs, out = per_block[-1]
+  inputs, out = np.asarray(inputs, np.float64), np.asarray(out, np.float64)
+  dropped = np.all(out == 0, axis=(1, 2, 3)) & np.any(inputs != 0, axis=(1, 2, 3))
+  kept = ~dropped
+  np.testing.assert_allclose(out[kept], inputs[kept] / (1 - 0.6), rtol=1e-5, atol=1e-6)
+  assert 24 <= dropped.sum() <= 52  # Binomial(64, 0.6): mean 38.4, sd 3.9.
+
+
+def test_dropout_before_the_head_drops_units_at_the_given_rate():
+  config = tiny.get_config()
+  config.model.dropout_rate = 0.25
+  x = jax.random.normal(jax.random.key(3), (64, 32, 32, 3))
+  calls, _ = _calls(config, x, nn.Dropout, train=True)
+  (module, inputs, out), = [c for c in calls if c[0].broadcast_dims == ()]
+  assert module.rate == 0.25
+  inputs, out = np.asarray(inputs, np.float64), np.asarray(out, np.float64)
+  live = inputs != 0  # Units ReLU left at zero say nothing about dropout.
+  zeroed = live & (out == 0)
+  np.testing.assert_allclose(out[~zeroed], inputs[~zeroed] / 0.75, rtol=1e-5, atol=1e-6)
+  assert live.sum() > 500
+  assert 0.18 < zeroed.sum() / live.sum() < 0.32  # Binomial: sd < 0.02.

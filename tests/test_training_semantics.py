@@ -1,0 +1,166 @@
+"""Training semantics against values computed here by hand, not against the code's own output:
+EMA, the learning rate the optimizer applies, weight decay, batch sharding, label smoothing, and
+mixup/cutmix targets."""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import tiny
+from halonet import input_pipeline
+from halonet import model as model_lib
+from halonet import optim
+from halonet import sharding
+from halonet import train_lib
+
+
+def _step_and_state(config):
+  """A fresh state (on host) and the jitted train step on one device."""
+  mesh = sharding.create_mesh((1, 1), jax.devices()[:1])
+  model = model_lib.create_model(config)
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
+  tx = optim.create_optimizer(config, schedule)
+  init, abstract = train_lib.abstract_train_state(config, model, tx, mesh)
+  state = jax.jit(init, out_shardings=train_lib.shardings_of(abstract))(jax.random.key(0))
+  step = train_lib.make_train_step(config, model, tx, schedule, mesh,
+                                   train_lib.shardings_of(abstract))
+  return step, state, mesh
+
+
+def _random_batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  s = config.image_size
+  return {'image': rng.integers(0, 256, (config.batch_size, s, s, 3), dtype=np.uint8),
+          'label': rng.integers(0, config.num_classes, config.batch_size, dtype=np.int32)}
+
+
+def test_ema_after_one_step_is_decay_times_old_plus_complement_times_new():
+  config = tiny.get_config()
+  config.ema_decay = 0.9  # 1 - 0.9 != 0.9: swapping the two weights is caught.
+  step, state, mesh = _step_and_state(config)
+  old = jax.device_get(state.params)
+  state, _ = step(state, sharding.shard_batch(_random_batch(config), mesh))
+  new, ema = jax.device_get((state.params, state.ema_params))
+  assert any(np.abs(a - b).max() > 1e-4 for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)))
+  jax.tree.map(lambda o, n, e: np.testing.assert_allclose(e, 0.9 * o + 0.1 * n, rtol=1e-5,
+                                                          atol=1e-7), old, new, ema)
+
+
+@pytest.mark.parametrize('name', ['sgd', 'adamw'])
+def test_learning_rate_schedule_values(name):
+  """Peak lr x batch/256, linear warmup over warmup_epochs, cosine to zero at the end."""
+  config = tiny.get_config()
+  config.optimizer.name, config.optimizer.learning_rate = name, 0.1
+  config.batch_size, config.optimizer.warmup_epochs = 512, 2.0
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
+  peak = 0.1 * 512 / 256
+  cosine = lambda step: peak * 0.5 * (1 + math.cos(math.pi * (step - 20) / 80))
+  expected = {0: 0.0, 10: peak / 2, 19: peak * 19 / 20, 20: peak, 21: cosine(21), 60: peak / 2,
+              90: cosine(90), 100: 0.0}
+  for step, lr in expected.items():
+    assert float(schedule(step)) == pytest.approx(lr, abs=1e-7), step
+
+
+def _is_decayed(path) -> bool:
+  """Written from the rule, not the code: BN scales/offsets and biases are not decayed."""
+  return path[-1].key not in ('scale', 'bias')
+
+
+@pytest.mark.parametrize('name', ['sgd', 'adamw'])
+def test_first_update_applies_the_peak_rate_and_decays_only_weights(name):
+  """One optimizer update from fresh state, with warmup off (the first rate is the peak), by hand:
+  SGD with Nesterov momentum m moves by lr * ((1 + m) g + wd p); AdamW's first bias-corrected step
+  is g / (|g| + eps), plus the decoupled lr * wd * p; and, with zero gradients, only the decayed
+  leaves change, by the factor 1 - lr * wd."""
+  config = tiny.get_config()
+  config.optimizer.name, config.optimizer.learning_rate = name, 0.1
+  config.optimizer.warmup_epochs, config.optimizer.weight_decay = 0.0, 0.01
+  config.batch_size = 512
+  lr, wd, m = 0.2, 0.01, config.optimizer.momentum
+  params = model_lib.abstract_variables(config)['params']
+  params = jax.tree.map(lambda p: np.random.default_rng(p.size).normal(size=p.shape).astype(
+      np.float32), params)
+  grads = jax.tree.map(lambda p: np.random.default_rng(p.size + 1).normal(size=p.shape).astype(
+      np.float32), params)
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
+  tx = optim.create_optimizer(config, schedule)
+
+  def updated(grads):
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return jax.tree.map(lambda p, u: np.asarray(p + u), params, updates)
+
+  def by_hand(path, p, g):
+    direction = (1 + m) * g if name == 'sgd' else g / (np.abs(g) + 1e-8)
+    return p - lr * (direction + (wd * p if _is_decayed(path) else 0.0))
+
+  jax.tree_util.tree_map_with_path(
+      lambda path, got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5),
+      updated(grads), jax.tree_util.tree_map_with_path(by_hand, params, grads))
+  zero = updated(jax.tree.map(np.zeros_like, grads))
+  decayed = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(params)
+             if _is_decayed(k)]
+  assert any('kernel' in k for k in decayed) and any('relative' in k for k in decayed)
+  jax.tree_util.tree_map_with_path(
+      lambda path, got, p: np.testing.assert_allclose(
+          got, p * (1 - lr * wd) if _is_decayed(path) else p, rtol=1e-6), zero, params)
+
+
+def test_batches_split_their_leading_axis_over_the_data_axis():
+  mesh = sharding.create_mesh((4, 2))
+  batch = {'image': np.arange(16 * 3, dtype=np.float32).reshape(16, 3),
+           'label': np.arange(16, dtype=np.int32)}
+  placed = sharding.shard_batch(batch, mesh)
+  want = NamedSharding(mesh, P('data'))  # Rows over 'data', copies over 'model'.
+  for key, x in placed.items():
+    assert x.sharding.is_equivalent_to(want, x.ndim)
+    assert len(x.addressable_shards) == 8
+    for shard in x.addressable_shards:
+      data_index = np.argwhere(mesh.device_ids == shard.device.id)[0, 0]  # Its mesh row.
+      assert shard.data.shape[0] == 16 // 4
+      np.testing.assert_array_equal(shard.data, batch[key][4 * data_index:4 * data_index + 4])
+
+
+def test_label_smoothed_loss_of_a_hand_made_batch():
+  logits = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]], np.float32)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  ls = 0.3
+  hard = np.array([0, 1])
+  want_hard = -((1 - ls) * log_p[[0, 1], hard] + ls / 3 * log_p.sum(-1))
+  np.testing.assert_allclose(train_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(hard), ls),
+                             want_hard, rtol=1e-6)
+  soft = np.array([[0.25, 0.75, 0.0], [0.0, 0.4, 0.6]], np.float32)  # Mixed targets.
+  want_soft = -(((1 - ls) * soft + ls / 3) * log_p).sum(-1)
+  np.testing.assert_allclose(train_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(soft), ls),
+                             want_soft, rtol=1e-6)
+
+
+@pytest.mark.parametrize('mix', ['mixup', 'cutmix'])
+def test_mixed_targets_weigh_the_two_images_as_the_pixels_do(mix, tmp_path):
+  """Two one-colour classes: black (class 0) and white (class 1). Whatever pairs the pipeline
+  draws, a mixed image's share of white must be its target's weight on class 1: the mean pixel
+  / 255 for mixup, the fraction of white pixels for cutmix."""
+  for split in ('train', 'test'):
+    for label, value in (('black', 0), ('white', 255)):
+      os.makedirs(tmp_path / split / label)
+      for i in range(4):
+        Image.new('RGB', (32, 32), (value,) * 3).save(tmp_path / split / label / f'{i}.png')
+  config = tiny.get_config()
+  config.dataset, config.data_dir, config.num_classes = 'image_folder', str(tmp_path), 2
+  config.mixup_alpha, config.cutmix_alpha = (1.0, 0.0) if mix == 'mixup' else (0.0, 1.0)
+  batches = input_pipeline.create_split(config, 'train', train=True, batch_size=8)
+  checked = 0
+  for _, batch in zip(range(4), batches):
+    images = batch['image'].astype(np.float64)
+    np.testing.assert_allclose(batch['label'].sum(-1), 1.0, rtol=1e-6)
+    white = (images.mean(axis=(1, 2, 3)) / 255 if mix == 'mixup'
+             else (images == 255).all(-1).mean(axis=(1, 2)))
+    atol = 0.5 / 255 + 1e-6 if mix == 'mixup' else 1e-6  # Mixup rounds to whole grey levels.
+    np.testing.assert_allclose(batch['label'][:, 1], white, atol=atol)
+    checked += int(((white > 0.05) & (white < 0.95)).sum())
+  assert checked > 0  # Some images really were mixed.
