@@ -128,6 +128,13 @@ def shardings_of(abstract: Any) -> Any:
   return jax.tree.map(lambda a: a.sharding, abstract)
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """True iff every float leaf of `tree` is finite (one fused pass over the state)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves))
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -150,15 +157,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   ema = state.ema_params
   if ema is not None:
     ema = optax.incremental_update(params, ema, step_size=1.0 - config.ema_decay)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state, ema_params=ema)
   hard_labels = labels if labels.ndim == 1 else jnp.argmax(labels, axis=-1)
   metrics = {
       'loss': loss,
       'top1': 100.0 * jnp.mean(jnp.argmax(logits, axis=-1) == hard_labels),
       'grad_norm': optax.tree.norm(grads),
       'lr': schedule(state.step),
+      # The loss is computed before the update: only this says the state to be saved is finite.
+      'state_finite': all_finite(new_state),
   }
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, ema_params=ema)
   return new_state, metrics
 
 
@@ -277,15 +286,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   results = {'step': start_step, 'num_params': num_params, 'train_images_per_sec': None}
   window_start = time.perf_counter()
 
+  def last_good() -> str:
+    # Every save waits for this check of its step, so every saved step is known finite.
+    latest = manager.latest_step()
+    return ('no checkpoint was saved' if latest is None else
+            f'last good checkpoint is step {latest} (all parameters finite)')
+
   def flush_metrics(step: int) -> None:
     nonlocal window_start
     if not pending:
       return
     fetched = jax.device_get([m for _, m in pending])
     for (s, _), m in zip(pending, fetched):
-      if not np.isfinite(m['loss']):
-        raise FloatingPointError(f'loss is {m["loss"]} at step {s}; stopped without saving, '
-                                 f'last good checkpoint is step {manager.latest_step()}')
+      if not (np.isfinite(m['loss']) and m['state_finite']):
+        what = (f'loss is {m["loss"]}' if not np.isfinite(m['loss']) else
+                'the updated parameters or optimizer state are not finite')
+        raise FloatingPointError(f'{what} at step {s}; stopped without saving it, {last_good()}')
     elapsed = time.perf_counter() - window_start
     scalars = {k: float(np.mean([m[k] for m in fetched])) for k in ('loss', 'top1', 'grad_norm')}
     scalars['lr'] = float(fetched[-1]['lr'])
@@ -321,7 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         save = step % config.checkpoint_every_steps == 0 or step == num_steps or preempted
         eval_now = step % config.eval_every_steps == 0 and step < num_steps
         if step % config.log_every_steps == 0 or save or eval_now:
-          flush_metrics(step)  # Also the finite-loss check that guards every save.
+          flush_metrics(step)  # Also the finite-state check that guards every save.
         if save:
           checkpointing.save(manager, step, state)
         if preempted:

@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -171,6 +172,31 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   manager = checkpointing.create_manager(str(tmp_path), 3, read_only=True)
   assert manager.all_steps() == [2]
   manager.close()
+
+
+@pytest.mark.filterwarnings('ignore:overflow encountered:RuntimeWarning')
+@pytest.mark.parametrize('learning_rate', [1e8, 1e40])
+def test_diverging_run_saves_only_finite_states_and_names_one(learning_rate, tmp_path):
+  """1e8: params grow to ~1e20, then the loss is NaN; 1e40: the peak rate overflows float32, so
+  step 1's update is non-finite while its loss (computed before the update) is not. Either way
+  every checkpoint left holds finite values, and the step the error names is one of them."""
+  config = tiny.get_config()
+  config.num_train_steps, config.checkpoint_every_steps = 6, 1
+  config.optimizer.learning_rate = learning_rate
+  with pytest.raises(FloatingPointError) as error:
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  named = re.search(r'last good checkpoint is step (\d+)', str(error.value))
+  manager = checkpointing.create_manager(str(tmp_path), 6, read_only=True)
+  steps = manager.all_steps()
+  assert (named is None) == (steps == []), (str(error.value), steps)
+  for step in steps:
+    params = manager.restore(step)['params']
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params)), step
+  if named:
+    assert int(named.group(1)) == max(steps)
+  manager.close()
+  if learning_rate == 1e40:
+    assert 'not finite at step 1' in str(error.value) and steps == []
 
 
 def test_prefetch_to_device_keeps_order_and_reads_only_two_ahead():
