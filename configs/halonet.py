@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.cutmix_alpha = 0.0
   config.shuffle_buffer = 16_384
   config.cache = False
+  # An image folder is decoded once at start-up: undecodable files stop the run naming them,
+  # or with True are left out, each named in a warning.
+  config.skip_bad_images = False
 
   config.batch_size = 1024      # global, across all devices and hosts.
   config.eval_batch_size = 1024

@@ -6,9 +6,11 @@ with seeds derived from (seed, process, e) and every random augmentation draw is
 skipping still-encoded examples. Images stay uint8 until `normalize_images` runs on device.
 """
 
+import difflib
 import functools
 import itertools
 import os
+import re
 from typing import Any, Callable, Iterator
 
 import jax
@@ -17,6 +19,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from halonet import digits
 from halonet import randaugment
@@ -42,10 +45,21 @@ def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
   """
   builder = _builder(config, split)
   try:
-    return builder.info.splits[split].num_examples
+    total = builder.info.splits[split].num_examples
   except KeyError:
     ds = _read(config, builder, split, 0, 1, shuffle_seed=None)
     return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+  return total - len(_skipped_images(config, builder, split))
+
+
+def check_num_classes(config: ml_collections.ConfigDict, split: str) -> None:
+  """Refuses a config.num_classes below the dataset's class count, which would turn the labels
+  beyond it into all-zero targets and train silently on them."""
+  label = _builder(config, split).info.features['label']
+  classes = getattr(label, 'num_classes', None)
+  if classes is not None and classes > config.num_classes:
+    raise ValueError(f'config.num_classes={config.num_classes} is smaller than the {classes} '
+                     f'classes of {config.dataset}')
 
 
 def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
@@ -132,16 +146,70 @@ def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
 def _builder(config: ml_collections.ConfigDict, split: str) -> tfds.core.DatasetBuilder:
   """The TFDS builder for `config.dataset`; folders are checked before anything is read."""
   if config.dataset == 'digits':
-    root = digits.prepare_digits(config.data_dir or digits.DEFAULT_ROOT)
-    return tfds.ImageFolder(root)
+    return _folder_builder(digits.prepare_digits(config.data_dir or digits.DEFAULT_ROOT))
   if config.dataset == 'image_folder':
     split_dir = os.path.join(config.data_dir, split)
     if not config.data_dir or not os.path.isdir(split_dir):
       raise FileNotFoundError(
           f'image_folder: no directory {split_dir!r}; set --config.data_dir to a folder with '
           f'<split>/<class>/<image> files.')
-    return tfds.ImageFolder(config.data_dir)
-  return tfds.builder(config.dataset, data_dir=config.data_dir or None)
+    return _folder_builder(os.path.abspath(config.data_dir))
+  try:
+    return tfds.builder(config.dataset, data_dir=config.data_dir or None)
+  except tfds.core.DatasetNotFoundError as e:  # Its message lists every TFDS dataset.
+    known = re.findall(r'^\t- (\S+)$', str(e), re.MULTILINE)
+    close = difflib.get_close_matches(config.dataset.split('/')[0].split(':')[0], known, n=3)
+    hint = f'; did you mean {" or ".join(close)}?' if close else ''
+    raise ValueError(f'config.dataset={config.dataset!r} is not a TFDS dataset, '
+                     f'{FOLDER_DATASETS[0]!r} or {FOLDER_DATASETS[1]!r}{hint}') from None
+
+
+@functools.cache
+def _folder_builder(root: str) -> tfds.core.DatasetBuilder:
+  """ImageFolder lists every file when built: once per folder and process."""
+  return tfds.ImageFolder(root)
+
+
+@functools.cache
+def undecodable_images(root: str, split: str) -> tuple[str, ...]:
+  """The files of an image folder's split that TensorFlow cannot decode (truncated, not images).
+
+  Each file is decoded once, in parallel, the first time a process reads the split; the names
+  are looked up in a second, read-only pass only when some failed.
+  """
+  builder = _folder_builder(root)
+  ds = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()})
+  decode = lambda ex: (tf.shape(tf.io.decode_image(ex['image'], channels=3,
+                                                   expand_animations=False)), ex['image/filename'])
+  good = {name for _, name in ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+          .ignore_errors().as_numpy_iterator()}
+  if len(good) == builder.info.splits[split].num_examples:
+    return ()
+  names = ds.map(lambda ex: ex['image/filename']).as_numpy_iterator()
+  return tuple(sorted(name.decode() for name in names if name not in good))
+
+
+def _skipped_images(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
+                    split: str) -> tuple[str, ...]:
+  """The undecodable files of a folder split: refused, or (config.skip_bad_images) left out."""
+  if config.dataset not in FOLDER_DATASETS:
+    return ()
+  bad = undecodable_images(builder.data_dir, split)
+  if bad and not config.skip_bad_images:
+    listed = ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
+    raise ValueError(f'{len(bad)} file(s) in {os.path.join(builder.data_dir, split)} cannot be '
+                     f'decoded as images: {listed}; remove them or set '
+                     f'--config.skip_bad_images=True')
+  if bad:
+    _warn_skipped(bad)
+  return bad
+
+
+@functools.cache
+def _warn_skipped(bad: tuple[str, ...]) -> None:
+  for name in bad:
+    logging.warning('skipping %s: not a decodable image', name)
+  logging.warning('skipping %d undecodable image file(s) in all', len(bad))
 
 
 def _read(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, split: str,
@@ -155,6 +223,9 @@ def _read(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, 
   decoders = {'image': tfds.decode.SkipDecoding()}
   if config.dataset in FOLDER_DATASETS:
     ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+    bad = _skipped_images(config, builder, split)
+    if bad:
+      ds = ds.filter(lambda ex: tf.reduce_all(ex['image/filename'] != tf.constant(bad)))
     ds = ds.shard(process_count, process_index)
   else:
     read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, skip_prefetch=True)
@@ -164,7 +235,16 @@ def _read(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, 
           shuffle_files=shuffle_seed is not None, decoders=decoders, read_config=read_config)
     except AssertionError as e:  # TFDS signals "not prepared" with an assert.
       raise FileNotFoundError(_missing_message(config, builder)) from e
-  return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+  return ds.map(functools.partial(_checked_label, num_classes=config.num_classes))
+
+
+def _checked_label(ex: dict[str, tf.Tensor], num_classes: int) -> dict[str, tf.Tensor]:
+  """Image and label, failing naming the label when it is not a class of the model."""
+  label = ex['label']
+  check = tf.debugging.assert_less(label, tf.cast(num_classes, label.dtype), message=(
+      f'a label is not below config.num_classes={num_classes}'), summarize=1)
+  with tf.control_dependencies([check]):
+    return {'image': ex['image'], 'label': tf.identity(label)}
 
 
 def _missing_message(config: ml_collections.ConfigDict,

@@ -72,11 +72,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   bad_stages = [s for s in m.conv_stages if s not in (1, 2, 3, 4)]
   if bad_stages:
     raise ValueError(f'conv_stages={tuple(m.conv_stages)} may only name stages 1-4, got {bad_stages}')
-  if config.image_size < MIN_IMAGE_SIZE:
-    raise ValueError(f'image_size={config.image_size} is below the minimum {MIN_IMAGE_SIZE} '
-                     f'(the network downsamples by {MIN_IMAGE_SIZE})')
-  if config.num_classes < 1:
-    raise ValueError(f'num_classes={config.num_classes} must be positive')
   for stage, ((b, h), w, heads) in enumerate(zip(stage_windows(m), m.widths, m.num_heads), 1):
     if stage in m.conv_stages:
       continue

@@ -25,7 +25,7 @@ import ml_collections
 
 from halonet import checkpointing
 from halonet import input_pipeline
-from halonet import model
+from halonet import config_checks
 from halonet import sweep_report
 from halonet import text_table
 from halonet import train_lib
@@ -125,7 +125,7 @@ def build_points(sweep: ml_collections.ConfigDict, workdir: str) -> list[Point]:
       except TypeError as e:  # ConfigDict refuses a value of another type.
         raise ValueError(f'sweep override {key}={value!r}: {e}') from None
     try:
-      model.validate_config(config)
+      config_checks.validate_values(config)
     except ValueError as e:
       raise ValueError(f'sweep point {name}: {e}') from None
     points.append(Point(name, overrides, config, os.path.join(workdir, name)))

@@ -22,6 +22,7 @@ from clu import metric_writers
 from jax.sharding import Mesh
 
 from halonet import checkpointing
+from halonet import config_checks
 from halonet import eval_lib
 from halonet import input_pipeline
 from halonet import model as model_lib
@@ -39,47 +40,15 @@ class TrainState:
   ema_params: Any  # None unless config.ema_decay > 0.
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
-                    process_count: int | None = None) -> None:
-  """Rejects bad values with one line naming them, before anything is built or compiled."""
-  model_lib.validate_config(config)
-  num_devices = jax.device_count() if num_devices is None else num_devices
-  process_count = jax.process_count() if process_count is None else process_count
-  if config.optimizer.name not in optim.OPTIMIZERS:
-    raise ValueError(f'config.optimizer.name={config.optimizer.name!r} is not one of '
-                     f'{optim.OPTIMIZERS}')
-  data_size, _ = sharding.resolve_mesh_shape(config.mesh_shape, num_devices)
-  for name in ('batch_size', 'eval_batch_size'):
-    value = config[name]
-    if value <= 0 or value % data_size:
-      raise ValueError(f'config.{name}={value} is not a positive multiple of the {data_size} '
-                       f'devices on the mesh data axis')
-    if value % process_count:
-      raise ValueError(f'config.{name}={value} is not divisible by the {process_count} processes')
-  if config.num_train_steps <= 0 and config.num_epochs <= 0:
-    raise ValueError(f'config.num_epochs={config.num_epochs} must be > 0 when num_train_steps <= 0')
-  for name in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
-    if config[name] <= 0:
-      raise ValueError(f'config.{name}={config[name]} must be > 0')
-  if not 0.0 <= config.ema_decay < 1.0:
-    raise ValueError(f'config.ema_decay={config.ema_decay} must be in [0, 1)')
-  if not 0.0 <= config.label_smoothing < 1.0:
-    raise ValueError(f'config.label_smoothing={config.label_smoothing} must be in [0, 1)')
-  if not 0.0 < config.crop_fraction <= 1.0:
-    raise ValueError(f'config.crop_fraction={config.crop_fraction} must be in (0, 1]')
-  low, high = config.crop_area_range
-  if not 0.0 < low <= high <= 1.0:
-    raise ValueError(f'config.crop_area_range={tuple(config.crop_area_range)} must satisfy '
-                     f'0 < low <= high <= 1')
-
-
 def split_sizes(config: ml_collections.ConfigDict, train: bool = True) -> dict[str, int]:
   """Examples in every split the run reads (the train split only if `train`), read once here.
 
   The one place a run touches its data before compiling, so a missing dataset fails first.
   """
   splits = (config.train_split, *config.eval_splits) if train else tuple(config.eval_splits)
-  return {split: input_pipeline.num_examples(config, split) for split in dict.fromkeys(splits)}
+  splits = tuple(dict.fromkeys(splits))
+  input_pipeline.check_num_classes(config, splits[0])
+  return {split: input_pipeline.num_examples(config, split) for split in splits}
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, train_examples: int) -> int:
@@ -250,7 +219,7 @@ class _Preemption:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_config_change: bool = False) -> dict[str, Any]:
   """Trains (resuming from workdir/checkpoints if present) and returns the last results."""
-  validate_config(config)
+  config_checks.validate_config(config)
   sizes = split_sizes(config)
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
   start_step = manager.latest_step() or 0
@@ -362,7 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None) -> dict[str, Any]:
   """Evaluates a saved step (default: latest) and merges it into workdir/eval_results.json."""
-  validate_config(config)
+  config_checks.validate_config(config)
   stored = checkpointing.stored_config(workdir)
   if stored is not None:
     new = json.loads(config.to_json_best_effort())

@@ -2,10 +2,12 @@
 
 import itertools
 import os
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import tiny
@@ -183,3 +185,55 @@ def test_crop_area_and_flip_follow_the_config(tmp_path):
   np.testing.assert_allclose(np.sort(whole), 200 + np.arange(8), atol=2)
   assert (left_minus_right(random_flip=False) > -1).all()
   assert (left_minus_right(crop_area_range=(1.0, 1.0), random_flip=True) < -100).any()  # Flipped.
+
+
+@pytest.fixture
+def folder_with_bad_files(folder, tmp_path) -> str:
+  """A copy of `folder` with a truncated JPEG and a text file named .png in its train split."""
+  root = tmp_path / 'with_bad'
+  shutil.copytree(folder, root)
+  truncated = root / 'train' / 'c0' / '0.jpg'
+  truncated.write_bytes(truncated.read_bytes()[:200])
+  (root / 'train' / 'c1' / 'notes.png').write_text('not an image')
+  return str(root)
+
+
+def test_undecodable_files_are_named_in_one_line(folder_with_bad_files):
+  config = folder_config(folder_with_bad_files)
+  with pytest.raises(ValueError) as error:
+    input_pipeline.num_examples(config, 'train')
+  message = str(error.value)
+  assert '2 file(s)' in message and '\n' not in message
+  assert os.path.join('c0', '0.jpg') in message and os.path.join('c1', 'notes.png') in message
+  assert 'skip_bad_images' in message
+
+
+def test_undecodable_files_are_skipped_when_asked_and_each_named(folder_with_bad_files, caplog):
+  config = folder_config(folder_with_bad_files, skip_bad_images=True)
+  assert input_pipeline.num_examples(config, 'train') == SPLIT_SIZES['train'] - 1  # 12 - 1 + 1 - 2.
+  assert 'notes.png' in caplog.text and os.path.join('c0', '0.jpg') in caplog.text
+  # One epoch reads each good file once and never the bad ones: eval-style pass, every image.
+  batches = list(input_pipeline.create_split(config, 'train', train=False, batch_size=4))
+  seen = sum(int(b['mask'].sum()) for b in batches)
+  assert seen == SPLIT_SIZES['train'] - 1
+  assert len(take(input_pipeline.create_split(config, 'train', train=True, batch_size=4), 6)) == 6
+
+
+def test_num_classes_below_the_datasets_is_refused_and_labels_are_checked(folder):
+  config = folder_config(folder, num_classes=NUM_CLASSES - 1)
+  with pytest.raises(ValueError, match=f'num_classes={NUM_CLASSES - 1} is smaller than the '
+                                       f'{NUM_CLASSES} classes'):
+    input_pipeline.check_num_classes(config, 'train')
+  # Read anyway, the first label beyond the model's classes stops the stream naming it.
+  with pytest.raises(tf.errors.InvalidArgumentError, match=f'num_classes={NUM_CLASSES - 1}'):
+    list(input_pipeline.create_split(config, 'val', train=False, batch_size=4))
+
+
+def test_unknown_tfds_name_fails_in_one_line_with_close_matches():
+  config = tiny.get_config()
+  config.dataset = 'imagenet2013'
+  with pytest.raises(ValueError) as error:
+    input_pipeline.num_examples(config, 'train')
+  message = str(error.value)
+  assert "dataset='imagenet2013'" in message and 'imagenet2012' in message
+  assert '\n' not in message and len(message) < 300

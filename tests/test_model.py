@@ -101,7 +101,6 @@ def test_conv_stages_replace_attention():
     ('model.mask_window', 4, 'mask_window=4'),
     ('model.attention_impl', 'fast', "attention_impl='fast'"),
     ('model.dtype', 'float16', "dtype='float16'"),
-    ('image_size', 16, 'image_size=16'),
 ])
 def test_bad_values_fail_with_one_line(field, value, message):
   config = tiny.get_config()

@@ -14,6 +14,7 @@ import pytest
 
 from configs import tiny
 from halonet import checkpointing
+from halonet import config_checks
 from halonet import input_pipeline
 from halonet import model as model_lib
 from halonet import optim
@@ -116,7 +117,7 @@ def test_bad_input_fails_in_one_line_before_compile(overrides, named, tmp_path, 
 
 def test_batch_must_split_over_processes():
   with pytest.raises(ValueError, match='batch_size=16 is not divisible by the 3 processes'):
-    train_lib.validate_config(tiny.get_config(), num_devices=8, process_count=3)
+    config_checks.validate_config(tiny.get_config(), num_devices=8, process_count=3)
 
 
 def test_changed_config_is_refused_then_allowed(tmp_path, monkeypatch):
