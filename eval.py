@@ -17,7 +17,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   launch.start(argv)
-  train_lib.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
+  with launch.one_line_errors():
+    train_lib.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
 
 
 if __name__ == '__main__':

@@ -17,8 +17,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   launch.start(argv)
-  train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                               allow_config_change=FLAGS.allow_config_change)
+  with launch.one_line_errors():
+    train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                 allow_config_change=FLAGS.allow_config_change)
 
 
 if __name__ == '__main__':

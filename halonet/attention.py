@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from halonet import attention_rows
+from halonet import errors
 
 # Added to masked logits: finite, so a query whose whole window is padding (only possible in the
 # cropped-away padded region) gets finite weights instead of NaN.
@@ -119,21 +120,22 @@ def check_attention_args(block_size: int, halo_size: int, stride: int, mask_wind
                          attention_impl: str = 'auto') -> None:
   """Raises ValueError naming the first bad attention hyper-parameter."""
   if block_size <= 0:
-    raise ValueError(f'block_size={block_size} must be positive')
+    raise errors.ConfigError(f'block_size={block_size} must be positive')
   if halo_size < 0:
-    raise ValueError(f'halo_size={halo_size} must be >= 0')
+    raise errors.ConfigError(f'halo_size={halo_size} must be >= 0')
   if stride not in (1, 2):
-    raise ValueError(f'stride={stride} must be 1 or 2')
+    raise errors.ConfigError(f'stride={stride} must be 1 or 2')
   if block_size % stride:
-    raise ValueError(f'block_size={block_size} must be a multiple of the attention stride {stride}')
+    raise errors.ConfigError(
+        f'block_size={block_size} must be a multiple of the attention stride {stride}')
   if mask_window < 0 or (mask_window and mask_window % 2 == 0):
-    raise ValueError(f'mask_window={mask_window} must be 0 (off) or a positive odd size')
+    raise errors.ConfigError(f'mask_window={mask_window} must be 0 (off) or a positive odd size')
   if mask_window > 2 * halo_size + 1:
-    raise ValueError(
+    raise errors.ConfigError(
         f'mask_window={mask_window} does not fit in the neighbourhood of halo_size={halo_size}; '
         f'use at most {2 * halo_size + 1}')
   if attention_impl != 'auto' and attention_impl not in IMPLEMENTATIONS:
-    raise ValueError(f'attention_impl={attention_impl!r} is not one of '
+    raise errors.ConfigError(f'attention_impl={attention_impl!r} is not one of '
                      f"{['auto', *IMPLEMENTATIONS]}")
 
 
@@ -191,7 +193,7 @@ class HaloAttention(nn.Module):
                          self.attention_impl)
     for name, width in (('qk_width', self.qk_width), ('value_width', self.value_width)):
       if width % self.num_heads:
-        raise ValueError(f'num_heads={self.num_heads} does not divide {name}={width}')
+        raise errors.ConfigError(f'num_heads={self.num_heads} does not divide {name}={width}')
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:

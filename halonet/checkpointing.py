@@ -13,6 +13,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from halonet import errors
+
 # What a resumed run may change: how it is run and observed, and how long it trains (the
 # learning-rate schedule then follows the new length from the resumed step on). Any other
 # change would make the resumed run a different experiment, and is refused unless allowed.
@@ -113,8 +115,9 @@ def check_and_store_config(config: ml_collections.ConfigDict, workdir: str,
       return
     refused = refused_on_resume(changes)
     if refused and not allow_change:
-      raise ValueError(f'{path} was written by a different config (fields: {", ".join(refused)}); '
-                       'pass --allow_config_change to resume anyway')
+      raise errors.ConfigError(
+          f'{path} was written by a different config (fields: {", ".join(refused)}); '
+          'pass --allow_config_change to resume anyway')
     if jax.process_index() == 0:
       archive = os.path.join(workdir, f'config.step{step}.json')
       for n in itertools.count(1):

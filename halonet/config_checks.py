@@ -11,6 +11,7 @@ import re
 import jax
 import ml_collections
 
+from halonet import errors
 from halonet import model as model_lib
 from halonet import optim
 from halonet import paper
@@ -74,18 +75,18 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
   for name, interval in RANGES.items():
     value = _get(config, name)
     if not _inside(float(value), interval):
-      raise ValueError(f'config.{name}={value} must be in {interval}')
+      raise errors.ConfigError(f'config.{name}={value} must be in {interval}')
   for name in POSITIVE_ENTRIES:
     values = tuple(_get(config, name))
     smallest = 0 if name == 'model.halo_sizes' else 1
     if any(v < smallest for v in values):
-      raise ValueError(f'config.{name}={values}: every entry must be >= {smallest}')
+      raise errors.ConfigError(f'config.{name}={values}: every entry must be >= {smallest}')
   low, high = config.crop_area_range
   if not 0.0 < low <= high <= 1.0:
-    raise ValueError(f'config.crop_area_range={tuple(config.crop_area_range)} must satisfy '
+    raise errors.ConfigError(f'config.crop_area_range={tuple(config.crop_area_range)} must satisfy '
                      f'0 < low <= high <= 1')
   if re.fullmatch(r'h\d+', config.variant) and config.variant not in paper.VARIANTS:
-    raise ValueError(f'config.variant={config.variant!r} is not a row of the paper; '
+    raise errors.ConfigError(f'config.variant={config.variant!r} is not a row of the paper; '
                      f'expected one of {list(paper.VARIANTS)}')
 
 
@@ -94,10 +95,11 @@ def validate_values(config: ml_collections.ConfigDict) -> None:
   check_ranges(config)
   model_lib.validate_config(config)
   if config.optimizer.name not in optim.OPTIMIZERS:
-    raise ValueError(f'config.optimizer.name={config.optimizer.name!r} is not one of '
+    raise errors.ConfigError(f'config.optimizer.name={config.optimizer.name!r} is not one of '
                      f'{optim.OPTIMIZERS}')
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
-    raise ValueError(f'config.num_epochs={config.num_epochs} must be > 0 when num_train_steps <= 0')
+    raise errors.ConfigError(
+        f'config.num_epochs={config.num_epochs} must be > 0 when num_train_steps <= 0')
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
@@ -110,7 +112,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   for name in ('batch_size', 'eval_batch_size'):
     value = config[name]
     if value <= 0 or value % data_size:
-      raise ValueError(f'config.{name}={value} is not a positive multiple of the {data_size} '
-                       f'devices on the mesh data axis')
+      raise errors.ConfigError(
+          f'config.{name}={value} is not a positive multiple of the {data_size} '
+          f'devices on the mesh data axis')
     if value % process_count:
-      raise ValueError(f'config.{name}={value} is not divisible by the {process_count} processes')
+      raise errors.ConfigError(
+          f'config.{name}={value} is not divisible by the {process_count} processes')

@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from halonet import digits
+from halonet import errors
 from halonet import randaugment
 
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -58,8 +59,9 @@ def check_num_classes(config: ml_collections.ConfigDict, split: str) -> None:
   label = _builder(config, split).info.features['label']
   classes = getattr(label, 'num_classes', None)
   if classes is not None and classes > config.num_classes:
-    raise ValueError(f'config.num_classes={config.num_classes} is smaller than the {classes} '
-                     f'classes of {config.dataset}')
+    raise errors.ConfigError(
+        f'config.num_classes={config.num_classes} is smaller than the {classes} '
+        f'classes of {config.dataset}')
 
 
 def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
@@ -75,7 +77,7 @@ def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
   example is counted exactly once across processes.
   """
   if train and config.dataset.startswith('imagenet_v2'):
-    raise ValueError(f'{config.dataset} has only a test split; use it for eval only.')
+    raise errors.ConfigError(f'{config.dataset} has only a test split; use it for eval only.')
   builder = _builder(config, split)
   read = lambda seed: _read(config, builder, split, process_index, process_count, seed)
   total = num_examples(config, split) if split_size is None else split_size
@@ -84,8 +86,9 @@ def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
     return _eval_batches(config, read(None), batch_size, -(-per_process // batch_size))
   steps = total // (batch_size * process_count)
   if steps == 0:
-    raise ValueError(f'{split} of {config.dataset} has {total} examples, fewer than one batch '
-                     f'of {batch_size} x {process_count} processes.')
+    raise errors.ConfigError(
+        f'{split} of {config.dataset} has {total} examples, fewer than one batch '
+        f'of {batch_size} x {process_count} processes.')
   if config.cache:
     cached = read(None).cache()
     read = lambda seed: cached
@@ -160,7 +163,7 @@ def _builder(config: ml_collections.ConfigDict, split: str) -> tfds.core.Dataset
     known = re.findall(r'^\t- (\S+)$', str(e), re.MULTILINE)
     close = difflib.get_close_matches(config.dataset.split('/')[0].split(':')[0], known, n=3)
     hint = f'; did you mean {" or ".join(close)}?' if close else ''
-    raise ValueError(f'config.dataset={config.dataset!r} is not a TFDS dataset, '
+    raise errors.ConfigError(f'config.dataset={config.dataset!r} is not a TFDS dataset, '
                      f'{FOLDER_DATASETS[0]!r} or {FOLDER_DATASETS[1]!r}{hint}') from None
 
 
@@ -197,9 +200,10 @@ def _skipped_images(config: ml_collections.ConfigDict, builder: tfds.core.Datase
   bad = undecodable_images(builder.data_dir, split)
   if bad and not config.skip_bad_images:
     listed = ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
-    raise ValueError(f'{len(bad)} file(s) in {os.path.join(builder.data_dir, split)} cannot be '
-                     f'decoded as images: {listed}; remove them or set '
-                     f'--config.skip_bad_images=True')
+    raise errors.ConfigError(
+        f'{len(bad)} file(s) in {os.path.join(builder.data_dir, split)} cannot be '
+        f'decoded as images: {listed}; remove them or set '
+        f'--config.skip_bad_images=True')
   if bad:
     _warn_skipped(bad)
   return bad

@@ -1,7 +1,8 @@
 """What train.py and eval.py share: the --config/--workdir/--distributed flags and start-up."""
 
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from absl import app
 from absl import flags
@@ -9,6 +10,7 @@ import jax
 from ml_collections import config_flags
 
 from halonet import checkpointing
+from halonet import errors
 
 FLAGS = flags.FLAGS
 
@@ -23,14 +25,23 @@ def define_flags(workdir_help: str) -> None:
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
-  """absl's flag parsing, with an unknown --config.field reported in one line, not a traceback."""
+  """absl's flag parsing; a bad --config file or field is reported in one line, not a traceback."""
   try:
-    return FLAGS(argv)
+    argv = FLAGS(argv)
+    FLAGS.config.keys()  # Loaded lazily: a missing config file surfaces here.
+    return argv
   except flags.Error as e:  # What absl's own parser reports, e.g. a value of the wrong type.
-    sys.exit(f'FATAL Flags parsing error: {e}')
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if any(line.startswith('Traceback') for line in lines):  # The config file's get_config raised.
+      lines = [lines[0], lines[-1]]
+    sys.exit(f'FATAL Flags parsing error: {" ".join(lines)}')
   except (AttributeError, KeyError) as e:  # ml_collections: no such field in the locked config.
     message = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').replace("'", '').split())
     sys.exit(f'FATAL Flags parsing error: unknown config field: {message}')
+  except OSError as e:  # The config file is missing or unreadable.
+    while e.__cause__ is not None:
+      e = e.__cause__
+    sys.exit(f'FATAL --config: {" ".join(str(e).split())}')
 
 
 def start(argv: Sequence[str]) -> None:
@@ -40,3 +51,13 @@ def start(argv: Sequence[str]) -> None:
   checkpointing.quiet_orbax_info_logs()
   if FLAGS.distributed:
     jax.distributed.initialize()
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+  """Bad input (errors.ConfigError, a missing file) and a diverged run end in one line naming
+  the cause, not a traceback; anything else is a bug and keeps its traceback."""
+  try:
+    yield
+  except (errors.ConfigError, FileNotFoundError, FloatingPointError) as e:
+    sys.exit(f'FATAL {e}')

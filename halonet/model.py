@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from halonet import attention
+from halonet import errors
 
 # Total downsampling of the stem and stages 2-4: the smallest image that yields a 1x1 stage-4 map.
 MIN_IMAGE_SIZE = 32
@@ -39,7 +40,8 @@ def stage_windows(model_config: ml_collections.ConfigDict) -> list[tuple[int, in
   blocks = tuple(model_config.block_sizes) or (model_config.block_size,) * 4
   halos = tuple(model_config.halo_sizes) or (model_config.halo_size,) * 4
   if len(blocks) != 4 or len(halos) != 4:
-    raise ValueError(f'block_sizes={blocks} and halo_sizes={halos} need one entry per stage (4)')
+    raise errors.ConfigError(
+        f'block_sizes={blocks} and halo_sizes={halos} need one entry per stage (4)')
   return list(zip(blocks, halos))
 
 
@@ -63,15 +65,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails with one line naming the first bad model value, before anything is built or compiled."""
   m = config.model
   if m.activation not in _ACTIVATIONS:
-    raise ValueError(f'activation={m.activation!r} is not one of {sorted(_ACTIVATIONS)}')
+    raise errors.ConfigError(f'activation={m.activation!r} is not one of {sorted(_ACTIVATIONS)}')
   if m.dtype not in ('auto', *_DTYPES):
-    raise ValueError(f"dtype={m.dtype!r} is not one of {['auto', *_DTYPES]}")
+    raise errors.ConfigError(f"dtype={m.dtype!r} is not one of {['auto', *_DTYPES]}")
   for name in ('widths', 'stage_depths', 'num_heads'):
     if len(m[name]) != 4:
-      raise ValueError(f'{name}={tuple(m[name])} needs one entry per stage (4)')
+      raise errors.ConfigError(f'{name}={tuple(m[name])} needs one entry per stage (4)')
   bad_stages = [s for s in m.conv_stages if s not in (1, 2, 3, 4)]
   if bad_stages:
-    raise ValueError(f'conv_stages={tuple(m.conv_stages)} may only name stages 1-4, got {bad_stages}')
+    raise errors.ConfigError(
+        f'conv_stages={tuple(m.conv_stages)} may only name stages 1-4, got {bad_stages}')
   for stage, ((b, h), w, heads) in enumerate(zip(stage_windows(m), m.widths, m.num_heads), 1):
     if stage in m.conv_stages:
       continue
@@ -79,11 +82,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     try:
       attention.check_attention_args(b, h, stride, m.mask_window, m.attention_impl)
     except ValueError as e:
-      raise ValueError(f'stage {stage}: {e}') from None
+      raise errors.ConfigError(f'stage {stage}: {e}') from None
     value_width = int(w * m.value_ratio)
     for name, width in (('width', w), ('value width', value_width)):
       if heads <= 0 or width % heads:
-        raise ValueError(f'stage {stage}: num_heads={heads} does not divide its {name} {width}')
+        raise errors.ConfigError(
+            f'stage {stage}: num_heads={heads} does not divide its {name} {width}')
 
 
 class SqueezeExcite(nn.Module):

@@ -4,6 +4,8 @@ import jax
 import ml_collections
 import optax
 
+from halonet import errors
+
 OPTIMIZERS = ('sgd', 'adamw')
 
 
@@ -37,7 +39,7 @@ def create_optimizer(config: ml_collections.ConfigDict,
     update = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
                          mask=decay_mask)
   else:
-    raise ValueError(f'config.optimizer.name={opt.name!r} is not one of {OPTIMIZERS}')
+    raise errors.ConfigError(f'config.optimizer.name={opt.name!r} is not one of {OPTIMIZERS}')
   if opt.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), update)
   return update

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from halonet import errors
+
 DATA_AXIS = 'data'  # The mesh axis the batch is split over.
 AXES = (DATA_AXIS, 'model')
 PREFETCH_BATCHES = 2  # Batches placed on the devices ahead of the one a step is consuming.
@@ -21,15 +23,18 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int
   """(data, model) sizes with a -1 filled in; raises one line if they cannot cover the devices."""
   shape = tuple(int(n) for n in mesh_shape)
   if len(shape) != 2 or shape.count(-1) > 1 or any(n == 0 or n < -1 for n in shape):
-    raise ValueError(f'config.mesh_shape={shape} must be (data, model) positive sizes, at most one -1')
+    raise errors.ConfigError(
+        f'config.mesh_shape={shape} must be (data, model) positive sizes, at most one -1')
   known = int(np.prod([n for n in shape if n != -1]))
   if -1 in shape:
     if num_devices % known:
-      raise ValueError(f'config.mesh_shape={shape} does not divide the {num_devices} devices')
+      raise errors.ConfigError(
+          f'config.mesh_shape={shape} does not divide the {num_devices} devices')
     shape = tuple(num_devices // known if n == -1 else n for n in shape)
   if shape[0] * shape[1] != num_devices:
-    raise ValueError(f'config.mesh_shape={shape} needs {shape[0] * shape[1]} devices but there are '
-                     f'{num_devices}')
+    raise errors.ConfigError(
+        f'config.mesh_shape={shape} needs {shape[0] * shape[1]} devices but there are '
+        f'{num_devices}')
   return shape
 
 

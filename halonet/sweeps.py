@@ -24,6 +24,7 @@ import jax
 import ml_collections
 
 from halonet import checkpointing
+from halonet import errors
 from halonet import input_pipeline
 from halonet import config_checks
 from halonet import sweep_report
@@ -51,7 +52,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   """`get_config()` of a config file, or `get_config(arg)` for 'file.py:arg', as config_flags."""
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
-    raise ValueError(f'no config file {path!r}')
+    raise errors.ConfigError(f'no config file {path!r}')
   module_spec = importlib.util.spec_from_file_location('_sweep_base_config', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -100,10 +101,11 @@ def check_key(config: ml_collections.ConfigDict, key: str, source: str) -> None:
   node = config
   for part in key.split('.'):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise ValueError(f'sweep override key {key!r} is not a field of {source}')
+      raise errors.ConfigError(f'sweep override key {key!r} is not a field of {source}')
     node = node[part]
   if isinstance(node, ml_collections.ConfigDict):
-    raise ValueError(f'sweep override key {key!r} names a group of fields in {source}, not one')
+    raise errors.ConfigError(
+        f'sweep override key {key!r} names a group of fields in {source}, not one')
 
 
 def build_points(sweep: ml_collections.ConfigDict, workdir: str) -> list[Point]:
@@ -117,17 +119,17 @@ def build_points(sweep: ml_collections.ConfigDict, workdir: str) -> list[Point]:
   for overrides in all_overrides:
     name = point_name(overrides)
     if any(p.name == name for p in points):
-      raise ValueError(f'sweep point {name} appears twice')
+      raise errors.ConfigError(f'sweep point {name} appears twice')
     config = base_config.copy_and_resolve_references()
     for key, value in {**common, **overrides}.items():
       try:
         config.update_from_flattened_dict({key: value})
       except TypeError as e:  # ConfigDict refuses a value of another type.
-        raise ValueError(f'sweep override {key}={value!r}: {e}') from None
+        raise errors.ConfigError(f'sweep override {key}={value!r}: {e}') from None
     try:
       config_checks.validate_values(config)
     except ValueError as e:
-      raise ValueError(f'sweep point {name}: {e}') from None
+      raise errors.ConfigError(f'sweep point {name}: {e}') from None
     points.append(Point(name, overrides, config, os.path.join(workdir, name)))
   return points
 

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from halonet import checkpointing
 from halonet import config_checks
+from halonet import errors
 from halonet import eval_lib
 from halonet import input_pipeline
 from halonet import model as model_lib
@@ -337,7 +338,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     new = json.loads(config.to_json_best_effort())
     diff = checkpointing.refused_for_eval(checkpointing.changed_fields(stored, new))
     if diff:
-      raise ValueError(f'the checkpoints in {workdir} were trained with a different model '
+      raise errors.ConfigError(f'the checkpoints in {workdir} were trained with a different model '
                        f'(fields: {", ".join(diff)})')
   sizes = split_sizes(config, train=False)
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints, read_only=True)

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from configs import quickstart
 from configs import tiny
 from halonet import train_lib
 

@@ -217,16 +217,21 @@ def test_prefetch_to_device_keeps_order_and_reads_only_two_ahead():
   assert [int(first['image'][0, 0])] + rest == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize('flag, named', [
-    ('--config.batch_sz=3', 'unknown config field: batch_sz'),
-    ('--config.batch_size=abc', '--config.batch_size=abc'),
+@pytest.mark.parametrize('script, args, named', [
+    ('train.py', ['--config.batch_sz=3'], 'unknown config field: batch_sz'),
+    ('train.py', ['--config.batch_size=abc'], '--config.batch_size=abc'),
+    ('train.py', ['--config.optimizer.learning_rate=-1'], 'optimizer.learning_rate=-1.0'),
+    ('train.py', ['--config.dataset=imagenet2013'], 'did you mean imagenet2012'),
+    ('train.py', ['--config=configs/halonet.py:h8'], "unknown HaloNet config 'h8'"),
+    ('train.py', ['--config=configs/h9.py'], "No such file or directory: 'configs/h9.py'"),
+    ('eval.py', [], 'no complete checkpoint'),
 ])
-def test_bad_command_line_fails_in_one_line(flag, named, tmp_path):
+def test_bad_command_line_fails_in_one_line(script, args, named, tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  run = subprocess.run([sys.executable, 'train.py', '--config=configs/tiny.py',
-                        f'--workdir={tmp_path / "run"}', flag], cwd=root, capture_output=True,
+  run = subprocess.run([sys.executable, script, '--config=configs/tiny.py',
+                        f'--workdir={tmp_path / "run"}', *args], cwd=root, capture_output=True,
                        text=True, timeout=120)
   assert run.returncode != 0
-  assert named in run.stderr.strip().splitlines()[-1]
+  assert named in run.stderr.strip().splitlines()[-1], run.stderr[-2000:]
   assert 'Traceback' not in run.stderr
   assert not (tmp_path / 'run').exists()
