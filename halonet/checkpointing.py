@@ -4,7 +4,6 @@ import itertools
 import json
 import logging as std_logging
 import os
-import tempfile
 from typing import Any
 
 from absl import logging
@@ -62,15 +61,18 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-  """Write-then-rename, so a reader or a crash never sees half a file (process 0 only)."""
+  """Write-then-rename, so a reader or a crash never sees half a file (process 0 only).
+
+  The temporary file is opened like any other (not with tempfile, which makes it 0600), so
+  the result has the permissions the user's umask gives.
+  """
   if jax.process_index() != 0:
     return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile('w', dir=directory, prefix='.tmp_', suffix='.json',
-                                   delete=False) as f:
+  tmp = os.path.join(directory, f'.tmp_{os.getpid()}_{os.path.basename(path)}')
+  with open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True)
-    tmp = f.name
   os.replace(tmp, path)
 
 

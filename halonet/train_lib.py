@@ -217,6 +217,15 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self.previous)
 
 
+def _is_finished(config: ml_collections.ConfigDict, workdir: str, step: int, train_examples: int,
+                 results: dict[str, Any]) -> bool:
+  """Whether workdir holds this very config's run, trained to its end and evaluated there."""
+  stored = checkpointing.stored_config(workdir)
+  same = stored is not None and not checkpointing.changed_fields(
+      stored, json.loads(config.to_json_best_effort()))
+  return same and step == total_train_steps(config, train_examples) == results.get('step')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_config_change: bool = False) -> dict[str, Any]:
   """Trains (resuming from workdir/checkpoints if present) and returns the last results."""
@@ -224,6 +233,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   sizes = split_sizes(config)
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
   start_step = manager.latest_step() or 0
+  results_path = os.path.join(workdir, 'results.json')
+  previous = checkpointing.read_json(results_path) if os.path.exists(results_path) else {}
+  if _is_finished(config, workdir, start_step, sizes[config.train_split], previous):
+    manager.close()  # The same command on a finished run: nothing to do, nothing rewritten.
+    print(f'{workdir} already finished at step {start_step}; its results.json is unchanged',
+          flush=True)
+    return previous
   checkpointing.check_and_store_config(config, workdir, allow_config_change, start_step)
   logging.info('process %d/%d, devices %s', jax.process_index(), jax.process_count(),
                jax.devices())
@@ -253,7 +269,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   preemption = _Preemption()
   pending = []  # (step, device metrics) not yet fetched: fetching every step would stall dispatch.
-  results = {'step': start_step, 'num_params': num_params, 'train_images_per_sec': None}
+  results = {'step': start_step, 'num_params': num_params,
+             'train_images_per_sec': previous.get('train_images_per_sec')}
   window_start = time.perf_counter()
 
   def last_good() -> str:
@@ -293,7 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     for name, splits in evals.items():
       writer.write_scalars(step, {f'{name}/{split}/{k}': v for split, r in splits.items()
                                   for k, v in r.items()})
-    checkpointing.write_json_atomic(os.path.join(workdir, 'results.json'), results)
+    checkpointing.write_json_atomic(results_path, results)
     window_start = time.perf_counter()
 
   step = start_step

@@ -235,3 +235,21 @@ def test_bad_command_line_fails_in_one_line(script, args, named, tmp_path):
   assert named in run.stderr.strip().splitlines()[-1], run.stderr[-2000:]
   assert 'Traceback' not in run.stderr
   assert not (tmp_path / 'run').exists()
+
+
+def test_rerun_of_a_finished_run_changes_nothing_and_files_follow_the_umask(tmp_path, monkeypatch):
+  workdir = tmp_path / 'run'
+  previous = os.umask(0o022)
+  try:
+    train_lib.train_and_evaluate(tiny.get_config(), str(workdir))
+  finally:
+    os.umask(previous)
+  for name in ('config.json', 'results.json'):
+    assert (workdir / name).stat().st_mode & 0o777 == 0o644, name
+  assert json.loads((workdir / 'results.json').read_text())['train_images_per_sec'] > 0
+  written = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in workdir.rglob('*') if p.is_file()}
+  monkeypatch.setattr(jax, 'jit', _no_compile)  # Nothing to train or evaluate: nothing compiled.
+  again = train_lib.train_and_evaluate(tiny.get_config(), str(workdir))
+  assert again['step'] == tiny.get_config().num_train_steps
+  assert {p: (p.read_bytes(), p.stat().st_mtime_ns)
+          for p in workdir.rglob('*') if p.is_file()} == written
