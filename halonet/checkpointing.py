@@ -1,9 +1,11 @@
 """What a workdir keeps between runs: Orbax checkpoints, the starting config, JSON results."""
 
+import contextlib
 import itertools
 import json
 import logging as std_logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from absl import logging
@@ -47,8 +49,40 @@ def create_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.Chec
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-  """Starts an async save; the device->host copy finishes before return, so donation is safe."""
-  manager.save(step, args=ocp.args.StandardSave(state), force=True)
+  """Starts an async save; the device->host copy finishes before return, so donation is safe.
+
+  A failure of the previous async save surfaces here; a full disk is reported as such.
+  """
+  with _disk_full_reported(manager):
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+  """Waits for the last async save (reporting a full disk as such) and closes the manager."""
+  try:
+    with _disk_full_reported(manager):
+      manager.wait_until_finished()
+  finally:
+    manager.close()
+
+
+@contextlib.contextmanager
+def _disk_full_reported(manager: ocp.CheckpointManager) -> Iterator[None]:
+  try:
+    yield
+  except Exception as e:  # Orbax re-raises TensorStore's write errors as ValueError.
+    if not errors.is_disk_full(e):
+      raise
+    try:  # Saves still in flight may complete (or fail too): then read what is on disk.
+      manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except  # Reported by the error raised below.
+      pass
+    complete = ocp.path.step.checkpoint_steps(manager.directory)
+    last = f'step {max(complete)}' if complete else 'none'
+    raise errors.DiskFull(
+        f'disk full while writing a checkpoint in {manager.directory}; the last complete '
+        f'checkpoint is {last}: free space, then rerun the same command to resume from it'
+    ) from e
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> Any:

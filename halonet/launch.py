@@ -55,9 +55,13 @@ def start(argv: Sequence[str]) -> None:
 
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
-  """Bad input (errors.ConfigError, a missing file) and a diverged run end in one line naming
-  the cause, not a traceback; anything else is a bug and keeps its traceback."""
+  """Bad input (errors.ConfigError, a missing file), a full disk and a diverged run end in one
+  line naming the cause, not a traceback; anything else is a bug and keeps its traceback."""
   try:
     yield
   except (errors.ConfigError, FileNotFoundError, FloatingPointError) as e:
+    sys.exit(f'FATAL {e}')
+  except OSError as e:  # errors.DiskFull, or ENOSPC from a plain write.
+    if not errors.is_disk_full(e):
+      raise
     sys.exit(f'FATAL {e}')

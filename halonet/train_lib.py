@@ -341,9 +341,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return results
   finally:
     preemption.close()
-    manager.wait_until_finished()
-    manager.close()
     writer.close()
+    checkpointing.finish(manager)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,

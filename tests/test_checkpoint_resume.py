@@ -13,6 +13,7 @@ import pytest
 
 from configs import tiny
 from halonet import checkpointing
+from halonet import errors
 from halonet import input_pipeline
 from halonet import sharding
 from halonet import train_lib
@@ -180,3 +181,63 @@ def test_half_written_checkpoint_is_never_restored(tmp_path):
   checkpointing.save(writer, 3, {'w': np.arange(4.0) + 1})
   writer.close()
   assert sorted(os.listdir(checkpoints)) == ['2', '3']
+
+
+def _failing_save_at(step):
+  """CheckpointManager.save, failing as Orbax does when TensorStore hits a full disk."""
+  save = ocp.CheckpointManager.save
+
+  def failing(manager, at, *args, **kwargs):
+    if at == step:
+      raise ValueError(f'RESOURCE_EXHAUSTED: Error writing "params" in OCDBT database at local '
+                       f'file "{manager.directory}/{at}.orbax-checkpoint-tmp": No space left on '
+                       f'device [os_error_code=\'28\']')
+    return save(manager, at, *args, **kwargs)
+  return failing
+
+
+def test_full_disk_names_the_last_complete_checkpoint_and_resumes_from_it(tmp_path, monkeypatch,
+                                                                         caplog):
+  config = tiny.get_config()
+  config.num_train_steps, config.checkpoint_every_steps = 6, 1
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', _failing_save_at(4))
+  with pytest.raises(errors.DiskFull) as error:
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  assert 'disk full' in str(error.value) and 'last complete checkpoint is step 3' in str(error.value)
+  monkeypatch.undo()
+  caplog.set_level('INFO')
+  assert train_lib.train_and_evaluate(config, str(tmp_path))['step'] == 6
+  assert 'resumed from checkpoint at step 3' in caplog.text
+
+
+@pytest.mark.slow
+def test_real_full_disk_then_resume_after_space_is_freed(tmp_path):
+  """On a 1.5 MB tmpfs (where this machine lets the test mount one): train.py stops in one line
+  naming the last complete checkpoint, and once the disk is larger resumes from exactly it."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1536k', 'tmpfs', str(disk)],
+                         capture_output=True, text=True)
+  if mount.returncode:
+    pytest.skip(f'cannot mount a tmpfs here: {mount.stderr.strip()}')
+  try:
+    workdir = disk / 'run'
+    command = [sys.executable, 'train.py', '--config=configs/tiny.py', f'--workdir={workdir}',
+               '--config.num_train_steps=12', '--config.checkpoint_every_steps=1',
+               '--config.keep_checkpoints=100']
+    run = lambda: subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    full = run()
+    # Orbax's writer threads log their own tracebacks around it: find the run's one line.
+    fatal = [line for line in full.stderr.splitlines() if line.startswith('FATAL')]
+    complete = ocp.path.step.checkpoint_steps(workdir / 'checkpoints')
+    assert full.returncode == 1 and len(fatal) == 1, full.stderr[-3000:]
+    assert 'disk full' in fatal[0]
+    last = f'step {max(complete)}' if complete else 'none'
+    assert f'last complete checkpoint is {last}' in fatal[0]
+    subprocess.run(['mount', '-o', 'remount,size=64m', str(disk)], check=True)
+    resumed = run()
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if complete:
+      assert f'resumed from checkpoint at step {max(complete)}' in resumed.stderr
+  finally:
+    subprocess.run(['umount', str(disk)], capture_output=True)
