@@ -19,14 +19,17 @@ from halonet import sharding
 from halonet import train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 8
-FLAGS = ['--config=configs/tiny.py', f'--config.num_train_steps={STEPS}']
+STEPS = 24
+# A save every step: an async write is in flight at any moment a kill can hit.
+FLAGS = ['--config=configs/tiny.py', f'--config.num_train_steps={STEPS}',
+         '--config.checkpoint_every_steps=1']
+KILLS = 5
 # Batches are read this many steps ahead (device prefetch): the read of batch n + AHEAD happens
 # just before step n runs.
 AHEAD = sharding.PREFETCH_BATCHES
 
 # train.py, but the train iterator sends `signal` to its own process just before it reads
-# batch `at_step`, once `wait_for` (a finished checkpoint dir) exists: a kill at an
+# batch `at_step` (once `wait_for`, a finished checkpoint dir, exists; '-': at once): a kill at an
 # exact point of the run, which an outside timer could not hit in a run this short. Batches are
 # numbered from `resumed_at`, the step the test knows the run resumes from, not from what the
 # code under test asks the pipeline for: an off-by-one there then fails the final comparison.
@@ -48,7 +51,7 @@ def interrupting(config, split, *, train, **kwargs):
     for step, batch in enumerate(batches, resumed_at + 1):
       if step == at_step:
         deadline = time.time() + 120
-        while not os.path.isdir(wait_for) and time.time() < deadline:
+        while wait_for != '-' and not os.path.isdir(wait_for) and time.time() < deadline:
           time.sleep(0.05)
         os.kill(os.getpid(), sig)
       yield batch
@@ -59,14 +62,25 @@ app.run(train.main, argv=['train.py'] + sys.argv[5:])
 '''
 
 
+@pytest.fixture(autouse=True, scope='module')
+def _compilation_cache_for_subprocesses(tmp_path_factory):
+  """The train.py subprocesses here compile the same steps: all but the first load them."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path_factory.mktemp('jax_cache')))
+    yield
+
+
 def _run(args, workdir):
   return subprocess.run([sys.executable, *args, f'--workdir={workdir}', *FLAGS], cwd=REPO,
                         capture_output=True, text=True, timeout=300)
 
 
-def _interrupt(sig, at_step, workdir, wait_for_step, resumed_at):
-  wait_for = os.path.join(workdir, 'checkpoints', str(wait_for_step))
-  return _run(['-c', INTERRUPTED_TRAIN, sig, str(at_step), wait_for, str(resumed_at)], workdir)
+def _interrupt(sig, at_step, workdir, resumed_at):
+  return _run(['-c', INTERRUPTED_TRAIN, sig, str(at_step), '-', str(resumed_at)], workdir)
+
+
+def _complete_steps(workdir):
+  return ocp.path.step.checkpoint_steps(os.path.join(workdir, 'checkpoints'))
 
 
 def _final_state(workdir):
@@ -78,9 +92,12 @@ def _final_state(workdir):
 
 
 @pytest.mark.slow
-def test_sigterm_then_sigkill_then_resume_equals_unbroken_run(tmp_path, monkeypatch):
+def test_sigterm_then_sigkill_soak_then_resume_equals_unbroken_run(tmp_path, monkeypatch):
+  """A SIGTERM, then KILLS SIGKILLs at random steps, each while saves are being written (one is
+  started every step) and each resumed from the newest complete checkpoint on disk: the final
+  parameters are bit-identical to an unbroken run's."""
   config = tiny.get_config()
-  config.num_train_steps = STEPS
+  config.num_train_steps, config.checkpoint_every_steps = STEPS, 1
   unbroken = str(tmp_path / 'unbroken')
   train_lib.train_and_evaluate(config, unbroken)
 
@@ -98,21 +115,26 @@ def test_sigterm_then_sigkill_then_resume_equals_unbroken_run(tmp_path, monkeypa
   monkeypatch.setattr(input_pipeline, 'create_split', terminating)
   assert train_lib.train_and_evaluate(config, workdir)['preempted']
   monkeypatch.undo()
-  manager = checkpointing.create_manager(workdir, 3, read_only=True)
-  assert manager.all_steps() == [2, 3]
-  manager.close()
+  assert max(_complete_steps(workdir)) == 3
 
-  # A subprocess resumes at 3 and is SIGKILLed once checkpoint 6 is complete: 7 and 8 are lost.
-  kill = _interrupt('SIGKILL', 7 + AHEAD, workdir, wait_for_step=6, resumed_at=3)
-  assert kill.returncode == -signal.SIGKILL, kill.stderr[-3000:]
-  assert 'resumed from checkpoint at step 3' in kill.stderr
+  # Each subprocess resumes at the newest complete checkpoint (read here from disk) and is
+  # SIGKILLed just before a random step: saves of the steps before it may be half-written.
+  rng = np.random.default_rng(0)
+  for _ in range(KILLS):
+    resumed_at = max(_complete_steps(workdir))
+    last = resumed_at + int(rng.integers(1, 4))  # The step the run gets through; < STEPS.
+    kill = _interrupt('SIGKILL', last + AHEAD + 1, workdir, resumed_at)
+    assert kill.returncode == -signal.SIGKILL, kill.stderr[-3000:]
+    assert f'resumed from checkpoint at step {resumed_at}' in kill.stderr
 
   # A half-written save of a later step (Orbax's tmp name) must be ignored, not restored.
   checkpoints = os.path.join(workdir, 'checkpoints')
-  shutil.copytree(os.path.join(checkpoints, '6'), os.path.join(checkpoints, '8.orbax-checkpoint-tmp'))
+  newest = max(_complete_steps(workdir))
+  shutil.copytree(os.path.join(checkpoints, str(newest)),
+                  os.path.join(checkpoints, f'{STEPS}.orbax-checkpoint-tmp'))
   done = _run(['train.py'], workdir)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert 'resumed from checkpoint at step 6' in done.stderr
+  assert f'resumed from checkpoint at step {newest}' in done.stderr
   assert f'step {STEPS}/{STEPS}' in done.stdout
 
   # Same program, same batches (the input position is the step): bit-identical on CPU.
