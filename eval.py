@@ -1,8 +1,12 @@
-"""Evaluates a checkpoint: `python eval.py --config=... --workdir=... [--step=N]`.
+"""Evaluates a checkpoint: `python eval.py --workdir=W [--step=N] [--config.field=value ...]`.
 
-Reports raw and (when trained with one) EMA params on config.eval_splits and merges the
-figures into workdir/eval_results.json under the step.
+Without --config it evaluates the run as W/config.json stored it (configs/stored.py). Reports
+raw and (when trained with one) EMA params on config.eval_splits of config.dataset and appends
+one record per (step, dataset, split, weights) to W/eval_records.jsonl.
 """
+
+import os
+from collections.abc import Sequence
 
 from absl import app
 from absl import flags
@@ -12,7 +16,21 @@ from halonet import train_lib
 
 launch.define_flags("The training run's workdir.")
 flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: latest).')
+flags.adopt_module_key_flags(launch)  # --help lists --config, --workdir, --distributed.
 FLAGS = flags.FLAGS
+STORED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'stored.py')
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """launch.parse_flags, with --config defaulting to the workdir's stored config."""
+  args = list(argv[1:])
+  if not any(a == '--config' or a.startswith('--config=') for a in args):
+    for i, a in enumerate(args):
+      if a.startswith('--workdir=') or (a == '--workdir' and i + 1 < len(args)):
+        workdir = a.split('=', 1)[1] if '=' in a else args[i + 1]
+        args.insert(0, f'--config={STORED_CONFIG}:{workdir}')
+        break
+  return launch.parse_flags([argv[0], *args])
 
 
 def main(argv):
@@ -22,4 +40,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=launch.parse_flags)
+  app.run(main, flags_parser=parse_flags)

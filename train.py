@@ -12,6 +12,7 @@ from halonet import train_lib
 launch.define_flags('Checkpoints, config.json, metrics and results.json.')
 flags.DEFINE_bool('allow_config_change', False,
                   'Resume even if the config differs from the one in workdir/config.json.')
+flags.adopt_module_key_flags(launch)  # --help lists --config, --workdir, --distributed.
 FLAGS = flags.FLAGS
 
 

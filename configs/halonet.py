@@ -99,6 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
   config.seed = 0
+  # (first, last): a jax.profiler trace of those train steps in workdir/plugins/profile; () = off.
+  config.profile_steps = ()
   return config
 
 

@@ -21,7 +21,8 @@ from halonet import errors
 # change would make the resumed run a different experiment, and is refused unless allowed.
 RESUMABLE_FIELDS = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                     'keep_checkpoints', 'eval_splits', 'eval_batch_size', 'mesh_shape',
-                    'data_dir', 'manual_dir', 'cache', 'num_epochs', 'num_train_steps')
+                    'data_dir', 'manual_dir', 'cache', 'num_epochs', 'num_train_steps',
+                    'profile_steps')
 # What a checkpoint's arrays depend on: evaluating it with other values here cannot work.
 CHECKPOINT_FIELDS = ('model', 'num_classes')
 
@@ -108,6 +109,19 @@ def write_json_atomic(path: str, obj: Any) -> None:
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
+
+
+def append_json_lines(path: str, records: list[dict[str, Any]]) -> None:
+  """Appends one JSON object per line (process 0 only): earlier records are never rewritten."""
+  if jax.process_index() != 0:
+    return
+  with open(path, 'a') as f:
+    f.write(''.join(json.dumps(r, sort_keys=True) + '\n' for r in records))
+
+
+def read_json_lines(path: str) -> list[dict[str, Any]]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def read_json(path: str) -> Any:

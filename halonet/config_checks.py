@@ -85,6 +85,10 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
   if not 0.0 < low <= high <= 1.0:
     raise errors.ConfigError(f'config.crop_area_range={tuple(config.crop_area_range)} must satisfy '
                      f'0 < low <= high <= 1')
+  profile = tuple(config.profile_steps)
+  if profile and not (len(profile) == 2 and 1 <= profile[0] <= profile[1]):
+    raise errors.ConfigError(f'config.profile_steps={profile} must be () or (first, last) with '
+                             f'1 <= first <= last')
   if re.fullmatch(r'h\d+', config.variant) and config.variant not in paper.VARIANTS:
     raise errors.ConfigError(f'config.variant={config.variant!r} is not a row of the paper; '
                      f'expected one of {list(paper.VARIANTS)}')

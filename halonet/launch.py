@@ -17,7 +17,9 @@ FLAGS = flags.FLAGS
 
 def define_flags(workdir_help: str) -> None:
   """--config (any field overridable, typos refused), --workdir, --distributed."""
-  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+  config_flags.DEFINE_config_file(
+      'config', None, 'Config file, e.g. configs/h1.py or configs/halonet.py:h7; override any '
+      'field with --config.FIELD=VALUE.', lock_config=True)
   flags.DEFINE_string('workdir', None, workdir_help)
   flags.DEFINE_bool('distributed', False,
                     'Call jax.distributed.initialize() first (multi-host pods).')

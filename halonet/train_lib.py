@@ -1,7 +1,9 @@
 """Training loop: one jitted step over a ('data', 'model') mesh, periodic exact evaluation,
 async Orbax checkpoints, and a clean stop on preemption or a non-finite loss."""
 
+import datetime
 import functools
+import itertools
 import json
 import math
 import os
@@ -28,6 +30,7 @@ from halonet import eval_lib
 from halonet import input_pipeline
 from halonet import model as model_lib
 from halonet import optim
+from halonet import profiling
 from halonet import sharding
 
 
@@ -195,6 +198,10 @@ def evaluate_all(eval_fn, state: TrainState, config: ml_collections.ConfigDict,
           for name, params in weights.items()}
 
 
+def _spec(x: jax.Array) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+
 def _format_seconds(seconds: float) -> str:
   minutes, seconds = divmod(int(seconds), 60)
   return f'{minutes // 60}:{minutes % 60:02d}:{seconds:02d}'
@@ -264,12 +271,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
   num_params = model_lib.count_params(config)
   logging.info('%d parameters, %d train steps', num_params, num_steps)
-  step_fn = make_train_step(config, model, tx, schedule, mesh, state_shardings)
-  eval_fn = eval_lib.make_eval_step(model, mesh)
+  # Both steps are compiled here, timed apart, so images/s and the ETA measure training only.
+  first_batch = next(batches)
+  batches = itertools.chain([first_batch], batches)
+  compile_start = time.perf_counter()
+  step_fn = make_train_step(config, model, tx, schedule, mesh, state_shardings).lower(
+      abstract, jax.tree.map(_spec, first_batch)).compile()
+  compile_seconds = {'train_step': time.perf_counter() - compile_start}
+  eval_fn, compile_seconds['eval_step'] = eval_lib.compile_eval_step(
+      model, mesh, {'params': abstract.params, 'batch_stats': abstract.batch_stats}, config)
+  if jax.process_index() == 0:
+    print(f'compiled in {compile_seconds["train_step"]:.1f} s (train step) + '
+          f'{compile_seconds["eval_step"]:.1f} s (eval step)', flush=True)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   preemption = _Preemption()
+  trace = profiling.StepTrace(config.profile_steps, workdir)
   pending = []  # (step, device metrics) not yet fetched: fetching every step would stall dispatch.
-  results = {'step': start_step, 'num_params': num_params,
+  results = {'step': start_step, 'num_params': num_params, 'compile_seconds': compile_seconds,
              'train_images_per_sec': previous.get('train_images_per_sec')}
   window_start = time.perf_counter()
 
@@ -317,8 +335,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     with jax.set_mesh(mesh):
       while step < num_steps:
+        trace.before(step + 1)
         state, metrics = step_fn(state, next(batches))
         step += 1
+        trace.after(step, metrics)
         pending.append((step, metrics))
         preempted = preemption.reached(manager, step)
         save = step % config.checkpoint_every_steps == 0 or step == num_steps or preempted
@@ -340,6 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 f'top-5 {r["top5"]:.2f}%', flush=True)
     return results
   finally:
+    trace.stop()
     preemption.close()
     writer.close()
     checkpointing.finish(manager)
@@ -347,15 +368,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None) -> dict[str, Any]:
-  """Evaluates a saved step (default: latest) and merges it into workdir/eval_results.json."""
+  """Evaluates a saved step (default: latest) and appends its records to
+  workdir/eval_records.jsonl: one per (step, dataset, split, weights), never replacing any."""
   config_checks.validate_config(config)
   stored = checkpointing.stored_config(workdir)
   if stored is not None:
     new = json.loads(config.to_json_best_effort())
     diff = checkpointing.refused_for_eval(checkpointing.changed_fields(stored, new))
     if diff:
-      raise errors.ConfigError(f'the checkpoints in {workdir} were trained with a different model '
-                       f'(fields: {", ".join(diff)})')
+      raise errors.ConfigError(f'the checkpoints in {workdir} were trained with a different '
+                               f'model (fields: {", ".join(diff)})')
   sizes = split_sizes(config, train=False)
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints, read_only=True)
   try:
@@ -368,18 +390,21 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   finally:
     manager.close()
   step = int(state.step)
+  eval_fn, seconds = eval_lib.compile_eval_step(
+      model, mesh, {'params': abstract.params, 'batch_stats': abstract.batch_stats}, config)
+  logging.info('compiled the eval step in %.1f s', seconds)
   with jax.set_mesh(mesh):
-    evals = evaluate_all(eval_lib.make_eval_step(model, mesh), state, config, sizes, mesh)
-  results = {'step': step, 'num_params': model_lib.count_params(config),
-             **{f'{name}_eval': v for name, v in evals.items()}}
+    evals = evaluate_all(eval_fn, state, config, sizes, mesh)
+  when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+  records = [{'step': step, 'dataset': config.dataset, 'split': split, 'weights': name,
+              'image_size': config.image_size, 'crop_fraction': config.crop_fraction,
+              'evaluated_at': when, **r}
+             for name, splits in evals.items() for split, r in splits.items()]
   if jax.process_index() == 0:
-    for name, splits in evals.items():
-      for split, r in splits.items():
-        print(f'step {step} {split} ({name} params): top-1 {r["top1"]:.2f}% top-5 {r["top5"]:.2f}% '
-              f'loss {r["loss"]:.4f} {r["images_per_sec"]:.1f} img/s ({r["count"]} images)',
-              flush=True)
-  path = os.path.join(workdir, 'eval_results.json')
-  merged = checkpointing.read_json(path) if os.path.exists(path) else {}
-  merged[str(step)] = results
-  checkpointing.write_json_atomic(path, merged)
-  return results
+    for r in records:
+      print(f'step {step} {r["dataset"]} {r["split"]} ({r["weights"]} params): top-1 '
+            f'{r["top1"]:.2f}% top-5 {r["top5"]:.2f}% loss {r["loss"]:.4f} '
+            f'{r["images_per_sec"]:.1f} img/s ({r["count"]} images)', flush=True)
+  checkpointing.append_json_lines(os.path.join(workdir, 'eval_records.jsonl'), records)
+  return {'step': step, 'num_params': model_lib.count_params(config),
+          **{f'{name}_eval': v for name, v in evals.items()}}

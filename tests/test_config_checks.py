@@ -57,6 +57,8 @@ def test_bad_value_fails_in_one_line_naming_it(field, value):
     ('crop_area_range', (0.0, 1.0), 'crop_area_range=(0.0, 1.0)'),
     ('variant', 'h8', "variant='h8'"),
     ('optimizer.name', 'lamb', "'lamb'"),
+    ('profile_steps', (3, 2), 'profile_steps=(3, 2)'),
+    ('profile_steps', (0, 2), 'profile_steps=(0, 2)'),
 ])
 def test_bad_sequence_or_name_fails_in_one_line_naming_it(field, value, named):
   with pytest.raises(ValueError) as error:

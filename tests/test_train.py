@@ -176,11 +176,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.filterwarnings('ignore:overflow encountered:RuntimeWarning')
-@pytest.mark.parametrize('learning_rate', [1e8, 1e40])
+@pytest.mark.parametrize('learning_rate', [1e40])
 def test_diverging_run_saves_only_finite_states_and_names_one(learning_rate, tmp_path):
-  """1e8: params grow to ~1e20, then the loss is NaN; 1e40: the peak rate overflows float32, so
-  step 1's update is non-finite while its loss (computed before the update) is not. Either way
-  every checkpoint left holds finite values, and the step the error names is one of them."""
+  """The peak rate overflows float32, so step 1's update is non-finite while its loss (computed
+  before the update) is not: every checkpoint left holds finite values, and the step the error
+  names is one of them."""
   config = tiny.get_config()
   config.num_train_steps, config.checkpoint_every_steps = 6, 1
   config.optimizer.learning_rate = learning_rate
@@ -237,19 +237,36 @@ def test_bad_command_line_fails_in_one_line(script, args, named, tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
-def test_rerun_of_a_finished_run_changes_nothing_and_files_follow_the_umask(tmp_path, monkeypatch):
+def test_finished_run_compile_time_profile_then_rerun_changes_nothing(tmp_path, monkeypatch,
+                                                                       capsys):
+  """One run: compile time reported apart, a profile of steps 2-3, files that follow the umask;
+  then the same command again, which has nothing to do and rewrites nothing."""
   workdir = tmp_path / 'run'
+  config = tiny.get_config()
+  config.profile_steps = (2, 3)
   previous = os.umask(0o022)
   try:
-    train_lib.train_and_evaluate(tiny.get_config(), str(workdir))
+    results = train_lib.train_and_evaluate(config, str(workdir))
   finally:
     os.umask(previous)
   for name in ('config.json', 'results.json'):
     assert (workdir / name).stat().st_mode & 0o777 == 0o644, name
-  assert json.loads((workdir / 'results.json').read_text())['train_images_per_sec'] > 0
+  assert results['train_images_per_sec'] > 0
+  assert results['compile_seconds']['train_step'] > 0 < results['compile_seconds']['eval_step']
+  assert 'compiled in' in capsys.readouterr().out
+  traces = list((workdir / 'plugins' / 'profile').glob('*/*.xplane.pb'))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
   written = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in workdir.rglob('*') if p.is_file()}
   monkeypatch.setattr(jax, 'jit', _no_compile)  # Nothing to train or evaluate: nothing compiled.
-  again = train_lib.train_and_evaluate(tiny.get_config(), str(workdir))
-  assert again['step'] == tiny.get_config().num_train_steps
+  again = train_lib.train_and_evaluate(config, str(workdir))
+  assert again['step'] == config.num_train_steps
   assert {p: (p.read_bytes(), p.stat().st_mtime_ns)
           for p in workdir.rglob('*') if p.is_file()} == written
+
+
+def test_help_lists_the_main_flags():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = subprocess.run([sys.executable, 'train.py', '--help'], cwd=root, capture_output=True,
+                       text=True, timeout=120)
+  for flag in ('--config:', '--workdir:', 'distributed:', 'allow_config_change:'):
+    assert flag in run.stdout, run.stdout
