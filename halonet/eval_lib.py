@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 from halonet import input_pipeline
 from halonet import sharding
 
-PROGRESS_LINES = 20  # Evaluations of at least this many batches print their progress.
+PROGRESS_SECONDS = 30.0  # A longer evaluation prints how far it is this often.
 
 
 def eval_step(variables: Any, batch: dict[str, jax.Array], *,
@@ -59,21 +59,21 @@ def evaluate(eval_fn, variables: Any, config: ml_collections.ConfigDict, split: 
              num_examples: int, mesh: Mesh) -> dict[str, float]:
   """Top-1/top-5 (%) and mean loss over the whole split of `num_examples`, plus images/s.
 
-  A long evaluation (PROGRESS_LINES or more batches) prints how far it is, every tenth.
+  A long evaluation prints how far it is every PROGRESS_SECONDS.
   """
   batch_size = config.eval_batch_size // jax.process_count()
   batches = input_pipeline.create_split(
       config, split, train=False, batch_size=batch_size, split_size=num_examples,
       process_index=jax.process_index(), process_count=jax.process_count())
   num_batches = -(-(-(-num_examples // jax.process_count())) // batch_size)
-  every = max(1, num_batches // 10) if num_batches >= PROGRESS_LINES else 0
   totals = None
-  start = time.perf_counter()
+  start = reported = time.perf_counter()
   for i, batch in enumerate(sharding.prefetch_to_device(batches, mesh), 1):
     sums = eval_fn(variables, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    if every and i % every == 0 and jax.process_index() == 0:
-      print(f'eval {split}: batch {i}/{num_batches}', flush=True)
+    if time.perf_counter() - reported > PROGRESS_SECONDS and jax.process_index() == 0:
+      reported = time.perf_counter()
+      print(f'eval {split}: batch {i}/{num_batches}, {reported - start:.0f} s', flush=True)
   totals = jax.device_get(totals)
   seconds = time.perf_counter() - start
   count = int(totals['count'])

@@ -1,11 +1,18 @@
 """What train.py and eval.py share: the --config/--workdir/--distributed flags and start-up."""
 
+import os
+
+# TensorFlow's C++ INFO/WARNING lines (oneDNN, GCS auth probes): set before anything imports TF.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# pylint: disable=wrong-import-position
 import contextlib
 import sys
 from collections.abc import Iterator, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 from ml_collections import config_flags
 
@@ -50,6 +57,8 @@ def start(argv: Sequence[str]) -> None:
   """Rejects stray arguments, quiets Orbax, joins the pod's processes when asked."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:  # Library INFO chatter only when asked for (-v 0).
+    logging.set_verbosity(logging.WARNING)
   checkpointing.quiet_orbax_info_logs()
   if FLAGS.distributed:
     jax.distributed.initialize()

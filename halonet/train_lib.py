@@ -198,6 +198,12 @@ def evaluate_all(eval_fn, state: TrainState, config: ml_collections.ConfigDict,
           for name, params in weights.items()}
 
 
+def _say(message: str) -> None:
+  """A line for the person watching (process 0, stdout); library chatter goes to the log."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
 def _spec(x: jax.Array) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
@@ -248,14 +254,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           flush=True)
     return previous
   checkpointing.check_and_store_config(config, workdir, allow_config_change, start_step)
-  logging.info('process %d/%d, devices %s', jax.process_index(), jax.process_count(),
-               jax.devices())
   logging.info('config:\n%s', config)
   mesh = sharding.create_mesh(config.mesh_shape)
-  logging.info('mesh %s', dict(mesh.shape))
   model, tx, schedule, num_steps = build(config, sizes[config.train_split])
-  logging.info('on %s: compute dtype %s, attention_impl %s', jax.default_backend(), model.dtype,
-               model.attention_impl)
+  _say(f'{jax.device_count()} {jax.default_backend()} devices in {jax.process_count()} '
+       f'process(es), mesh {dict(mesh.shape)}; compute dtype {model.dtype}, attention_impl '
+       f'{model.attention_impl}')
   # The iterator is a pure function of (seed, process, step): resuming replays the same batches.
   batches = sharding.prefetch_to_device(input_pipeline.create_split(
       config, config.train_split, train=True, batch_size=config.batch_size // jax.process_count(),
@@ -266,11 +270,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   state_shardings = shardings_of(abstract)
   if start_step:
     state = checkpointing.restore(manager, abstract, start_step)
-    logging.info('resumed from checkpoint at step %d', start_step)
+    _say(f'resumed from checkpoint at step {start_step}')
   else:
     state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
   num_params = model_lib.count_params(config)
-  logging.info('%d parameters, %d train steps', num_params, num_steps)
+  _say(f'{num_params:,} parameters, {num_steps} train steps')
   # Both steps are compiled here, timed apart, so images/s and the ETA measure training only.
   first_batch = next(batches)
   batches = itertools.chain([first_batch], batches)
@@ -280,9 +284,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   compile_seconds = {'train_step': time.perf_counter() - compile_start}
   eval_fn, compile_seconds['eval_step'] = eval_lib.compile_eval_step(
       model, mesh, {'params': abstract.params, 'batch_stats': abstract.batch_stats}, config)
-  if jax.process_index() == 0:
-    print(f'compiled in {compile_seconds["train_step"]:.1f} s (train step) + '
-          f'{compile_seconds["eval_step"]:.1f} s (eval step)', flush=True)
+  _say(f'compiled in {compile_seconds["train_step"]:.1f} s (train step) + '
+       f'{compile_seconds["eval_step"]:.1f} s (eval step)')
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   preemption = _Preemption()
   trace = profiling.StepTrace(config.profile_steps, workdir)
@@ -312,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     scalars['lr'] = float(fetched[-1]['lr'])
     scalars['images_per_sec'] = len(fetched) * config.batch_size / elapsed
     results['train_images_per_sec'] = scalars['images_per_sec']
-    writer.write_scalars(step, scalars)
+    writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
     if jax.process_index() == 0:
       eta = (num_steps - step) * elapsed / len(fetched)
       print(f'step {step}/{num_steps} loss {scalars["loss"]:.4f} top1 {scalars["top1"]:.2f} '
@@ -326,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     evals = evaluate_all(eval_fn, state, config, sizes, mesh)
     results.update(step=step, **{f'{name}_eval': v for name, v in evals.items()})
     for name, splits in evals.items():
-      writer.write_scalars(step, {f'{name}/{split}/{k}': v for split, r in splits.items()
+      writer.write_scalars(step, {f'eval/{name}/{split}/{k}': v for split, r in splits.items()
                                   for k, v in r.items()})
     checkpointing.write_json_atomic(results_path, results)
     window_start = time.perf_counter()

@@ -125,7 +125,7 @@ def test_sigterm_then_sigkill_soak_then_resume_equals_unbroken_run(tmp_path, mon
     last = resumed_at + int(rng.integers(1, 4))  # The step the run gets through; < STEPS.
     kill = _interrupt('SIGKILL', last + AHEAD + 1, workdir, resumed_at)
     assert kill.returncode == -signal.SIGKILL, kill.stderr[-3000:]
-    assert f'resumed from checkpoint at step {resumed_at}' in kill.stderr
+    assert f'resumed from checkpoint at step {resumed_at}' in kill.stdout
 
   # A half-written save of a later step (Orbax's tmp name) must be ignored, not restored.
   checkpoints = os.path.join(workdir, 'checkpoints')
@@ -134,7 +134,7 @@ def test_sigterm_then_sigkill_soak_then_resume_equals_unbroken_run(tmp_path, mon
                   os.path.join(checkpoints, f'{STEPS}.orbax-checkpoint-tmp'))
   done = _run(['train.py'], workdir)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert f'resumed from checkpoint at step {newest}' in done.stderr
+  assert f'resumed from checkpoint at step {newest}' in done.stdout
   assert f'step {STEPS}/{STEPS}' in done.stdout
 
   # Same program, same batches (the input position is the step): bit-identical on CPU.
@@ -219,7 +219,7 @@ def _failing_save_at(step):
 
 
 def test_full_disk_names_the_last_complete_checkpoint_and_resumes_from_it(tmp_path, monkeypatch,
-                                                                         caplog):
+                                                                         capsys):
   config = tiny.get_config()
   config.num_train_steps, config.checkpoint_every_steps = 6, 1
   monkeypatch.setattr(ocp.CheckpointManager, 'save', _failing_save_at(4))
@@ -227,9 +227,8 @@ def test_full_disk_names_the_last_complete_checkpoint_and_resumes_from_it(tmp_pa
     train_lib.train_and_evaluate(config, str(tmp_path))
   assert 'disk full' in str(error.value) and 'last complete checkpoint is step 3' in str(error.value)
   monkeypatch.undo()
-  caplog.set_level('INFO')
   assert train_lib.train_and_evaluate(config, str(tmp_path))['step'] == 6
-  assert 'resumed from checkpoint at step 3' in caplog.text
+  assert 'resumed from checkpoint at step 3' in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -260,6 +259,6 @@ def test_real_full_disk_then_resume_after_space_is_freed(tmp_path):
     resumed = run()
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     if complete:
-      assert f'resumed from checkpoint at step {max(complete)}' in resumed.stderr
+      assert f'resumed from checkpoint at step {max(complete)}' in resumed.stdout
   finally:
     subprocess.run(['umount', str(disk)], capture_output=True)
