@@ -13,6 +13,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 import ml_collections
+import numpy as np
 
 from halonet import checkpointing
 from halonet import model
@@ -58,6 +59,25 @@ def collect_row(name: str, config: ml_collections.ConfigDict, workdir: str,
   return row
 
 
+def over_seeds(runs: list[dict[str, Any]], groups: list[str]) -> list[dict[str, Any]]:
+  """One row per point from its runs over seeds: top-1 columns as the mean, with `<col>_std`
+  (sample standard deviation) beside them, the seeds' count, and the point's own name."""
+  by_point: dict[str, list[dict[str, Any]]] = {}
+  for run, group in zip(runs, groups):
+    by_point.setdefault(group, []).append(run)
+  rows = []
+  for group, point_runs in by_point.items():
+    row = {**point_runs[0], 'point': group, 'seeds': len(point_runs)}
+    for column in [c for c in row if c.startswith('top1')]:
+      values = np.array([r[column] for r in point_runs], float)
+      row[column] = round(float(values.mean()), 2)
+      row[f'{column}_std'] = round(float(values.std(ddof=1)), 2) if len(values) > 1 else 0.0
+    speeds = [r['train_images_per_sec'] for r in point_runs if r['train_images_per_sec']]
+    row['train_images_per_sec'] = round(float(np.mean(speeds)), 1) if speeds else None
+    rows.append(row)
+  return rows
+
+
 def _get(tree: dict[str, Any], key: str) -> Any:
   for part in key.split('.'):
     tree = tree[part]
@@ -88,13 +108,14 @@ def plot(rows: list[dict[str, Any]], keys: list[str], labels: list[str], metric:
     categories = list(dict.fromkeys(_cell(v) for v in values))
     position = (lambda v: v) if numeric else (lambda v: categories.index(_cell(v)))
     others = [k for k in keys if k != key]
-    lines: dict[str, list[tuple[Any, float]]] = {}
+    lines: dict[str, list[tuple[Any, float, float]]] = {}
     for r, _ in rows_labels:
       name = ', '.join(f'{k.rsplit(".", 1)[-1]}={_cell(r[k])}' for k in others)
-      lines.setdefault(name, []).append((position(r[key]), r[metric]))
+      lines.setdefault(name, []).append((position(r[key]), r[metric], r.get(f'{metric}_std', 0)))
     for name, points in lines.items():
-      xs, ys = zip(*sorted(points))
-      ax.plot(xs, ys, marker='o', label=name or None)
+      xs, ys, errors = zip(*sorted(points))
+      # Error bars: the standard deviation over seeds, when the sweep has seeds.
+      ax.errorbar(xs, ys, yerr=errors, marker='o', capsize=3, label=name or None)
     if others:
       ax.legend(fontsize=7)
     if numeric:
@@ -106,7 +127,8 @@ def plot(rows: list[dict[str, Any]], keys: list[str], labels: list[str], metric:
     ax.set_xlabel(AXIS_LABELS.get(key, key))
   flops_ax = axes[-1]
   for r, label in rows_labels:
-    flops_ax.scatter(r['gflops'], r[metric], color='tab:blue')
+    flops_ax.errorbar(r['gflops'], r[metric], yerr=r.get(f'{metric}_std', 0), marker='o',
+                      color='tab:blue', capsize=3)
     flops_ax.annotate(label, (r['gflops'], r[metric]), xytext=(3, 3), textcoords='offset points',
                       fontsize=7)
   flops_ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
@@ -132,5 +154,5 @@ def write_results(rows: list[dict[str, Any]], overrides: list[dict[str, Any]],
   checkpointing.write_json_atomic(os.path.join(workdir, 'results.json'), {
       **extra, 'rows': [{**r, 'overrides': o} for r, o in zip(rows, overrides)]})
   # The first eval split with the raw params: the one every point has.
-  metric = next(c for c in columns if c.startswith('top1_'))
+  metric = next(c for c in columns if c.startswith('top1_') and not c.endswith('_std'))
   plot(rows, keys, labels, metric, title, os.path.join(workdir, 'results.png'))

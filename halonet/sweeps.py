@@ -5,6 +5,8 @@ A sweep file (`configs/sweeps/*.py`) returns a ConfigDict with
   base_overrides:  applied to every point; a nested mapping shaped like the config.
   grid:            candidate values per field (nested mapping); the points are their product.
   points:          a tuple of override dicts with dotted keys, e.g. {'model.use_se': True}.
+  seeds:           optional; every point is trained once per seed (config.seed) and reported
+                   as the mean and standard deviation over them.
 Every listed point is crossed with every grid point. Nested mappings flatten to dotted paths
 ('model.block_size'), which name the sub-workdirs and become train.py's --config.* flags. The
 table and plot of a finished sweep are halonet/sweep_report.py's.
@@ -41,11 +43,12 @@ _UNSAFE = re.compile(r'[^A-Za-z0-9._=,+-]')
 
 @dataclasses.dataclass
 class Point:
-  """One run of a sweep."""
+  """One run of a sweep: `overrides` name the point, `name` the run (with its seed, if any)."""
   name: str
   overrides: dict[str, Any]
   config: ml_collections.ConfigDict
   workdir: str
+  group: str = ''  # point_name(overrides): the runs of one point over seeds share it.
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -115,13 +118,14 @@ def build_points(sweep: ml_collections.ConfigDict, workdir: str) -> list[Point]:
   all_overrides = expand_points(sweep)
   for key in dict.fromkeys(list(common) + [k for o in all_overrides for k in o]):
     check_key(base_config, key, sweep.base)
+  seeds = [{'seed': seed} for seed in sweep.get('seeds', ())] or [{}]
   points = []
-  for overrides in all_overrides:
-    name = point_name(overrides)
+  for overrides, seed in itertools.product(all_overrides, seeds):
+    name = point_name({**overrides, **seed})
     if any(p.name == name for p in points):
       raise errors.ConfigError(f'sweep point {name} appears twice')
     config = base_config.copy_and_resolve_references()
-    for key, value in {**common, **overrides}.items():
+    for key, value in {**common, **overrides, **seed}.items():
       try:
         config.update_from_flattened_dict({key: value})
       except TypeError as e:  # ConfigDict refuses a value of another type.
@@ -130,13 +134,16 @@ def build_points(sweep: ml_collections.ConfigDict, workdir: str) -> list[Point]:
       config_checks.validate_values(config)
     except ValueError as e:
       raise errors.ConfigError(f'sweep point {name}: {e}') from None
-    points.append(Point(name, overrides, config, os.path.join(workdir, name)))
+    points.append(Point(name, overrides, config, os.path.join(workdir, name),
+                        point_name(overrides)))
   return points
 
 
 def launch_command(sweep: ml_collections.ConfigDict, point: Point) -> str:
   """The train.py command line that runs `point` alone (for a TPU/GPU scheduler)."""
   overrides = {**flatten(sweep.get('base_overrides', {})), **point.overrides}
+  if sweep.get('seeds'):
+    overrides['seed'] = point.config.seed
   args = ['python', 'train.py', f'--config={sweep.base}', f'--workdir={point.workdir}']
   # str() writes tuples as '(1, 2)', which config_flags parses back.
   args += [f'--config.{k}={v}' for k, v in overrides.items()]
@@ -179,10 +186,15 @@ def run_sweep(sweep: ml_collections.ConfigDict, points: list[Point], workdir: st
     return None
   # Every swept key gets a column, so points that leave it at the base show the base value.
   keys = list(dict.fromkeys(k for p in points for k in p.overrides))
-  rows = [sweep_report.collect_row(p.name, p.config, p.workdir, keys) for p in points]
+  runs = [sweep_report.collect_row(p.name, p.config, p.workdir, keys) for p in points]
+  extra = {'base': sweep.base, 'base_overrides': flatten(sweep.get('base_overrides', {}))}
+  rows = runs
+  if sweep.get('seeds'):
+    rows = sweep_report.over_seeds(runs, [p.group for p in points])
+    extra.update(seeds=list(sweep.seeds), runs=runs)
+  firsts = list({p.group: p for p in points}.values())  # One per point, in order.
   sweep_report.write_results(
-      rows, [p.overrides for p in points], [point_label(p.overrides) for p in points], keys,
-      title or os.path.basename(os.path.abspath(workdir)), workdir,
-      {'base': sweep.base, 'base_overrides': flatten(sweep.get('base_overrides', {}))})
+      rows, [p.overrides for p in firsts], [point_label(p.overrides) for p in firsts], keys,
+      title or os.path.basename(os.path.abspath(workdir)), workdir, extra)
   print(text_table.format_table(rows), flush=True)
   return rows

@@ -94,10 +94,14 @@ def test_cli_names_a_bad_key_in_one_line(tmp_path):
 def test_dry_run_prints_one_train_command_per_point(tmp_path):
   workdir = tmp_path / 'sweep'
   out = subprocess.run([sys.executable, 'sweep.py', '--sweep=configs/sweeps/hybrids.py:cpu',
-                        f'--workdir={workdir}', '--dry_run'],
+                        f'--workdir={workdir}', '--dry_run',
+                        '--sweep.base_overrides.data_dir=/data/digits'],
                        capture_output=True, text=True, check=True).stdout
   commands = out.strip().splitlines()
-  points = sweeps.build_points(sweeps.load_config('configs/sweeps/hybrids.py:cpu'), str(workdir))
+  sweep = sweeps.load_config('configs/sweeps/hybrids.py:cpu')
+  sweep.base_overrides.data_dir = '/data/digits'
+  points = sweeps.build_points(sweep, str(workdir))
+  assert all(p.config.data_dir == '/data/digits' for p in points)
   assert len(commands) == len(points) == 4
   assert not workdir.exists()
   for command, point in zip(commands, points):
@@ -147,3 +151,21 @@ def test_two_point_sweep_writes_results_and_skips_finished_points(tmp_path, monk
   again = sweeps.run_sweep(sweep, sweeps.build_points(sweep, workdir), workdir)
   assert again == rows
   assert [p.stat().st_mtime_ns for p in point_results] == mtimes
+
+
+def test_seeds_train_each_point_per_seed_and_report_mean_and_spread(tmp_path):
+  workdir = str(tmp_path)
+  sweep = _tiny_sweep(points=({'model.halo_size': 1},), seeds=(0, 1))
+  points = sweeps.build_points(sweep, workdir)
+  assert [p.name for p in points] == ['model.halo_size=1,seed=0', 'model.halo_size=1,seed=1']
+  assert [p.config.seed for p in points] == [0, 1]
+  row, = sweeps.run_sweep(sweep, points, workdir)
+  runs = [json.loads((tmp_path / p.name / 'results.json').read_text())['raw_eval']['test']['top1']
+          for p in points]
+  assert row['point'] == 'model.halo_size=1' and row['seeds'] == 2
+  assert row['top1_test'] == pytest.approx(sum(runs) / 2, abs=0.01)
+  assert row['top1_test_std'] == pytest.approx(abs(runs[0] - runs[1]) / 2 ** 0.5, abs=0.01)
+  with open(tmp_path / 'results.json') as f:
+    stored = json.load(f)
+  assert stored['seeds'] == [0, 1] and len(stored['runs']) == 2
+  assert (tmp_path / 'results.png').stat().st_size > 0
