@@ -62,14 +62,6 @@ app.run(train.main, argv=['train.py'] + sys.argv[5:])
 '''
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _compilation_cache_for_subprocesses(tmp_path_factory):
-  """The train.py subprocesses here compile the same steps: all but the first load them."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path_factory.mktemp('jax_cache')))
-    yield
-
-
 def _run(args, workdir):
   return subprocess.run([sys.executable, *args, f'--workdir={workdir}', *FLAGS], cwd=REPO,
                         capture_output=True, text=True, timeout=300)
