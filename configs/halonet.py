@@ -91,7 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.1
   config.ema_decay = 0.0        # > 0 keeps (and evaluates) an EMA of the params.
 
-  # Device mesh: data * model must equal the device count; -1 takes what is left.
+  # Device mesh (data, spatial): examples split over data, each image's rows over spatial
+  # (spatial partitioning, for images too large for one device); data * spatial = devices,
+  # -1 takes what is left.
   config.mesh_shape = (-1, 1)
 
   config.log_every_steps = 100

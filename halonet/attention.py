@@ -26,8 +26,12 @@ of the stride-1 layer; the output is ceil(H/2) x ceil(W/2), like a strided convo
 
 Other implementations of steps 3-5 take the same prepared inputs (`attention_impl`): `rows`
 (halonet/attention_rows.py) is the CPU fast path. 'auto' picks per backend; see `resolve_impl`.
+
+Under a mesh whose 'spatial' axis splits image rows, the map is padded to whole block rows per
+device and steps 3-5 run per device after a halo exchange (halonet/attention_spatial.py).
 """
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -36,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from halonet import attention_rows
+from halonet import attention_spatial
 from halonet import errors
 
 # Added to masked logits: finite, so a query whose whole window is padding (only possible in the
@@ -144,9 +149,13 @@ def num_relative_offsets(block_size: int, halo_size: int) -> int:
   return 2 * (block_size + halo_size) - 1
 
 
-def key_bias(size: int, block: int, halo: int, stride: int, mask_window: int) -> np.ndarray:
-  """[blocks, queries or 1, b+2h] additive mask along one axis: padding, then mask_window."""
-  num_blocks = -(-size // block)
+def key_bias(size: int, block: int, halo: int, stride: int, mask_window: int,
+             num_blocks: int | None = None) -> np.ndarray:
+  """[blocks, queries or 1, b+2h] additive mask along one axis: padding, then mask_window.
+
+  `num_blocks` (default: the fewest that cover `size`) may add blocks of padding only.
+  """
+  num_blocks = num_blocks or -(-size // block)
   starts = np.arange(num_blocks)[:, None, None] * block - halo
   keys = np.arange(block + 2 * halo)
   valid = (starts + keys >= 0) & (starts + keys < size)  # [blocks, 1, keys]
@@ -206,6 +215,13 @@ class HaloAttention(nn.Module):
         features, use_bias=False, dtype=self.dtype, name=name,
         kernel_init=nn.initializers.variance_scaling(1.0, 'fan_in', 'normal'))
 
+    # Image rows split over a 'spatial' mesh axis: whole block rows per device, the h halo rows
+    # exchanged between neighbours (attention_spatial.py) instead of padded here.
+    spatial = attention_spatial.applies(batch)
+    if spatial:
+      nbh = attention_spatial.padded_block_rows(nbh)
+    halo_rows = 0 if spatial else h
+
     # Queries: subsample, pad to whole blocks, cut into blocks (a free reshape).
     q = dense((n, dk), 'query')(x[:, ::s, ::s]) * (dk ** -0.5)
     out_h, out_w = q.shape[1], q.shape[2]
@@ -214,7 +230,8 @@ class HaloAttention(nn.Module):
 
     # Keys and values: projected once, padded by h on every side (and up to whole blocks).
     kv = dense((n, dk + dv), 'key_value')(x)
-    kv = jnp.pad(kv, ((0, 0), (h, nbh * b + h - height), (h, nbw * b + h - width), (0, 0), (0, 0)))
+    kv = jnp.pad(kv, ((0, 0), (halo_rows, nbh * b + halo_rows - height),
+                      (h, nbw * b + h - width), (0, 0), (0, 0)))
 
     # Factorized relative position tables, indexed (statically) per (query, key) pair.
     init = nn.initializers.normal(dk ** -0.5)
@@ -223,8 +240,10 @@ class HaloAttention(nn.Module):
     rel_w = self.param('relative_width', init, (num_relative_offsets(b, h), dk))
     rel_h, rel_w = rel_h.astype(self.dtype)[index], rel_w.astype(self.dtype)[index]
 
-    bias_h = jnp.asarray(key_bias(height, b, h, s, self.mask_window))
+    bias_h = jnp.asarray(key_bias(height, b, h, s, self.mask_window, nbh))
     bias_w = jnp.asarray(key_bias(width, b, h, s, self.mask_window))
     attend = IMPLEMENTATIONS[resolve_impl(self.attention_impl)]
+    if spatial:
+      attend = functools.partial(attention_spatial.spatial_attention, attend)
     out = attend(q, kv, rel_h, rel_w, bias_h, bias_w, block_size=b, halo_size=h)
     return out.reshape(batch, nbh * bq, nbw * bq, n * dv)[:, :out_h, :out_w]

@@ -33,8 +33,8 @@ def rows_attention(q: jax.Array, kv_map: jax.Array, rel_h: jax.Array, rel_w: jax
   attend = functools.partial(_local_rows_attention, block=block_size, halo=halo_size)
   mesh = jax.sharding.get_abstract_mesh()
   data = mesh.shape.get(sharding.DATA_AXIS, 1) if not mesh.empty else 1
-  if data == 1 or q.shape[0] % data:
-    return attend(q, kv_map, rel_h, rel_w, bias_h, bias_w)
+  if data == 1 or q.shape[0] % data or sharding.DATA_AXIS in mesh.manual_axes:
+    return attend(q, kv_map, rel_h, rel_w, bias_h, bias_w)  # Already per device, or one device.
 
   def per_device(q, kv_map, *shared):
     # The tables and masks are the same on every device; marking them as varying makes their

@@ -112,7 +112,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   validate_values(config)
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
-  data_size, _ = sharding.resolve_mesh_shape(config.mesh_shape, num_devices)
+  data_size, spatial_size = sharding.resolve_mesh_shape(config.mesh_shape, num_devices)
+  if config.image_size % spatial_size:
+    raise errors.ConfigError(
+        f'config.image_size={config.image_size} does not split into {spatial_size} equal bands '
+        f'of rows (the spatial axis of config.mesh_shape={tuple(config.mesh_shape)})')
   for name in ('batch_size', 'eval_batch_size'):
     value = config[name]
     if value <= 0 or value % data_size:

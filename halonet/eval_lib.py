@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from halonet import input_pipeline
 from halonet import sharding
 
+EVAL_BATCH_KEYS = ('image', 'label', 'mask')  # mask: False on the padding of the last batch.
 PROGRESS_SECONDS = 30.0  # A longer evaluation prints how far it is this often.
 
 
@@ -35,10 +36,10 @@ def eval_step(variables: Any, batch: dict[str, jax.Array], *,
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh):
-  """Jitted eval step: variables replicated, batch split over 'data', sums replicated."""
+  """Jitted eval step: variables replicated, batch as `batch_shardings`, sums replicated."""
   return jax.jit(
       sharding.traced_within(mesh, functools.partial(eval_step, model=model)),
-      in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+      in_shardings=(sharding.replicated(mesh), sharding.batch_shardings(mesh, EVAL_BATCH_KEYS)),
       out_shardings=sharding.replicated(mesh))
 
 
@@ -46,10 +47,11 @@ def compile_eval_step(model: nn.Module, mesh: Mesh, abstract_variables: Any,
                       config: ml_collections.ConfigDict) -> tuple[Callable[..., Any], float]:
   """The eval step compiled ahead for global batches of config.eval_batch_size, and the seconds
   that took: no evaluation's images/s then includes compilation."""
-  size, batch, on_data = config.image_size, config.eval_batch_size, sharding.batch_sharding(mesh)
-  spec = {'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=on_data),
-          'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=on_data),
-          'mask': jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=on_data)}
+  size, batch = config.image_size, config.eval_batch_size
+  on = sharding.batch_shardings(mesh, EVAL_BATCH_KEYS)
+  spec = {'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=on['image']),
+          'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=on['label']),
+          'mask': jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=on['mask'])}
   start = time.perf_counter()
   compiled = make_eval_step(model, mesh).lower(abstract_variables, spec).compile()
   return compiled, time.perf_counter() - start

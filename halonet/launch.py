@@ -23,13 +23,22 @@ FLAGS = flags.FLAGS
 
 
 def define_flags(workdir_help: str) -> None:
-  """--config (any field overridable, typos refused), --workdir, --distributed."""
+  """--config (any field overridable, typos refused), --workdir, --distributed and the cluster
+  flags."""
   config_flags.DEFINE_config_file(
       'config', None, 'Config file, e.g. configs/h1.py or configs/halonet.py:h7; override any '
       'field with --config.FIELD=VALUE.', lock_config=True)
   flags.DEFINE_string('workdir', None, workdir_help)
   flags.DEFINE_bool('distributed', False,
-                    'Call jax.distributed.initialize() first (multi-host pods).')
+                    'Join the other processes of a multi-host run (jax.distributed.initialize) '
+                    'first. The cluster is detected on Cloud TPU, SLURM, Open MPI and k8s; '
+                    'elsewhere give the three flags below.')
+  flags.DEFINE_string('coordinator_address', None,
+                      'With --distributed: HOST:PORT of process 0, reachable by every process.')
+  flags.DEFINE_integer('num_processes', None, 'With --distributed: how many processes take part.',
+                       lower_bound=1)
+  flags.DEFINE_integer('process_id', None, 'With --distributed: this process, 0..num_processes-1.',
+                       lower_bound=0)
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -61,7 +70,19 @@ def start(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   checkpointing.quiet_orbax_info_logs()
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**cluster_flags())
+  elif cluster_flags():
+    sys.exit(f'FATAL {", ".join("--" + k for k in cluster_flags())} given without --distributed')
+
+
+def cluster_flags() -> dict[str, str | int]:
+  """The cluster flags given: those left unset are detected by JAX."""
+  names = ('coordinator_address', 'num_processes', 'process_id')
+  given = {name: FLAGS[name].value for name in names if FLAGS[name].value is not None}
+  if 'process_id' in given and given['process_id'] >= given.get('num_processes', float('inf')):
+    sys.exit(f'FATAL --process_id={given["process_id"]} must be below '
+             f'--num_processes={given["num_processes"]}')
+  return given
 
 
 @contextlib.contextmanager

@@ -1,7 +1,13 @@
-"""Device mesh and data placement: the batch splits over 'data', the state is replicated.
+"""Device mesh and data placement: examples split over 'data', image rows over 'spatial'.
 
-Under `jax.jit` with these shardings XLA inserts the collectives itself, so BatchNorm statistics
-and the gradient are global over the batch without any `axis_name`.
+The state is replicated. Under `jax.jit` with these shardings XLA inserts the collectives itself,
+so BatchNorm statistics and the gradient are global over the batch without any `axis_name`.
+
+The 'spatial' axis splits every image's height (spatial partitioning): with mesh (data, spatial)
+each device holds 1/spatial of the rows of batch/data images, so images too large for one
+device's memory (H7 at 600 px, detection-sized inputs) still train. Convolutions and pooling are
+partitioned by XLA (each device exchanges its border rows); halo attention exchanges only its h
+halo rows between neighbouring devices (halonet/attention_spatial.py).
 """
 
 import collections
@@ -15,16 +21,18 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from halonet import errors
 
 DATA_AXIS = 'data'  # The mesh axis the batch is split over.
-AXES = (DATA_AXIS, 'model')
+SPATIAL_AXIS = 'spatial'  # The mesh axis image rows are split over.
+AXES = (DATA_AXIS, SPATIAL_AXIS)
+IMAGE_KEY = 'image'  # The batch entry whose rows (axis 1) split over SPATIAL_AXIS.
 PREFETCH_BATCHES = 2  # Batches placed on the devices ahead of the one a step is consuming.
 
 
 def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, int]:
-  """(data, model) sizes with a -1 filled in; raises one line if they cannot cover the devices."""
+  """(data, spatial) sizes with a -1 filled in; raises one line if they cannot cover the devices."""
   shape = tuple(int(n) for n in mesh_shape)
   if len(shape) != 2 or shape.count(-1) > 1 or any(n == 0 or n < -1 for n in shape):
     raise errors.ConfigError(
-        f'config.mesh_shape={shape} must be (data, model) positive sizes, at most one -1')
+        f'config.mesh_shape={shape} must be (data, spatial) positive sizes, at most one -1')
   known = int(np.prod([n for n in shape if n != -1]))
   if -1 in shape:
     if num_devices % known:
@@ -39,7 +47,7 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int
 
 
 def create_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ('data', 'model') mesh; Auto axes so Linen's sharding constraints keep working."""
+  """A ('data', 'spatial') mesh; Auto axes so XLA partitions everything outside shard_map."""
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(mesh_shape, len(devices))
   return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
@@ -59,15 +67,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (example) dimension split over 'data'; the 'model' axis holds copies."""
-  return NamedSharding(mesh, P('data'))
+def spatial_size(mesh: jax.sharding.AbstractMesh | Mesh) -> int:
+  """Devices each image's rows are split over (1 without a mesh)."""
+  return 1 if mesh.empty else mesh.shape.get(SPATIAL_AXIS, 1)
+
+
+def batch_shardings(mesh: Mesh, keys: Iterable[str]) -> dict[str, NamedSharding]:
+  """Every entry's examples split over 'data'; the images' rows also over 'spatial'."""
+  return {key: NamedSharding(mesh, P(DATA_AXIS, SPATIAL_AXIS) if key == IMAGE_KEY else
+                             P(DATA_AXIS)) for key in keys}
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Joins each process's local rows into one global array sharded over 'data'."""
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+  """Joins each process's local examples into global arrays placed by `batch_shardings`."""
+  shardings = batch_shardings(mesh, batch)
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+          for k, v in batch.items()}
 
 
 def prefetch_to_device(batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh,

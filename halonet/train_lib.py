@@ -33,6 +33,8 @@ from halonet import optim
 from halonet import profiling
 from halonet import sharding
 
+TRAIN_BATCH_KEYS = ('image', 'label')
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -147,11 +149,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                     tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh,
                     state_shardings: Any):
-  """Jitted step: state replicated and donated (updated in place), batch split over 'data'."""
+  """Jitted step: state replicated and donated (updated in place), batch as `batch_shardings`."""
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config)
   return jax.jit(
       sharding.traced_within(mesh, step),
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      in_shardings=(state_shardings, sharding.batch_shardings(mesh, TRAIN_BATCH_KEYS)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=0)
 
@@ -169,10 +171,10 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh,
   tx = optim.create_optimizer(config, schedule)
   _, abstract = abstract_train_state(config, model, tx, mesh)
   step = make_train_step(config, model, tx, schedule, mesh, shardings_of(abstract))
-  size, on_data = config.image_size, sharding.batch_sharding(mesh)
+  size, on = config.image_size, sharding.batch_shardings(mesh, TRAIN_BATCH_KEYS)
   batch = {'image': jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,
-                                         sharding=on_data),
-           'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=on_data)}
+                                         sharding=on['image']),
+           'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=on['label'])}
   return step.lower(abstract, batch), model
 
 

@@ -53,6 +53,7 @@ def _one_step(mesh_shape, num_devices):
                          state.ema_params))
 
 
+# (4, 2): image rows split over 2 spatial devices (a 32 px image: padded block rows too).
 @pytest.mark.parametrize('mesh_shape', [(8, 1), (4, 2)])
 def test_sharded_step_matches_one_device(mesh_shape):
   # Sharded BN statistics and gradients sum in a different order: float32 rounding only.

@@ -1,0 +1,83 @@
+"""Halo attention with each image's rows split over the mesh's 'spatial' axis.
+
+Under mesh (data, spatial), every device holds a band of whole rows of query blocks of its own
+images. A block's neighbourhood reaches h rows beyond its band, so before attending each device
+receives the h rows just above its band from the device above and the h rows just below from
+the device below: two `lax.ppermute`s of h rows (more hops only when h exceeds a band). Nothing
+else moves: there is no all-gather of the map. The devices at the top and bottom of the image
+receive zeros, the border padding that the key mask hides anyway.
+
+The map is padded (and masked, as for any size b does not divide) to a multiple of spatial block
+rows, so any height works; a height that already splits into whole block rows per device has no
+padding and no data movement besides the halo exchange.
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from halonet import sharding
+
+Attend = Callable[..., jax.Array]
+
+
+def receive_rows(x: jax.Array, rows: int, from_above: bool, axis_name: str) -> jax.Array:
+  """The `rows` map rows (axis 1) adjacent to this device's band, from its neighbours along
+  `axis_name` (zeros past the first/last device). Only those rows are sent."""
+  if rows == 0:
+    return x[:, :0]
+  devices, band = jax.lax.axis_size(axis_name), x.shape[1]
+  pieces = []
+  for hop in range(1, -(-rows // band) + 1):  # One hop unless h exceeds a band.
+    wanted = min(band, rows - (hop - 1) * band)
+    send = x[:, band - wanted:] if from_above else x[:, :wanted]
+    shift = hop if from_above else -hop
+    pairs = [(i, i + shift) for i in range(devices) if 0 <= i + shift < devices]
+    pieces.append(jax.lax.ppermute(send, axis_name, pairs))
+  # Nearest neighbour's rows next to the band: above, the farthest come first.
+  ordered = pieces[::-1] if from_above else pieces
+  return jnp.concatenate(ordered, axis=1)
+
+
+def spatial_attention(attend: Attend, q: jax.Array, kv_map: jax.Array, rel_h: jax.Array,
+                      rel_w: jax.Array, bias_h: jax.Array, bias_w: jax.Array, *, block_size: int,
+                      halo_size: int) -> jax.Array:
+  """`attend` (an implementation of `attention.plain_attention`'s contract) per device band.
+
+  Args as `plain_attention`'s, except that `kv_map` is padded by h along the width only: its
+  height is exactly nbh * b, and nbh (q's block rows, also bias_h's) is a multiple of the
+  spatial axis size. The batch must divide over the data axis.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = (sharding.DATA_AXIS, sharding.SPATIAL_AXIS)
+
+  def per_device(q, kv_map, rel_h, rel_w, bias_h, bias_w):
+    above = receive_rows(kv_map, halo_size, True, sharding.SPATIAL_AXIS)
+    below = receive_rows(kv_map, halo_size, False, sharding.SPATIAL_AXIS)
+    kv_map = jnp.concatenate([above, kv_map, below], axis=1)
+    # Shared tables and masks become per device, so their gradients are summed over the mesh.
+    rel_h, rel_w, bias_w = (jax.lax.pcast(x, axes, to='varying') for x in (rel_h, rel_w, bias_w))
+    bias_h = jax.lax.pcast(bias_h, sharding.DATA_AXIS, to='varying')
+    return attend(q, kv_map, rel_h, rel_w, bias_h, bias_w, block_size=block_size,
+                  halo_size=halo_size)
+
+  rows = P(*axes)
+  return jax.shard_map(per_device, mesh=mesh,
+                       in_specs=(rows, rows, P(), P(), P(sharding.SPATIAL_AXIS), P()),
+                       out_specs=rows)(q, kv_map, rel_h, rel_w, bias_h, bias_w)
+
+
+def applies(batch: int) -> bool:
+  """Whether the traced mesh splits image rows (and the batch divides over its data axis)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return (sharding.spatial_size(mesh) > 1 and
+          batch % (1 if mesh.empty else mesh.shape.get(sharding.DATA_AXIS, 1)) == 0)
+
+
+def padded_block_rows(block_rows: int) -> int:
+  """Block rows padded to a multiple of the traced mesh's spatial size (unchanged without one)."""
+  spatial = sharding.spatial_size(jax.sharding.get_abstract_mesh())
+  return -(-block_rows // spatial) * spatial
+
