@@ -98,6 +98,7 @@ def _no_compile(*args, **kwargs):
     ({'eval_batch_size': 20}, 'eval_batch_size=20'),
     ({'mesh_shape': (3, 1)}, 'mesh_shape=(3, 1)'),
     ({'mesh_shape': (2, 2)}, 'mesh_shape=(2, 2)'),
+    ({'mesh_shape': (4, 2), 'image_size': 33}, 'image_size=33 does not split into 2'),
     ({'image_size': 16}, 'image_size=16'),
     ({'optimizer.name': 'lamb'}, "'lamb'"),
     ({'ema_decay': 1.5}, 'ema_decay=1.5'),

@@ -1,0 +1,110 @@
+"""Two real JAX processes x 2 CPU devices on 127.0.0.1, as a multi-host run is launched."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from halonet import checkpointing
+from halonet import input_pipeline
+from halonet import sharding
+from halonet import train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROCESSES, DEVICES_PER_PROCESS = 2, 2
+TIMEOUT_S = 300  # Per run of both processes; every child is killed past it or on any failure.
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _run_processes(workdir) -> list[int]:
+  """train.py --distributed in PROCESSES processes; returns their pids once all exited 0."""
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}')
+  children = [subprocess.Popen(
+      [sys.executable, 'train.py', '--distributed', f'--coordinator_address=127.0.0.1:{port}',
+       f'--num_processes={PROCESSES}', f'--process_id={i}', '--config=configs/tiny.py',
+       f'--workdir={workdir}'], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True, start_new_session=True) for i in range(PROCESSES)]
+  try:
+    outputs = [child.communicate(timeout=TIMEOUT_S)[0] for child in children]
+  finally:
+    for child in children:
+      if child.poll() is None:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+  for i, (child, output) in enumerate(zip(children, outputs)):
+    assert child.returncode == 0, f'process {i} exited {child.returncode}:\n{output[-3000:]}'
+  return [child.pid for child in children]
+
+
+def _restored(workdir, abstract, step):
+  """The run's checkpoint, restored by this one process onto its own devices."""
+  manager = checkpointing.create_manager(workdir, 3, read_only=True)
+  assert manager.latest_step() == step
+  state = checkpointing.restore(manager, abstract, step)
+  manager.close()
+  return jax.device_get(state)
+
+
+def _one_process_run(config):
+  """The same training in this process on a mesh of the same size, fed the global batches the
+  two processes assemble: process 0's examples first, then process 1's."""
+  sizes = train_lib.split_sizes(config)
+  model, tx, schedule, num_steps = train_lib.build(config, sizes[config.train_split])
+  mesh = sharding.create_mesh(config.mesh_shape, jax.devices()[:PROCESSES * DEVICES_PER_PROCESS])
+  init, abstract = train_lib.abstract_train_state(config, model, tx, mesh)
+  shardings = train_lib.shardings_of(abstract)
+  state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+  initial = jax.device_get(state)
+  step = train_lib.make_train_step(config, model, tx, schedule, mesh, shardings)
+  streams = [input_pipeline.create_split(
+      config, config.train_split, train=True, batch_size=config.batch_size // PROCESSES,
+      split_size=sizes[config.train_split], process_index=i, process_count=PROCESSES)
+      for i in range(PROCESSES)]
+  for _, *parts in zip(range(num_steps), *streams):
+    batch = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    state, _ = step(state, sharding.shard_batch(batch, mesh))
+  return initial, jax.device_get(state), abstract, num_steps
+
+
+def _norm(tree) -> float:
+  return float(np.sqrt(sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree.leaves(tree))))
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_only_process_0_writes(tmp_path):
+  runs = [tmp_path / 'run_a', tmp_path / 'run_b']
+  pids = _run_processes(runs[0])
+
+  # Only process 0 wrote the results and TensorBoard events (the event file names its pid).
+  events = [name for name in os.listdir(runs[0]) if name.startswith('events.out.tfevents')]
+  assert len(events) == 1 and re.search(rf'\.{pids[0]}\.', events[0]), (events, pids)
+  assert (runs[0] / 'results.json').exists()
+
+  config = tiny.get_config()
+  initial, want, abstract, steps = _one_process_run(config)
+  got = _restored(runs[0], abstract, steps)
+  # Collectives across processes sum in another order than within one, so the two differ by
+  # float rounding, which training amplifies: compare the difference with the change training
+  # made (a process reading another's examples makes them differ by about as much as it).
+  for key in ('params', 'batch_stats'):
+    difference = _norm(jax.tree.map(np.subtract, getattr(got, key), getattr(want, key)))
+    change = _norm(jax.tree.map(np.subtract, getattr(want, key), getattr(initial, key)))
+    assert difference < 1e-2 * change, (key, difference, change)
+
+  _run_processes(runs[1])
+  again = _restored(runs[1], abstract, steps)
+  jax.tree.map(np.testing.assert_array_equal, again, got)
