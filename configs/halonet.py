@@ -3,6 +3,7 @@
   h0 ... h7    the paper's variants on ImageNet (its rows are in halonet/paper.py)
   tiny         a few-thousand-parameter model on 32 px digits, for unit tests
   quickstart   a small all-attention model on the offline digits, 2 CPU cores
+  digits_pretrain, digits_finetune   fine-tuning at a new size and on new classes, 2 CPU cores
 
 Each is `base_config()` plus a few overrides written as data. configs/h0.py ... h7.py, tiny.py
 and quickstart.py name the same configs. Every field can be overridden on the command line, e.g.
@@ -88,6 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=5e-5,        # decoupled; skips BN parameters and biases.
       grad_clip_norm=0.0,       # 0 = off.
   ))
+  # Fine-tuning (halonet/finetune.py): start from another run's workdir, or one of its
+  # checkpoints (WORKDIR/checkpoints/STEP); '' = from scratch. 'head' trains the classifier only.
+  config.init_from = ''
+  config.trainable = 'all'
   config.label_smoothing = 0.1
   config.ema_decay = 0.0        # > 0 keeps (and evaluates) an EMA of the params.
 
@@ -148,6 +153,14 @@ CPU_CONFIGS = {
         'log_every_steps': 20, 'eval_every_steps': 500, 'checkpoint_every_steps': 500,
     },
 }
+# Fine-tuning on 2 CPU cores (halonet/finetune.py): pre-train on the digits 0-5 at 32 px, then
+# fine-tune on the digits 6-9 at 48 px with --config.init_from=<the first run's workdir> (the
+# classifier is re-initialised: 4 classes, not 6). Without init_from: the same run from scratch.
+CPU_CONFIGS['digits_pretrain'] = {
+    **CPU_CONFIGS['quickstart'], 'dataset': 'digits/0-5', 'num_classes': 6, 'num_epochs': 40.0}
+CPU_CONFIGS['digits_finetune'] = {
+    **CPU_CONFIGS['quickstart'], 'dataset': 'digits/6-9', 'num_classes': 4, 'image_size': 48,
+    'num_epochs': 15.0, 'optimizer.learning_rate': 1e-3 * 256 / 64}
 
 NAMES = (*paper.VARIANTS, *CPU_CONFIGS)
 

@@ -43,6 +43,9 @@ from halonet import attention_rows
 from halonet import attention_spatial
 from halonet import errors
 
+# The collection the layer sows its attention weights into when it is mutable (the plain form
+# then computes them, whatever attention_impl says; the forms agree, tests/test_attention.py).
+ATTENTION_WEIGHTS = 'attention_weights'
 # Added to masked logits: finite, so a query whose whole window is padding (only possible in the
 # cropped-away padded region) gets finite weights instead of NaN.
 MASKED_LOGIT = -1e30
@@ -50,7 +53,7 @@ MASKED_LOGIT = -1e30
 
 def plain_attention(q: jax.Array, kv_map: jax.Array, rel_h: jax.Array, rel_w: jax.Array,
                     bias_h: jax.Array, bias_w: jax.Array, *, block_size: int,
-                    halo_size: int) -> jax.Array:
+                    halo_size: int, with_weights: bool = False) -> Any:
   """Each query block's softmax attention over its neighbourhood, all blocks at once.
 
   Args:
@@ -61,7 +64,8 @@ def plain_attention(q: jax.Array, kv_map: jax.Array, rel_h: jax.Array, rel_w: ja
     bias_h, bias_w: [nbh, qy or 1, b+2h] and [nbw, qx or 1, b+2h] additive masks (0 or
       MASKED_LOGIT) per block row / column.
   Returns:
-    [batch, nbh, qy, nbw, qx, heads, dv] in q's dtype.
+    [batch, nbh, qy, nbw, qx, heads, dv] in q's dtype; with `with_weights`, also the attention
+    weights [batch, nbh, nbw, heads, qy, qx, b+2h, b+2h] (float32) over each neighbourhood.
   """
   b, h = block_size, halo_size
   _, nbh, qy, nbw, qx, heads, dk = q.shape
@@ -78,10 +82,12 @@ def plain_attention(q: jax.Array, kv_map: jax.Array, rel_h: jax.Array, rel_w: ja
   logits = content + row[..., :, None] + col[..., None, :]
 
   # Softmax over the whole neighbourhood (both key axes at once), in float32.
-  weights = jax.nn.softmax(logits.reshape(logits.shape[:-2] + (-1,)), axis=-1)
-  weights = weights.reshape(logits.shape).astype(q.dtype)
-  out = jnp.einsum('bijnyxuv,biujvnd->biyjxnd', weights, v, preferred_element_type=f32)
-  return out.astype(q.dtype)
+  probabilities = jax.nn.softmax(logits.reshape(logits.shape[:-2] + (-1,)), axis=-1)
+  probabilities = probabilities.reshape(logits.shape)
+  weights = probabilities.astype(q.dtype)
+  out = jnp.einsum('bijnyxuv,biujvnd->biyjxnd', weights, v,
+                   preferred_element_type=f32).astype(q.dtype)
+  return (out, probabilities) if with_weights else out
 
 
 def neighbourhoods(x: jax.Array, axis: int, block: int, halo: int, num_blocks: int) -> jax.Array:
@@ -245,5 +251,14 @@ class HaloAttention(nn.Module):
     attend = IMPLEMENTATIONS[resolve_impl(self.attention_impl)]
     if spatial:
       attend = functools.partial(attention_spatial.spatial_attention, attend)
-    out = attend(q, kv, rel_h, rel_w, bias_h, bias_w, block_size=b, halo_size=h)
+    if self.is_mutable_collection(ATTENTION_WEIGHTS) and not self.is_initializing():
+      # Asked for the weights (halonet/visualize.py).
+      if spatial:
+        raise errors.ConfigError('attention weights are recorded on unpartitioned images only; '
+                                 'use a mesh without a spatial axis')
+      out, weights = plain_attention(q, kv, rel_h, rel_w, bias_h, bias_w, block_size=b,
+                                     halo_size=h, with_weights=True)
+      self.sow(ATTENTION_WEIGHTS, 'weights', weights)
+    else:
+      out = attend(q, kv, rel_h, rel_w, bias_h, bias_w, block_size=b, halo_size=h)
     return out.reshape(batch, nbh * bq, nbw * bq, n * dv)[:, :out_h, :out_w]

@@ -28,9 +28,14 @@ CHECKPOINT_FIELDS = ('model', 'num_classes')
 
 
 def quiet_orbax_info_logs() -> None:
-  """Orbax logs dozens of INFO lines per save through absl; keep its warnings only."""
-  logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname)
+  """Orbax logs dozens of INFO lines per save through absl; keep its warnings only, except
+  those saying that a reader's (read-only) manager will not write, which is the point."""
+  def shown(record: std_logging.LogRecord) -> bool:
+    if '/orbax/' not in record.pathname:
+      return True
+    return record.levelno >= std_logging.WARNING and 'read only' not in record.getMessage() and (
+        'read_only=True' not in record.getMessage())
+  logging.get_absl_handler().addFilter(shown)
 
 
 def create_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
@@ -119,6 +124,13 @@ def append_json_lines(path: str, records: list[dict[str, Any]]) -> None:
     f.write(''.join(json.dumps(r, sort_keys=True) + '\n' for r in records))
 
 
+def unused_path(path: str) -> str:
+  """`path`, or the first of NAME.1.EXT, NAME.2.EXT, ... that does not exist yet."""
+  stem, ext = os.path.splitext(path)
+  candidates = itertools.chain([path], (f'{stem}.{n}{ext}' for n in itertools.count(1)))
+  return next(p for p in candidates if not os.path.exists(p))
+
+
 def read_json_lines(path: str) -> list[dict[str, Any]]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
@@ -169,10 +181,5 @@ def check_and_store_config(config: ml_collections.ConfigDict, workdir: str,
           f'{path} was written by a different config (fields: {", ".join(refused)}); '
           'pass --allow_config_change to resume anyway')
     if jax.process_index() == 0:
-      archive = os.path.join(workdir, f'config.step{step}.json')
-      for n in itertools.count(1):
-        if not os.path.exists(archive):
-          break
-        archive = os.path.join(workdir, f'config.step{step}.{n}.json')
-      os.replace(path, archive)
+      os.replace(path, unused_path(os.path.join(workdir, f'config.step{step}.json')))
   write_json_atomic(path, new)

@@ -101,6 +101,9 @@ def validate_values(config: ml_collections.ConfigDict) -> None:
   if config.optimizer.name not in optim.OPTIMIZERS:
     raise errors.ConfigError(f'config.optimizer.name={config.optimizer.name!r} is not one of '
                      f'{optim.OPTIMIZERS}')
+  if config.trainable not in optim.TRAINABLE:
+    raise errors.ConfigError(f'config.trainable={config.trainable!r} is not one of '
+                             f'{optim.TRAINABLE}')
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise errors.ConfigError(
         f'config.num_epochs={config.num_epochs} must be > 0 when num_train_steps <= 0')

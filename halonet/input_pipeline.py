@@ -27,7 +27,7 @@ from halonet import randaugment
 
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-FOLDER_DATASETS = ('image_folder', 'digits')
+FOLDER_DATASETS = ('image_folder', digits.NAME)  # Also digits.NAME/A-B.
 Batch = dict[str, np.ndarray]
 
 
@@ -36,6 +36,11 @@ def normalize_images(images: jax.Array, dtype: Any) -> jax.Array:
   mean = jnp.asarray(MEAN_RGB, jnp.float32)
   std = jnp.asarray(STDDEV_RGB, jnp.float32)
   return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+
+
+def is_folder(dataset: str) -> bool:
+  """Whether `dataset` is read from an image folder (its own or the prepared digits)."""
+  return dataset == FOLDER_DATASETS[0] or digits.classes_of(dataset) is not None
 
 
 def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
@@ -51,6 +56,17 @@ def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
     ds = _read(config, builder, split, 0, 1, shuffle_seed=None)
     return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
   return total - len(_skipped_images(config, builder, split))
+
+
+def class_names(config: ml_collections.ConfigDict) -> list[str] | None:
+  """The dataset's class names (an image folder's sub-folder names), or None where the dataset
+  is not on this machine or has none."""
+  try:
+    label = _builder(config, config.train_split).info.features['label']
+  except (FileNotFoundError, errors.ConfigError, tfds.core.DatasetNotFoundError):
+    return None
+  names = getattr(label, 'names', None)
+  return list(names) if names else None
 
 
 def check_num_classes(config: ml_collections.ConfigDict, split: str) -> None:
@@ -128,7 +144,7 @@ def _epoch(config: ml_collections.ConfigDict, read: Callable[[int | None], tf.da
 def _eval_batches(config: ml_collections.ConfigDict, ds: tf.data.Dataset, batch_size: int,
                   num_batches: int) -> Iterator[Batch]:
   s = config.image_size
-  ds = ds.map(lambda ex: {'image': _eval_image(ex['image'], s, config.crop_fraction),
+  ds = ds.map(lambda ex: {'image': eval_image(ex['image'], s, config.crop_fraction),
                           'label': tf.cast(ex['label'], tf.int32), 'mask': True},
               num_parallel_calls=tf.data.AUTOTUNE)
   pad = {'image': tf.zeros([s, s, 3], tf.uint8), 'label': np.int32(0), 'mask': False}
@@ -148,8 +164,10 @@ def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 def _builder(config: ml_collections.ConfigDict, split: str) -> tfds.core.DatasetBuilder:
   """The TFDS builder for `config.dataset`; folders are checked before anything is read."""
-  if config.dataset == 'digits':
-    return _folder_builder(digits.prepare_digits(config.data_dir or digits.DEFAULT_ROOT))
+  classes = digits.classes_of(config.dataset)
+  if classes:
+    root = config.data_dir or digits.default_root(config.dataset)
+    return _folder_builder(digits.prepare_digits(root, classes))
   if config.dataset == 'image_folder':
     split_dir = os.path.join(config.data_dir, split)
     if not config.data_dir or not os.path.isdir(split_dir):
@@ -195,7 +213,7 @@ def undecodable_images(root: str, split: str) -> tuple[str, ...]:
 def _skipped_images(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
                     split: str) -> tuple[str, ...]:
   """The undecodable files of a folder split: refused, or (config.skip_bad_images) left out."""
-  if config.dataset not in FOLDER_DATASETS:
+  if not is_folder(config.dataset):
     return ()
   bad = undecodable_images(builder.data_dir, split)
   if bad and not config.skip_bad_images:
@@ -225,7 +243,7 @@ def _read(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, 
   read, not decoded, before the shard). `shuffle_seed` shuffles TFDS file order (None: fixed).
   """
   decoders = {'image': tfds.decode.SkipDecoding()}
-  if config.dataset in FOLDER_DATASETS:
+  if is_folder(config.dataset):
     ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
     bad = _skipped_images(config, builder, split)
     if bad:
@@ -306,8 +324,9 @@ def _random_crop(data: tf.Tensor, seed: tf.Tensor, area_range: tuple[float, floa
   return tf.cond(tf.io.is_jpeg(data), jpeg, other)
 
 
-def _eval_image(data: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:
-  """Resize the short side to size / crop_fraction, then take the central size x size."""
+def eval_image(data: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:
+  """Encoded image (JPEG, PNG, GIF, BMP; grey, RGB or RGBA) -> uint8 [size, size, 3]: resize the
+  short side to size / crop_fraction, then take the central size x size."""
   image = tf.io.decode_image(data, channels=3, expand_animations=False)
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = size / crop_fraction / tf.reduce_min(shape)

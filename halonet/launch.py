@@ -66,13 +66,18 @@ def start(argv: Sequence[str]) -> None:
   """Rejects stray arguments, quiets Orbax, joins the pod's processes when asked."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not FLAGS['verbosity'].present:  # Library INFO chatter only when asked for (-v 0).
-    logging.set_verbosity(logging.WARNING)
-  checkpointing.quiet_orbax_info_logs()
+  quiet_logs()
   if FLAGS.distributed:
     jax.distributed.initialize(**cluster_flags())
   elif cluster_flags():
     sys.exit(f'FATAL {", ".join("--" + k for k in cluster_flags())} given without --distributed')
+
+
+def quiet_logs() -> None:
+  """Library INFO chatter (Orbax, TFDS, clu) only when asked for with --verbosity."""
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  checkpointing.quiet_orbax_info_logs()
 
 
 def cluster_flags() -> dict[str, str | int]:

@@ -33,6 +33,8 @@ _DTYPES = ('float32', 'bfloat16')
 # What dtype='auto' computes in on each backend: bfloat16 on TPU and GPU (matmul units built for
 # it); float32 on CPU, which has no bfloat16 matmul units (bench/run.py: bf16 is slower there).
 AUTO_DTYPE = {'cpu': 'float32'}
+CLASSIFIER = 'head'  # Name of the final Dense layer: re-initialised or trained alone (fine-tuning).
+FEATURES = 'features'  # The collection each stage's output is sown into, when it is mutable.
 
 
 def stage_windows(model_config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
@@ -218,6 +220,9 @@ class HaloNet(nn.Module):
             drop_path_rate=self.stochastic_depth_rate * block_index / max(total_blocks - 1, 1),
             act=act, dtype=dtype, name=f'stage{stage}_block{i}')(x, train)
         block_index += 1
+      # Multi-scale features (strides 4, 8, 16, 32) for dense tasks: see halonet/trained.py.
+      if not self.is_initializing():
+        self.sow(FEATURES, f'stage{stage}', x)
 
     if self.final_width:
       x = nn.Dense(self.final_width, use_bias=False, dtype=dtype, name='final_conv')(x)
@@ -225,7 +230,7 @@ class HaloNet(nn.Module):
                            dtype=dtype, name='final_bn')(x))
     x = x.mean(axis=(1, 2))
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    return nn.Dense(self.num_classes, dtype=jnp.float32, name='head')(x.astype(jnp.float32))
+    return nn.Dense(self.num_classes, dtype=jnp.float32, name=CLASSIFIER)(x.astype(jnp.float32))
 
 
 def create_model(config: ml_collections.ConfigDict, backend: str | None = None) -> HaloNet:

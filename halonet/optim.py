@@ -5,8 +5,10 @@ import ml_collections
 import optax
 
 from halonet import errors
+from halonet import model as model_lib
 
 OPTIMIZERS = ('sgd', 'adamw')
+TRAINABLE = ('all', 'head')  # config.trainable: every parameter, or the classifier alone.
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
@@ -27,7 +29,8 @@ def decay_mask(params: optax.Params) -> optax.Params:
 
 def create_optimizer(config: ml_collections.ConfigDict,
                      schedule: optax.Schedule) -> optax.GradientTransformation:
-  """The update rule for config.optimizer.name, with optional global-norm clipping first."""
+  """The update rule for config.optimizer.name, with optional global-norm clipping first; with
+  config.trainable='head' it updates the classifier only (optax.multi_transform)."""
   opt = config.optimizer
   if opt.name == 'sgd':
     # Decay added after momentum so it is decoupled from the gradient history (SGDW).
@@ -41,5 +44,14 @@ def create_optimizer(config: ml_collections.ConfigDict,
   else:
     raise errors.ConfigError(f'config.optimizer.name={opt.name!r} is not one of {OPTIMIZERS}')
   if opt.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), update)
+    update = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), update)
+  if config.trainable == 'head':  # Linear probe / head-only fine-tuning: the rest never moves.
+    return optax.multi_transform({'train': update, 'frozen': optax.set_to_zero()},
+                                 trainable_labels)
   return update
+
+
+def trainable_labels(params: optax.Params) -> optax.Params:
+  """'train' for the classifier's parameters, 'frozen' for every other."""
+  return {name: jax.tree.map(lambda _, n=name: 'train' if n == model_lib.CLASSIFIER else 'frozen',
+                             subtree) for name, subtree in params.items()}

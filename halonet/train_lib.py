@@ -27,6 +27,7 @@ from halonet import checkpointing
 from halonet import config_checks
 from halonet import errors
 from halonet import eval_lib
+from halonet import finetune
 from halonet import input_pipeline
 from halonet import model as model_lib
 from halonet import optim
@@ -232,6 +233,21 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self.previous)
 
 
+def _fine_tune_start(state: TrainState, mesh: Mesh, source_dir: str, source_step: int | None,
+                     source_config: ml_collections.ConfigDict,
+                     changed: dict[str, tuple[tuple, tuple]]) -> TrainState:
+  """The fresh state with the source run's parameters and BN statistics (halonet/finetune.py);
+  the optimizer state (zeros and a zero count for SGD and AdamW) stays as initialised."""
+  source, _, _ = restore_run(source_config, source_dir, mesh, source_step)
+  params, batch_stats = finetune.start_from(state.params, state.batch_stats, source.params,
+                                            source.batch_stats, changed)
+  fresh = ', '.join(f'{name} {was}->{now}' for name, (was, now) in changed.items())
+  _say(f'initialised from {source_dir} step {int(source.step)}'
+       + (f'; re-initialised {fresh}' if fresh else ''))
+  return state.replace(params=params, batch_stats=batch_stats,
+                       ema_params=params if state.ema_params is not None else None)
+
+
 def _is_finished(config: ml_collections.ConfigDict, workdir: str, step: int, train_examples: int,
                  results: dict[str, Any]) -> bool:
   """Whether workdir holds this very config's run, trained to its end and evaluated there."""
@@ -255,6 +271,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     print(f'{workdir} already finished at step {start_step}; its results.json is unchanged',
           flush=True)
     return previous
+  # A fine-tune's source is checked (path, checkpoint, parameter shapes) before anything compiles.
+  source = None
+  if config.init_from and not start_step:
+    source_dir, source_step, source_config = finetune.source_run(config, workdir)
+    changed = finetune.reinitialised(model_lib.abstract_variables(config)['params'],
+                                     model_lib.abstract_variables(source_config)['params'])
+    source = (source_dir, source_step, source_config, changed)
   checkpointing.check_and_store_config(config, workdir, allow_config_change, start_step)
   logging.info('config:\n%s', config)
   mesh = sharding.create_mesh(config.mesh_shape)
@@ -275,6 +298,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _say(f'resumed from checkpoint at step {start_step}')
   else:
     state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
+  if source:
+    state = _fine_tune_start(state, mesh, *source)
   num_params = model_lib.count_params(config)
   _say(f'{num_params:,} parameters, {num_steps} train steps')
   # Both steps are compiled here, timed apart, so images/s and the ETA measure training only.
@@ -371,6 +396,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpointing.finish(manager)
 
 
+def restore_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
+                step: int | None = None) -> tuple[TrainState, TrainState, nn.Module]:
+  """A run's saved state at `step` (default: latest), replicated on `mesh`, read-only; with its
+  abstract state and the model `config` builds (config must be the run's as to the model)."""
+  model = model_lib.create_model(config)
+  # Only the optimizer state's structure matters for restoring, not the schedule's values.
+  tx = optim.create_optimizer(config, optax.constant_schedule(0.0))
+  _, abstract = abstract_train_state(config, model, tx, mesh)
+  manager = checkpointing.create_manager(workdir, config.keep_checkpoints, read_only=True)
+  try:
+    return checkpointing.restore(manager, abstract, step), abstract, model
+  finally:
+    manager.close()
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None) -> dict[str, Any]:
   """Evaluates a saved step (default: latest) and appends its records to
@@ -384,16 +424,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       raise errors.ConfigError(f'the checkpoints in {workdir} were trained with a different '
                                f'model (fields: {", ".join(diff)})')
   sizes = split_sizes(config, train=False)
-  manager = checkpointing.create_manager(workdir, config.keep_checkpoints, read_only=True)
-  try:
-    mesh = sharding.create_mesh(config.mesh_shape)
-    model = model_lib.create_model(config)
-    # Only the optimizer state's structure matters for restoring, not the schedule's values.
-    tx = optim.create_optimizer(config, optax.constant_schedule(0.0))
-    _, abstract = abstract_train_state(config, model, tx, mesh)
-    state = checkpointing.restore(manager, abstract, step)
-  finally:
-    manager.close()
+  mesh = sharding.create_mesh(config.mesh_shape)
+  state, abstract, model = restore_run(config, workdir, mesh, step)
   step = int(state.step)
   eval_fn, seconds = eval_lib.compile_eval_step(
       model, mesh, {'params': abstract.params, 'batch_stats': abstract.batch_stats}, config)

@@ -1,0 +1,79 @@
+"""Fine-tuning: a new run starts from another run's parameters (config.init_from).
+
+The paper pre-trains on ImageNet-21k and fine-tunes on ImageNet at a larger size (section 3.7).
+Here a run may start from any run's checkpoint and change the dataset, `num_classes`,
+`image_size`, the optimizer and the schedule: halo attention's parameters (projections and
+relative-position tables of b and h) do not depend on the map size, so every parameter except the
+classifier carries over. The classifier is re-initialised when its shape changes; any other
+shape change (widths, b, h, depths) is refused, naming the parameter and both shapes. The
+optimizer state and the step start fresh; BatchNorm statistics carry over. The source run is
+only read. Once the new run has a checkpoint of its own, a rerun resumes from that instead.
+"""
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from flax import traverse_util
+
+from configs import stored
+from halonet import checkpointing
+from halonet import errors
+from halonet import model as model_lib
+
+
+def source_run(config: ml_collections.ConfigDict, workdir: str
+               ) -> tuple[str, int | None, ml_collections.ConfigDict]:
+  """(workdir, step or None for its latest, config) of config.init_from: a workdir, or one of its
+  checkpoints (WORKDIR/checkpoints/STEP). Fails in one line naming the path."""
+  path = os.path.abspath(os.path.expanduser(config.init_from))
+  source, step = path, None
+  head, tail = os.path.split(path)
+  if tail.isdigit() and os.path.basename(head) == 'checkpoints':
+    source, step = os.path.dirname(head), int(tail)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'config.init_from={config.init_from!r}: no such directory')
+  if not os.path.exists(os.path.join(source, 'config.json')):
+    raise FileNotFoundError(f'config.init_from={config.init_from!r}: {source} is not a train.py '
+                            'workdir (no config.json)')
+  if os.path.realpath(source) == os.path.realpath(workdir):
+    raise errors.ConfigError(f'config.init_from={config.init_from!r} is this run\'s own workdir: '
+                             'fine-tune into a new one (a rerun resumes by itself)')
+  manager = checkpointing.create_manager(source, 1, read_only=True)
+  steps = sorted(manager.all_steps())
+  manager.close()
+  if not steps or (step is not None and step not in steps):
+    raise FileNotFoundError(f'config.init_from={config.init_from!r}: no complete checkpoint '
+                            f'{"" if step is None else f"for step {step} "}in {source} '
+                            f'(have {steps})')
+  return source, step, stored.get_config(source)
+
+
+def reinitialised(params: Any, source_params: Any) -> dict[str, tuple[tuple, tuple]]:
+  """{parameter: (source shape, new shape)} of the classifier parameters whose shape changed.
+
+  Takes abstract or concrete trees. Raises ConfigError for any other difference.
+  """
+  new, old = (traverse_util.flatten_dict(p, sep='/') for p in (params, source_params))
+  for name in sorted(new.keys() ^ old.keys()):
+    where = 'the new model' if name in new else 'the source run'
+    raise errors.ConfigError(f'config.init_from: parameter {name} exists only in {where}; the '
+                             'two models differ in more than the classifier')
+  changed = {name: (tuple(old[name].shape), tuple(new[name].shape)) for name in sorted(new)
+             if new[name].shape != old[name].shape}
+  for name, (was, now) in changed.items():
+    if not name.startswith(model_lib.CLASSIFIER + '/'):
+      raise errors.ConfigError(f'config.init_from: parameter {name} has shape {was} in the '
+                               f'source run but {now} in the new model')
+  return changed
+
+
+def start_from(params: Any, batch_stats: Any, source_params: Any, source_batch_stats: Any,
+               changed: dict[str, Any]) -> tuple[Any, Any]:
+  """The new run's (params, batch_stats): the source's, except the `changed` parameters, which
+  keep their fresh initialisation."""
+  new, old = (traverse_util.flatten_dict(p, sep='/') for p in (params, source_params))
+  merged = {name: new[name] if name in changed else old[name] for name in new}
+  return traverse_util.unflatten_dict(merged, sep='/'), jax.tree.map(lambda _, s: s, batch_stats,
+                                                                     source_batch_stats)

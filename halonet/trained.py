@@ -1,0 +1,106 @@
+"""A trained run put to use: its variables, predictions, and its backbone's multi-scale features.
+
+    config, variables, step = trained.load('/runs/h1')      # latest step, raw weights
+    maps = trained.features(config, variables, images)    # {'stage1': [B, H/4, W/4, C], ...}
+
+`features` is a pure function of (variables, images), so it runs under `jax.jit` and `jax.grad`:
+a detection or segmentation head can fine-tune the backbone through it. Halo attention has no
+parameter that depends on the map size, so any input size works (sizes b does not divide are
+padded and masked inside each layer).
+"""
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from configs import stored
+from halonet import errors
+from halonet import input_pipeline
+from halonet import model as model_lib
+from halonet import sharding
+from halonet import train_lib
+
+WEIGHTS = ('raw', 'ema')
+PREDICT_BATCH = 32
+
+
+def load(workdir: str, step: int | None = None, weights: str = 'raw',
+         config: ml_collections.ConfigDict | None = None
+         ) -> tuple[ml_collections.ConfigDict, dict[str, Any], int]:
+  """(config, {'params', 'batch_stats'}, step) of a run's checkpoint, read-only, on this
+  process's devices. `config` defaults to the run's own (workdir/config.json)."""
+  if weights not in WEIGHTS:
+    raise errors.ConfigError(f'weights={weights!r} is not one of {WEIGHTS}')
+  config = config or stored.get_config(workdir)
+  mesh = sharding.create_mesh((-1, 1), jax.local_devices())
+  state, _, _ = train_lib.restore_run(config, workdir, mesh, step)
+  if weights == 'ema' and state.ema_params is None:
+    raise errors.ConfigError(f'{workdir} was trained without an EMA (config.ema_decay=0): '
+                             'use weights=raw')
+  params = state.ema_params if weights == 'ema' else state.params
+  return config, {'params': params, 'batch_stats': state.batch_stats}, int(state.step)
+
+
+def features(config: ml_collections.ConfigDict, variables: dict[str, Any],
+             images: jax.Array) -> dict[str, jax.Array]:
+  """Each stage's output for images [B, H, W, 3] of pixel values 0-255 (uint8 or float),
+  normalised as in training: 'stage1'..'stage4' at strides 4, 8, 16 and 32 (ceil(H / stride)
+  rows), BatchNorm with its running statistics."""
+  model = model_lib.create_model(config)
+  x = input_pipeline.normalize_images(jnp.asarray(images), jnp.dtype(model.dtype))
+  _, sown = model.apply(variables, x, train=False, mutable=[model_lib.FEATURES])
+  return {name: values[0] for name, values in sown[model_lib.FEATURES].items()}
+
+
+def read_images(paths: Sequence[str], config: ml_collections.ConfigDict
+                ) -> tuple[list[str], np.ndarray, dict[str, str]]:
+  """(files, uint8 [N, s, s, 3], {file: why it was left out}) for files and folders (every file
+  under them, sorted), converted as evaluation converts: any size, mode and image format."""
+  files, problems = [], {}
+  for path in paths:
+    if os.path.isdir(path):
+      files += sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    elif os.path.isfile(path):
+      files.append(path)
+    else:
+      problems[path] = 'no such file or directory'
+  images, good = [], []
+  for path in files:
+    try:
+      data = tf.io.read_file(path)
+      images.append(input_pipeline.eval_image(data, config.image_size, config.crop_fraction))
+      good.append(path)
+    except tf.errors.OpError as e:  # TF's message, without its op and device prefix.
+      reason = re.sub(r'^\{\{.*?\}\}\s*|\s*\[Op:.*$', '', e.message.splitlines()[0])
+      problems[path] = f'not a decodable image ({reason})'
+  size = config.image_size
+  stacked = np.stack([i.numpy() for i in images]) if images else np.zeros((0, size, size, 3),
+                                                                         np.uint8)
+  return good, stacked, problems
+
+
+def predict(config: ml_collections.ConfigDict, variables: dict[str, Any], images: np.ndarray,
+            batch_size: int = PREDICT_BATCH) -> np.ndarray:
+  """Class probabilities [N, num_classes] of uint8 images [N, s, s, 3], in fixed-size batches
+  (the last one padded) so that one compilation serves any N."""
+  model = model_lib.create_model(config)
+
+  @jax.jit
+  def probabilities(batch):
+    x = input_pipeline.normalize_images(batch, jnp.dtype(model.dtype))
+    return jax.nn.softmax(model.apply(variables, x, train=False).astype(jnp.float32))
+
+  out = []
+  for start in range(0, len(images), batch_size):
+    batch = images[start:start + batch_size]
+    padded = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:],
+                                             batch.dtype)])
+    out.append(np.asarray(probabilities(padded))[:len(batch)])
+  return np.concatenate(out) if out else np.zeros((0, config.num_classes), np.float32)

@@ -1,0 +1,61 @@
+"""Predicts the classes of images with a trained run:
+
+  python predict.py --workdir=W photo.jpg more_photos/ [--top_k=5] [--output=predictions.json]
+
+Images of any size, mode (grey, RGB, RGBA) and format (JPEG, PNG, GIF, BMP) are converted as
+evaluation converts them. Prints each image's top-k classes (names from the dataset, e.g. an
+image folder's sub-folders) with probabilities and writes them to a JSON file, never replacing
+one (predictions.1.json, ... when taken). A file that is not an image is named in one line and
+the others are still predicted; the exit status is then 1.
+"""
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+
+from halonet import launch  # pylint: disable=g-bad-import-order  # First: quiets TensorFlow.
+from halonet import checkpointing
+from halonet import input_pipeline
+from halonet import trained
+
+flags.DEFINE_string('workdir', None, "The training run's workdir (config.json, checkpoints).")
+flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
+flags.DEFINE_enum('weights', 'raw', trained.WEIGHTS, 'Raw parameters, or their EMA if kept.')
+flags.DEFINE_integer('top_k', 5, 'Classes to report per image.', lower_bound=1)
+flags.DEFINE_string('output', 'predictions.json', 'JSON file written (never overwritten).')
+flags.mark_flag_as_required('workdir')
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) < 2:
+    raise app.UsageError('give one or more image files or folders')
+  launch.quiet_logs()
+  with launch.one_line_errors():
+    config, variables, step = trained.load(FLAGS.workdir, FLAGS.step, FLAGS.weights)
+    files, images, problems = trained.read_images(argv[1:], config)
+    for path, why in problems.items():
+      print(f'ERROR {path}: {why}', file=sys.stderr)
+    probabilities = trained.predict(config, variables, images)
+    names = input_pipeline.class_names(config) or []
+    names += [str(c) for c in range(len(names), config.num_classes)]  # Unnamed classes: ids.
+    predictions = []
+    for path, p in zip(files, probabilities):
+      top = p.argsort()[::-1][:FLAGS.top_k]
+      predictions.append({'file': path, 'top': [
+          {'label': int(c), 'class': names[c], 'probability': float(p[c])} for c in top]})
+      print(f'{path}: ' + ', '.join(f'{t["class"]} {t["probability"]:.3f}'
+                                    for t in predictions[-1]['top']))
+    output = checkpointing.unused_path(FLAGS.output)
+    with open(output, 'w') as f:
+      json.dump({'workdir': FLAGS.workdir, 'step': step, 'weights': FLAGS.weights,
+                 'predictions': predictions, 'errors': problems}, f, indent=2)
+    print(f'{len(predictions)} image(s) predicted, {len(problems)} left out: {output}')
+  if problems:
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

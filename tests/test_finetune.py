@@ -1,0 +1,127 @@
+"""Fine-tuning (config.init_from, config.trainable): what carries over, what is refused, and
+that the source run is never written to."""
+
+import os
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import traverse_util
+
+from configs import tiny
+from halonet import checkpointing
+from halonet import errors
+from halonet import finetune
+from halonet import model as model_lib
+from halonet import optim
+from halonet import train_lib
+
+
+def _params(**overrides):
+  config = tiny.get_config()
+  config.update_from_flattened_dict(overrides)
+  return model_lib.abstract_variables(config)['params']
+
+
+def test_only_a_classifier_of_another_shape_is_reinitialised():
+  assert finetune.reinitialised(_params(), _params(image_size=48)) == {}  # No size-bound params.
+  assert finetune.reinitialised(_params(num_classes=4), _params(num_classes=6)) == {
+      'head/bias': ((6,), (4,)), 'head/kernel': ((32, 6), (32, 4))}
+
+
+@pytest.mark.parametrize('overrides, named', [
+    ({'model.widths': (8, 16, 16, 48)}, r'stage4_block0/.* has shape \(.*32.*\) in the source '
+                                        r'run but \(.*48.*\) in the new model'),
+    # 2(b + h) - 1 relative offsets: 9 for b = 4, h = 1; 5 for b = 2.
+    ({'model.block_size': 2}, r'relative_height has shape \(9, 4\) in the source run but \(5, 4\)'),
+    ({'model.final_width': 16}, r'final_(bn|conv)/\w+ exists only in the new model'),
+])
+def test_any_other_difference_is_refused_naming_the_parameter(overrides, named):
+  with pytest.raises(errors.ConfigError, match=named):
+    finetune.reinitialised(_params(**overrides), _params())
+
+
+def test_head_only_training_moves_the_classifier_and_nothing_else():
+  config = tiny.get_config()
+  config.trainable = 'head'
+  params = jax.tree.map(lambda a: np.ones(a.shape, a.dtype), _params())
+  tx = optim.create_optimizer(config, optax.constant_schedule(0.1))
+  grads = jax.tree.map(np.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  for name, update in traverse_util.flatten_dict(updates, sep='/').items():
+    moved = bool(np.any(np.asarray(update) != 0))
+    assert moved == name.startswith('head/'), name
+
+
+def _config(dataset, num_classes, image_size, **overrides):
+  config = tiny.get_config()
+  config.update_from_flattened_dict({'dataset': dataset, 'num_classes': num_classes,
+                                     'image_size': image_size, 'num_train_steps': 2,
+                                     'eval_every_steps': 1000, **overrides})
+  return config
+
+
+def _files(root):
+  return {os.path.join(d, f): (os.stat(os.path.join(d, f)).st_mtime_ns,
+                               os.stat(os.path.join(d, f)).st_size)
+          for d, _, fs in os.walk(root) for f in fs}
+
+
+def _latest(workdir):
+  manager = checkpointing.create_manager(str(workdir), 3, read_only=True)
+  state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
+  manager.close()
+  return state
+
+
+@pytest.mark.slow
+def test_fine_tune_at_a_new_size_on_new_classes(tmp_path, capsys):
+  """Pre-train at 32 px on the digits 0-5, fine-tune the head alone at 48 px on 6-9: every frozen
+  parameter equals the source's bit for bit, the classifier is new, the source is untouched, and
+  a rerun resumes the fine-tune's own checkpoints."""
+  source, target = tmp_path / 'digits0-5', tmp_path / 'digits6-9'
+  train_lib.train_and_evaluate(_config('digits/0-5', 6, 32), str(source))
+  before = _files(source)
+  capsys.readouterr()
+
+  config = _config('digits/6-9', 4, 48, init_from=str(source), trainable='head')
+  train_lib.train_and_evaluate(config, str(target))
+  out = capsys.readouterr().out
+  assert (f'initialised from {source} step 2; re-initialised head/bias (6,)->(4,), '
+          'head/kernel (32, 6)->(32, 4)') in out
+  assert _files(source) == before
+
+  pretrained, tuned = (traverse_util.flatten_dict(_latest(w)['params'], sep='/')
+                       for w in (source, target))
+  assert tuned['head/kernel'].shape == (32, 4)
+  for name, value in tuned.items():
+    if not name.startswith('head/'):
+      np.testing.assert_array_equal(value, pretrained[name], err_msg=name)
+
+  config.num_train_steps = 3  # Longer: resumes at step 2 of its own run, not from the source.
+  train_lib.train_and_evaluate(config, str(target))
+  out = capsys.readouterr().out
+  assert 'resumed from checkpoint at step 2' in out and 'initialised from' not in out
+  assert _files(source) == before
+
+
+def test_bad_sources_fail_naming_the_path_before_anything_compiles(tmp_path, monkeypatch):
+  def no_compile(*args, **kwargs):
+    raise AssertionError('compiled before the source was checked')
+
+  missing = tmp_path / 'nowhere'
+  config = _config('digits', 10, 32, init_from=str(missing))
+  monkeypatch.setattr(jax, 'jit', no_compile)
+  with pytest.raises(FileNotFoundError, match=f"init_from='{missing}': no such directory"):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+  (tmp_path / 'empty').mkdir()
+  config.init_from = str(tmp_path / 'empty')
+  with pytest.raises(FileNotFoundError, match='is not a train.py workdir'):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+  (tmp_path / 'run').mkdir(exist_ok=True)
+  (tmp_path / 'run' / 'config.json').write_text('{}')
+  config.init_from = str(tmp_path / 'run')
+  with pytest.raises(errors.ConfigError, match="this run's own workdir"):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))

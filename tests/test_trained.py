@@ -1,0 +1,139 @@
+"""Using a trained run: multi-scale features, predict.py, attention maps."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import tiny
+from halonet import digits
+from halonet import input_pipeline
+from halonet import model as model_lib
+from halonet import train_lib
+from halonet import trained
+from halonet import visualize
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  """A 2-step tiny run: (workdir, its config)."""
+  workdir = str(tmp_path_factory.mktemp('run'))
+  config = tiny.get_config()
+  config.num_train_steps = 2
+  train_lib.train_and_evaluate(config, workdir)
+  return workdir, config
+
+
+def _fresh(config, size):
+  images = np.random.default_rng(0).integers(0, 256, (2, size[0], size[1], 3)).astype(np.uint8)
+  model = model_lib.create_model(config)
+  init = jax.jit(functools.partial(model.init, train=False))
+  variables = init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  return model, variables, images
+
+
+def test_features_have_strides_4_to_32_at_sizes_b_does_not_divide():
+  config = tiny.get_config()  # b = 4; widths (8, 16, 16, 32).
+  model, variables, images = _fresh(config, (36, 50))
+  maps = jax.jit(lambda v, x: trained.features(config, v, x))(variables, images)
+  # ceil(36 / s), ceil(50 / s) for strides 4, 8, 16, 32.
+  assert {k: v.shape for k, v in maps.items()} == {
+      'stage1': (2, 9, 13, 8), 'stage2': (2, 5, 7, 16), 'stage3': (2, 3, 4, 16),
+      'stage4': (2, 2, 2, 32)}
+  # stage4 is what the classifier reads: its pooled features give the model's own logits.
+  head = variables['params']['head']
+  x = input_pipeline.normalize_images(jnp.asarray(images), jnp.float32)
+  np.testing.assert_allclose(maps['stage4'].mean(axis=(1, 2)) @ head['kernel'] + head['bias'],
+                             model.apply(variables, x, train=False), rtol=1e-5, atol=1e-5)
+
+
+def test_features_can_be_differentiated_under_jit():
+  config = tiny.get_config()
+  _, variables, images = _fresh(config, (40, 40))
+
+  def loss(params):  # A dense head on stage 2 sees stages 1-2 only.
+    maps = trained.features(config, {**variables, 'params': params}, images)
+    return jnp.sum(maps['stage2'] ** 2)
+
+  grads = jax.jit(jax.grad(loss))(variables['params'])
+  for name, g in grads.items():
+    moved = any(bool(jnp.any(leaf != 0)) for leaf in jax.tree.leaves(g))
+    assert moved == name.startswith(('stem', 'stage1', 'stage2')), name
+
+
+def _write_images(folder):
+  """A digit, the same digit grey and RGBA at other sizes, and a text file named .png."""
+  root = digits.prepare_digits(digits.DEFAULT_ROOT)
+  name = sorted(os.listdir(os.path.join(root, 'test', '7')))[0]
+  digit = Image.open(os.path.join(root, 'test', '7', name))
+  folder.mkdir()
+  digit.convert('RGB').save(folder / 'seven.jpg', quality=95)
+  digit.convert('L').resize((20, 20)).save(folder / 'seven_grey.png')
+  digit.convert('RGBA').resize((40, 24)).save(folder / 'seven_rgba.png')
+  (folder / 'notes.png').write_text('not an image')
+  return folder
+
+
+def test_predict_reports_every_image_and_names_the_bad_file(run, tmp_path):
+  workdir, _ = run
+  folder = _write_images(tmp_path / 'images')
+  output = tmp_path / 'predictions.json'
+  output.write_text('kept')  # Never overwritten: the results go to predictions.1.json.
+  done = subprocess.run([sys.executable, 'predict.py', f'--workdir={workdir}', str(folder),
+                         f'--output={output}', '--top_k=3'], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 1, done.stderr[-2000:]
+  assert f'ERROR {folder / "notes.png"}: not a decodable image' in done.stderr
+  assert output.read_text() == 'kept'
+  result = json.loads((tmp_path / 'predictions.1.json').read_text())
+  assert result['step'] == 2 and list(result['errors']) == [str(folder / 'notes.png')]
+  assert [p['file'] for p in result['predictions']] == [
+      str(folder / n) for n in ('seven.jpg', 'seven_grey.png', 'seven_rgba.png')]
+  for p in result['predictions']:
+    probabilities = [t['probability'] for t in p['top']]
+    assert len(p['top']) == 3 and probabilities == sorted(probabilities, reverse=True)
+    assert all(t['class'] == str(t['label']) for t in p['top'])  # Folder names '0'..'9'.
+
+
+def test_images_are_converted_as_evaluation_converts_them(run, tmp_path):
+  _, config = run
+  folder = _write_images(tmp_path / 'images')
+  files, images, problems = trained.read_images([str(folder)], config)
+  assert len(files) == 3 and list(problems) == [str(folder / 'notes.png')]
+  assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+  grey = images[files.index(str(folder / 'seven_grey.png'))]
+  assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+
+
+def test_attention_maps_are_the_models_weights_and_are_drawn(run, tmp_path):
+  workdir, _ = run
+  config, variables, _ = trained.load(workdir)
+  config.image_size = 48  # No parameter depends on the size: stage 1 is a 12 x 12 map.
+  image = np.random.default_rng(0).integers(0, 256, (48, 48, 3)).astype(np.uint8)
+  queries = [(0, 0), (24, 20), (47, 47)]
+  maps = visualize.query_weights(config, variables, image, 'stage1_block0', queries)
+  b, h = 4, 1
+  for m in maps:
+    assert m.weights.shape == (2, b + 2 * h, b + 2 * h)  # Heads, neighbourhood rows, columns.
+    np.testing.assert_allclose(m.weights.data.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+  # The corner query's neighbourhood starts h pixels beyond the image: that row and column are
+  # padding, masked in the plot and given exactly zero weight by the model.
+  corner = maps[0].weights
+  assert corner.mask[:, 0, :].all() and corner.mask[:, :, 0].all()
+  assert not corner.mask[:, 1:, 1:].any()
+  assert (corner.data[:, 0, :] == 0).all() and (corner.data[:, :, 0] == 0).all()
+  assert not maps[1].weights.mask.any()  # An inner block sees real pixels only.
+  out = tmp_path / 'attention.png'
+  visualize.draw(image, maps, 'test').savefig(out)
+  assert Image.open(out).format == 'PNG'
+  with pytest.raises(ValueError, match=r"--layer='stage9_block0' .* \['stage1_block0'"):
+    visualize.query_weights(config, variables, image, 'stage9_block0', queries)
