@@ -19,11 +19,11 @@ from halonet import sharding
 from halonet import train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 24
+STEPS = 16
 # A save every step: an async write is in flight at any moment a kill can hit.
 FLAGS = ['--config=configs/tiny.py', f'--config.num_train_steps={STEPS}',
          '--config.checkpoint_every_steps=1']
-KILLS = 5
+KILLS = 3
 # Batches are read this many steps ahead (device prefetch): the read of batch n + AHEAD happens
 # just before step n runs.
 AHEAD = sharding.PREFETCH_BATCHES

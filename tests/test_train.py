@@ -214,7 +214,7 @@ def test_prefetch_to_device_keeps_order_and_reads_only_two_ahead():
   batches = sharding.prefetch_to_device(host_batches(), mesh, size=2)
   first = next(batches)
   assert read == [0, 1, 2]  # The batch handed out plus two in flight.
-  assert first['image'].sharding == sharding.batch_sharding(mesh)
+  assert first['image'].sharding == sharding.batch_shardings(mesh, ['image'])['image']
   rest = [int(b['image'][0, 0]) for b in batches]
   assert [int(first['image'][0, 0])] + rest == [0, 1, 2, 3, 4]
 
