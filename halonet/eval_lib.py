@@ -67,7 +67,7 @@ def evaluate(eval_fn, variables: Any, config: ml_collections.ConfigDict, split: 
   batches = input_pipeline.create_split(
       config, split, train=False, batch_size=batch_size, split_size=num_examples,
       process_index=jax.process_index(), process_count=jax.process_count())
-  num_batches = -(-(-(-num_examples // jax.process_count())) // batch_size)
+  num_batches = input_pipeline.eval_batch_count(num_examples, batch_size, jax.process_count())
   totals = None
   start = reported = time.perf_counter()
   for i, batch in enumerate(sharding.prefetch_to_device(batches, mesh), 1):

@@ -80,6 +80,11 @@ def check_num_classes(config: ml_collections.ConfigDict, split: str) -> None:
         f'classes of {config.dataset}')
 
 
+def eval_batch_count(total: int, batch_size: int, process_count: int) -> int:
+  """Batches every process yields in one eval pass: the largest process share, in batches."""
+  return -(-(-(-total // process_count)) // batch_size)
+
+
 def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
                  batch_size: int, split_size: int | None = None, process_index: int = 0,
                  process_count: int = 1, start_step: int = 0) -> Iterator[Batch]:
@@ -98,8 +103,8 @@ def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
   read = lambda seed: _read(config, builder, split, process_index, process_count, seed)
   total = num_examples(config, split) if split_size is None else split_size
   if not train:
-    per_process = -(-total // process_count)
-    return _eval_batches(config, read(None), batch_size, -(-per_process // batch_size))
+    return _eval_batches(config, read(None), batch_size,
+                         eval_batch_count(total, batch_size, process_count))
   steps = total // (batch_size * process_count)
   if steps == 0:
     raise errors.ConfigError(
