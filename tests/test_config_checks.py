@@ -59,6 +59,7 @@ def test_bad_value_fails_in_one_line_naming_it(field, value):
     ('optimizer.name', 'lamb', "'lamb'"),
     ('profile_steps', (3, 2), 'profile_steps=(3, 2)'),
     ('profile_steps', (0, 2), 'profile_steps=(0, 2)'),
+    ('trainable', 'backbone', "trainable='backbone'"),
 ])
 def test_bad_sequence_or_name_fails_in_one_line_naming_it(field, value, named):
   with pytest.raises(ValueError) as error:

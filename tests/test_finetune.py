@@ -86,7 +86,9 @@ def test_fine_tune_at_a_new_size_on_new_classes(tmp_path, capsys):
   before = _files(source)
   capsys.readouterr()
 
-  config = _config('digits/6-9', 4, 48, init_from=str(source), trainable='head')
+  # A checkpoint path (WORKDIR/checkpoints/STEP) names the run and the step.
+  config = _config('digits/6-9', 4, 48, init_from=str(source / 'checkpoints' / '2'),
+                   trainable='head')
   train_lib.train_and_evaluate(config, str(target))
   out = capsys.readouterr().out
   assert (f'initialised from {source} step 2; re-initialised head/bias (6,)->(4,), '
@@ -119,6 +121,9 @@ def test_bad_sources_fail_naming_the_path_before_anything_compiles(tmp_path, mon
   (tmp_path / 'empty').mkdir()
   config.init_from = str(tmp_path / 'empty')
   with pytest.raises(FileNotFoundError, match='is not a train.py workdir'):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+  (tmp_path / 'empty' / 'config.json').write_text('{}')
+  with pytest.raises(FileNotFoundError, match=r'no complete checkpoint in .*empty \(have \[\]\)'):
     train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
   (tmp_path / 'run').mkdir(exist_ok=True)
   (tmp_path / 'run' / 'config.json').write_text('{}')

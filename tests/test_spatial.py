@@ -71,6 +71,17 @@ def test_attention_layer_and_gradients_equal_the_unsharded_layer(impl, height, b
   chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)
 
 
+def test_attention_weights_are_refused_on_partitioned_images():
+  layer = attention.HaloAttention(qk_width=8, value_width=8, num_heads=2, block_size=4,
+                                  halo_size=1)
+  x = jnp.zeros((8, 16, 16, 6))
+  variables = layer.init(jax.random.key(0), x)
+  record = lambda v, x: layer.apply(v, x, mutable=[attention.ATTENTION_WEIGHTS])
+  mesh = sharding.create_mesh(MESH)
+  with pytest.raises(ValueError, match='attention weights are recorded on unpartitioned images'):
+    jax.jit(sharding.traced_within(mesh, record))(variables, x)
+
+
 def _spatial_config(attention_impl: str, batch: int):
   """configs/tiny.py at 128 px with b = 2: every stage's map splits into whole block rows on 2
   spatial devices (32, 16, 8 and 4 rows; 16, 8, 4 and 2 blocks)."""

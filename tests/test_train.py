@@ -227,6 +227,10 @@ def test_prefetch_to_device_keeps_order_and_reads_only_two_ahead():
     ('train.py', ['--config=configs/halonet.py:h8'], "unknown HaloNet config 'h8'"),
     ('train.py', ['--config=configs/h9.py'], "No such file or directory: 'configs/h9.py'"),
     ('eval.py', [], 'no complete checkpoint'),
+    ('train.py', ['--coordinator_address=127.0.0.1:1234'],
+     '--coordinator_address given without --distributed'),
+    ('train.py', ['--distributed', '--num_processes=2', '--process_id=2'],
+     '--process_id=2 must be below --num_processes=2'),
 ])
 def test_bad_command_line_fails_in_one_line(script, args, named, tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

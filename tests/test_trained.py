@@ -93,6 +93,7 @@ def test_predict_reports_every_image_and_names_the_bad_file(run, tmp_path):
                         text=True, timeout=300)
   assert done.returncode == 1, done.stderr[-2000:]
   assert f'ERROR {folder / "notes.png"}: not a decodable image' in done.stderr
+  assert 'read_only=True' not in done.stderr and 'read only' not in done.stderr
   assert output.read_text() == 'kept'
   result = json.loads((tmp_path / 'predictions.1.json').read_text())
   assert result['step'] == 2 and list(result['errors']) == [str(folder / 'notes.png')]
@@ -137,3 +138,15 @@ def test_attention_maps_are_the_models_weights_and_are_drawn(run, tmp_path):
   assert Image.open(out).format == 'PNG'
   with pytest.raises(ValueError, match=r"--layer='stage9_block0' .* \['stage1_block0'"):
     visualize.query_weights(config, variables, image, 'stage9_block0', queries)
+  with pytest.raises(ValueError, match=r'query \(48, 3\) is outside the 48 px image'):
+    visualize.query_weights(config, variables, image, 'stage1_block0', [(48, 3)])
+  with pytest.raises(ValueError, match='trained without an EMA'):
+    trained.load(workdir, weights='ema')
+
+
+def test_class_names_are_the_folder_names_of_the_dataset():
+  config = tiny.get_config()
+  config.dataset = 'digits/6-9'
+  assert input_pipeline.class_names(config) == ['6', '7', '8', '9']
+  config.dataset, config.data_dir = 'image_folder', '/nonexistent/images'
+  assert input_pipeline.class_names(config) is None
