@@ -33,8 +33,9 @@ def quiet_orbax_info_logs() -> None:
   def shown(record: std_logging.LogRecord) -> bool:
     if '/orbax/' not in record.pathname:
       return True
-    return record.levelno >= std_logging.WARNING and 'read only' not in record.getMessage() and (
-        'read_only=True' not in record.getMessage())
+    message = record.getMessage()
+    return (record.levelno >= std_logging.WARNING and 'read only' not in message
+            and 'read_only=True' not in message)
   logging.get_absl_handler().addFilter(shown)
 
 

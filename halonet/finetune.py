@@ -13,7 +13,6 @@ only read. Once the new run has a checkpoint of its own, a rerun resumes from th
 import os
 from typing import Any
 
-import jax
 import ml_collections
 from flax import traverse_util
 
@@ -69,11 +68,9 @@ def reinitialised(params: Any, source_params: Any) -> dict[str, tuple[tuple, tup
   return changed
 
 
-def start_from(params: Any, batch_stats: Any, source_params: Any, source_batch_stats: Any,
-               changed: dict[str, Any]) -> tuple[Any, Any]:
-  """The new run's (params, batch_stats): the source's, except the `changed` parameters, which
-  keep their fresh initialisation."""
+def start_from(params: Any, source_params: Any, changed: dict[str, Any]) -> Any:
+  """The new run's params: the source's, except the `changed` parameters, which keep their
+  fresh initialisation."""
   new, old = (traverse_util.flatten_dict(p, sep='/') for p in (params, source_params))
   merged = {name: new[name] if name in changed else old[name] for name in new}
-  return traverse_util.unflatten_dict(merged, sep='/'), jax.tree.map(lambda _, s: s, batch_stats,
-                                                                     source_batch_stats)
+  return traverse_util.unflatten_dict(merged, sep='/')

@@ -67,10 +67,11 @@ def start(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   quiet_logs()
+  cluster = cluster_flags()
   if FLAGS.distributed:
-    jax.distributed.initialize(**cluster_flags())
-  elif cluster_flags():
-    sys.exit(f'FATAL {", ".join("--" + k for k in cluster_flags())} given without --distributed')
+    jax.distributed.initialize(**cluster)
+  elif cluster:
+    sys.exit(f'FATAL {", ".join("--" + k for k in cluster)} given without --distributed')
 
 
 def quiet_logs() -> None:

@@ -1,4 +1,4 @@
-"""Training loop: one jitted step over a ('data', 'model') mesh, periodic exact evaluation,
+"""Training loop: one jitted step over a ('data', 'spatial') mesh, periodic exact evaluation,
 async Orbax checkpoints, and a clean stop on preemption or a non-finite loss."""
 
 import datetime
@@ -239,12 +239,12 @@ def _fine_tune_start(state: TrainState, mesh: Mesh, source_dir: str, source_step
   """The fresh state with the source run's parameters and BN statistics (halonet/finetune.py);
   the optimizer state (zeros and a zero count for SGD and AdamW) stays as initialised."""
   source, _, _ = restore_run(source_config, source_dir, mesh, source_step)
-  params, batch_stats = finetune.start_from(state.params, state.batch_stats, source.params,
-                                            source.batch_stats, changed)
+  params = finetune.start_from(state.params, source.params, changed)
   fresh = ', '.join(f'{name} {was}->{now}' for name, (was, now) in changed.items())
   _say(f'initialised from {source_dir} step {int(source.step)}'
        + (f'; re-initialised {fresh}' if fresh else ''))
-  return state.replace(params=params, batch_stats=batch_stats,
+  # The classifier has no BatchNorm statistics: all of the source's carry over.
+  return state.replace(params=params, batch_stats=source.batch_stats,
                        ema_params=params if state.ema_params is not None else None)
 
 
