@@ -25,7 +25,9 @@ Strided attention (stride 2) subsamples the queries inside each block, keeping t
 of the stride-1 layer; the output is ceil(H/2) x ceil(W/2), like a strided convolution.
 
 Other implementations of steps 3-5 take the same prepared inputs (`attention_impl`): `rows`
-(halonet/attention_rows.py) is the CPU fast path. 'auto' picks per backend; see `resolve_impl`.
+(halonet/attention_rows.py) is the CPU fast path; `pallas` (halonet/attention_pallas.py) fuses
+them into one TPU kernel per direction that keeps the logits and windows out of HBM. 'auto' picks
+per backend; see `resolve_impl`.
 
 Under a mesh whose 'spatial' axis splits image rows, the map is padded to whole block rows per
 device and steps 3-5 run per device after a halo exchange (halonet/attention_spatial.py).
@@ -39,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from halonet import attention_pallas
 from halonet import attention_rows
 from halonet import attention_spatial
 from halonet import errors
@@ -51,28 +54,35 @@ ATTENTION_WEIGHTS = 'attention_weights'
 MASKED_LOGIT = -1e30
 
 
-def plain_attention(q: jax.Array, kv_map: jax.Array, rel_h: jax.Array, rel_w: jax.Array,
-                    bias_h: jax.Array, bias_w: jax.Array, *, block_size: int,
-                    halo_size: int, with_weights: bool = False) -> Any:
+def plain_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array,
+                    rel_w: jax.Array, bias_h: jax.Array, bias_w: jax.Array, *, block_size: int,
+                    halo_size: int, num_heads: int, with_weights: bool = False) -> Any:
   """Each query block's softmax attention over its neighbourhood, all blocks at once.
 
+  Every implementation (`IMPLEMENTATIONS`) takes these arguments and returns this result.
+
   Args:
-    q: [batch, nbh, qy, nbw, qx, heads, dk] query blocks (nbh x nbw blocks of qy x qx queries).
-    kv_map: [batch, nbh*b + 2h, nbw*b + 2h, heads, dk + dv] keys and values, padded by h.
+    q: [batch, nbh*qy, nbw*qx, heads*dk] queries, padded to nbh x nbw blocks of qy x qx.
+    k, v: [batch, nbh*b + 2h, nbw*b + 2h, heads*dk (k) or heads*dv (v)] keys and values, padded
+      by h. Heads sit side by side in the channels (see HeadProjection).
     rel_h, rel_w: [qy, b+2h, dk] and [qx, b+2h, dk] position embedding of each (query row, key
       row) and (query column, key column) pair of a block.
     bias_h, bias_w: [nbh, qy or 1, b+2h] and [nbw, qx or 1, b+2h] additive masks (0 or
       MASKED_LOGIT) per block row / column.
+    num_heads: heads.
   Returns:
-    [batch, nbh, qy, nbw, qx, heads, dv] in q's dtype; with `with_weights`, also the attention
+    [batch, nbh*qy, nbw*qx, heads*dv] in q's dtype; with `with_weights`, also the attention
     weights [batch, nbh, nbw, heads, qy, qx, b+2h, b+2h] (float32) over each neighbourhood.
   """
-  b, h = block_size, halo_size
-  _, nbh, qy, nbw, qx, heads, dk = q.shape
+  b, h, heads = block_size, halo_size, num_heads
+  (qy, window, dk), qx = rel_h.shape, rel_w.shape[0]
+  batch, nbh, nbw = q.shape[0], q.shape[1] // qy, q.shape[2] // qx
   f32 = jnp.float32
+  q = q.reshape(batch, nbh, qy, nbw, qx, heads, dk)
   # [batch, nbh, ky, nbw, kx, heads, d]: rows of neighbourhoods, then their columns.
-  windows = neighbourhoods(neighbourhoods(kv_map, 1, b, h, nbh), 3, b, h, nbw)
-  k, v = windows[..., :dk], windows[..., dk:]
+  windows = lambda x: neighbourhoods(neighbourhoods(x, 1, b, h, nbh), 3, b, h, nbw).reshape(
+      batch, nbh, window, nbw, window, heads, -1)
+  k, v = windows(k), windows(v)
 
   content = jnp.einsum('biyjxnd,biujvnd->bijnyxuv', q, k, preferred_element_type=f32)
   row = jnp.einsum('biyjxnd,yud->bijnyxu', q, rel_h, preferred_element_type=f32)
@@ -87,6 +97,7 @@ def plain_attention(q: jax.Array, kv_map: jax.Array, rel_h: jax.Array, rel_w: ja
   weights = probabilities.astype(q.dtype)
   out = jnp.einsum('bijnyxuv,biujvnd->biyjxnd', weights, v,
                    preferred_element_type=f32).astype(q.dtype)
+  out = out.reshape(batch, nbh * qy, nbw * qx, -1)
   return (out, probabilities) if with_weights else out
 
 
@@ -114,16 +125,24 @@ def neighbourhoods(x: jax.Array, axis: int, block: int, halo: int, num_blocks: i
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     'plain': plain_attention,
     'rows': attention_rows.rows_attention,
+    'pallas': attention_pallas.pallas_attention,
 }
 # What 'auto' picks on each backend: the loop-free plain form on TPU and GPU; on CPU the row loop
 # with its hand-written backward pass, which keeps one row's logits in cache (bench/run.py).
+# The Pallas kernel is opt-in on TPU until it is timed on one (bench/pallas.py --check).
 AUTO_IMPLEMENTATION = {'cpu': 'rows'}
 
 
 def resolve_impl(attention_impl: str, backend: str | None = None) -> str:
-  """The implementation `attention_impl` names; 'auto' picks by backend (default: JAX's)."""
+  """The implementation `attention_impl` names; 'auto' picks by backend (default: JAX's).
+
+  Raises one line if the implementation cannot run on the backend.
+  """
+  backend = backend or jax.default_backend()
   if attention_impl == 'auto':
-    return AUTO_IMPLEMENTATION.get(backend or jax.default_backend(), 'plain')
+    return AUTO_IMPLEMENTATION.get(backend, 'plain')
+  if attention_impl == 'pallas':
+    attention_pallas.check_backend(backend)
   return attention_impl
 
 
@@ -178,6 +197,32 @@ def relative_index(block: int, halo: int, stride: int) -> np.ndarray:
   return keys - queries + block - 1  # Offset key - (query + halo), shifted to start at 0.
 
 
+class HeadProjection(nn.Module):
+  """A 1x1 projection to `heads` heads of `width` channels each, heads side by side.
+
+  The parameter and its init are nn.DenseGeneral's (kernel [channels, heads, width]), but the
+  output is one matmul into [..., heads * width]: a [..., heads, width] array would pad each
+  head's 16-64 channels to a whole 128-lane tile on TPU, and every reshape of it is a copy.
+  `parts` splits each head's width (e.g. keys and values of one kernel): one map per part.
+  """
+  heads: int
+  width: int
+  parts: tuple[int, ...] = ()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array | list[jax.Array]:
+    channels = x.shape[-1]
+    init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
+    kernel = self.param('kernel', lambda rng, shape: init(rng, (channels, self.heads * self.width))
+                        .reshape(shape), (channels, self.heads, self.width))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    edges = np.cumsum((0, *(self.parts or (self.width,))))
+    maps = [jnp.dot(x, kernel[..., start:end].reshape(channels, -1))
+            for start, end in zip(edges[:-1], edges[1:])]
+    return maps if self.parts else maps[0]
+
+
 class HaloAttention(nn.Module):
   """Multi-head blocked local self-attention over NHWC maps.
 
@@ -190,7 +235,7 @@ class HaloAttention(nn.Module):
     stride: 1, or 2 for attention downsampling.
     mask_window: k > 0 restricts each query to the k x k keys centred on it (relaxed equivariance
       ablation); 0 lets it see the whole (b+2h)^2 neighbourhood.
-    attention_impl: 'plain', 'rows', or 'auto' (by backend, see `resolve_impl`).
+    attention_impl: 'plain', 'rows', 'pallas' (TPU), or 'auto' (by backend, see `resolve_impl`).
     dtype: compute dtype of projections and attention products; params stay float32.
   """
   qk_width: int
@@ -217,10 +262,6 @@ class HaloAttention(nn.Module):
     dk, dv = self.qk_width // n, self.value_width // n
     nbh, nbw = -(-height // b), -(-width // b)
     bq = b // s  # Queries per block side after subsampling.
-    dense = lambda features, name: nn.DenseGeneral(
-        features, use_bias=False, dtype=self.dtype, name=name,
-        kernel_init=nn.initializers.variance_scaling(1.0, 'fan_in', 'normal'))
-
     # Image rows split over a 'spatial' mesh axis: whole block rows per device, the h halo rows
     # exchanged between neighbours (attention_spatial.py) instead of padded here.
     spatial = attention_spatial.applies(batch)
@@ -228,16 +269,15 @@ class HaloAttention(nn.Module):
       nbh = attention_spatial.padded_block_rows(nbh)
     halo_rows = 0 if spatial else h
 
-    # Queries: subsample, pad to whole blocks, cut into blocks (a free reshape).
-    q = dense((n, dk), 'query')(x[:, ::s, ::s]) * (dk ** -0.5)
+    # Queries: subsample, project, pad to whole blocks of bq x bq.
+    q = HeadProjection(n, dk, dtype=self.dtype, name='query')(x[:, ::s, ::s]) * (dk ** -0.5)
     out_h, out_w = q.shape[1], q.shape[2]
-    q = jnp.pad(q, ((0, 0), (0, nbh * bq - out_h), (0, nbw * bq - out_w), (0, 0), (0, 0)))
-    q = q.reshape(batch, nbh, bq, nbw, bq, n, dk)
+    q = jnp.pad(q, ((0, 0), (0, nbh * bq - out_h), (0, nbw * bq - out_w), (0, 0)))
 
     # Keys and values: projected once, padded by h on every side (and up to whole blocks).
-    kv = dense((n, dk + dv), 'key_value')(x)
-    kv = jnp.pad(kv, ((0, 0), (halo_rows, nbh * b + halo_rows - height),
-                      (h, nbw * b + h - width), (0, 0), (0, 0)))
+    k, v = HeadProjection(n, dk + dv, parts=(dk, dv), dtype=self.dtype, name='key_value')(x)
+    pad = ((0, 0), (halo_rows, nbh * b + halo_rows - height), (h, nbw * b + h - width), (0, 0))
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
 
     # Factorized relative position tables, indexed (statically) per (query, key) pair.
     init = nn.initializers.normal(dk ** -0.5)
@@ -256,9 +296,10 @@ class HaloAttention(nn.Module):
       if spatial:
         raise errors.ConfigError('attention weights are recorded on unpartitioned images only; '
                                  'use a mesh without a spatial axis')
-      out, weights = plain_attention(q, kv, rel_h, rel_w, bias_h, bias_w, block_size=b,
-                                     halo_size=h, with_weights=True)
+      out, weights = plain_attention(q, k, v, rel_h, rel_w, bias_h, bias_w, block_size=b,
+                                     halo_size=h, num_heads=n, with_weights=True)
       self.sow(ATTENTION_WEIGHTS, 'weights', weights)
     else:
-      out = attend(q, kv, rel_h, rel_w, bias_h, bias_w, block_size=b, halo_size=h)
-    return out.reshape(batch, nbh * bq, nbw * bq, n * dv)[:, :out_h, :out_w]
+      out = attend(q, k, v, rel_h, rel_w, bias_h, bias_w, block_size=b, halo_size=h,
+                   num_heads=n)
+    return out[:, :out_h, :out_w]

@@ -21,35 +21,27 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from halonet import sharding
 
 
-def rows_attention(q: jax.Array, kv_map: jax.Array, rel_h: jax.Array, rel_w: jax.Array,
-                   bias_h: jax.Array, bias_w: jax.Array, *, block_size: int,
-                   halo_size: int) -> jax.Array:
+def rows_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array,
+                   rel_w: jax.Array, bias_h: jax.Array, bias_w: jax.Array, *, block_size: int,
+                   halo_size: int, num_heads: int) -> jax.Array:
   """`attention.plain_attention` (same arguments), looping over the rows of blocks of each image."""
-  attend = functools.partial(_local_rows_attention, block=block_size, halo=halo_size)
-  mesh = jax.sharding.get_abstract_mesh()
-  data = mesh.shape.get(sharding.DATA_AXIS, 1) if not mesh.empty else 1
-  if data == 1 or q.shape[0] % data or sharding.DATA_AXIS in mesh.manual_axes:
-    return attend(q, kv_map, rel_h, rel_w, bias_h, bias_w)  # Already per device, or one device.
-
-  def per_device(q, kv_map, *shared):
-    # The tables and masks are the same on every device; marking them as varying makes their
-    # gradients per device, which shard_map then sums over the data axis.
-    shared = [jax.lax.pcast(x, sharding.DATA_AXIS, to='varying') for x in shared]
-    return attend(q, kv_map, *shared)
-
-  images = P(sharding.DATA_AXIS)
-  return jax.shard_map(per_device, mesh=mesh, in_specs=(images, images) + (P(),) * 4,
-                       out_specs=images)(q, kv_map, rel_h, rel_w, bias_h, bias_w)
+  attend = functools.partial(_local_rows_attention, block=block_size, halo=halo_size,
+                             heads=num_heads)
+  return sharding.per_device_images(attend)(q, k, v, rel_h, rel_w, bias_h, bias_w)
 
 
-def _local_rows_attention(q, kv_map, rel_h, rel_w, bias_h, bias_w, *, block, halo):
+def _local_rows_attention(q, k, v, rel_h, rel_w, bias_h, bias_w, *, block, halo, heads):
   """The row loop over this device's images (arguments as in `rows_attention`)."""
-  batch, nbh, qy, nbw, qx, heads, dk = q.shape
+  (qy, _, dk), qx = rel_h.shape, rel_w.shape[0]
+  batch, nbh, nbw = q.shape[0], q.shape[1] // qy, q.shape[2] // qx
+  q = q.reshape(batch, nbh, qy, nbw, qx, heads, dk)
+  # The loop's layout: keys and values of a head side by side, [batch, rows, columns, heads, d].
+  split = lambda x: x.reshape(x.shape[:3] + (heads, -1))
+  kv_map = jnp.concatenate([split(k), split(v)], axis=-1)
   map_rows = kv_map.shape[1]
   # Images stacked along the rows: row i of blocks is image i // nbh, block row i % nbh, and its
   # strip starts at map row `starts[i]`. Both reshapes are free.
@@ -60,7 +52,7 @@ def _local_rows_attention(q, kv_map, rel_h, rel_w, bias_h, bias_w, *, block, hal
   out = attend(q.reshape((batch * nbh,) + q.shape[2:]),
                kv_map.reshape((batch * map_rows,) + kv_map.shape[2:]),
                rel_h, rel_w, starts, row_bias_h, bias_w)
-  return out.reshape((batch, nbh) + out.shape[1:])
+  return out.reshape(batch, nbh * qy, nbw * qx, -1)
 
 
 def _row_loop(block: int, halo: int, qk_dim: int):

@@ -41,32 +41,34 @@ def receive_rows(x: jax.Array, rows: int, from_above: bool, axis_name: str) -> j
   return jnp.concatenate(ordered, axis=1)
 
 
-def spatial_attention(attend: Attend, q: jax.Array, kv_map: jax.Array, rel_h: jax.Array,
-                      rel_w: jax.Array, bias_h: jax.Array, bias_w: jax.Array, *, block_size: int,
-                      halo_size: int) -> jax.Array:
+def spatial_attention(attend: Attend, q: jax.Array, k: jax.Array, v: jax.Array,
+                      rel_h: jax.Array, rel_w: jax.Array, bias_h: jax.Array, bias_w: jax.Array, *,
+                      block_size: int, halo_size: int, num_heads: int) -> jax.Array:
   """`attend` (an implementation of `attention.plain_attention`'s contract) per device band.
 
-  Args as `plain_attention`'s, except that `kv_map` is padded by h along the width only: its
-  height is exactly nbh * b, and nbh (q's block rows, also bias_h's) is a multiple of the
+  Args as `plain_attention`'s, except that `k` and `v` are padded by h along the width only:
+  their height is exactly nbh * b, and nbh (q's block rows, also bias_h's) is a multiple of the
   spatial axis size. The batch must divide over the data axis.
   """
   mesh = jax.sharding.get_abstract_mesh()
   axes = (sharding.DATA_AXIS, sharding.SPATIAL_AXIS)
 
-  def per_device(q, kv_map, rel_h, rel_w, bias_h, bias_w):
-    above = receive_rows(kv_map, halo_size, True, sharding.SPATIAL_AXIS)
-    below = receive_rows(kv_map, halo_size, False, sharding.SPATIAL_AXIS)
-    kv_map = jnp.concatenate([above, kv_map, below], axis=1)
+  def with_halo(x):
+    above = receive_rows(x, halo_size, True, sharding.SPATIAL_AXIS)
+    below = receive_rows(x, halo_size, False, sharding.SPATIAL_AXIS)
+    return jnp.concatenate([above, x, below], axis=1)
+
+  def per_device(q, k, v, rel_h, rel_w, bias_h, bias_w):
     # Shared tables and masks become per device, so their gradients are summed over the mesh.
     rel_h, rel_w, bias_w = (jax.lax.pcast(x, axes, to='varying') for x in (rel_h, rel_w, bias_w))
     bias_h = jax.lax.pcast(bias_h, sharding.DATA_AXIS, to='varying')
-    return attend(q, kv_map, rel_h, rel_w, bias_h, bias_w, block_size=block_size,
-                  halo_size=halo_size)
+    return attend(q, with_halo(k), with_halo(v), rel_h, rel_w, bias_h, bias_w,
+                  block_size=block_size, halo_size=halo_size, num_heads=num_heads)
 
   rows = P(*axes)
   return jax.shard_map(per_device, mesh=mesh,
-                       in_specs=(rows, rows, P(), P(), P(sharding.SPATIAL_AXIS), P()),
-                       out_specs=rows)(q, kv_map, rel_h, rel_w, bias_h, bias_w)
+                       in_specs=(rows, rows, rows, P(), P(), P(sharding.SPATIAL_AXIS), P()),
+                       out_specs=rows)(q, k, v, rel_h, rel_w, bias_h, bias_w)
 
 
 def applies(batch: int) -> bool:
