@@ -17,11 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from halonet import attention
 from halonet import sharding
 from halonet import train_lib
 
 VARIANTS = ('h1', 'h7')
+# The forms XLA compiles here. The Pallas kernels are interpreted on CPU (loops XLA costs once):
+# their figures come from the TPU compiler, in bench/pallas.py.
+XLA_IMPLEMENTATIONS = ('plain', 'rows')
 
 
 def layer_cost(layer: dict[str, Any], impl: str, dtype: Any) -> dict[str, float]:
@@ -43,7 +45,7 @@ def arithmetic_intensity(tiny: bool) -> dict[str, list[dict[str, Any]]]:
   for variant in VARIANTS[:1] if tiny else VARIANTS:
     rows = []
     for layer in common.attention_layer_shapes(common.variant_config(variant, tiny=tiny), tiny):
-      costs = {impl: layer_cost(layer, impl, jnp.bfloat16) for impl in attention.IMPLEMENTATIONS}
+      costs = {impl: layer_cost(layer, impl, jnp.bfloat16) for impl in XLA_IMPLEMENTATIONS}
       rows.append({**{k: layer[k] for k in ('name', 'input', 'value_width', 'num_heads',
                                               'block_size', 'halo_size', 'stride', 'count')},
                    'costs': costs})
@@ -112,7 +114,7 @@ def memory_growth(tiny: bool, batch: int = 2) -> dict[str, Any]:
 def format_results(results: dict[str, Any]) -> str:
   """The cost section as text tables."""
   lines = ['Attention fwd+bwd per image, bfloat16: GFLOP, GB accessed, FLOP/byte (XLA cost analysis)']
-  impls = list(attention.IMPLEMENTATIONS)
+  impls = list(XLA_IMPLEMENTATIONS)
   for variant, rows in results['arithmetic_intensity'].items():
     lines.append(f"  {variant}: {'layer':14s} {'input':>14s} " +
                  ' '.join(f'{impl + " GFLOP":>11s} {"GB":>6s} {"FLOP/B":>7s}' for impl in impls))

@@ -1,7 +1,7 @@
 """The fused Pallas halo attention against the plain path, as a TPU compiles and runs them.
 
     python bench/pallas.py               # any host, compile only (libtpu): bench/results_pallas.json
-    python bench/pallas.py --tiny --out /tmp/p.json   # two H1 layers, no train steps: smoke test
+    python bench/pallas.py --tiny --out /tmp/p.json   # 2 layers each, no train steps: smoke test
     python bench/pallas.py --check       # on a TPU host: both paths' numerics and measured times
 
 Compile-only figures (XLA's TPU compiler through libtpu, `bench/tpu_aot.py`; nothing runs), per
@@ -29,7 +29,11 @@ import sys
 
 _parser = argparse.ArgumentParser(description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-_parser.add_argument('--tiny', action='store_true', help='two H1 layers and no train steps')
+_parser.add_argument('--tiny', action='store_true',
+                     help="each variant's first two layers, no train steps: a smoke test")
+_parser.add_argument('--variants', default='h1,h7', help='comma-separated paper variants')
+_parser.add_argument('--layers', type=int, default=0,
+                     help="only each variant's first N distinct attention layers (0: all)")
 _parser.add_argument('--check', action='store_true', help='run both paths on this host (a TPU)')
 _parser.add_argument('--chip', default='v5e', help='compile-only target: v5e, v6e or v5p')
 _parser.add_argument('--batch', type=int, default=8, help='images per layer call')
@@ -56,6 +60,12 @@ from halonet import train_lib  # noqa: E402
 IMPLS = ('plain', 'pallas')
 KERNELS = ('halo_attention_forward', 'halo_attention_backward')
 TRAIN_STEPS = (('h1', 16), ('h1', 32), ('h7', 4))  # (variant, per-device batch)
+
+
+def layer_shapes(variant: str) -> list[dict]:
+  """The variant's distinct attention layers, as many as --tiny and --layers ask for."""
+  layers = common.attention_layer_shapes(common.variant_config(variant), tiny=ARGS.tiny)
+  return layers[:ARGS.layers or None]
 
 
 def layer_fn(layer: dict, impl: str):
@@ -99,9 +109,9 @@ def compile_only() -> dict:
   device = tpu_aot.device(ARGS.chip)
   results = {'chip': ARGS.chip, 'chip_figures': chip, 'batch': ARGS.batch, 'layers': {},
              'train_steps': {}}
-  for variant in ('h1',) if ARGS.tiny else ('h1', 'h7'):
+  for variant in ARGS.variants.split(','):
     rows = []
-    for layer in common.attention_layer_shapes(common.variant_config(variant), tiny=ARGS.tiny):
+    for layer in layer_shapes(variant):
       row = {k: layer[k] for k in ('name', 'input', 'value_width', 'num_heads', 'block_size',
                                    'halo_size', 'stride', 'count')}
       stats = {impl: compiled_layer(layer, impl, ARGS.batch, device) for impl in IMPLS}
@@ -154,9 +164,9 @@ def check() -> dict:
   """Both paths on this host's devices: numerics and measured times."""
   results = {'backend': jax.default_backend(), 'devices': [str(d) for d in jax.devices()],
              'batch': ARGS.batch, 'layers': {}, 'train_steps': {}}
-  for variant in ('h1',) if ARGS.tiny else ('h1', 'h7'):
+  for variant in ARGS.variants.split(','):
     rows = []
-    for layer in common.attention_layer_shapes(common.variant_config(variant), tiny=ARGS.tiny):
+    for layer in layer_shapes(variant):
       outputs, calls = {}, {}
       for impl in IMPLS:
         net, fn = layer_fn(layer, impl)

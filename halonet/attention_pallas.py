@@ -8,9 +8,11 @@ arithmetic intensity):
 
   * Keys and values are read straight from the padded maps: a step's block is the b+2h map rows
     its blocks' neighbourhoods span (`pl.Element` rows, overlapping between steps), so windows
-    are never materialised. A window is a slice of that strip, widened from b+2h columns to a
-    multiple of the sublane tile (the extra columns are masked) so that flattening it to
-    [keys, channels] is free: without that, the relayout alone doubled the kernel's schedule.
+    are never materialised. A window is a slice of that strip, b+2h columns widened to a
+    multiple of 8 (the extra columns are masked), the row granularity at which Mosaic slices
+    and flattens it to [keys, channels] cheaply: without it the relayout alone doubled the
+    kernel's schedule. Blocks go in groups whose first window starts at a multiple of 8
+    columns, as Mosaic needs of a dynamic offset; the others sit at static offsets from it.
   * Heads stay side by side in the channels (the maps' own layout). The queries of all heads
     are stacked along the matmul's M dimension, each head's rows masked to its own channels, so
     every matmul with a window or constant loads it into the MXU once for all heads (the MXU
@@ -58,6 +60,9 @@ TN = (((0,), (0,)), ((), ()))  # a.T @ b
 # Scoped VMEM the kernels may use: above the 16/32 MiB defaults (H7's 600 px stage-1 backward
 # needs ~20 MiB), below the 64 MiB of the smallest current TPU core.
 VMEM_LIMIT_BYTES = 48 * 2**20
+# How the kernels run on CPU: Pallas' generic interpreter (tests swap in its TPU interpreter,
+# pltpu.InterpretParams, to look for races; its callbacks cannot sit beside a TPU lowering).
+INTERPRET = True
 # Logit of the columns a window is widened by: attention.MASKED_LOGIT's value (finite, so a
 # fully masked row of padding queries gives no NaN); attention.py imports this module.
 WIDENED_COLUMN_LOGIT = -1e30
@@ -92,15 +97,14 @@ def _attention(q, k, v, rel_h, rel_w, bias_h, bias_w, *, block, halo, heads):
   """Rearranges the inputs into the kernels' layout and back."""
   (qy, window, _), qx = rel_h.shape, rel_w.shape[0]
   batch, nbh, nbw = q.shape[0], q.shape[1] // qy, q.shape[2] // qx
-  tile = sublane_tile(q.dtype)
-  columns, queries = _round_up(window, tile), _round_up(qy * qx, tile)
+  columns, queries = _round_up(window, ALIGN), _round_up(qy * qx, ALIGN)
   # [batch, nbh, nbw, queries, heads * dk]: one block's queries row-major, padded with zero
-  # queries to the tile (their rows are dropped below).
+  # queries to a multiple of 8 rows (their rows are dropped below).
   q_blocks = q.reshape(batch, nbh, qy, nbw, qx, -1).transpose(0, 1, 3, 2, 4, 5)
   q_blocks = q_blocks.reshape(batch, nbh, nbw, qy * qx, -1)
   q_blocks = jnp.pad(q_blocks, ((0, 0),) * 3 + ((0, queries - qy * qx), (0, 0)))
-  # Keys and values widened so the last block's window has `columns` columns.
-  widen = ((0, 0), (0, 0), (0, (nbw - 1) * block + columns - k.shape[2]), (0, 0))
+  # Keys and values widened so that the last block's window can be read (_for_each_block).
+  widen = ((0, 0), (0, 0), (0, map_columns(nbw, block, columns) - k.shape[2]), (0, 0))
   tables = position_tables(rel_h, rel_w, bias_h, bias_w, heads, columns, queries)
   out = _fused(block, heads, q_blocks, jnp.pad(k, widen), jnp.pad(v, widen), *tables)
   out = out[:, :, :, :qy * qx].reshape(batch, nbh, nbw, qy, qx, -1).transpose(0, 1, 3, 2, 4, 5)
@@ -145,21 +149,21 @@ class KernelShape:
   images: int
   nbh: int  # Rows of query blocks.
   nbw: int  # Query blocks per row.
-  queries: int  # Per block: (b / stride)^2, padded to the sublane tile.
+  queries: int  # Per block: (b / stride)^2, rounded up to ALIGN.
   heads: int
   qk_lanes: int  # heads * dk: the lanes of q and k.
   v_lanes: int  # heads * dv.
   block: int  # b.
   rows: int  # b + 2h: the map rows of a window.
-  columns: int  # b + 2h widened to the sublane tile: the map columns read per window.
+  columns: int  # b + 2h rounded up to ALIGN: the map columns of a window.
   table_rows: int  # Of the stacked position tables.
 
   @classmethod
   def of(cls, block: int, heads: int, q: Any, k: Any, v: Any, tables: Any) -> 'KernelShape':
     images, nbh, nbw, queries, qk_lanes = q.shape
-    return cls(images, nbh, nbw, queries, heads, qk_lanes, v.shape[-1], block,
-               k.shape[1] - (nbh - 1) * block, k.shape[2] - (nbw - 1) * block,
-               tables.shape[0])
+    rows = k.shape[1] - (nbh - 1) * block
+    return cls(images, nbh, nbw, queries, heads, qk_lanes, v.shape[-1], block, rows,
+               _round_up(rows, ALIGN), tables.shape[0])
 
   @property
   def keys(self) -> int:
@@ -172,10 +176,67 @@ class KernelShape:
     return (lane >= head * per_head) & (lane < (head + 1) * per_head)
 
 
-def _window(ref, shape, c):
-  """[keys, lanes] keys (or values) of block column c from the step's strip of map rows."""
-  strip = ref[0, :, pl.ds(c * shape.block, shape.columns), :]
+# Mosaic takes a dynamic offset along the second-minor (sublane) dimension only if it can prove
+# it is a multiple of this.
+ALIGN = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class _Columns:
+  """Where block column c's window lies in the map: from an ALIGN-multiple `base`, `width`
+  columns are read, of which the window's start at static `offset`."""
+  c: Any
+  base: Any
+  offset: int
+  width: int
+
+
+def _columns_of(shape: 'KernelShape', c: Any, aligned_base: Any, offset: int) -> _Columns:
+  return _Columns(c, aligned_base, offset, shape.columns + (ALIGN if offset else 0))
+
+
+def map_columns(nbw: int, block: int, columns: int) -> int:
+  """Columns the kernels' key/value maps need so that every window's aligned read fits."""
+  return max(c * block - c * block % ALIGN + columns + (ALIGN if c * block % ALIGN else 0)
+             for c in range(nbw))
+
+
+def _for_each_block(shape: 'KernelShape', body, carry):
+  """carry = body(_Columns of c, carry) for each block column c of the row, in order.
+
+  Blocks go in groups of `period` (period * b is a multiple of ALIGN): a group's first window
+  starts at a provably aligned dynamic column, and the others at static offsets from it.
+  """
+  period = ALIGN // np.gcd(shape.block, ALIGN)
+  groups, tail = divmod(shape.nbw, period)
+
+  def group(g, carry):
+    for j in range(period):
+      start = j * shape.block
+      base = pl.multiple_of(g * period * shape.block + start - start % ALIGN, ALIGN)
+      carry = body(_columns_of(shape, g * period + j, base, start % ALIGN), carry)
+    return carry
+
+  if groups:
+    carry = jax.lax.fori_loop(0, groups, group, carry)
+  for c in range(groups * period, shape.nbw):  # The last, partial group: all static.
+    start = c * shape.block
+    carry = body(_columns_of(shape, c, start - start % ALIGN, start % ALIGN), carry)
+  return carry
+
+
+def _window(ref, shape, at: _Columns):
+  """[keys, lanes] keys (or values) of a block's window, from the step's strip of map rows."""
+  strip = ref[0, :, pl.ds(at.base, at.width), :][:, at.offset:at.offset + shape.columns]
   return strip.reshape(shape.keys, strip.shape[-1])
+
+
+def _add_window(strip_ref, shape, at: _Columns, update):
+  """Adds [keys, lanes] `update` into the f32 strip at a block's window (aligned read-write)."""
+  update = update.reshape(shape.rows, shape.columns, -1)
+  if at.width != shape.columns:
+    update = jnp.pad(update, ((0, 0), (at.offset, at.width - at.offset - shape.columns), (0, 0)))
+  strip_ref[:, pl.ds(at.base, at.width), :] += update
 
 
 def _stack_heads(x, shape):
@@ -233,15 +294,15 @@ def _forward_kernel(shape, q_ref, k_ref, v_ref, tables_ref, own_ref, spread_ref,
   tables, own, spread = tables_ref[...], own_ref[...], spread_ref[...]
   bias_row = bias_rows_ref[pl.program_id(1)]
 
-  def block(c, carry):
-    keys, values = _window(k_ref, shape, c), _window(v_ref, shape, c)
-    weights = _weights(_logits(_stack_heads(q_ref[c], shape), keys, tables, own, spread,
-                               bias_row + bias_cols_ref[c], shape))
+  def block(at, carry):
+    keys, values = _window(k_ref, shape, at), _window(v_ref, shape, at)
+    weights = _weights(_logits(_stack_heads(q_ref[at.c], shape), keys, tables, own, spread,
+                               bias_row + bias_cols_ref[at.c], shape))
     out = jnp.dot(weights.astype(values.dtype), values, preferred_element_type=F32)
-    out_ref[c] = _merge_heads(out, shape).astype(out_ref.dtype)
+    out_ref[at.c] = _merge_heads(out, shape).astype(out_ref.dtype)
     return carry
 
-  jax.lax.fori_loop(0, shape.nbw, block, 0)
+  _for_each_block(shape, block, 0)
 
 
 def _backward_kernel(shape, q_ref, k_ref, v_ref, tables_ref, own_ref, spread_ref, bias_rows_ref,
@@ -259,8 +320,9 @@ def _backward_kernel(shape, q_ref, k_ref, v_ref, tables_ref, own_ref, spread_ref
     tables, own, spread = tables_ref[...], own_ref[...], spread_ref[...]
     bias_row = bias_rows_ref[r]
 
-    def block(c, d_tables):
-      keys, values = _window(k_ref, shape, c), _window(v_ref, shape, c)
+    def block(at, d_tables):
+      c = at.c
+      keys, values = _window(k_ref, shape, at), _window(v_ref, shape, at)
       q_stack = _stack_heads(q_ref[c], shape)
       d_out_stack = _stack_heads(d_out_ref[c], shape)
       weights = _weights(_logits(q_stack, keys, tables, own, spread, bias_row + bias_cols_ref[c],
@@ -277,13 +339,11 @@ def _backward_kernel(shape, q_ref, k_ref, v_ref, tables_ref, own_ref, spread_ref
       d_keys = jax.lax.dot_general(d_logits, q_stack, TN, preferred_element_type=F32)
       d_values = jax.lax.dot_general(weights.astype(d_out_stack.dtype), d_out_stack, TN,
                                      preferred_element_type=F32)
-      columns = pl.ds(c * shape.block, shape.columns)
-      d_k_strip[:, columns, :] += d_keys.reshape(shape.rows, shape.columns, -1)
-      d_v_strip[:, columns, :] += d_values.reshape(shape.rows, shape.columns, -1)
+      _add_window(d_k_strip, shape, at, d_keys)
+      _add_window(d_v_strip, shape, at, d_values)
       return d_tables + jax.lax.dot_general(d_products, q_stack, TN, preferred_element_type=F32)
 
-    d_tables_ref[...] += jax.lax.fori_loop(0, shape.nbw, block,
-                                           jnp.zeros(d_tables_ref.shape, F32))
+    d_tables_ref[...] += _for_each_block(shape, block, jnp.zeros(d_tables_ref.shape, F32))
 
   # Map rows [r*b, (r+1)*b) get nothing from later rows of blocks: write them, slide the strip.
   b, rest = shape.block, shape.rows - shape.block
@@ -305,6 +365,12 @@ class Call:
   semantics: tuple[str, ...]
 
 
+def _output(like: Any, shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+  """An output's shape, varying over the same manual mesh axes as `like` (inside shard_map)."""
+  aval = jax.typeof(like) if isinstance(like, jax.Array) else like
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=getattr(aval, 'mat', None))
+
+
 def _blocks_and_strips(shape: KernelShape, clamp_rows: bool):
   """Spec makers on the (image, block row) grid: a row's query blocks; the b+2h map rows its
   windows span (overlapping `pl.Element` rows); constant tables, one resident copy."""
@@ -320,7 +386,7 @@ def _blocks_and_strips(shape: KernelShape, clamp_rows: bool):
 def forward_call(shape: KernelShape, q, k, v, tables) -> Call:
   """Inputs (q, k, v, *tables) -> (out,)."""
   blocks, strip, resident = _blocks_and_strips(shape, clamp_rows=False)
-  out_shapes = (jax.ShapeDtypeStruct(q.shape[:-1] + (shape.v_lanes,), q.dtype),)
+  out_shapes = (_output(q, q.shape[:-1] + (shape.v_lanes,), q.dtype),)
   return Call((shape.images, shape.nbh), [blocks(q), strip(k), strip(v), *map(resident, tables)],
               tuple(map(blocks, out_shapes)), out_shapes, (), ('parallel', 'parallel'))
 
@@ -334,10 +400,9 @@ def backward_call(shape: KernelShape, q, k, v, tables) -> Call:
   blocks, strip, resident = _blocks_and_strips(shape, clamp_rows=True)
   band = lambda x: pl.BlockSpec((None, shape.block) + x.shape[2:], lambda i, r: (i, r, 0, 0))
   per_image = lambda x: pl.BlockSpec((None,) + x.shape[1:], lambda i, r: (i, 0, 0))
-  out = jax.ShapeDtypeStruct(q.shape[:-1] + (shape.v_lanes,), q.dtype)
-  out_shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                jax.ShapeDtypeStruct(v.shape, v.dtype),
-                jax.ShapeDtypeStruct((shape.images,) + tables[0].shape, F32))
+  out = _output(q, q.shape[:-1] + (shape.v_lanes,), q.dtype)
+  out_shapes = (_output(q, q.shape, q.dtype), _output(k, k.shape, k.dtype),
+                _output(v, v.shape, v.dtype), _output(q, (shape.images,) + tables[0].shape, F32))
   steps = -(-k.shape[1] // shape.block)
   return Call((shape.images, steps),
               [blocks(q), strip(k), strip(v), *map(resident, tables), blocks(out), blocks(out)],
@@ -413,9 +478,11 @@ def _backward(block, heads, q, k, v, *rest, interpret):
 
 
 def _on_platform(call, *args):
-  """`call` compiled by Mosaic on TPU, interpreted on CPU (chosen when lowering)."""
-  return jax.lax.platform_dependent(*args, cpu=functools.partial(call, interpret=True),
-                                    default=functools.partial(call, interpret=False))
+  """`call` compiled by Mosaic on TPU, interpreted on CPU (chosen when lowering, so a CPU host
+  can export or compile for TPU)."""
+  return jax.lax.platform_dependent(
+      *args, cpu=functools.partial(call, interpret=INTERPRET),
+      default=functools.partial(call, interpret=False))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

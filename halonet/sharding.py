@@ -66,6 +66,9 @@ def traced_within(mesh: Mesh, fn: Callable) -> Callable:
 def per_device_images(attend: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
   """`attend(q, k, v, *shared)` run per device under the traced mesh's data axis.
 
+  Without varying-axis checks (`check_vma=False`: Pallas' CPU interpreter fails them), shard_map
+  sums the gradients of the replicated `shared` inputs over the devices itself.
+
   For attention forms XLA cannot partition (a loop over images, a custom kernel): under a mesh
   with a data axis each device attends over its own images and the batch stays sharded (no
   all-gather). Already inside a data-manual region, or without one, `attend` runs as is.
@@ -75,16 +78,12 @@ def per_device_images(attend: Callable[..., jax.Array]) -> Callable[..., jax.Arr
     data = 1 if mesh.empty else mesh.shape.get(DATA_AXIS, 1)
     if data == 1 or q.shape[0] % data or DATA_AXIS in mesh.manual_axes:
       return attend(q, k, v, *shared)
-
-    def per_device(q, k, v, *shared):
-      # The tables and masks are the same on every device; marking them as varying makes their
-      # gradients per device, which shard_map then sums over the data axis.
-      shared = [jax.lax.pcast(x, DATA_AXIS, to='varying') for x in shared]
-      return attend(q, k, v, *shared)
-
     images = P(DATA_AXIS)
-    return jax.shard_map(per_device, mesh=mesh, in_specs=(images,) * 3 + (P(),) * len(shared),
-                         out_specs=images)(q, k, v, *shared)
+    # Manual over the data axis only: the transpose sums the shared inputs' gradients over the
+    # axes it is manual in, and nothing else.
+    return jax.shard_map(attend, mesh=mesh, in_specs=(images,) * 3 + (P(),) * len(shared),
+                         out_specs=images, axis_names={DATA_AXIS}, check_vma=False)(
+                             q, k, v, *shared)
   return wrapped
 
 
