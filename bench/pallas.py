@@ -1,6 +1,6 @@
 """The fused Pallas halo attention against the plain path, as a TPU compiles and runs them.
 
-    python bench/pallas.py               # any host, compile only (libtpu): bench/results_pallas.json
+    python bench/pallas.py          # any host, compile only (libtpu): bench/results_pallas.json
     python bench/pallas.py --tiny --out /tmp/p.json   # 2 layers each, no train steps: smoke test
     python bench/pallas.py --check       # on a TPU host: both paths' numerics and measured times
 
@@ -19,7 +19,7 @@ Train steps (without --tiny): temp memory of the H1 and H7 steps per device with
 
 --check (a TPU host): for each layer, the largest difference between the paths' outputs and
 gradients relative to the plain path's largest value, and each path's measured forward +
-backward time; the H1 train step's images/s with each path.
+backward time; the H1 train step's images/s on one chip with each path (--batch images).
 """
 
 import argparse
@@ -89,8 +89,8 @@ def compiled_layer(layer: dict, impl: str, batch: int, device) -> dict:
   on = NamedSharding(Mesh(np.array([device]), ('x',)), P())
   place = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on),
                                     tree)
-  tpu_aot.clear(DUMP)
-  stats = tpu_aot.compile_stats(jax.jit(fn).lower(*layer_inputs(layer, net, batch, place)))
+  lowered = jax.jit(fn).lower(*layer_inputs(layer, net, batch, place))
+  stats = tpu_aot.compile_stats(lowered, DUMP)
   if impl == 'pallas':
     stats['kernels'] = tpu_aot.kernel_schedules(DUMP, KERNELS)
   return stats
@@ -143,7 +143,7 @@ def train_step_memory(variant: str, impl: str, batch: int, device) -> dict:
   lowered, _ = train_lib.lower_train_step(config, sharding.create_mesh((1, 1), [device]),
                                           backend='tpu')
   try:
-    stats = tpu_aot.compile_stats(lowered)
+    stats = tpu_aot.compile_stats(lowered, DUMP)
   except jax.errors.JaxRuntimeError as e:  # The compiler refuses a step that does not fit HBM.
     return {'fits': False, 'error': str(e).splitlines()[0][:300]}
   return {'fits': True, 'temp_gib': stats['temp_bytes'] / 2**30,
@@ -185,8 +185,8 @@ def check() -> dict:
                    'speedup': seconds['plain'] / seconds['pallas']})
       print(variant, rows[-1], flush=True)
     results['layers'][variant] = rows
-  if not ARGS.tiny:
-    batch = 16 * jax.device_count()
+  if not ARGS.tiny:  # One chip, --batch images.
+    batch = ARGS.batch
     steps = {impl: common.timed_train_step(common.variant_config(
         'h1', **{'model.attention_impl': impl, 'model.dtype': 'bfloat16'}), batch)
              for impl in IMPLS}

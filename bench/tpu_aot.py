@@ -13,10 +13,12 @@ JAX would try to start a TPU backend on this host):
     pip install --target .libtpu -r requirements-tpu-aot.txt
 """
 
+import atexit
 import glob
 import math
 import os
 import re
+import shutil
 import tempfile
 from typing import Any
 
@@ -53,7 +55,10 @@ def configure() -> str:
       # A single-host topology with no TPU metadata server to ask.
       'TPU_ACCELERATOR_TYPE': 'v5litepod-1', 'TPU_WORKER_HOSTNAMES': 'localhost',
       'TPU_WORKER_ID': '0', 'TPU_SKIP_MDS_QUERY': '1', 'ALLOW_MULTIPLE_LIBTPU_LOAD': '1',
-      'LIBTPU_INIT_ARGS': f'--xla_jf_dump_to={dump} --xla_jf_dump_llo_text=true'})
+      # Only each program's final schedule: every pass of every fusion is ~0.4 GB a layer.
+      'LIBTPU_INIT_ARGS': f'--xla_jf_dump_to={dump} --xla_jf_dump_llo_text=true '
+                          '--xla_jf_dump_llo_pass_label_regex=final_bundles'})
+  atexit.register(shutil.rmtree, dump, ignore_errors=True)
   return dump
 
 
@@ -65,8 +70,10 @@ def device(chip: str) -> Any:
   return topology.devices[0]
 
 
-def compile_stats(lowered: Any) -> dict[str, Any]:
-  """Compiles a `jax.stages.Lowered` for its TPU and returns its memory and cost analysis."""
+def compile_stats(lowered: Any, dump: str) -> dict[str, Any]:
+  """Compiles a `jax.stages.Lowered` for its TPU and returns its memory and cost analysis.
+  The dump then holds this compile's schedules only."""
+  clear(dump)
   compiled = lowered.compile()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()

@@ -23,6 +23,7 @@ from bench import tpu_aot
 from configs import tiny
 from halonet import attention
 from halonet import attention_pallas
+from halonet import attention_pallas_kernels
 from halonet import errors
 from halonet import model as model_lib
 from halonet import sharding
@@ -142,7 +143,7 @@ def test_hbm_bytes_counts_tiles_once_per_block_change():
   # Windows are 6 rows x 16 columns (6 widened to the tile): 96 keys; tables 2 x 4 x 6 rows.
   q, k, v = s((2, 3, 2, 16, 16)), s((2, 14, 20, 16)), s((2, 14, 20, 16))
   tables = (s((48, 16)), s((16, 48), f32), s((48, 96)), s((3, 16, 96), f32), s((2, 16, 96), f32))
-  shape = attention_pallas.KernelShape.of(4, 2, q, k, v, tables[0])
+  shape = attention_pallas_kernels.KernelShape.of(4, 2, q, k, v, tables[0])
   lanes = 128  # Every last dimension here pads to one 128-lane tile.
   q_block = 2 * 16 * lanes * 2  # A row's 2 blocks of 16 queries, bytes.
   strip = 6 * 32 * lanes * 2  # 6 map rows of 20 columns (-> 32 rows of the tile).
