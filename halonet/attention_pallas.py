@@ -72,8 +72,8 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array,
 
 
 def sublane_tile(dtype: Any) -> int:
-  """Rows of one VMEM tile of `dtype` (8 x 32-bit, 16 x 16-bit): slices and reshapes of the
-  second-minor dimension at multiples of it are free."""
+  """Rows of one TPU memory tile of `dtype` (8 x 32-bit, 16 x 16-bit): what a block's
+  second-minor dimension occupies in HBM and VMEM, rounded up."""
   return 8 * 4 // jnp.dtype(dtype).itemsize
 
 
@@ -87,7 +87,7 @@ def _attention(q, k, v, rel_h, rel_w, bias_h, bias_w, *, block, halo, heads):
   q_blocks = q.reshape(batch, nbh, qy, nbw, qx, -1).transpose(0, 1, 3, 2, 4, 5)
   q_blocks = q_blocks.reshape(batch, nbh, nbw, qy * qx, -1)
   q_blocks = jnp.pad(q_blocks, ((0, 0),) * 3 + ((0, queries - qy * qx), (0, 0)))
-  # Keys and values widened so that the last block's window can be read (_for_each_block).
+  # Keys and values widened so that every window's aligned read fits (for_each_block).
   widen = ((0, 0), (0, 0), (0, map_columns(nbw, block, columns) - k.shape[2]), (0, 0))
   tables = position_tables(rel_h, rel_w, bias_h, bias_w, heads, columns, queries)
   out = _fused(block, heads, q_blocks, jnp.pad(k, widen), jnp.pad(v, widen), *tables)

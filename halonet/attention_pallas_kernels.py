@@ -24,7 +24,7 @@ on the TensorCore, and why it is laid out so (the static schedules, bench/pallas
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +87,7 @@ class _Columns:
   width: int
 
 
-def _columns_of(shape: 'KernelShape', c: Any, aligned_base: Any, offset: int) -> _Columns:
+def _columns_of(shape: KernelShape, c: Any, aligned_base: Any, offset: int) -> _Columns:
   return _Columns(c, aligned_base, offset, shape.columns + (ALIGN if offset else 0))
 
 
@@ -97,7 +97,7 @@ def map_columns(nbw: int, block: int, columns: int) -> int:
              for c in range(nbw))
 
 
-def for_each_block(shape: 'KernelShape', body, carry):
+def for_each_block(shape: KernelShape, body: Callable[[_Columns, Any], Any], carry: Any) -> Any:
   """carry = body(_Columns of c, carry) for each block column c of the row, in order.
 
   Blocks go in groups of `period` (period * b is a multiple of ALIGN): a group's first window
@@ -185,8 +185,8 @@ def _weights(logits):
   return weights / weights.sum(axis=1, keepdims=True)
 
 
-def forward_kernel(shape, q_ref, k_ref, v_ref, tables_ref, own_ref, spread_ref, bias_rows_ref,
-                    bias_cols_ref, out_ref):
+def forward_kernel(shape: KernelShape, q_ref, k_ref, v_ref, tables_ref, own_ref, spread_ref,
+                   bias_rows_ref, bias_cols_ref, out_ref):
   tables, own, spread = tables_ref[...], own_ref[...], spread_ref[...]
   bias_row = bias_rows_ref[pl.program_id(1)]
 
@@ -201,9 +201,9 @@ def forward_kernel(shape, q_ref, k_ref, v_ref, tables_ref, own_ref, spread_ref, 
   for_each_block(shape, block, 0)
 
 
-def backward_kernel(shape, q_ref, k_ref, v_ref, tables_ref, own_ref, spread_ref, bias_rows_ref,
-                     bias_cols_ref, out_ref, d_out_ref, d_q_ref, d_k_ref, d_v_ref, d_tables_ref,
-                     d_k_strip, d_v_strip):
+def backward_kernel(shape: KernelShape, q_ref, k_ref, v_ref, tables_ref, own_ref, spread_ref,
+                    bias_rows_ref, bias_cols_ref, out_ref, d_out_ref, d_q_ref, d_k_ref, d_v_ref,
+                    d_tables_ref, d_k_strip, d_v_strip):
   r = pl.program_id(1)
 
   @pl.when(r == 0)
