@@ -7,7 +7,7 @@
 Compile-only figures (XLA's TPU compiler through libtpu, `bench/tpu_aot.py`; nothing runs), per
 distinct H1 and H7 attention layer, forward + backward, bfloat16, --batch images:
   - flops: the plain program's (XLA's count of the work the layer needs; the kernels issue more,
-    as each head contracts every head's lanes: `pallas_program_gflops`);
+    as each head contracts every lane of its head group: `pallas_program_gflops`);
   - bytes: XLA's count of bytes accessed of each compiled program; for the kernels XLA takes
     what they declare, `attention_pallas.hbm_bytes`: each block spec's block bytes times the
     number of times the grid changes its block index (Pallas copies a block only then);

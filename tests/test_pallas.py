@@ -60,21 +60,36 @@ def test_data_parallel_step_only_all_reduces_parameters():
   assert {op for op, _ in collectives} == {'all-reduce'}, collectives
 
 
-# Block sizes of every alignment period (8 / gcd(b, 8) blocks per group: 8, 4, 2, 1), on maps
-# wide enough for a whole group of unaligned windows plus a partial one.
-@pytest.mark.parametrize('block, halo, stride, width', [
-    (3, 1, 1, 29), (6, 2, 2, 32), (10, 3, 1, 52), (12, 2, 2, 40), (8, 3, 1, 20)])
-def test_every_window_alignment_matches_the_plain_form(block, halo, stride, width):
-  x = jax.random.normal(jax.random.key(0), (2, block + 3, width, 8))
-  layers = {impl: attention.HaloAttention(qk_width=8, value_width=8, num_heads=2,
-                                          block_size=block, halo_size=halo, stride=stride,
-                                          attention_impl=impl) for impl in ('plain', 'pallas')}
+def _assert_matches_plain_form(input_shape, **layer_args):
+  """The layer's output and gradients (parameters and input) with the kernels equal plain's."""
+  x = jax.random.normal(jax.random.key(0), input_shape)
+  layers = {impl: attention.HaloAttention(**layer_args, attention_impl=impl)
+            for impl in ('plain', 'pallas')}
   variables = layers['plain'].init(jax.random.key(1), x)
   cotangent = jax.random.normal(jax.random.key(2), layers['plain'].apply(variables, x).shape)
   results = {impl: jax.jit(jax.value_and_grad(
       lambda v, x: (layer.apply(v, x) * cotangent).sum(), argnums=(0, 1)))(variables, x)
              for impl, layer in layers.items()}
   chex.assert_trees_all_close(results['pallas'], results['plain'], rtol=1e-5, atol=1e-5)
+
+
+# Block sizes of every alignment period (8 / gcd(b, 8) blocks per group: 8, 4, 2, 1), on maps
+# wide enough for a whole group of unaligned windows plus a partial one.
+@pytest.mark.parametrize('block, halo, stride, width', [
+    (3, 1, 1, 29), (6, 2, 2, 32), (10, 3, 1, 52), (12, 2, 2, 40), (8, 3, 1, 20)])
+def test_every_window_alignment_matches_the_plain_form(block, halo, stride, width):
+  _assert_matches_plain_form((2, block + 3, width, 8), qk_width=8, value_width=8, num_heads=2,
+                             block_size=block, halo_size=halo, stride=stride)
+
+
+# Heads in lane-tile groups (KernelShape.head_groups): 2 heads of 64 lanes per group and one
+# head of 128 per group; 4 of 32 and all 8 heads of 16 in one; one of 128, and 2 of 48 that
+# straddle a tile (one group).
+@pytest.mark.parametrize('heads, qk_width, value_width', [(4, 256, 512), (8, 256, 128),
+                                                          (2, 256, 96)])
+def test_head_groups_match_the_plain_form(heads, qk_width, value_width):
+  _assert_matches_plain_form((2, 8, 11, 16), qk_width=qk_width, value_width=value_width,
+                             num_heads=heads, block_size=4, halo_size=1)
 
 
 def test_kernels_are_race_free_on_two_cores(monkeypatch):
