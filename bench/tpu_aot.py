@@ -10,7 +10,7 @@ loops' trip counts, i.e. cycles per call if no bundle waits on memory.
 not a dependency of the project: install it beside it (it must not sit in site-packages, where
 JAX would try to start a TPU backend on this host):
 
-    pip install --target .libtpu -r requirements-tpu-aot.txt
+    pip install --target ~/.cache/halonet/libtpu -r requirements-tpu-aot.txt
 """
 
 import atexit
@@ -22,9 +22,10 @@ import shutil
 import tempfile
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_LIBTPU = os.path.join(ROOT, '.libtpu', 'libtpu', 'libtpu.so')
-INSTALL = 'pip install --target .libtpu -r requirements-tpu-aot.txt'
+# Outside any checkout, so that every clone on the machine finds it (README step 1 installs it).
+LIBTPU_TARGET = os.path.join(os.path.expanduser('~'), '.cache', 'halonet', 'libtpu')
+DEFAULT_LIBTPU = os.path.join(LIBTPU_TARGET, 'libtpu', 'libtpu.so')
+INSTALL = f'pip install --target {LIBTPU_TARGET} -r requirements-tpu-aot.txt'
 # Topology names libtpu knows, and the data-sheet figures the estimates use (per chip).
 CHIPS = {
     'v5e': {'topology': 'v5e:1x1', 'clock_hz': 1.5e9, 'hbm_bytes_per_s': 819e9,
@@ -37,7 +38,7 @@ CHIPS = {
 
 
 def libtpu_path() -> str | None:
-  """The libtpu.so to compile with ($HALONET_LIBTPU, else .libtpu/ in the repo), if present."""
+  """The libtpu.so to compile with: $HALONET_LIBTPU, else LIBTPU_TARGET's, if present."""
   path = os.environ.get('HALONET_LIBTPU', DEFAULT_LIBTPU)
   return path if os.path.exists(path) else None
 

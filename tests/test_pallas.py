@@ -1,7 +1,7 @@
 """The fused Pallas kernels beyond the per-layer reference tests in test_attention.py: the whole
 train step, what a TPU receives (lowered and compiled), the HBM traffic they declare, refusals.
 
-Compiling for a TPU needs libtpu beside the project (`bench/tpu_aot.py`); CI installs it, and
+Compiling for a TPU needs libtpu (`bench/tpu_aot.LIBTPU_TARGET`, README step 1); CI installs it, and
 there a missing libtpu fails instead of skipping.
 """
 
