@@ -10,33 +10,33 @@ optimizer state and the step start fresh; BatchNorm statistics carry over. The s
 only read. Once the new run has a checkpoint of its own, a rerun resumes from that instead.
 """
 
-import os
 from typing import Any
 
 import ml_collections
 from flax import traverse_util
 
-from configs import stored
 from halonet import checkpointing
 from halonet import errors
 from halonet import model as model_lib
+from halonet import paths
+from halonet import workdir as workdir_lib
 
 
 def source_run(config: ml_collections.ConfigDict, workdir: str
                ) -> tuple[str, int | None, ml_collections.ConfigDict]:
   """(workdir, step or None for its latest, config) of config.init_from: a workdir, or one of its
   checkpoints (WORKDIR/checkpoints/STEP). Fails in one line naming the path."""
-  path = os.path.abspath(os.path.expanduser(config.init_from))
+  path = paths.path(paths.as_string(config.init_from))
   source, step = path, None
-  head, tail = os.path.split(path)
-  if tail.isdigit() and os.path.basename(head) == 'checkpoints':
-    source, step = os.path.dirname(head), int(tail)
-  if not os.path.isdir(path):
+  if path.name.isdigit() and path.parent.name == 'checkpoints':
+    source, step = path.parent.parent, int(path.name)
+  if not path.is_dir():
     raise FileNotFoundError(f'config.init_from={config.init_from!r}: no such directory')
-  if not os.path.exists(os.path.join(source, 'config.json')):
+  if not (source / workdir_lib.CONFIG).exists():
     raise FileNotFoundError(f'config.init_from={config.init_from!r}: {source} is not a train.py '
                             'workdir (no config.json)')
-  if os.path.realpath(source) == os.path.realpath(workdir):
+  source = str(source)
+  if paths.same_location(source, workdir):
     raise errors.ConfigError(f'config.init_from={config.init_from!r} is this run\'s own workdir: '
                              'fine-tune into a new one (a rerun resumes by itself)')
   manager = checkpointing.create_manager(source, 1, read_only=True)
@@ -46,7 +46,7 @@ def source_run(config: ml_collections.ConfigDict, workdir: str
     raise FileNotFoundError(f'config.init_from={config.init_from!r}: no complete checkpoint '
                             f'{"" if step is None else f"for step {step} "}in {source} '
                             f'(have {steps})')
-  return source, step, stored.get_config(source)
+  return source, step, workdir_lib.load_config(source)
 
 
 def reinitialised(params: Any, source_params: Any) -> dict[str, tuple[tuple, tuple]]:

@@ -23,6 +23,7 @@ from absl import logging
 
 from halonet import digits
 from halonet import errors
+from halonet import paths
 from halonet import randaugment
 
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -174,12 +175,12 @@ def _builder(config: ml_collections.ConfigDict, split: str) -> tfds.core.Dataset
     root = config.data_dir or digits.default_root(config.dataset)
     return _folder_builder(digits.prepare_digits(root, classes))
   if config.dataset == 'image_folder':
-    split_dir = os.path.join(config.data_dir, split)
-    if not config.data_dir or not os.path.isdir(split_dir):
+    split_dir = str(paths.path(config.data_dir or '.') / split)
+    if not config.data_dir or not paths.path(split_dir).is_dir():
       raise FileNotFoundError(
           f'image_folder: no directory {split_dir!r}; set --config.data_dir to a folder with '
           f'<split>/<class>/<image> files.')
-    return _folder_builder(os.path.abspath(config.data_dir))
+    return _folder_builder(paths.as_string(config.data_dir))
   try:
     return tfds.builder(config.dataset, data_dir=config.data_dir or None)
   except tfds.core.DatasetNotFoundError as e:  # Its message lists every TFDS dataset.

@@ -7,6 +7,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 # pylint: disable=wrong-import-position
 import contextlib
+import logging as std_logging
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -78,6 +79,9 @@ def quiet_logs() -> None:
   """Library INFO chatter (Orbax, TFDS, clu) only when asked for with --verbosity."""
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+    # gcsfs warns on every new bucket that it cannot tell its type without a storage-control
+    # client, then uses the standard API, which is what it should do.
+    std_logging.getLogger('gcsfs').setLevel(std_logging.ERROR)
   checkpointing.quiet_orbax_info_logs()
 
 

@@ -7,7 +7,7 @@ other swept keys) and one against GFLOPs.
 """
 
 import csv
-import os
+import io
 from typing import Any
 
 from matplotlib.figure import Figure
@@ -15,9 +15,10 @@ from matplotlib.ticker import MaxNLocator
 import ml_collections
 import numpy as np
 
-from halonet import checkpointing
 from halonet import model
+from halonet import paths
 from halonet import summary
+from halonet import workdir as workdir_lib
 
 # Axis labels for the paper's ablation knobs; other keys use their dotted name.
 AXIS_LABELS = {'model.block_size': 'block size b (pixels)',
@@ -42,7 +43,7 @@ def _significant(x: float) -> float:
 def collect_row(name: str, config: ml_collections.ConfigDict, workdir: str,
                 keys: list[str]) -> dict[str, Any]:
   """The point's values of the swept `keys`, its model cost and its final results."""
-  results = checkpointing.read_json(os.path.join(workdir, 'results.json'))
+  results = workdir_lib.read_results(workdir)
   flat = config.to_dict()
   value = lambda key: _get(flat, key)
   # The summary's own pieces at 4 significant digits: its 3 decimals flatten CPU-scale models.
@@ -138,7 +139,7 @@ def plot(rows: list[dict[str, Any]], keys: list[str], labels: list[str], metric:
     ax.set_ylabel(f'{metric} (%)')
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  paths.save_figure(fig, path, dpi=120)
 
 
 def write_results(rows: list[dict[str, Any]], overrides: list[dict[str, Any]],
@@ -147,12 +148,13 @@ def write_results(rows: list[dict[str, Any]], overrides: list[dict[str, Any]],
   """results.csv, results.json (typed values, each point's overrides, `extra`) and
   results.png in `workdir`."""
   columns = list(dict.fromkeys(k for r in rows for k in r))
-  with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows([{k: '' if v is None else _cell(v) for k, v in r.items()} for r in rows])
-  checkpointing.write_json_atomic(os.path.join(workdir, 'results.json'), {
+  table = io.StringIO(newline='')
+  writer = csv.DictWriter(table, fieldnames=columns)
+  writer.writeheader()
+  writer.writerows([{k: '' if v is None else _cell(v) for k, v in r.items()} for r in rows])
+  paths.write_bytes(workdir_lib.file(workdir, 'results.csv'), table.getvalue().encode())
+  paths.write_json(workdir_lib.file(workdir, workdir_lib.RESULTS), {
       **extra, 'rows': [{**r, 'overrides': o} for r, o in zip(rows, overrides)]})
   # The first eval split with the raw params: the one every point has.
   metric = next(c for c in columns if c.startswith('top1_') and not c.endswith('_std'))
-  plot(rows, keys, labels, metric, title, os.path.join(workdir, 'results.png'))
+  plot(rows, keys, labels, metric, title, workdir_lib.file(workdir, 'results.png'))

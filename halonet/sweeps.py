@@ -15,7 +15,6 @@ table and plot of a finished sweep are halonet/sweep_report.py's.
 import dataclasses
 import importlib.util
 import itertools
-import os
 import re
 import shlex
 from collections.abc import Mapping
@@ -25,13 +24,14 @@ from flax import traverse_util
 import jax
 import ml_collections
 
-from halonet import checkpointing
 from halonet import errors
 from halonet import input_pipeline
 from halonet import config_checks
+from halonet import paths
 from halonet import sweep_report
 from halonet import text_table
 from halonet import train_lib
+from halonet import workdir as workdir_lib
 
 # Short names for the paper's ablation knobs in point labels; other keys use their last part.
 _SHORT_KEYS = {'model.block_size': 'b', 'model.halo_size': 'h', 'model.conv_stages': 'conv',
@@ -54,7 +54,7 @@ class Point:
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """`get_config()` of a config file, or `get_config(arg)` for 'file.py:arg', as config_flags."""
   path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
+  if not paths.path(path).is_file():
     raise errors.ConfigError(f'no config file {path!r}')
   module_spec = importlib.util.spec_from_file_location('_sweep_base_config', path)
   module = importlib.util.module_from_spec(module_spec)
@@ -134,7 +134,7 @@ def build_points(sweep: ml_collections.ConfigDict, workdir: str) -> list[Point]:
       config_checks.validate_values(config)
     except ValueError as e:
       raise errors.ConfigError(f'sweep point {name}: {e}') from None
-    points.append(Point(name, overrides, config, os.path.join(workdir, name),
+    points.append(Point(name, overrides, config, workdir_lib.file(workdir, name),
                         point_name(overrides)))
   return points
 
@@ -152,11 +152,11 @@ def launch_command(sweep: ml_collections.ConfigDict, point: Point) -> str:
 
 def is_finished(point: Point) -> bool:
   """Its results.json reports the final step (an interrupted point reports an earlier one)."""
-  path = os.path.join(point.workdir, 'results.json')
-  if not os.path.exists(path):
+  results = workdir_lib.read_results(point.workdir)
+  if not results:
     return False
   train_examples = input_pipeline.num_examples(point.config, point.config.train_split)
-  return (checkpointing.read_json(path)['step']
+  return (results['step']
           >= train_lib.total_train_steps(point.config, train_examples))
 
 
@@ -195,6 +195,6 @@ def run_sweep(sweep: ml_collections.ConfigDict, points: list[Point], workdir: st
   firsts = list({p.group: p for p in points}.values())  # One per point, in order.
   sweep_report.write_results(
       rows, [p.overrides for p in firsts], [point_label(p.overrides) for p in firsts], keys,
-      title or os.path.basename(os.path.abspath(workdir)), workdir, extra)
+      title or paths.path(paths.as_string(workdir)).name, workdir, extra)
   print(text_table.format_table(rows), flush=True)
   return rows

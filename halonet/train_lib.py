@@ -4,9 +4,7 @@ async Orbax checkpoints, and a clean stop on preemption or a non-finite loss."""
 import datetime
 import functools
 import itertools
-import json
 import math
-import os
 import signal
 import threading
 import time
@@ -20,19 +18,21 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 from jax.sharding import Mesh
 
 from halonet import checkpointing
 from halonet import config_checks
 from halonet import errors
 from halonet import eval_lib
+from halonet import event_writer
 from halonet import finetune
 from halonet import input_pipeline
 from halonet import model as model_lib
 from halonet import optim
+from halonet import paths
 from halonet import profiling
 from halonet import sharding
+from halonet import workdir as workdir_lib
 
 TRAIN_BATCH_KEYS = ('image', 'label')
 
@@ -251,9 +251,8 @@ def _fine_tune_start(state: TrainState, mesh: Mesh, source_dir: str, source_step
 def _is_finished(config: ml_collections.ConfigDict, workdir: str, step: int, train_examples: int,
                  results: dict[str, Any]) -> bool:
   """Whether workdir holds this very config's run, trained to its end and evaluated there."""
-  stored = checkpointing.stored_config(workdir)
-  same = stored is not None and not checkpointing.changed_fields(
-      stored, json.loads(config.to_json_best_effort()))
+  stored = workdir_lib.stored_config(workdir)
+  same = stored is not None and not workdir_lib.changed_fields(stored, workdir_lib.as_json(config))
   return same and step == total_train_steps(config, train_examples) == results.get('step')
 
 
@@ -262,10 +261,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains (resuming from workdir/checkpoints if present) and returns the last results."""
   config_checks.validate_config(config)
   sizes = split_sizes(config)
+  paths.check_writable(workdir, 'workdir')
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
   start_step = manager.latest_step() or 0
-  results_path = os.path.join(workdir, 'results.json')
-  previous = checkpointing.read_json(results_path) if os.path.exists(results_path) else {}
+  previous = workdir_lib.read_results(workdir)
   if _is_finished(config, workdir, start_step, sizes[config.train_split], previous):
     manager.close()  # The same command on a finished run: nothing to do, nothing rewritten.
     print(f'{workdir} already finished at step {start_step}; its results.json is unchanged',
@@ -278,10 +277,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     changed = finetune.reinitialised(model_lib.abstract_variables(config)['params'],
                                      model_lib.abstract_variables(source_config)['params'])
     source = (source_dir, source_step, source_config, changed)
-  checkpointing.check_and_store_config(config, workdir, allow_config_change, start_step)
-  logging.info('config:\n%s', config)
   mesh = sharding.create_mesh(config.mesh_shape)
   model, tx, schedule, num_steps = build(config, sizes[config.train_split])
+  init, abstract = abstract_train_state(config, model, tx, mesh)
+  if start_step:  # From shapes alone: no flag can resume a checkpoint into another state.
+    mismatch = checkpointing.shape_mismatch(manager, start_step, abstract)
+    if mismatch:
+      manager.close()
+      raise errors.ConfigError(
+          f'cannot resume {paths.as_string(workdir)} from step {start_step} with this config: '
+          f'{mismatch}; train it in a new workdir (config.init_from fine-tunes from this run)')
+  workdir_lib.check_and_store_config(config, workdir, allow_config_change, start_step)
+  logging.info('config:\n%s', config)
   _say(f'{jax.device_count()} {jax.default_backend()} devices in {jax.process_count()} '
        f'process(es), mesh {dict(mesh.shape)}; compute dtype {model.dtype}, attention_impl '
        f'{model.attention_impl}')
@@ -291,7 +298,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       split_size=sizes[config.train_split], process_index=jax.process_index(),
       process_count=jax.process_count(), start_step=start_step), mesh)
 
-  init, abstract = abstract_train_state(config, model, tx, mesh)
   state_shardings = shardings_of(abstract)
   if start_step:
     state = checkpointing.restore(manager, abstract, start_step)
@@ -313,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       model, mesh, {'params': abstract.params, 'batch_stats': abstract.batch_stats}, config)
   _say(f'compiled in {compile_seconds["train_step"]:.1f} s (train step) + '
        f'{compile_seconds["eval_step"]:.1f} s (eval step)')
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = event_writer.create(workdir, just_logging=jax.process_index() > 0)
   preemption = _Preemption()
   trace = profiling.StepTrace(config.profile_steps, workdir)
   pending = []  # (step, device metrics) not yet fetched: fetching every step would stall dispatch.
@@ -358,7 +364,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     for name, splits in evals.items():
       writer.write_scalars(step, {f'eval/{name}/{split}/{k}': v for split, r in splits.items()
                                   for k, v in r.items()})
-    checkpointing.write_json_atomic(results_path, results)
+    workdir_lib.write_results(workdir, results)
+    writer.flush()
     window_start = time.perf_counter()
 
   step = start_step
@@ -377,6 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           flush_metrics(step)  # Also the finite-state check that guards every save.
         if save:
           checkpointing.save(manager, step, state)
+          writer.flush()  # The metrics up to a checkpoint outlive a kill, as the state does.
         if preempted:
           logging.warning('preempted at step %d: checkpoint saved, stopping', step)
           return {**results, 'step': step, 'preempted': True}
@@ -416,16 +424,17 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   """Evaluates a saved step (default: latest) and appends its records to
   workdir/eval_records.jsonl: one per (step, dataset, split, weights), never replacing any."""
   config_checks.validate_config(config)
-  stored = checkpointing.stored_config(workdir)
+  stored = workdir_lib.stored_config(workdir)
   if stored is not None:
-    new = json.loads(config.to_json_best_effort())
-    diff = checkpointing.refused_for_eval(checkpointing.changed_fields(stored, new))
+    diff = workdir_lib.refused_for_eval(workdir_lib.changed_fields(
+        stored, workdir_lib.as_json(config)))
     if diff:
       raise errors.ConfigError(f'the checkpoints in {workdir} were trained with a different '
                                f'model (fields: {", ".join(diff)})')
   sizes = split_sizes(config, train=False)
   mesh = sharding.create_mesh(config.mesh_shape)
   state, abstract, model = restore_run(config, workdir, mesh, step)
+  paths.check_writable(workdir, 'workdir')  # Its records are written there after evaluating.
   step = int(state.step)
   eval_fn, seconds = eval_lib.compile_eval_step(
       model, mesh, {'params': abstract.params, 'batch_stats': abstract.batch_stats}, config)
@@ -442,6 +451,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       print(f'step {step} {r["dataset"]} {r["split"]} ({r["weights"]} params): top-1 '
             f'{r["top1"]:.2f}% top-5 {r["top5"]:.2f}% loss {r["loss"]:.4f} '
             f'{r["images_per_sec"]:.1f} img/s ({r["count"]} images)', flush=True)
-  checkpointing.append_json_lines(os.path.join(workdir, 'eval_records.jsonl'), records)
+  workdir_lib.append_eval_records(workdir, records)
   return {'step': step, 'num_params': model_lib.count_params(config),
           **{f'{name}_eval': v for name, v in evals.items()}}

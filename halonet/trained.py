@@ -9,7 +9,6 @@ parameter that depends on the map size, so any input size works (sizes b does no
 padded and masked inside each layer).
 """
 
-import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -20,12 +19,13 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from configs import stored
 from halonet import errors
 from halonet import input_pipeline
 from halonet import model as model_lib
+from halonet import paths
 from halonet import sharding
 from halonet import train_lib
+from halonet import workdir as workdir_lib
 
 WEIGHTS = ('raw', 'ema')
 PREDICT_BATCH = 32
@@ -38,7 +38,7 @@ def load(workdir: str, step: int | None = None, weights: str = 'raw',
   process's devices. `config` defaults to the run's own (workdir/config.json)."""
   if weights not in WEIGHTS:
     raise errors.ConfigError(f'weights={weights!r} is not one of {WEIGHTS}')
-  config = config or stored.get_config(workdir)
+  config = config or workdir_lib.load_config(workdir)
   mesh = sharding.create_mesh((-1, 1), jax.local_devices())
   state, _, _ = train_lib.restore_run(config, workdir, mesh, step)
   if weights == 'ema' and state.ema_params is None:
@@ -59,22 +59,24 @@ def features(config: ml_collections.ConfigDict, variables: dict[str, Any],
   return {name: values[0] for name, values in sown[model_lib.FEATURES].items()}
 
 
-def read_images(paths: Sequence[str], config: ml_collections.ConfigDict
+def read_images(image_paths: Sequence[str], config: ml_collections.ConfigDict
                 ) -> tuple[list[str], np.ndarray, dict[str, str]]:
   """(files, uint8 [N, s, s, 3], {file: why it was left out}) for files and folders (every file
-  under them, sorted), converted as evaluation converts: any size, mode and image format."""
+  under them, sorted), converted as evaluation converts: any size, mode and image format.
+  Local files and URLs alike are read through halonet/paths.py."""
   files, problems = [], {}
-  for path in paths:
-    if os.path.isdir(path):
-      files += sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-    elif os.path.isfile(path):
-      files.append(path)
+  for given in image_paths:
+    path = paths.path(given)
+    if path.is_dir():
+      files += paths.files_under(path)
+    elif path.is_file():
+      files.append(given)
     else:
-      problems[path] = 'no such file or directory'
+      problems[given] = 'no such file or directory'
   images, good = [], []
   for path in files:
     try:
-      data = tf.io.read_file(path)
+      data = tf.constant(paths.path(path).read_bytes())
       images.append(input_pipeline.eval_image(data, config.image_size, config.crop_fraction))
       good.append(path)
     except tf.errors.OpError as e:  # TF's message, without its op and device prefix.

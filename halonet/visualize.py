@@ -27,9 +27,9 @@ from matplotlib import patches
 from matplotlib.figure import Figure
 
 from halonet import attention
-from halonet import checkpointing
 from halonet import errors
 from halonet import input_pipeline
+from halonet import paths
 from halonet import model as model_lib
 from halonet import trained
 
@@ -173,8 +173,8 @@ def main(argv):
     maps = query_weights(config, variables, images[0], FLAGS.layer, queries)
     title = (f'{FLAGS.layer}, step {step}, {config.image_size} px\n'
              'solid: query block, dashed: its neighbourhood (block + halo)')
-    out = checkpointing.unused_path(FLAGS.out)
-    draw(images[0], maps, title).savefig(out, dpi=110)
+    out = paths.unused_path(FLAGS.out)
+    paths.save_figure(draw(images[0], maps, title), out, dpi=110)
     print(f'wrote {out}', file=sys.stdout)
 
 

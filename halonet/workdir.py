@@ -1,0 +1,119 @@
+"""The files a run keeps beside its checkpoints: config.json, results.json, eval_records.jsonl.
+
+All of them go through halonet/paths.py, so a workdir may be a local folder or a bucket URL.
+"""
+
+import json
+from typing import Any
+
+from flax import traverse_util
+import jax
+import ml_collections
+
+from halonet import defaults
+from halonet import errors
+from halonet import paths
+
+CONFIG = 'config.json'
+RESULTS = 'results.json'
+EVAL_RECORDS = 'eval_records.jsonl'
+
+# What a resumed run may change: how it is run and observed, and how long it trains (the
+# learning-rate schedule then follows the new length from the resumed step on). Any other
+# change would make the resumed run a different experiment, and is refused unless allowed.
+RESUMABLE_FIELDS = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+                    'keep_checkpoints', 'eval_splits', 'eval_batch_size', 'mesh_shape',
+                    'data_dir', 'manual_dir', 'cache', 'num_epochs', 'num_train_steps',
+                    'profile_steps')
+# What a checkpoint's arrays depend on: evaluating it with other values here cannot work.
+CHECKPOINT_FIELDS = ('model', 'num_classes')
+
+
+def file(workdir: paths.PathLike, name: str) -> str:
+  """The path of `name` in `workdir`, as a string a user can read (a URL stays one)."""
+  return str(paths.path(workdir) / name)
+
+
+def as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """Dotted names of the fields whose values differ between two configs (as JSON dicts)."""
+  old_flat, new_flat = (traverse_util.flatten_dict(c, sep='.') for c in (old, new))
+  return sorted(k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k) != new_flat.get(k))
+
+
+def refused_on_resume(fields: list[str]) -> list[str]:
+  return [f for f in fields if f.split('.')[0] not in RESUMABLE_FIELDS]
+
+
+def refused_for_eval(fields: list[str]) -> list[str]:
+  return [f for f in fields if f.split('.')[0] in CHECKPOINT_FIELDS]
+
+
+def stored_config(workdir: paths.PathLike) -> dict[str, Any] | None:
+  """The run's config.json as a dict, or None before its first start."""
+  target = paths.path(workdir) / CONFIG
+  return paths.read_json(target) if target.exists() else None
+
+
+def load_config(workdir: paths.PathLike) -> ml_collections.ConfigDict:
+  """The run's config.json as a config: fields added since the run keep their defaults."""
+  stored = stored_config(workdir)
+  if stored is None:
+    raise FileNotFoundError(f'no {file(workdir, CONFIG)}: pass --config, or a workdir that '
+                            'train.py wrote')
+  config = defaults.base_config()
+  # JSON turned the config's tuples into lists.
+  config.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in traverse_util.flatten_dict(stored,
+                                                                            sep='.').items()})
+  return config
+
+
+def refused_change(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> str | None:
+  """Why resuming `workdir` with `config` needs --allow_config_change, or None if it need not."""
+  old = stored_config(workdir)
+  if old is None:
+    return None
+  refused = refused_on_resume(changed_fields(old, as_json(config)))
+  if not refused:
+    return None
+  return (f'{file(workdir, CONFIG)} was written by a different config (fields: '
+          f'{", ".join(refused)}); pass --allow_config_change to resume anyway')
+
+
+def check_and_store_config(config: ml_collections.ConfigDict, workdir: paths.PathLike,
+                           allow_change: bool, step: int) -> None:
+  """Records the config on first start; on restart refuses a changed one unless allowed.
+
+  A changed config (one RESUMABLE_FIELDS allows, or any when allowed) replaces config.json; the
+  old one is first written to config.step<step>.json (.1, .2, ... on further restarts at that
+  step), so no history is lost, on an object store too.
+  """
+  new = as_json(config)
+  old = stored_config(workdir)
+  if old is not None:
+    if not changed_fields(old, new):
+      return
+    refusal = refused_change(config, workdir)
+    if refusal and not allow_change:
+      raise errors.ConfigError(refusal)
+    if jax.process_index() == 0:
+      paths.write_json(paths.unused_path(file(workdir, f'config.step{step}.json')), old)
+  paths.write_json(file(workdir, CONFIG), new)
+
+
+def read_results(workdir: paths.PathLike) -> dict[str, Any]:
+  """results.json, or {} before the run's first evaluation."""
+  target = paths.path(workdir) / RESULTS
+  return paths.read_json(target) if target.exists() else {}
+
+
+def write_results(workdir: paths.PathLike, results: dict[str, Any]) -> None:
+  paths.write_json(file(workdir, RESULTS), results)
+
+
+def append_eval_records(workdir: paths.PathLike, records: list[dict[str, Any]]) -> None:
+  paths.append_json_lines(file(workdir, EVAL_RECORDS), records)
