@@ -14,6 +14,7 @@ import pytest
 from configs import tiny
 from halonet import checkpointing
 from halonet import input_pipeline
+from halonet import paths
 from halonet import sharding
 from halonet import train_lib
 
@@ -85,8 +86,9 @@ def _norm(tree) -> float:
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_and_only_process_0_writes(tmp_path):
-  runs = [tmp_path / 'run_a', tmp_path / 'run_b']
+def test_two_processes_train_like_one_and_only_process_0_writes(tmp_path, storage_server):
+  # The second run writes into a bucket (conftest.storage_server), as a pod run would.
+  runs = [tmp_path / 'run_a', f'{storage_server}/multiprocess/run_b']
   pids = _run_processes(runs[0])
 
   # Only process 0 wrote the results and TensorBoard events (the event file names its pid).
@@ -105,6 +107,10 @@ def test_two_processes_train_like_one_and_only_process_0_writes(tmp_path):
     change = _norm(jax.tree.map(np.subtract, getattr(want, key), getattr(initial, key)))
     assert difference < 1e-2 * change, (key, difference, change)
 
-  _run_processes(runs[1])
+  pids = _run_processes(runs[1])
   again = _restored(runs[1], abstract, steps)
   jax.tree.map(np.testing.assert_array_equal, again, got)
+  in_bucket = [name.rsplit('/', 1)[-1] for name in paths.files_under(runs[1])]
+  events = [name for name in in_bucket if name.startswith('events.out.tfevents')]
+  assert events and all(re.search(rf'\.{pids[0]}\.', name) for name in events), (events, pids)
+  assert {'config.json', 'results.json'} <= set(in_bucket)
