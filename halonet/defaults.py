@@ -25,7 +25,7 @@ def model_config() -> ml_collections.ConfigDict:
       mask_window=0,          # k > 0 restricts each query to a k x k window (masked attention).
       # 'plain' (loop-free, batch-parallel), 'rows' (row loop, hand-written backward: the CPU
       # fast path), 'pallas' (fused TPU kernels; interpreted on CPU, refused on GPU) or 'auto':
-      # plain on TPU/GPU, rows on CPU (halonet/attention.py).
+      # plain on TPU/GPU, rows on CPU (halonet/attention/choose.py).
       attention_impl='auto',
       remat=False,            # recompute each block's activations in the backward pass.
       use_se=False,

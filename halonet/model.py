@@ -73,6 +73,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ('widths', 'stage_depths', 'num_heads'):
     if len(m[name]) != 4:
       raise errors.ConfigError(f'{name}={tuple(m[name])} needs one entry per stage (4)')
+  attention.choose.check_impl(m.attention_impl)
   bad_stages = [s for s in m.conv_stages if s not in (1, 2, 3, 4)]
   if bad_stages:
     raise errors.ConfigError(
@@ -82,7 +83,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       continue
     stride = 1 if stage == 1 else 2
     try:
-      attention.check_attention_args(b, h, stride, m.mask_window, m.attention_impl)
+      attention.check_attention_args(b, h, stride, m.mask_window)
     except ValueError as e:
       raise errors.ConfigError(f'stage {stage}: {e}') from None
     value_width = int(w * m.value_ratio)
@@ -183,6 +184,8 @@ class HaloNet(nn.Module):
   dropout_rate: float
   dtype: str
   attention_cls: Callable[..., nn.Module] = attention.HaloAttention
+  # The run's measured form per attention layer shape (attention/measure.py); () = the rule.
+  attention_choice: tuple[tuple[str, str], ...] = ()
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -209,7 +212,8 @@ class HaloNet(nn.Module):
       else:
         mixer = functools.partial(
             self.attention_cls, qk_width=width, num_heads=heads, block_size=b, halo_size=h,
-            mask_window=self.mask_window, attention_impl=self.attention_impl, dtype=dtype)
+            mask_window=self.mask_window, attention_impl=self.attention_impl, dtype=dtype,
+            attention_choice=self.attention_choice)
       for i in range(depth):
         x = block_cls(
             width=width,
@@ -233,11 +237,16 @@ class HaloNet(nn.Module):
     return nn.Dense(self.num_classes, dtype=jnp.float32, name=CLASSIFIER)(x.astype(jnp.float32))
 
 
-def create_model(config: ml_collections.ConfigDict, backend: str | None = None) -> HaloNet:
-  """The HaloNet of `config.model` (validated first), with 'auto' fields chosen for `backend`."""
+def create_model(config: ml_collections.ConfigDict, backend: str | None = None,
+                 attention_choice: tuple[tuple[str, str], ...] = ()) -> HaloNet:
+  """The HaloNet of `config.model` (validated first), with 'auto' fields chosen for `backend`;
+  with a measured `attention_choice`, 'auto' attention takes each layer's form from it."""
   validate_config(config)
-  return HaloNet(num_classes=config.num_classes,
-                 **resolve_backend_defaults(config.model, backend))
+  fields = resolve_backend_defaults(config.model, backend)
+  if attention_choice:
+    fields['attention_impl'] = config.model.attention_impl
+  return HaloNet(num_classes=config.num_classes, attention_choice=tuple(attention_choice),
+                 **fields)
 
 
 def abstract_variables(config: ml_collections.ConfigDict, batch_size: int = 1) -> Any:

@@ -7,7 +7,7 @@ The 'spatial' axis splits every image's height (spatial partitioning): with mesh
 each device holds 1/spatial of the rows of batch/data images, so images too large for one
 device's memory (H7 at 600 px, detection-sized inputs) still train. Convolutions and pooling are
 partitioned by XLA (each device exchanges its border rows); halo attention exchanges only its h
-halo rows between neighbouring devices (halonet/attention_spatial.py).
+halo rows between neighbouring devices (halonet/attention/spatial.py).
 """
 
 import collections

@@ -33,6 +33,7 @@ from halonet import paths
 from halonet import profiling
 from halonet import sharding
 from halonet import workdir as workdir_lib
+from halonet.attention import measure
 
 TRAIN_BATCH_KEYS = ('image', 'label')
 
@@ -290,8 +291,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir_lib.check_and_store_config(config, workdir, allow_config_change, start_step)
   logging.info('config:\n%s', config)
   _say(f'{jax.device_count()} {jax.default_backend()} devices in {jax.process_count()} '
-       f'process(es), mesh {dict(mesh.shape)}; compute dtype {model.dtype}, attention_impl '
-       f'{model.attention_impl}')
+       f'process(es), mesh {dict(mesh.shape)}; compute dtype {model.dtype}')
+  # 'auto' on an accelerator: each attention layer's form timed here (or as recorded before).
+  choice = measure.for_run(model, config.model.attention_impl, config.image_size,
+                           config.batch_size // mesh.shape['data'], workdir, say=_say)
+  if choice:
+    model = model_lib.create_model(config, attention_choice=choice)
+  forms = sorted({impl for _, impl in choice}) or [model.attention_impl]
+  _say(f'attention: {", ".join(forms)}' + (f' (measured per layer, {measure.CHOICE_FILE})'
+                                           if choice else ''))
   # The iterator is a pure function of (seed, process, step): resuming replays the same batches.
   batches = sharding.prefetch_to_device(input_pipeline.create_split(
       config, config.train_split, train=True, batch_size=config.batch_size // jax.process_count(),
@@ -408,7 +416,7 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
                 step: int | None = None) -> tuple[TrainState, TrainState, nn.Module]:
   """A run's saved state at `step` (default: latest), replicated on `mesh`, read-only; with its
   abstract state and the model `config` builds (config must be the run's as to the model)."""
-  model = model_lib.create_model(config)
+  model = model_lib.create_model(config, attention_choice=measure.recorded_choice(workdir) or ())
   # Only the optimizer state's structure matters for restoring, not the schedule's values.
   tx = optim.create_optimizer(config, optax.constant_schedule(0.0))
   _, abstract = abstract_train_state(config, model, tx, mesh)

@@ -22,8 +22,8 @@ from jax.experimental.pallas import tpu as pltpu
 from bench import tpu_aot
 from configs import tiny
 from halonet import attention
-from halonet import attention_pallas
-from halonet import attention_pallas_kernels
+from halonet.attention import pallas as attention_pallas
+from halonet.attention import pallas_kernels as attention_pallas_kernels
 from halonet import errors
 from halonet import model as model_lib
 from halonet import sharding

@@ -13,7 +13,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from configs import tiny
 from halonet import attention
-from halonet import attention_spatial
+from halonet.attention import spatial as attention_spatial
 from halonet import sharding
 from halonet import train_lib
 from test_data_parallel import _COLLECTIVES, array_dims, hlo_ops

@@ -44,7 +44,7 @@ def receive_rows(x: jax.Array, rows: int, from_above: bool, axis_name: str) -> j
 def spatial_attention(attend: Attend, q: jax.Array, k: jax.Array, v: jax.Array,
                       rel_h: jax.Array, rel_w: jax.Array, bias_h: jax.Array, bias_w: jax.Array, *,
                       block_size: int, halo_size: int, num_heads: int) -> jax.Array:
-  """`attend` (an implementation of `attention.plain_attention`'s contract) per device band.
+  """`attend` (an implementation of `plain.plain_attention`'s contract) per device band.
 
   Args as `plain_attention`'s, except that `k` and `v` are padded by h along the width only:
   their height is exactly nbh * b, and nbh (q's block rows, also bias_h's) is a multiple of the

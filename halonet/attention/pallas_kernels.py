@@ -1,4 +1,4 @@
-"""The bodies of the fused halo-attention kernels (halonet/attention_pallas.py calls them).
+"""The bodies of the fused halo-attention kernels (pallas.py calls them).
 
 One grid step is one (image, row of query blocks); the kernels walk the row's blocks. What runs
 on the TensorCore, and why it is laid out so (the static schedules, bench/pallas.py):

@@ -1,6 +1,6 @@
 """Halo attention one row of blocks at a time, with a hand-written backward pass: the CPU path.
 
-Same inputs and result as `attention.plain_attention`; 'auto' picks it on CPU only. The plain form
+Same inputs and result as `plain.plain_attention`; 'auto' picks it on CPU only. The plain form
 writes every block's logits and 3x-overlapping key/value windows to memory; here a loop visits one
 row of query blocks of one image at a time, slices the b+2h map rows its neighbourhoods span (a
 strip) and cuts only that strip into windows, so one row's windows and logits stay in cache.
@@ -28,7 +28,7 @@ from halonet import sharding
 def rows_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array,
                    rel_w: jax.Array, bias_h: jax.Array, bias_w: jax.Array, *, block_size: int,
                    halo_size: int, num_heads: int) -> jax.Array:
-  """`attention.plain_attention` (same arguments), looping over the rows of blocks of each image."""
+  """`plain.plain_attention` (same arguments), looping over the rows of blocks of each image."""
   attend = functools.partial(_local_rows_attention, block=block_size, halo=halo_size,
                              heads=num_heads)
   return sharding.per_device_images(attend)(q, k, v, rel_h, rel_w, bias_h, bias_w)

@@ -1,6 +1,6 @@
 """Halo attention as two fused Pallas TPU kernels (forward, backward), FlashAttention style.
 
-Same inputs and result as `attention.plain_attention`; `attention_impl='pallas'`. The plain form
+Same inputs and result as `plain.plain_attention`; `attention_impl='pallas'`. The plain form
 writes every block's (b+2h)^2 logits and its overlapping key/value windows to HBM and reads them
 back: under 1 FLOP per byte for H1 on TPU, memory-bound. Here only inputs and outputs touch HBM
 (bench/pallas.py: 13-58x the plain form's arithmetic intensity in stages 1-3):
@@ -12,7 +12,7 @@ back: under 1 FLOP per byte for H1 on TPU, memory-bound. Here only inputs and ou
   * The forward kernel writes only the output; the backward recomputes logits and softmax, and
     writes the query gradient, the key/value map gradients (once: b rows per step from a strip
     that slides down the map, so image rows run in order) and the tables' gradient per image.
-  * halonet/attention_pallas_kernels.py holds the kernel bodies, and why they are laid out as
+  * pallas_kernels.py holds the kernel bodies, and why they are laid out as
     they are; this file lays the inputs out for them, declares what each step moves
     (`hbm_bytes`, also XLA's cost estimate) and ties both directions into one custom VJP.
 
@@ -39,7 +39,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from halonet import errors
 from halonet import sharding
-from halonet.attention_pallas_kernels import (ALIGN, F32, KernelShape, backward_kernel,
+from halonet.attention.common import MASKED_LOGIT
+from halonet.attention.pallas_kernels import (ALIGN, F32, KernelShape, backward_kernel,
                                               forward_kernel, kernel_flops, map_columns,
                                               round_up)
 
@@ -51,9 +52,9 @@ VMEM_LIMIT_BYTES = 48 * 2**20
 # How the kernels run on CPU: Pallas' generic interpreter (tests swap in its TPU interpreter,
 # pltpu.InterpretParams, to look for races; its callbacks cannot sit beside a TPU lowering).
 INTERPRET = True
-# Logit of the columns a window is widened by: attention.MASKED_LOGIT's value (finite, so a
-# fully masked row of padding queries gives no NaN); attention.py imports this module.
-WIDENED_COLUMN_LOGIT = -1e30
+# Logit of the columns a window is widened by: masked like padding (finite, so a fully masked
+# row of padding queries gives no NaN).
+WIDENED_COLUMN_LOGIT = MASKED_LOGIT
 
 
 def check_backend(backend: str) -> None:
@@ -66,7 +67,7 @@ def check_backend(backend: str) -> None:
 def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array,
                      rel_w: jax.Array, bias_h: jax.Array, bias_w: jax.Array, *, block_size: int,
                      halo_size: int, num_heads: int) -> jax.Array:
-  """`attention.plain_attention` (same arguments) as one kernel per direction, per device."""
+  """`plain.plain_attention` (same arguments) as one kernel per direction, per device."""
   attend = functools.partial(_attention, block=block_size, halo=halo_size, heads=num_heads)
   return sharding.per_device_images(attend)(q, k, v, rel_h, rel_w, bias_h, bias_w)
 

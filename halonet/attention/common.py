@@ -1,0 +1,83 @@
+"""What every form of halo attention shares: the contract, the masks and position indices.
+
+The contract (`Attend`). Every implementation is a function
+
+  attend(q, k, v, rel_h, rel_w, bias_h, bias_w, *, block_size, halo_size, num_heads) -> out
+
+of the inputs `layer.HaloAttention` prepares (plain.py documents each shape), returning the
+[batch, nbh*qy, nbw*qx, heads*dv] output. They differ only in how they compute it: plain.py
+(loop-free, autodiff), rows.py (a row loop with a hand-written backward, for CPU), pallas.py
+(fused TPU kernels); spatial.py wraps any of them for image rows split over devices. Which one
+runs is chosen in one place, choose.py.
+
+Einsum legend (plain.py, rows.py): b batch; i, j block row and column; y, x query row and column
+inside a block; u, v key row and column inside a neighbourhood; n head; d channel of a head.
+"""
+
+from typing import Protocol
+
+import jax
+import numpy as np
+
+from halonet import errors
+
+# Added to masked logits: finite, so a query whose whole window is padding (only possible in the
+# cropped-away padded region) gets finite weights instead of NaN.
+MASKED_LOGIT = -1e30
+
+
+class Attend(Protocol):
+  """The signature every implementation of the attention has (see the module docstring)."""
+
+  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array,
+               rel_w: jax.Array, bias_h: jax.Array, bias_w: jax.Array, *, block_size: int,
+               halo_size: int, num_heads: int) -> jax.Array:
+    ...
+
+
+def check_attention_args(block_size: int, halo_size: int, stride: int, mask_window: int,
+                         ) -> None:
+  """Raises ValueError naming the first bad attention hyper-parameter."""
+  if block_size <= 0:
+    raise errors.ConfigError(f'block_size={block_size} must be positive')
+  if halo_size < 0:
+    raise errors.ConfigError(f'halo_size={halo_size} must be >= 0')
+  if stride not in (1, 2):
+    raise errors.ConfigError(f'stride={stride} must be 1 or 2')
+  if block_size % stride:
+    raise errors.ConfigError(
+        f'block_size={block_size} must be a multiple of the attention stride {stride}')
+  if mask_window < 0 or (mask_window and mask_window % 2 == 0):
+    raise errors.ConfigError(f'mask_window={mask_window} must be 0 (off) or a positive odd size')
+  if mask_window > 2 * halo_size + 1:
+    raise errors.ConfigError(
+        f'mask_window={mask_window} does not fit in the neighbourhood of halo_size={halo_size}; '
+        f'use at most {2 * halo_size + 1}')
+
+
+def num_relative_offsets(block_size: int, halo_size: int) -> int:
+  """Relative offsets along one axis between a block's queries and its neighbourhood's keys."""
+  return 2 * (block_size + halo_size) - 1
+
+
+def key_bias(size: int, block: int, halo: int, stride: int, mask_window: int,
+             num_blocks: int | None = None) -> np.ndarray:
+  """[blocks, queries or 1, b+2h] additive mask along one axis: padding, then mask_window.
+
+  `num_blocks` (default: the fewest that cover `size`) may add blocks of padding only.
+  """
+  num_blocks = num_blocks or -(-size // block)
+  starts = np.arange(num_blocks)[:, None, None] * block - halo
+  keys = np.arange(block + 2 * halo)
+  valid = (starts + keys >= 0) & (starts + keys < size)  # [blocks, 1, keys]
+  if mask_window:
+    queries = np.arange(0, block, stride)[:, None] + halo  # In window coordinates.
+    valid = valid & (np.abs(keys - queries) <= mask_window // 2)
+  return np.where(valid, 0.0, MASKED_LOGIT).astype(np.float32)
+
+
+def relative_index(block: int, halo: int, stride: int) -> np.ndarray:
+  """[queries, keys] index into a relative table for each (query, key) pair along one axis."""
+  queries = np.arange(0, block, stride)[:, None]
+  keys = np.arange(block + 2 * halo)[None, :]
+  return keys - queries + block - 1  # Offset key - (query + halo), shifted to start at 0.
