@@ -28,9 +28,10 @@ def _timings(*seconds):
 def test_model_layers_are_its_distinct_attention_shapes():
   model = model_lib.create_model(tiny.get_config())
   layers = measure.model_layers(model, image_size=32, batch=2)
-  # 32 px: the stem leaves 8 x 8; stages 2-4 open with a strided block (tiny: one block each).
+  # 32 px: the stem leaves 8 x 8; stages 2-4 open with a strided block (tiny: one block each),
+  # whose attention reads the block's 1x1 reduction to the stage width (8, 16, 16, 32).
   assert [(l.height, l.stride, l.channels, l.qk_width) for l in layers] == [
-      (8, 1, 64, 8), (8, 2, 8, 16), (4, 2, 16, 16), (2, 2, 16, 32)]
+      (8, 1, 8, 8), (8, 2, 16, 16), (4, 2, 16, 16), (2, 2, 32, 32)]
   assert {l.batch for l in layers} == {2} and len({l.key() for l in layers}) == 4
 
 

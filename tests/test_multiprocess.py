@@ -29,10 +29,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_processes(workdir) -> list[int]:
-  """train.py --distributed in PROCESSES processes; returns their pids once all exited 0."""
+def _run_processes(workdir, cache) -> tuple[list[int], list[str]]:
+  """train.py --distributed in PROCESSES processes; their pids and outputs once all exited 0.
+
+  'auto' attention is measured (on CPU only when asked), so that process 0's choice must reach
+  process 1; `cache` is the measurements' cache folder."""
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
+  env = dict(os.environ, JAX_PLATFORMS='cpu', HALONET_MEASURE_ATTENTION='1', HALONET_CACHE=cache,
              XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}')
   children = [subprocess.Popen(
       [sys.executable, 'train.py', '--distributed', f'--coordinator_address=127.0.0.1:{port}',
@@ -48,7 +51,7 @@ def _run_processes(workdir) -> list[int]:
         child.wait()
   for i, (child, output) in enumerate(zip(children, outputs)):
     assert child.returncode == 0, f'process {i} exited {child.returncode}:\n{output[-3000:]}'
-  return [child.pid for child in children]
+  return [child.pid for child in children], outputs
 
 
 def _restored(workdir, abstract, step):
@@ -89,7 +92,12 @@ def _norm(tree) -> float:
 def test_two_processes_train_like_one_and_only_process_0_writes(tmp_path, storage_server):
   # The second run writes into a bucket (conftest.storage_server), as a pod run would.
   runs = [tmp_path / 'run_a', f'{storage_server}/multiprocess/run_b']
-  pids = _run_processes(runs[0])
+  cache = str(tmp_path / 'cache')
+  pids, outputs = _run_processes(runs[0], cache)
+  # Both processes use the forms process 0 measured, and the run records them.
+  chosen = [re.findall(r'attention forms chosen on process 0 .*', out) for out in outputs]
+  assert len(chosen[0]) == 1 and chosen[0] == chosen[1], outputs[1][-2000:]
+  assert (runs[0] / 'attention_choice.json').exists()
 
   # Only process 0 wrote the results and TensorBoard events (the event file names its pid).
   events = [name for name in os.listdir(runs[0]) if name.startswith('events.out.tfevents')]
@@ -107,7 +115,7 @@ def test_two_processes_train_like_one_and_only_process_0_writes(tmp_path, storag
     change = _norm(jax.tree.map(np.subtract, getattr(want, key), getattr(initial, key)))
     assert difference < 1e-2 * change, (key, difference, change)
 
-  pids = _run_processes(runs[1])
+  pids, _ = _run_processes(runs[1], cache)
   again = _restored(runs[1], abstract, steps)
   jax.tree.map(np.testing.assert_array_equal, again, got)
   in_bucket = [name.rsplit('/', 1)[-1] for name in paths.files_under(runs[1])]
