@@ -12,7 +12,6 @@ from absl import app
 from absl import flags
 
 from halonet import launch
-from halonet import train_lib
 
 launch.define_flags("The training run's workdir.")
 flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: latest).')
@@ -35,6 +34,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 def main(argv):
   launch.start(argv)
+  from halonet import train_lib  # pylint: disable=g-import-not-at-top  # After --help and flags.
   with launch.one_line_errors():
     train_lib.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
 

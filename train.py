@@ -7,7 +7,6 @@ from absl import app
 from absl import flags
 
 from halonet import launch
-from halonet import train_lib
 
 launch.define_flags('Checkpoints, config.json, metrics and results.json.')
 flags.DEFINE_bool('allow_config_change', False,
@@ -18,6 +17,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   launch.start(argv)
+  from halonet import train_lib  # pylint: disable=g-import-not-at-top  # After --help and flags.
   with launch.one_line_errors():
     train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                  allow_config_change=FLAGS.allow_config_change)

@@ -4,7 +4,7 @@ clu's SummaryWriter writes through TensorFlow's filesystem, which keeps one even
 appends to it. For a workdir URL the metrics instead go through halonet/paths.py like every
 other file: the records gathered since the last flush become one new events file (a single
 upload, so never half written), numbered so that TensorBoard reads them in order. A flush
-happens at each checkpoint and evaluation, at close, and when a minute has passed since the last one.
+happens at each checkpoint and evaluation, at close, and a minute after the last one.
 """
 
 import io

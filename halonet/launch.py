@@ -14,11 +14,11 @@ from collections.abc import Iterator, Sequence
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
-from halonet import checkpointing
 from halonet import errors
+
+HELP_FLAGS = ('--help', '-help', '-h', '--helpshort', '-?')
 
 FLAGS = flags.FLAGS
 
@@ -43,8 +43,26 @@ def define_flags(workdir_help: str) -> None:
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def print_help() -> None:
+  """The entry point's docstring, its flags and every config field with its default and meaning
+  (halonet/defaults.py), then exit 0. Nothing heavy is imported, so it answers at once."""
+  from halonet import defaults  # pylint: disable=g-import-not-at-top
+  print((sys.modules['__main__'].__doc__ or '').strip() + '\n')
+  print(FLAGS.main_module_help() + '\n')
+  print('Config fields (override any with --config.FIELD=VALUE):')
+  fields = defaults.field_help()
+  width = max(len(f'{name} = {value!r}') for name, value, _ in fields)
+  for name, value, meaning in fields:
+    print(f'  {f"{name} = {value!r}":<{width}}  {meaning}')
+  sys.exit(0)
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
-  """absl's flag parsing; a bad --config file or field is reported in one line, not a traceback."""
+  """absl's flag parsing; a bad --config file or field is reported in one line, not a traceback.
+
+  --help (exit 0) also lists the config fields."""
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    print_help()
   try:
     argv = FLAGS(argv)
     FLAGS.config.keys()  # Loaded lazily: a missing config file surfaces here.
@@ -70,6 +88,7 @@ def start(argv: Sequence[str]) -> None:
   quiet_logs()
   cluster = cluster_flags()
   if FLAGS.distributed:
+    import jax  # pylint: disable=g-import-not-at-top  # Not needed to parse flags or show help.
     jax.distributed.initialize(**cluster)
   elif cluster:
     sys.exit(f'FATAL {", ".join("--" + k for k in cluster)} given without --distributed')
@@ -82,6 +101,7 @@ def quiet_logs() -> None:
     # gcsfs warns on every new bucket that it cannot tell its type without a storage-control
     # client, then uses the standard API, which is what it should do.
     std_logging.getLogger('gcsfs').setLevel(std_logging.ERROR)
+  from halonet import checkpointing  # pylint: disable=g-import-not-at-top  # Imports Orbax.
   checkpointing.quiet_orbax_info_logs()
 
 

@@ -6,9 +6,10 @@ checkpoint, config.json and results.json land in the same place on every host.
 
 Object stores have no atomic rename and no append, but a single object write is atomic: a JSON
 record is one upload there, and write-then-rename on a local disk (where a crash could otherwise
-leave half a file). epath is told (in halonet/__init__.py) to reach object stores through fsspec
-(gcsfs for `gs://`) rather than TensorFlow's filesystem: gcsfs follows the standard credentials and the
-STORAGE_EMULATOR_HOST setting, so the same code runs against a local storage server in the tests.
+leave half a file). epath is told (in halonet/__init__.py) to reach object stores through
+fsspec (gcsfs for `gs://`) rather than TensorFlow's filesystem: gcsfs follows the standard
+credentials and the STORAGE_EMULATOR_HOST setting, so the same code runs against a local
+storage server in the tests.
 """
 
 import io

@@ -372,6 +372,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     for name, splits in evals.items():
       writer.write_scalars(step, {f'eval/{name}/{split}/{k}': v for split, r in splits.items()
                                   for k, v in r.items()})
+      if step < num_steps:  # The final results get their own lines below.
+        _say(f'eval step {step} ({name} params): ' + ', '.join(
+            f'{split} top-1 {r["top1"]:.2f}% top-5 {r["top5"]:.2f}%'
+            for split, r in splits.items()))
     workdir_lib.write_results(workdir, results)
     writer.flush()
     window_start = time.perf_counter()

@@ -62,8 +62,8 @@ def test_a_layer_runs_the_form_chosen_for_its_shape(monkeypatch):
   used = []
   for name in ('plain', 'rows'):
     form = choose.IMPLEMENTATIONS[name]
-    monkeypatch.setitem(choose.IMPLEMENTATIONS, name,
-                        lambda *a, _form=form, _name=name, **k: used.append(_name) or _form(*a, **k))
+    spy = lambda *a, _form=form, _name=name, **k: used.append(_name) or _form(*a, **k)
+    monkeypatch.setitem(choose.IMPLEMENTATIONS, name, spy)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 7, 8)), jnp.float32)
   params = LAYER.module('plain').init(jax.random.key(1), x)
   want = LAYER.module('plain').apply(params, x)

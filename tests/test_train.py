@@ -275,5 +275,14 @@ def test_help_lists_the_main_flags():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   run = subprocess.run([sys.executable, 'train.py', '--help'], cwd=root, capture_output=True,
                        text=True, timeout=120)
+  assert run.returncode == 0, run.stderr[-2000:]
   for flag in ('--config:', '--workdir:', 'distributed:', 'allow_config_change:'):
     assert flag in run.stdout, run.stdout
+  # Every config field, with its default and the meaning written beside it in the defaults.
+  listed = re.findall(r'^  (\S+) = (.+?)  +(\S.*)$', run.stdout, re.MULTILINE)
+  fields = {name: (value, meaning) for name, value, meaning in listed}
+  assert fields['model.block_size'] == ('8', 'b: query block side.')
+  assert fields['optimizer.name'] == ("'sgd'", "'sgd' (Nesterov momentum) or 'adamw'.")
+  assert len(fields) == len(tiny.get_config().to_dict()['model']) + sum(
+      1 for k, v in tiny.get_config().to_dict().items() if not isinstance(v, dict)) + len(
+          tiny.get_config().optimizer)
