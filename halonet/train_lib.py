@@ -377,7 +377,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             f'{split} top-1 {r["top1"]:.2f}% top-5 {r["top5"]:.2f}%'
             for split, r in splits.items()))
     workdir_lib.write_results(workdir, results)
-    writer.flush()
+    if paths.is_url(workdir):
+      writer.flush()
     window_start = time.perf_counter()
 
   step = start_step
@@ -396,7 +397,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           flush_metrics(step)  # Also the finite-state check that guards every save.
         if save:
           checkpointing.save(manager, step, state)
-          writer.flush()  # The metrics up to a checkpoint outlive a kill, as the state does.
+          if paths.is_url(workdir):  # A bucket gets whole events files: the metrics up to a
+            writer.flush()           # checkpoint then outlive a kill, as the state does.
         if preempted:
           logging.warning('preempted at step %d: checkpoint saved, stopping', step)
           return {**results, 'step': step, 'preempted': True}
