@@ -103,7 +103,8 @@ def test_choice_is_cached_reused_on_resume_and_skipped_when_explicit(tmp_path, m
   assert run(tmp_path / 'd') == ()  # On CPU 'auto' keeps choose.py's rule unless asked.
 
 
-def test_training_measures_then_resumes_with_the_recorded_forms(tmp_path, monkeypatch):
+def test_training_measures_records_and_uses_the_chosen_forms(tmp_path, monkeypatch, capsys):
+  """The whole path in one tiny run (the resume's reuse of the record: the test above)."""
   monkeypatch.setenv('HALONET_CACHE', str(tmp_path / 'cache'))
   monkeypatch.setenv('HALONET_MEASURE_ATTENTION', '1')
   config = tiny.get_config()
@@ -114,10 +115,5 @@ def test_training_measures_then_resumes_with_the_recorded_forms(tmp_path, monkey
   assert len(record['layers']) == 4
   for layer in record['layers'].values():
     assert set(layer['seconds']) == {'plain', 'rows'} and layer['choice'] in layer['seconds']
-
-  def no_measuring(*args):
-    raise AssertionError('a resumed run measured again')
-
-  monkeypatch.setattr(measure, 'measure_layer', no_measuring)
-  config.num_train_steps = 4
-  assert train_lib.train_and_evaluate(config, str(workdir))['step'] == 4
+  out = capsys.readouterr().out
+  assert out.count('(measured)') == 4 and 'measured per layer' in out
