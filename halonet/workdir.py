@@ -7,7 +7,6 @@ import json
 from typing import Any
 
 from flax import traverse_util
-import jax
 import ml_collections
 
 from halonet import defaults
@@ -72,16 +71,6 @@ def load_config(workdir: paths.PathLike) -> ml_collections.ConfigDict:
   return config
 
 
-def refused_change(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> str | None:
-  """Why resuming `workdir` with `config` needs --allow_config_change, or None if it need not."""
-  old = stored_config(workdir)
-  if old is None:
-    return None
-  refused = refused_on_resume(changed_fields(old, as_json(config)))
-  if not refused:
-    return None
-  return (f'{file(workdir, CONFIG)} was written by a different config (fields: '
-          f'{", ".join(refused)}); pass --allow_config_change to resume anyway')
 
 
 def check_and_store_config(config: ml_collections.ConfigDict, workdir: paths.PathLike,
@@ -95,13 +84,15 @@ def check_and_store_config(config: ml_collections.ConfigDict, workdir: paths.Pat
   new = as_json(config)
   old = stored_config(workdir)
   if old is not None:
-    if not changed_fields(old, new):
+    changes = changed_fields(old, new)
+    if not changes:
       return
-    refusal = refused_change(config, workdir)
-    if refusal and not allow_change:
-      raise errors.ConfigError(refusal)
-    if jax.process_index() == 0:
-      paths.write_json(paths.unused_path(file(workdir, f'config.step{step}.json')), old)
+    refused = refused_on_resume(changes)
+    if refused and not allow_change:
+      raise errors.ConfigError(
+          f'{file(workdir, CONFIG)} was written by a different config (fields: '
+          f'{", ".join(refused)}); pass --allow_config_change to resume anyway')
+    paths.write_json(paths.unused_path(file(workdir, f'config.step{step}.json')), old)
   paths.write_json(file(workdir, CONFIG), new)
 
 
