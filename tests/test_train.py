@@ -286,3 +286,16 @@ def test_help_lists_the_main_flags():
   assert len(fields) == len(tiny.get_config().to_dict()['model']) + sum(
       1 for k, v in tiny.get_config().to_dict().items() if not isinstance(v, dict)) + len(
           tiny.get_config().optimizer)
+
+
+def test_evaluations_during_training_print_their_accuracy(tmp_path, capsys):
+  config = tiny.get_config()
+  config.eval_every_steps = 2
+  results = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+  out = capsys.readouterr().out
+  line = re.search(r'^eval step 2 \(raw params\): test top-1 ([\d.]+)% top-5 ([\d.]+)%$', out,
+                   re.MULTILINE)
+  assert line, out
+  assert 'eval step 4' not in out  # The final evaluation prints as the final results.
+  assert float(results['raw_eval']['test']['top1']) >= 0 and float(line.group(2)) >= float(
+      line.group(1))
