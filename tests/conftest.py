@@ -15,9 +15,11 @@ import tempfile
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
                            ' --xla_disable_hlo_passes=cse_barrier_expander').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-_CACHE = tempfile.mkdtemp(prefix='halonet_tests_jax_cache_')
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+# pytest-xdist workers inherit the first process's cache, so each step compiles once in all.
+if 'HALONET_TESTS_JAX_CACHE' not in os.environ:
+  os.environ['HALONET_TESTS_JAX_CACHE'] = tempfile.mkdtemp(prefix='halonet_tests_jax_cache_')
+  atexit.register(shutil.rmtree, os.environ['HALONET_TESTS_JAX_CACHE'], ignore_errors=True)
+os.environ['JAX_COMPILATION_CACHE_DIR'] = os.environ['HALONET_TESTS_JAX_CACHE']
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
