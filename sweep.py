@@ -12,7 +12,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from halonet import sweeps
+from halonet import launch
 
 _SWEEP = config_flags.DEFINE_config_file(
     'sweep', None, 'Sweep file (configs/sweeps/*.py); append :cpu for its CPU scale.',
@@ -25,6 +25,8 @@ flags.mark_flags_as_required(['sweep', 'workdir'])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  launch.quiet_logs()
+  from halonet import sweeps  # pylint: disable=g-import-not-at-top  # After --help and flags.
   try:
     points = sweeps.build_points(_SWEEP.value, _WORKDIR.value)
   except ValueError as e:
@@ -35,8 +37,9 @@ def main(argv: list[str]) -> None:
       print(sweeps.launch_command(_SWEEP.value, point))
     return
   # The plot's title names the sweep file (and scale) as typed, e.g. configs/sweeps/window.py:cpu.
-  sweeps.run_sweep(_SWEEP.value, points, _WORKDIR.value,
-                   title=config_flags.get_config_filename(flags.FLAGS['sweep']))
+  with launch.one_line_errors():
+    sweeps.run_sweep(_SWEEP.value, points, _WORKDIR.value,
+                     title=config_flags.get_config_filename(flags.FLAGS['sweep']))
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
+from halonet import console
 from halonet import input_pipeline
 from halonet import sharding
 
@@ -73,9 +74,9 @@ def evaluate(eval_fn, variables: Any, config: ml_collections.ConfigDict, split: 
   for i, batch in enumerate(sharding.prefetch_to_device(batches, mesh), 1):
     sums = eval_fn(variables, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    if time.perf_counter() - reported > PROGRESS_SECONDS and jax.process_index() == 0:
+    if time.perf_counter() - reported > PROGRESS_SECONDS:
       reported = time.perf_counter()
-      print(f'eval {split}: batch {i}/{num_batches}, {reported - start:.0f} s', flush=True)
+      console.say(f'eval {split}: batch {i}/{num_batches}, {reported - start:.0f} s')
   totals = jax.device_get(totals)
   seconds = time.perf_counter() - start
   count = int(totals['count'])

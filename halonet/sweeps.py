@@ -17,6 +17,7 @@ import importlib.util
 import itertools
 import re
 import shlex
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,10 +25,12 @@ from flax import traverse_util
 import jax
 import ml_collections
 
+from halonet import config_checks
+from halonet import console
 from halonet import errors
 from halonet import input_pipeline
-from halonet import config_checks
 from halonet import paths
+from halonet import point_log
 from halonet import sweep_report
 from halonet import text_table
 from halonet import train_lib
@@ -38,6 +41,7 @@ _SHORT_KEYS = {'model.block_size': 'b', 'model.halo_size': 'h', 'model.conv_stag
                'model.mask_window': 'mask', 'model.use_se': 'SE', 'model.activation': 'act',
                'label_smoothing': 'LS', 'randaugment_layers': 'RA_n',
                'randaugment_magnitude': 'RA_m'}
+POINT_LOG = 'train.log'  # Each point's training output, in its sub-workdir.
 _UNSAFE = re.compile(r'[^A-Za-z0-9._=,+-]')
 
 
@@ -160,16 +164,34 @@ def is_finished(point: Point) -> bool:
           >= train_lib.total_train_steps(point.config, train_examples))
 
 
+def _eval_summary(results: dict[str, Any]) -> str:
+  """'test top-1 97.21%' for each evaluated split (raw parameters, then the EMA's if any)."""
+  parts = [f'{split} top-1 {r["top1"]:.2f}%' + (' (EMA)' if name == 'ema' else '')
+           for name in ('raw', 'ema') for split, r in results.get(f'{name}_eval', {}).items()]
+  return ', '.join(parts) or 'not evaluated'
+
+
 def run_points(points: list[Point]) -> bool:
-  """Trains each unfinished point in turn (resuming its checkpoint); False if preempted."""
+  """Trains each unfinished point in turn (resuming its checkpoint); False if preempted.
+
+  The terminal gets one line as a point starts and one as it ends; its training output goes to
+  `POINT_LOG` in its sub-workdir (appended to on a resume)."""
   for i, point in enumerate(points, 1):
+    tag = f'[{i}/{len(points)}] {point.name}'
     if is_finished(point):
-      print(f'[{i}/{len(points)}] {point.name}: finished, skipped', flush=True)
+      earlier = workdir_lib.read_results(point.workdir)
+      console.say(f'{tag}: finished earlier, skipped ({_eval_summary(earlier)})')
       continue
-    print(f'[{i}/{len(points)}] {point.name}: training in {point.workdir}', flush=True)
-    if train_lib.train_and_evaluate(point.config, point.workdir).get('preempted'):
-      print(f'preempted during {point.name}; rerun the same command to resume', flush=True)
+    log = workdir_lib.file(point.workdir, POINT_LOG)
+    started = workdir_lib.stored_config(point.workdir) is not None
+    console.say(f'{tag}: {"resumed" if started else "started"}, log in {log}')
+    begin = time.perf_counter()
+    with point_log.stdout_to(log):
+      results = train_lib.train_and_evaluate(point.config, point.workdir)
+    if results.get('preempted'):
+      console.say(f'{tag}: preempted at step {results["step"]}; rerun the command to resume')
       return False
+    console.say(f'{tag}: done in {time.perf_counter() - begin:.0f} s, {_eval_summary(results)}')
   return True
 
 
@@ -196,5 +218,5 @@ def run_sweep(sweep: ml_collections.ConfigDict, points: list[Point], workdir: st
   sweep_report.write_results(
       rows, [p.overrides for p in firsts], [point_label(p.overrides) for p in firsts], keys,
       title or paths.path(paths.as_string(workdir)).name, workdir, extra)
-  print(text_table.format_table(rows), flush=True)
+  console.say(text_table.format_table(rows))
   return rows

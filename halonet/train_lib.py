@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from halonet import checkpointing
 from halonet import config_checks
+from halonet import console
 from halonet import errors
 from halonet import eval_lib
 from halonet import event_writer
@@ -202,12 +203,6 @@ def evaluate_all(eval_fn, state: TrainState, config: ml_collections.ConfigDict,
           for name, params in weights.items()}
 
 
-def _say(message: str) -> None:
-  """A line for the person watching (process 0, stdout); library chatter goes to the log."""
-  if jax.process_index() == 0:
-    print(message, flush=True)
-
-
 def _spec(x: jax.Array) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
@@ -242,7 +237,7 @@ def _fine_tune_start(state: TrainState, mesh: Mesh, source_dir: str, source_step
   source, _, _ = restore_run(source_config, source_dir, mesh, source_step)
   params = finetune.start_from(state.params, source.params, changed)
   fresh = ', '.join(f'{name} {was}->{now}' for name, (was, now) in changed.items())
-  _say(f'initialised from {source_dir} step {int(source.step)}'
+  console.say(f'initialised from {source_dir} step {int(source.step)}'
        + (f'; re-initialised {fresh}' if fresh else ''))
   # The classifier has no BatchNorm statistics: all of the source's carry over.
   return state.replace(params=params, batch_stats=source.batch_stats,
@@ -268,8 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   previous = workdir_lib.read_results(workdir)
   if _is_finished(config, workdir, start_step, sizes[config.train_split], previous):
     manager.close()  # The same command on a finished run: nothing to do, nothing rewritten.
-    print(f'{workdir} already finished at step {start_step}; its results.json is unchanged',
-          flush=True)
+    console.say(f'{workdir} already finished at step {start_step}; its results.json is unchanged')
     return previous
   # A fine-tune's source is checked (path, checkpoint, parameter shapes) before anything compiles.
   source = None
@@ -290,16 +284,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           f'{mismatch}; train it in a new workdir (config.init_from fine-tunes from this run)')
   workdir_lib.check_and_store_config(config, workdir, allow_config_change, start_step)
   logging.info('config:\n%s', config)
-  _say(f'{jax.device_count()} {jax.default_backend()} devices in {jax.process_count()} '
-       f'process(es), mesh {dict(mesh.shape)}; compute dtype {model.dtype}')
+  console.say(f'{jax.device_count()} {jax.default_backend()} devices in {jax.process_count()} '
+              f'process(es), mesh {dict(mesh.shape)}; compute dtype {model.dtype}')
   # 'auto' on an accelerator: each attention layer's form timed here (or as recorded before).
   choice = measure.for_run(model, config.model.attention_impl, config.image_size,
-                           config.batch_size // mesh.shape['data'], workdir, say=_say)
+                           config.batch_size // mesh.shape['data'], workdir, say=console.say)
   if choice:
     model = model_lib.create_model(config, attention_choice=choice)
   forms = sorted({impl for _, impl in choice}) or [model.attention_impl]
-  _say(f'attention: {", ".join(forms)}' + (f' (measured per layer, {measure.CHOICE_FILE})'
-                                           if choice else ''))
+  measured = f' (measured per layer, {measure.CHOICE_FILE})' if choice else ''
+  console.say(f'attention: {", ".join(forms)}{measured}')
   # The iterator is a pure function of (seed, process, step): resuming replays the same batches.
   batches = sharding.prefetch_to_device(input_pipeline.create_split(
       config, config.train_split, train=True, batch_size=config.batch_size // jax.process_count(),
@@ -309,13 +303,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   state_shardings = shardings_of(abstract)
   if start_step:
     state = checkpointing.restore(manager, abstract, start_step)
-    _say(f'resumed from checkpoint at step {start_step}')
+    console.say(f'resumed from checkpoint at step {start_step}')
   else:
     state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
   if source:
     state = _fine_tune_start(state, mesh, *source)
   num_params = model_lib.count_params(config)
-  _say(f'{num_params:,} parameters, {num_steps} train steps')
+  console.say(f'{num_params:,} parameters, {num_steps} train steps')
   # Both steps are compiled here, timed apart, so images/s and the ETA measure training only.
   first_batch = next(batches)
   batches = itertools.chain([first_batch], batches)
@@ -325,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   compile_seconds = {'train_step': time.perf_counter() - compile_start}
   eval_fn, compile_seconds['eval_step'] = eval_lib.compile_eval_step(
       model, mesh, {'params': abstract.params, 'batch_stats': abstract.batch_stats}, config)
-  _say(f'compiled in {compile_seconds["train_step"]:.1f} s (train step) + '
+  console.say(f'compiled in {compile_seconds["train_step"]:.1f} s (train step) + '
        f'{compile_seconds["eval_step"]:.1f} s (eval step)')
   writer = event_writer.create(workdir, just_logging=jax.process_index() > 0)
   preemption = _Preemption()
@@ -357,11 +351,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     scalars['images_per_sec'] = len(fetched) * config.batch_size / elapsed
     results['train_images_per_sec'] = scalars['images_per_sec']
     writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
-    if jax.process_index() == 0:
-      eta = (num_steps - step) * elapsed / len(fetched)
-      print(f'step {step}/{num_steps} loss {scalars["loss"]:.4f} top1 {scalars["top1"]:.2f} '
-            f'lr {scalars["lr"]:.3g} img/s {scalars["images_per_sec"]:.1f} '
-            f'ETA {_format_seconds(eta)}', flush=True)
+    eta = (num_steps - step) * elapsed / len(fetched)
+    console.say(f'step {step}/{num_steps} loss {scalars["loss"]:.4f} top1 {scalars["top1"]:.2f} '
+                f'lr {scalars["lr"]:.3g} img/s {scalars["images_per_sec"]:.1f} '
+                f'ETA {_format_seconds(eta)}')
     pending.clear()
     window_start = time.perf_counter()
 
@@ -373,7 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       writer.write_scalars(step, {f'eval/{name}/{split}/{k}': v for split, r in splits.items()
                                   for k, v in r.items()})
       if step < num_steps:  # The final results get their own lines below.
-        _say(f'eval step {step} ({name} params): ' + ', '.join(
+        console.say(f'eval step {step} ({name} params): ' + ', '.join(
             f'{split} top-1 {r["top1"]:.2f}% top-5 {r["top5"]:.2f}%'
             for split, r in splits.items()))
     workdir_lib.write_results(workdir, results)
@@ -405,11 +398,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if eval_now:
           run_eval(step)
       run_eval(step)
-    if jax.process_index() == 0:
-      for name in ('raw', 'ema'):
-        for split, r in results.get(f'{name}_eval', {}).items():
-          print(f'final {split} accuracy ({name} params, step {step}): top-1 {r["top1"]:.2f}% '
-                f'top-5 {r["top5"]:.2f}%', flush=True)
+    for name in ('raw', 'ema'):
+      for split, r in results.get(f'{name}_eval', {}).items():
+        console.say(f'final {split} accuracy ({name} params, step {step}): '
+                    f'top-1 {r["top1"]:.2f}% top-5 {r["top5"]:.2f}%')
     return results
   finally:
     trace.stop()
@@ -460,11 +452,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
               'image_size': config.image_size, 'crop_fraction': config.crop_fraction,
               'evaluated_at': when, **r}
              for name, splits in evals.items() for split, r in splits.items()]
-  if jax.process_index() == 0:
-    for r in records:
-      print(f'step {step} {r["dataset"]} {r["split"]} ({r["weights"]} params): top-1 '
-            f'{r["top1"]:.2f}% top-5 {r["top5"]:.2f}% loss {r["loss"]:.4f} '
-            f'{r["images_per_sec"]:.1f} img/s ({r["count"]} images)', flush=True)
+  for r in records:
+    console.say(f'step {step} {r["dataset"]} {r["split"]} ({r["weights"]} params): top-1 '
+                f'{r["top1"]:.2f}% top-5 {r["top5"]:.2f}% loss {r["loss"]:.4f} '
+                f'{r["images_per_sec"]:.1f} img/s ({r["count"]} images)')
   workdir_lib.append_eval_records(workdir, records)
   return {'step': step, 'num_params': model_lib.count_params(config),
           **{f'{name}_eval': v for name, v in evals.items()}}

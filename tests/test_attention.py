@@ -171,6 +171,21 @@ def test_implementations_agree(impl, stride):
         results[0], results[1], scale)
 
 
+def test_rows_bfloat16_gradient_with_a_single_row_of_blocks():
+  """One image with one row of blocks and heads wider than 1: the case whose bfloat16 gradient
+  XLA:CPU once failed to run (an unfused BF16 x BF16 = F32 product); checked against plain."""
+  x = jax.random.normal(jax.random.key(0), (1, 4, 15, 6))
+  kwargs = dict(qk_width=6, value_width=6, num_heads=2, block_size=4, halo_size=0)
+  plain, params = _layer_and_params(x, **kwargs, attention_impl='plain')
+  rows = HaloAttention(**kwargs, attention_impl='rows', dtype=jnp.bfloat16)
+  grad = lambda layer: jax.jit(jax.grad(
+      lambda p, x: layer.apply({'params': p}, x).astype(jnp.float32).sum(), argnums=(0, 1)))
+  expected, got = grad(plain)(params, x), grad(rows)(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      np.asarray(b, np.float32), np.asarray(a), atol=3e-2 * float(np.abs(a).max()), rtol=0),
+      expected, got)
+
+
 @pytest.mark.parametrize('impl', IMPLS)
 def test_bfloat16_compute_close_to_float32(impl):
   x = jax.random.normal(jax.random.key(0), (1, 8, 8, 8))

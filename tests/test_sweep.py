@@ -127,11 +127,24 @@ def test_is_finished_only_at_the_final_step(tmp_path):
     assert sweeps.is_finished(point) == finished
 
 
-def test_two_point_sweep_writes_results_and_skips_finished_points(tmp_path, monkeypatch):
+def test_two_point_sweep_writes_results_and_skips_finished_points(tmp_path, monkeypatch, capsys):
   workdir = str(tmp_path)
   sweep = _tiny_sweep(grid={'model': {'halo_size': (0, 1)}})
   rows = sweeps.run_sweep(sweep, sweeps.build_points(sweep, workdir), workdir)
   assert [r['point'] for r in rows] == ['model.halo_size=0', 'model.halo_size=1']
+  # The terminal: a line as each point starts and one as it ends, then the table.
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == ('[1/2] model.halo_size=0: started, '
+                      f'log in {tmp_path}/model.halo_size=0/train.log')
+  assert lines[1].startswith('[1/2] model.halo_size=0: done in ')
+  assert lines[1].endswith(f', test top-1 {rows[0]["top1_test"]:.2f}%')
+  assert lines[2].startswith('[2/2] model.halo_size=1: started')
+  assert lines[3].startswith('[2/2] model.halo_size=1: done in ')
+  assert not any(line.startswith('step ') for line in lines)
+  assert lines[4].split() == list(rows[0])  # The table's header.
+  for r in rows:  # Each point's own log holds its training output.
+    log = (tmp_path / r['point'] / 'train.log').read_text()
+    assert 'step 2/2 loss ' in log and 'final test accuracy (raw params, step 2)' in log
   with open(tmp_path / 'results.csv') as f:
     table = list(csv.DictReader(f))
   assert [r['model.halo_size'] for r in table] == ['0', '1']
@@ -150,6 +163,9 @@ def test_two_point_sweep_writes_results_and_skips_finished_points(tmp_path, monk
   monkeypatch.setattr(train_lib, 'train_and_evaluate', _no_training)
   again = sweeps.run_sweep(sweep, sweeps.build_points(sweep, workdir), workdir)
   assert again == rows
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == (f'[1/2] model.halo_size=0: finished earlier, skipped '
+                      f'(test top-1 {rows[0]["top1_test"]:.2f}%)')
   assert [p.stat().st_mtime_ns for p in point_results] == mtimes
 
 

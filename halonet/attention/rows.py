@@ -103,14 +103,16 @@ def _row_loop(block: int, halo: int, qk_dim: int):
     out = out_row.transpose(1, 3, 0, 2, 4)
     d_weights = jnp.einsum('jnyxd,jnkd->jnyxk', d_out, v, preferred_element_type=f32)
     d_logits = weights * (d_weights - (d_out.astype(f32) * out.astype(f32)).sum(-1, keepdims=True))
-    d_rel = jnp.einsum('jnyxk,ke->jnyxe', d_logits, jnp.asarray(spread)).astype(dtype)
+    # The position terms stay float32: they are small, and XLA:CPU cannot run some of their
+    # bfloat16 products unfused (a DotThunk BF16 x BF16 = F32 error at one row of blocks).
+    d_rel = jnp.einsum('jnyxk,ke->jnyxe', d_logits, jnp.asarray(spread))
     d_row, d_col = d_rel[..., :window], d_rel[..., window:]
     d_logits = d_logits.astype(dtype)
     d_q = (jnp.einsum('jnyxk,jnkd->jnyxd', d_logits, k, preferred_element_type=f32)
-           + jnp.einsum('jnyxu,yud->jnyxd', d_row, rel_h, preferred_element_type=f32)
-           + jnp.einsum('jnyxv,xvd->jnyxd', d_col, rel_w, preferred_element_type=f32))
-    d_rel_h = jnp.einsum('jnyxu,jnyxd->yud', d_row, q, preferred_element_type=f32)
-    d_rel_w = jnp.einsum('jnyxv,jnyxd->xvd', d_col, q, preferred_element_type=f32)
+           + jnp.einsum('jnyxu,yud->jnyxd', d_row, rel_h.astype(f32))
+           + jnp.einsum('jnyxv,xvd->jnyxd', d_col, rel_w.astype(f32)))
+    d_rel_h = jnp.einsum('jnyxu,jnyxd->yud', d_row, q.astype(f32))
+    d_rel_w = jnp.einsum('jnyxv,jnyxd->xvd', d_col, q.astype(f32))
     # Key and value gradients as [.., d, keys]: the large operand keeps its [queries, keys] layout.
     d_k = jnp.einsum('jnyxd,jnyxk->jndk', q, d_logits, preferred_element_type=f32)
     d_v = jnp.einsum('jnyxd,jnyxk->jndk', d_out, weights.astype(dtype), preferred_element_type=f32)
