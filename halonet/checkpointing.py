@@ -18,15 +18,16 @@ from halonet import paths
 
 
 def quiet_orbax_info_logs() -> None:
-  """Orbax logs dozens of INFO lines per save through absl; keep its warnings only, except
-  those saying that a reader's (read-only) manager will not write, which is the point."""
-  def shown(record: std_logging.LogRecord) -> bool:
-    if '/orbax/' not in record.pathname:
-      return True
-    message = record.getMessage()
-    return (record.levelno >= std_logging.WARNING and 'read only' not in message
-            and 'read_only=True' not in message)
-  logging.get_absl_handler().addFilter(shown)
+  """Orbax logs dozens of INFO lines per save through absl; keep its warnings only."""
+  logging.get_absl_handler().addFilter(
+      lambda record: '/orbax/' not in record.pathname or record.levelno >= std_logging.WARNING)
+
+
+def _not_read_only_notice(record: std_logging.LogRecord) -> bool:
+  """False for Orbax's warnings that a read-only manager will not write: a reader's point."""
+  message = record.getMessage()
+  return not ('/orbax/' in record.pathname
+              and ('read only' in message or 'read_only=True' in message))
 
 
 def create_manager(workdir: paths.PathLike, keep: int,
@@ -38,6 +39,8 @@ def create_manager(workdir: paths.PathLike, keep: int,
   returns; a writer deletes such leftovers in the background, finished before its first save.
   Readers (eval.py) open read-only so they never touch a live run's files.
   """
+  if read_only:  # At absl's logger, before any handler: a notebook's trained.load is quiet too.
+    std_logging.getLogger('absl').addFilter(_not_read_only_notice)  # Once: addFilter dedupes.
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(keep),
       enable_async_checkpointing=True,

@@ -105,6 +105,18 @@ def test_predict_reports_every_image_and_names_the_bad_file(run, tmp_path):
     assert all(t['class'] == str(t['label']) for t in p['top'])  # Folder names '0'..'9'.
 
 
+def test_loading_a_run_from_python_prints_no_orbax_notices(run):
+  """A notebook's trained.load (no launch.quiet_logs) gets the run, and no read-only chatter."""
+  workdir, _ = run
+  code = ('import sys; from halonet import trained; '
+          'config, variables, step = trained.load(sys.argv[1]); print("step", step)')
+  done = subprocess.run([sys.executable, '-c', code, workdir], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.strip() == 'step 2'
+  assert 'read only' not in done.stderr and 'read_only=True' not in done.stderr, done.stderr
+
+
 def test_images_are_converted_as_evaluation_converts_them(run, tmp_path):
   _, config = run
   folder = _write_images(tmp_path / 'images')
