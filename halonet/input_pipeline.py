@@ -13,11 +13,11 @@ import os
 import re
 from typing import Any, Callable, Iterator
 
+from halonet.tensorflow_import import tf  # pylint: disable=g-bad-import-order  # Before keras/tfds.
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 

@@ -10,8 +10,8 @@ Only the public parts of Keras are used: the layer's per-op sub-layers (`OPS`), 
 own `get_random_transformation` and `transform_images`; only the chosen op runs.
 """
 
+from halonet.tensorflow_import import tf  # pylint: disable=g-bad-import-order  # Before keras/tfds.
 import keras
-import tensorflow as tf
 
 # RandAugment's magnitude scale: the paper tunes M up to ~30 on ImageNet (e.g. 28 for
 # EfficientNet-B7); keras takes a strength `factor` in [0, 1].

@@ -13,11 +13,11 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from halonet.tensorflow_import import tf  # pylint: disable=g-bad-import-order  # Before keras/tfds.
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
 from halonet import errors
 from halonet import input_pipeline

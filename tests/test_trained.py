@@ -146,8 +146,25 @@ def test_attention_maps_are_the_models_weights_and_are_drawn(run, tmp_path):
   assert (corner.data[:, 0, :] == 0).all() and (corner.data[:, :, 0] == 0).all()
   assert not maps[1].weights.mask.any()  # An inner block sees real pixels only.
   out = tmp_path / 'attention.png'
-  visualize.draw(image, maps, 'test').savefig(out)
+  figure = visualize.draw(image, maps, 'test')
+  figure.savefig(out)
   assert Image.open(out).format == 'PNG'
+  # One colour scale for every panel (0 to the largest weight shown) with one colour bar, and
+  # one crop: the image plus the corner query's halo, which reaches 1 map px = 4 image px out.
+  panels, (colour_bar,) = figure.axes[:6], figure.axes[6:]
+  heat = [ax.get_images()[1] for ax in panels]
+  assert {im.get_clim() for im in heat} == {(0.0, max(float(m.weights.max()) for m in maps))}
+  assert colour_bar.get_ylim() == pytest.approx(heat[0].get_clim())
+  assert {(ax.get_xlim(), ax.get_ylim()) for ax in panels} == {((-4.0, 52.0), (52.0, -4.0))}
+  # Default queries: the centres of distinct blocks of a 3 x 3 grid (12 px map, b = 4).
+  blocks = [(y * 12 // 48 // b, x * 12 // 48 // b)
+            for y, x in visualize.default_queries(config, 'stage1_block0')]
+  assert blocks == [(0, 0), (1, 1), (2, 2)]
+  config.image_size = 24  # A 6 px map: 2 x 2 blocks, the last hanging over the edge.
+  queries = visualize.default_queries(config, 'stage1_block0')
+  assert [(y * 6 // 24 // b, x * 6 // 24 // b) for y, x in queries] == [(0, 0), (1, 1)]
+  assert all(0 <= v < 24 for q in queries for v in q)
+  config.image_size = 48
   with pytest.raises(ValueError, match=r"--layer='stage9_block0' .* \['stage1_block0'"):
     visualize.query_weights(config, variables, image, 'stage9_block0', queries)
   with pytest.raises(ValueError, match=r'query \(48, 3\) is outside the 48 px image'):
