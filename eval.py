@@ -5,8 +5,8 @@ raw and (when trained with one) EMA params on config.eval_splits of config.datas
 one record per (step, dataset, split, weights) to W/eval_records.jsonl.
 """
 
-import os
 from collections.abc import Sequence
+import os
 
 from absl import app
 from absl import flags
@@ -35,6 +35,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 def main(argv):
   launch.start(argv)
   from halonet import train_lib  # pylint: disable=g-import-not-at-top  # After --help and flags.
+
   with launch.one_line_errors():
     train_lib.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
 

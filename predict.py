@@ -6,8 +6,8 @@ Images of any size, mode (grey, RGB, RGBA) and format (JPEG, PNG, GIF, BMP) are 
 evaluation converts them. Prints each image's top-k classes (names from the dataset, e.g. an
 image folder's sub-folders) with probabilities and writes them to a JSON file, by default
 W/predictions.json, never replacing one (predictions.1.json, ... when taken). Images, the
-workdir and the output may be local paths or URLs (halonet/paths.py). A file that is not an image is named in one line and
-the others are still predicted; the exit status is then 1.
+workdir and the output may be local paths or URLs (halonet/paths.py). A file that is not an
+image is named in one line and the others are still predicted; the exit status is then 1.
 """
 
 import sys
@@ -15,8 +15,8 @@ import sys
 from absl import app
 from absl import flags
 
-from halonet import launch  # pylint: disable=g-bad-import-order  # First: quiets TensorFlow.
 from halonet import input_pipeline
+from halonet import launch  # pylint: disable=g-bad-import-order  # First: quiets TensorFlow.
 from halonet import paths
 from halonet import trained
 
@@ -24,8 +24,9 @@ flags.DEFINE_string('workdir', None, "The training run's workdir (config.json, c
 flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
 flags.DEFINE_enum('weights', 'raw', trained.WEIGHTS, 'Raw parameters, or their EMA if kept.')
 flags.DEFINE_integer('top_k', 5, 'Classes to report per image.', lower_bound=1)
-flags.DEFINE_string('output', None, 'JSON file written, never overwritten (default: '
-                    'WORKDIR/predictions.json).')
+flags.DEFINE_string(
+  'output', None, 'JSON file written, never overwritten (default: WORKDIR/predictions.json).'
+)
 flags.mark_flag_as_required('workdir')
 FLAGS = flags.FLAGS
 
@@ -44,15 +45,28 @@ def main(argv):
     names += [str(c) for c in range(len(names), config.num_classes)]  # Unnamed classes: ids.
     predictions = []
     for path, p in zip(files, probabilities):
-      top = p.argsort()[::-1][:FLAGS.top_k]
-      predictions.append({'file': path, 'top': [
-          {'label': int(c), 'class': names[c], 'probability': float(p[c])} for c in top]})
-      print(f'{path}: ' + ', '.join(f'{t["class"]} {t["probability"]:.3f}'
-                                    for t in predictions[-1]['top']))
-    output = paths.unused_path(FLAGS.output or str(paths.path(FLAGS.workdir) /
-                                                  'predictions.json'))
-    paths.write_json(output, {'workdir': FLAGS.workdir, 'step': step, 'weights': FLAGS.weights,
-                              'predictions': predictions, 'errors': problems})
+      top = p.argsort()[::-1][: FLAGS.top_k]
+      predictions.append(
+        {
+          'file': path,
+          'top': [{'label': int(c), 'class': names[c], 'probability': float(p[c])} for c in top],
+        }
+      )
+      print(
+        f'{path}: '
+        + ', '.join(f'{t["class"]} {t["probability"]:.3f}' for t in predictions[-1]['top'])
+      )
+    output = paths.unused_path(FLAGS.output or str(paths.path(FLAGS.workdir) / 'predictions.json'))
+    paths.write_json(
+      output,
+      {
+        'workdir': FLAGS.workdir,
+        'step': step,
+        'weights': FLAGS.weights,
+        'predictions': predictions,
+        'errors': problems,
+      },
+    )
     print(f'{len(predictions)} image(s) predicted, {len(problems)} left out: {output}')
   if problems:
     sys.exit(1)

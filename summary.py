@@ -1,7 +1,7 @@
 """Params and FLOPs of H0-H7 (and any config) next to the paper's figures.
 
-    python summary.py                                  # H0-H7
-    python summary.py --config=configs/quickstart.py --json
+python summary.py                                  # H0-H7
+python summary.py --config=configs/quickstart.py --json
 """
 
 import json
@@ -14,8 +14,9 @@ from configs import halonet as named_configs
 from halonet import paper
 from halonet import summary
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Also summarise this config.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Also summarise this config.', lock_config=True
+)
 _JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
 
 

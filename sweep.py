@@ -15,8 +15,11 @@ from ml_collections import config_flags
 from halonet import launch
 
 _SWEEP = config_flags.DEFINE_config_file(
-    'sweep', None, 'Sweep file (configs/sweeps/*.py); append :cpu for its CPU scale.',
-    lock_config=True)
+  'sweep',
+  None,
+  'Sweep file (configs/sweeps/*.py); append :cpu for its CPU scale.',
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'One sub-workdir per point, plus the results.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the launch commands; run nothing.')
 flags.mark_flags_as_required(['sweep', 'workdir'])
@@ -27,6 +30,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   launch.quiet_logs()
   from halonet import sweeps  # pylint: disable=g-import-not-at-top  # After --help and flags.
+
   try:
     points = sweeps.build_points(_SWEEP.value, _WORKDIR.value)
   except ValueError as e:
@@ -38,8 +42,12 @@ def main(argv: list[str]) -> None:
     return
   # The plot's title names the sweep file (and scale) as typed, e.g. configs/sweeps/window.py:cpu.
   with launch.one_line_errors():
-    sweeps.run_sweep(_SWEEP.value, points, _WORKDIR.value,
-                     title=config_flags.get_config_filename(flags.FLAGS['sweep']))
+    sweeps.run_sweep(
+      _SWEEP.value,
+      points,
+      _WORKDIR.value,
+      title=config_flags.get_config_filename(flags.FLAGS['sweep']),
+    )
 
 
 if __name__ == '__main__':

@@ -9,8 +9,11 @@ from absl import flags
 from halonet import launch
 
 launch.define_flags('Checkpoints, config.json, metrics and results.json.')
-flags.DEFINE_bool('allow_config_change', False,
-                  'Resume even if the config differs from the one in workdir/config.json.')
+flags.DEFINE_bool(
+  'allow_config_change',
+  False,
+  'Resume even if the config differs from the one in workdir/config.json.',
+)
 flags.adopt_module_key_flags(launch)  # --help lists --config, --workdir, --distributed.
 FLAGS = flags.FLAGS
 
@@ -18,9 +21,11 @@ FLAGS = flags.FLAGS
 def main(argv):
   launch.start(argv)
   from halonet import train_lib  # pylint: disable=g-import-not-at-top  # After --help and flags.
+
   with launch.one_line_errors():
-    train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                                 allow_config_change=FLAGS.allow_config_change)
+    train_lib.train_and_evaluate(
+      FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change
+    )
 
 
 if __name__ == '__main__':

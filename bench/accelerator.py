@@ -18,9 +18,16 @@ from halonet import summary
 
 # Dense bfloat16 matmul peaks from the vendors' data sheets (no sparsity), FLOP/s, matched as
 # substrings of jax's device_kind. H100/H200: the SXM parts.
-NOMINAL_BF16_FLOPS = (('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L4', 121e12),
-                      ('TPU v4', 275e12), ('TPU v5 lite', 197e12), ('TPU v5p', 459e12),
-                      ('TPU v6 lite', 918e12))
+NOMINAL_BF16_FLOPS = (
+  ('H100', 989e12),
+  ('H200', 989e12),
+  ('A100', 312e12),
+  ('L4', 121e12),
+  ('TPU v4', 275e12),
+  ('TPU v5 lite', 197e12),
+  ('TPU v5p', 459e12),
+  ('TPU v6 lite', 918e12),
+)
 DEFAULT_BATCHES = {'h1': 64, 'h7': 16}  # Per device; H7 at 600 px trains with remat.
 
 
@@ -30,8 +37,11 @@ def nominal_peak(device_kind: str) -> float | None:
 
 def step_config(variant: str, tiny: bool):
   """The variant as a TPU/GPU user runs it: bfloat16, plain attention, remat for H7."""
-  return common.variant_config(variant, tiny=tiny, **{
-      'model.dtype': 'bfloat16', 'model.attention_impl': 'plain', 'model.remat': variant == 'h7'})
+  return common.variant_config(
+    variant,
+    tiny=tiny,
+    **{'model.dtype': 'bfloat16', 'model.attention_impl': 'plain', 'model.remat': variant == 'h7'},
+  )
 
 
 def timm_train_step(torch, timm, batch: int, image_size: int):
@@ -50,11 +60,13 @@ def timm_train_step(torch, timm, batch: int, image_size: int):
     loss.backward()
     opt.step()
     torch.cuda.synchronize()
+
   return run
 
 
-def train_steps(timm_or_reason, tiny: bool, repeats: int,
-                batches: dict[str, int]) -> dict[str, Any]:
+def train_steps(
+  timm_or_reason, tiny: bool, repeats: int, batches: dict[str, int]
+) -> dict[str, Any]:
   """Timed bfloat16 train steps of H1 and H7 (and timm's H1 on CUDA), with MFU."""
   device_kind = jax.devices()[0].device_kind
   peak = cpu.matmul_peak(256 if tiny else 8192, repeats)['bfloat16']
@@ -80,13 +92,22 @@ def train_steps(timm_or_reason, tiny: bool, repeats: int,
   rows = {}
   for name, s in seconds.items():
     variant = name.split('_')[1]
-    rows[name] = {'batch': batches[variant], 'image_size': image_size[variant], 'seconds': s,
-                  'images_per_s': batches[variant] / s,
-                  'mfu_vs_matmul_peak': model_flops[name] / s / peak,
-                  'mfu_vs_nominal_peak': model_flops[name] / s / nominal if nominal else None}
-  result = {'device': device_kind, 'backend': jax.default_backend(),
-            'matmul_peak_bf16_flops_per_s': peak, 'nominal_peak_bf16_flops_per_s': nominal,
-            'steps': rows, 'timm_skipped': timm_skipped}
+    rows[name] = {
+      'batch': batches[variant],
+      'image_size': image_size[variant],
+      'seconds': s,
+      'images_per_s': batches[variant] / s,
+      'mfu_vs_matmul_peak': model_flops[name] / s / peak,
+      'mfu_vs_nominal_peak': model_flops[name] / s / nominal if nominal else None,
+    }
+  result = {
+    'device': device_kind,
+    'backend': jax.default_backend(),
+    'matmul_peak_bf16_flops_per_s': peak,
+    'nominal_peak_bf16_flops_per_s': nominal,
+    'steps': rows,
+    'timm_skipped': timm_skipped,
+  }
   if 'timm_h1' in seconds:
     result['h1_speedup_vs_timm'] = seconds['timm_h1'] / seconds['ours_h1']
   return result
@@ -96,17 +117,21 @@ def format_results(result: dict[str, Any]) -> str:
   """The accelerator section as a text table."""
   nominal = result['nominal_peak_bf16_flops_per_s']
   nominal = f'{nominal / 1e12:.0f} TFLOP/s' if nominal else 'unknown'
-  lines = [f"Train steps on {result['device']} ({result['backend']}), bfloat16; matmul peak "
-           f"{result['matmul_peak_bf16_flops_per_s'] / 1e12:.3g} TFLOP/s measured, {nominal} "
-           f"nominal",
-           f"  {'':10s} {'batch':>5s} {'px':>4s} {'images/s':>9s} {'MFU/matmul':>10s} "
-           f"{'MFU/nominal':>11s}"]
+  lines = [
+    f'Train steps on {result["device"]} ({result["backend"]}), bfloat16; matmul peak '
+    f'{result["matmul_peak_bf16_flops_per_s"] / 1e12:.3g} TFLOP/s measured, {nominal} '
+    f'nominal',
+    f'  {"":10s} {"batch":>5s} {"px":>4s} {"images/s":>9s} {"MFU/matmul":>10s} '
+    f'{"MFU/nominal":>11s}',
+  ]
   for name, r in result['steps'].items():
-    nominal_mfu = f"{r['mfu_vs_nominal_peak']:11.1%}" if r['mfu_vs_nominal_peak'] else f"{'-':>11s}"
-    lines.append(f"  {name:10s} {r['batch']:5d} {r['image_size']:4d} {r['images_per_s']:9.1f} "
-                 f"{r['mfu_vs_matmul_peak']:10.1%} {nominal_mfu}")
+    nominal_mfu = f'{r["mfu_vs_nominal_peak"]:11.1%}' if r['mfu_vs_nominal_peak'] else f'{"-":>11s}'
+    lines.append(
+      f'  {name:10s} {r["batch"]:5d} {r["image_size"]:4d} {r["images_per_s"]:9.1f} '
+      f'{r["mfu_vs_matmul_peak"]:10.1%} {nominal_mfu}'
+    )
   if result['timm_skipped']:
-    lines.append(f"  timm skipped: {result['timm_skipped']}")
+    lines.append(f'  timm skipped: {result["timm_skipped"]}')
   else:
-    lines.append(f"  H1 speedup vs timm: {result['h1_speedup_vs_timm']:.2f}x")
+    lines.append(f'  H1 speedup vs timm: {result["h1_speedup_vs_timm"]:.2f}x')
   return '\n'.join(lines)

@@ -4,11 +4,12 @@ Imported after bench/run.py has set XLA_FLAGS, so nothing here touches jax at im
 importing it.
 """
 
+from collections.abc import Callable
 import functools
 import json
 import resource
 import time
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,8 +41,13 @@ def best_of(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[s
       fn()
       seconds = time.perf_counter() - start
       after = resource.getrusage(resource.RUSAGE_SELF)
-      runs[name].append({'seconds': seconds, 'kernel_seconds': after.ru_stime - before.ru_stime,
-                         'page_faults': after.ru_minflt - before.ru_minflt})
+      runs[name].append(
+        {
+          'seconds': seconds,
+          'kernel_seconds': after.ru_stime - before.ru_stime,
+          'page_faults': after.ru_minflt - before.ru_minflt,
+        }
+      )
   return {name: min(r, key=lambda run: run['seconds']) for name, r in runs.items()}
 
 
@@ -69,6 +75,7 @@ def initialized_train_step(config_json: str, batch: int):
   Cached on the config, so a later section can reuse the timed step's compilation.
   """
   import optax  # pylint: disable=import-outside-toplevel
+
   config = ml_collections.ConfigDict(json.loads(config_json))
   model = model_lib.create_model(config)
   tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
@@ -79,10 +86,12 @@ def initialized_train_step(config_json: str, batch: int):
 
   def step(params, batch_stats, opt_state, images, labels):
     def loss_fn(params):
-      logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, images,
-                                    train=True, mutable=['batch_stats'])
+      logits, updates = model.apply(
+        {'params': params, 'batch_stats': batch_stats}, images, train=True, mutable=['batch_stats']
+      )
       one_hot = jax.nn.one_hot(labels, logits.shape[-1])
       return optax.softmax_cross_entropy(logits, one_hot).mean(), updates['batch_stats']
+
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss
@@ -100,11 +109,13 @@ def timed_train_step(config: ml_collections.ConfigDict, batch: int) -> Callable[
     out = step(*state)
     jax.block_until_ready(out)
     state[:3] = out[:3]
+
   return run
 
 
-def attention_layer_shapes(config: ml_collections.ConfigDict,
-                           tiny: bool = False) -> list[dict[str, Any]]:
+def attention_layer_shapes(
+  config: ml_collections.ConfigDict, tiny: bool = False
+) -> list[dict[str, Any]]:
   """Each distinct HaloAttention call of `config`'s model at its image size (batch 1); `tiny`:
   the first two (a stride-1 and a strided layer).
 
@@ -117,29 +128,41 @@ def attention_layer_shapes(config: ml_collections.ConfigDict,
   def record(next_fun, args, kwargs, context):
     module = context.module
     if isinstance(module, attention.HaloAttention) and context.method_name == '__call__':
-      fields = {k: getattr(module, k) for k in ('qk_width', 'value_width', 'num_heads',
-                                                 'block_size', 'halo_size', 'stride')}
+      fields = {
+        k: getattr(module, k)
+        for k in ('qk_width', 'value_width', 'num_heads', 'block_size', 'halo_size', 'stride')
+      }
       key = (args[0].shape[1:], tuple(fields.values()))
-      entry = found.setdefault(key, {'name': module.parent.name, 'input': list(args[0].shape[1:]),
-                                     **fields, 'count': 0})
+      entry = found.setdefault(
+        key, {'name': module.parent.name, 'input': list(args[0].shape[1:]), **fields, 'count': 0}
+      )
       entry['count'] += 1
     return next_fun(*args, **kwargs)
 
   images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
   with nn.intercept_methods(record):
     jax.eval_shape(lambda x: net.init(jax.random.key(0), x, train=False), images)
-  return list(found.values())[:2 if tiny else None]
+  return list(found.values())[: 2 if tiny else None]
 
 
-def attention_fwd_bwd(layer: dict[str, Any], batch: int, dtype: Any, impl: str, *,
-                      height: int | None = None, **changes: Any):
+def attention_fwd_bwd(
+  layer: dict[str, Any],
+  batch: int,
+  dtype: Any,
+  impl: str,
+  *,
+  height: int | None = None,
+  **changes: Any,
+):
   """Compiled grad of sum(HaloAttention(x)) wrt params and x, and its arguments.
 
   `layer` is an `attention_layer_shapes` entry; `height` overrides the input height and
   `changes` the layer's fields (e.g. block_size for global attention).
   """
-  fields = {k: layer[k] for k in ('qk_width', 'value_width', 'num_heads', 'block_size',
-                                  'halo_size', 'stride')}
+  fields = {
+    k: layer[k]
+    for k in ('qk_width', 'value_width', 'num_heads', 'block_size', 'halo_size', 'stride')
+  }
   fields.update(changes)
   net = attention.HaloAttention(**fields, attention_impl=impl, dtype=dtype)
   h, w, c = layer['input']
@@ -152,7 +175,9 @@ def attention_fwd_bwd(layer: dict[str, Any], batch: int, dtype: Any, impl: str, 
 def compiled_bytes(compiled) -> dict[str, int]:
   """Temp, argument and output bytes of a compiled executable (XLA's static buffer plan)."""
   m = compiled.memory_analysis()
-  parts = {'temp': m.temp_size_in_bytes, 'argument': m.argument_size_in_bytes,
-           'output': m.output_size_in_bytes}
+  parts = {
+    'temp': m.temp_size_in_bytes,
+    'argument': m.argument_size_in_bytes,
+    'output': m.output_size_in_bytes,
+  }
   return {**parts, 'total': sum(parts.values())}
-

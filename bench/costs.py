@@ -46,17 +46,31 @@ def arithmetic_intensity(tiny: bool) -> dict[str, list[dict[str, Any]]]:
     rows = []
     for layer in common.attention_layer_shapes(common.variant_config(variant, tiny=tiny), tiny):
       costs = {impl: layer_cost(layer, impl, jnp.bfloat16) for impl in XLA_IMPLEMENTATIONS}
-      rows.append({**{k: layer[k] for k in ('name', 'input', 'value_width', 'num_heads',
-                                              'block_size', 'halo_size', 'stride', 'count')},
-                   'costs': costs})
+      rows.append(
+        {
+          **{
+            k: layer[k]
+            for k in (
+              'name',
+              'input',
+              'value_width',
+              'num_heads',
+              'block_size',
+              'halo_size',
+              'stride',
+              'count',
+            )
+          },
+          'costs': costs,
+        }
+      )
     results[variant] = rows
   return results
 
 
 def train_step_bytes(variant: str, batch: int, remat: bool, tiny: bool) -> dict[str, int]:
   """Buffer plan of the real train step at this per-device batch, on one device."""
-  config = common.variant_config(variant, tiny=tiny, **{'model.remat': remat,
-                                                        'batch_size': batch})
+  config = common.variant_config(variant, tiny=tiny, **{'model.remat': remat, 'batch_size': batch})
   mesh = sharding.create_mesh((1, 1), jax.devices()[:1])
   lowered, _ = train_lib.lower_train_step(config, mesh, backend='tpu')
   return common.compiled_bytes(lowered.compile())
@@ -72,9 +86,12 @@ def memory_per_device_batch(tiny: bool, batches: tuple[int, int] = (1, 8)) -> di
       small, large = (train_step_bytes(variant, b, remat, tiny) for b in batches)
       per_image = (large['total'] - small['total']) / (batches[1] - batches[0])
       results[f'{variant}_remat' if remat else variant] = {
-          'image_size': common.variant_config(variant, tiny=tiny).image_size,
-          'batches': list(batches), 'bytes': [small, large], 'mib_per_image': per_image / 2**20,
-          'fixed_mib': (small['total'] - batches[0] * per_image) / 2**20}
+        'image_size': common.variant_config(variant, tiny=tiny).image_size,
+        'batches': list(batches),
+        'bytes': [small, large],
+        'mib_per_image': per_image / 2**20,
+        'fixed_mib': (small['total'] - batches[0] * per_image) / 2**20,
+      }
   return results
 
 
@@ -93,51 +110,86 @@ def memory_growth(tiny: bool, batch: int = 2) -> dict[str, Any]:
   rows = []
   for size in sizes:
     config = common.variant_config('h1', tiny=tiny, image_size=size, batch_size=batch)
-    lowered, _ = train_lib.lower_train_step(config, sharding.create_mesh((1, 1), jax.devices()[:1]),
-                                            backend='tpu')
-    stage1 = {'input': [size // 4, size // 4, 64], 'qk_width': 64, 'value_width': 64,
-              'num_heads': 4, 'block_size': 8, 'halo_size': 3, 'stride': 1}
+    lowered, _ = train_lib.lower_train_step(
+      config, sharding.create_mesh((1, 1), jax.devices()[:1]), backend='tpu'
+    )
+    stage1 = {
+      'input': [size // 4, size // 4, 64],
+      'qk_width': 64,
+      'value_width': 64,
+      'num_heads': 4,
+      'block_size': 8,
+      'halo_size': 3,
+      'stride': 1,
+    }
     halo = common.attention_fwd_bwd(stage1, batch, jnp.bfloat16, 'plain')[0]
-    whole = common.attention_fwd_bwd(stage1, batch, jnp.bfloat16, 'plain',
-                                     block_size=size // 4, halo_size=0)[0]
-    rows.append({'image_size': size, 'train_step_bytes': common.compiled_bytes(lowered.compile()),
-                 'stage1_halo_attention_bytes': common.compiled_bytes(halo),
-                 'stage1_global_attention_bytes': common.compiled_bytes(whole)})
+    whole = common.attention_fwd_bwd(
+      stage1, batch, jnp.bfloat16, 'plain', block_size=size // 4, halo_size=0
+    )[0]
+    rows.append(
+      {
+        'image_size': size,
+        'train_step_bytes': common.compiled_bytes(lowered.compile()),
+        'stage1_halo_attention_bytes': common.compiled_bytes(halo),
+        'stage1_global_attention_bytes': common.compiled_bytes(whole),
+      }
+    )
   pixels = [r['image_size'] ** 2 for r in rows]
   exponent = lambda key: growth_exponent(pixels, [r[key]['temp'] for r in rows])
-  return {'batch': batch, 'rows': rows,
-          'exponent_train_step': exponent('train_step_bytes'),
-          'exponent_halo_attention': exponent('stage1_halo_attention_bytes'),
-          'exponent_global_attention': exponent('stage1_global_attention_bytes')}
+  return {
+    'batch': batch,
+    'rows': rows,
+    'exponent_train_step': exponent('train_step_bytes'),
+    'exponent_halo_attention': exponent('stage1_halo_attention_bytes'),
+    'exponent_global_attention': exponent('stage1_global_attention_bytes'),
+  }
 
 
 def format_results(results: dict[str, Any]) -> str:
   """The cost section as text tables."""
-  lines = ['Attention fwd+bwd per image, bfloat16: GFLOP, GB accessed, FLOP/byte (XLA cost analysis)']
+  lines = [
+    'Attention fwd+bwd per image, bfloat16: GFLOP, GB accessed, FLOP/byte (XLA cost analysis)'
+  ]
   impls = list(XLA_IMPLEMENTATIONS)
   for variant, rows in results['arithmetic_intensity'].items():
-    lines.append(f"  {variant}: {'layer':14s} {'input':>14s} " +
-                 ' '.join(f'{impl + " GFLOP":>11s} {"GB":>6s} {"FLOP/B":>7s}' for impl in impls))
+    lines.append(
+      f'  {variant}: {"layer":14s} {"input":>14s} '
+      + ' '.join(f'{impl + " GFLOP":>11s} {"GB":>6s} {"FLOP/B":>7s}' for impl in impls)
+    )
     for r in rows:
       shape = 'x'.join(str(d) for d in r['input'])
-      cells = ' '.join(f"{r['costs'][i]['gflops']:11.3f} {r['costs'][i]['gbytes']:6.3f} "
-                       f"{r['costs'][i]['flops_per_byte']:7.1f}" for i in impls)
-      lines.append(f"      {r['name']:14s} {shape:>14s} {cells}")
-  lines += ['', 'Train step memory per device (XLA buffer plan; bfloat16, plain attention):',
-            f"  {'':10s} {'px':>4s} {'MiB/image':>10s} {'fixed MiB':>10s}"]
+      cells = ' '.join(
+        f'{r["costs"][i]["gflops"]:11.3f} {r["costs"][i]["gbytes"]:6.3f} '
+        f'{r["costs"][i]["flops_per_byte"]:7.1f}'
+        for i in impls
+      )
+      lines.append(f'      {r["name"]:14s} {shape:>14s} {cells}')
+  lines += [
+    '',
+    'Train step memory per device (XLA buffer plan; bfloat16, plain attention):',
+    f'  {"":10s} {"px":>4s} {"MiB/image":>10s} {"fixed MiB":>10s}',
+  ]
   for name, r in results['memory_per_device_batch'].items():
-    lines.append(f"  {name:10s} {r['image_size']:4d} {r['mib_per_image']:10.1f} "
-                 f"{r['fixed_mib']:10.1f}")
+    lines.append(
+      f'  {name:10s} {r["image_size"]:4d} {r["mib_per_image"]:10.1f} {r["fixed_mib"]:10.1f}'
+    )
   growth = results['memory_growth']
-  lines += ['', f"Memory (MiB, temp + argument + output) vs image size, batch {growth['batch']}:",
-            f"  {'px':>4s} {'H1 step':>9s} {'halo attn':>10s} {'global attn':>12s}"]
+  lines += [
+    '',
+    f'Memory (MiB, temp + argument + output) vs image size, batch {growth["batch"]}:',
+    f'  {"px":>4s} {"H1 step":>9s} {"halo attn":>10s} {"global attn":>12s}',
+  ]
   for r in growth['rows']:
-    mib = lambda key: r[key]['total'] / 2 ** 20
-    lines.append(f"  {r['image_size']:4d} {mib('train_step_bytes'):9.1f} "
-                 f"{mib('stage1_halo_attention_bytes'):10.1f} "
-                 f"{mib('stage1_global_attention_bytes'):12.1f}")
-  lines.append(f"  growth exponent of temp bytes in pixel count: H1 step "
-               f"{growth['exponent_train_step']:.2f}, halo layer "
-               f"{growth['exponent_halo_attention']:.2f}, global layer "
-               f"{growth['exponent_global_attention']:.2f}")
+    mib = lambda key: r[key]['total'] / 2**20
+    lines.append(
+      f'  {r["image_size"]:4d} {mib("train_step_bytes"):9.1f} '
+      f'{mib("stage1_halo_attention_bytes"):10.1f} '
+      f'{mib("stage1_global_attention_bytes"):12.1f}'
+    )
+  lines.append(
+    f'  growth exponent of temp bytes in pixel count: H1 step '
+    f'{growth["exponent_train_step"]:.2f}, halo layer '
+    f'{growth["exponent_halo_attention"]:.2f}, global layer '
+    f'{growth["exponent_global_attention"]:.2f}'
+  )
   return '\n'.join(lines)

@@ -16,9 +16,13 @@ import os
 import re
 import sys
 
-os.environ['XLA_FLAGS'] = ' '.join([
-    os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8',
-    '--xla_disable_hlo_passes=cse_barrier_expander']).strip()  # Keeps remat (see run.py).
+os.environ['XLA_FLAGS'] = ' '.join(
+  [
+    os.environ.get('XLA_FLAGS', ''),
+    '--xla_force_host_platform_device_count=8',
+    '--xla_disable_hlo_passes=cse_barrier_expander',
+  ]
+).strip()  # Keeps remat (see run.py).
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,29 +41,38 @@ def compare(tiny: bool) -> dict[str, dict[str, float]]:
   results = {}
   for name, (mesh_shape, batch) in MESHES.items():
     # The tiny image is even, so that its rows split over 2 devices.
-    config = common.variant_config('h7', tiny=tiny, batch_size=batch,
-                                   **({'image_size': 64} if tiny else {}))
+    config = common.variant_config(
+      'h7', tiny=tiny, batch_size=batch, **({'image_size': 64} if tiny else {})
+    )
     mesh = sharding.create_mesh(mesh_shape, jax.devices()[:8])
     compiled = train_lib.lower_train_step(config, mesh, backend='tpu')[0].compile()
     hlo = compiled.as_text()
     results[name] = {
-        'mesh_shape': list(mesh_shape), 'global_batch': batch, 'image_size': config.image_size,
-        'gflops_per_device': compiled.cost_analysis()['flops'] / 1e9,
-        'temp_mib_per_device': compiled.memory_analysis().temp_size_in_bytes / 2**20,
-        **{op: len(re.findall(rf'\s{op}(?:-start)?\(', hlo))
-           for op in ('all-gather', 'all-reduce', 'collective-permute')}}
+      'mesh_shape': list(mesh_shape),
+      'global_batch': batch,
+      'image_size': config.image_size,
+      'gflops_per_device': compiled.cost_analysis()['flops'] / 1e9,
+      'temp_mib_per_device': compiled.memory_analysis().temp_size_in_bytes / 2**20,
+      **{
+        op: len(re.findall(rf'\s{op}(?:-start)?\(', hlo))
+        for op in ('all-gather', 'all-reduce', 'collective-permute')
+      },
+    }
   one, half = results.values()
-  results['ratios'] = {key: half[key] / one[key]
-                       for key in ('gflops_per_device', 'temp_mib_per_device')}
+  results['ratios'] = {
+    key: half[key] / one[key] for key in ('gflops_per_device', 'temp_mib_per_device')
+  }
   return results
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--tiny', action='store_true', help='toy shapes: a smoke test')
-  parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__),
-                                                    'results_spatial.json'))
+  parser.add_argument(
+    '--out', default=os.path.join(os.path.dirname(__file__), 'results_spatial.json')
+  )
   args = parser.parse_args()
   results = compare(args.tiny)
   for name, r in results.items():

@@ -28,12 +28,24 @@ DEFAULT_LIBTPU = os.path.join(LIBTPU_TARGET, 'libtpu', 'libtpu.so')
 INSTALL = f'pip install --target {LIBTPU_TARGET} -r requirements-tpu-aot.txt'
 # Topology names libtpu knows, and the data-sheet figures the estimates use (per chip).
 CHIPS = {
-    'v5e': {'topology': 'v5e:1x1', 'clock_hz': 1.5e9, 'hbm_bytes_per_s': 819e9,
-            'hbm_bytes': 16 * 2**30},
-    'v6e': {'topology': 'v6e:1x1', 'clock_hz': 1.75e9, 'hbm_bytes_per_s': 1640e9,
-            'hbm_bytes': 32 * 2**30},
-    'v5p': {'topology': 'v5p:1x1x1', 'clock_hz': 1.75e9, 'hbm_bytes_per_s': 2765e9,
-            'hbm_bytes': 95 * 2**30},
+  'v5e': {
+    'topology': 'v5e:1x1',
+    'clock_hz': 1.5e9,
+    'hbm_bytes_per_s': 819e9,
+    'hbm_bytes': 16 * 2**30,
+  },
+  'v6e': {
+    'topology': 'v6e:1x1',
+    'clock_hz': 1.75e9,
+    'hbm_bytes_per_s': 1640e9,
+    'hbm_bytes': 32 * 2**30,
+  },
+  'v5p': {
+    'topology': 'v5p:1x1x1',
+    'clock_hz': 1.75e9,
+    'hbm_bytes_per_s': 2765e9,
+    'hbm_bytes': 95 * 2**30,
+  },
 }
 
 
@@ -48,17 +60,25 @@ def configure() -> str:
   dump its final schedules; returns the dump directory. Call before importing jax."""
   path = libtpu_path()
   if path is None:
-    raise SystemExit(f'libtpu not found at {DEFAULT_LIBTPU} ($HALONET_LIBTPU); install it with: '
-                     f'{INSTALL}')
+    raise SystemExit(
+      f'libtpu not found at {DEFAULT_LIBTPU} ($HALONET_LIBTPU); install it with: {INSTALL}'
+    )
   dump = tempfile.mkdtemp(prefix='halonet_tpu_dump_')
-  os.environ.update({
-      'TPU_LIBRARY_PATH': path, 'JAX_PLATFORMS': 'cpu',
+  os.environ.update(
+    {
+      'TPU_LIBRARY_PATH': path,
+      'JAX_PLATFORMS': 'cpu',
       # A single-host topology with no TPU metadata server to ask.
-      'TPU_ACCELERATOR_TYPE': 'v5litepod-1', 'TPU_WORKER_HOSTNAMES': 'localhost',
-      'TPU_WORKER_ID': '0', 'TPU_SKIP_MDS_QUERY': '1', 'ALLOW_MULTIPLE_LIBTPU_LOAD': '1',
+      'TPU_ACCELERATOR_TYPE': 'v5litepod-1',
+      'TPU_WORKER_HOSTNAMES': 'localhost',
+      'TPU_WORKER_ID': '0',
+      'TPU_SKIP_MDS_QUERY': '1',
+      'ALLOW_MULTIPLE_LIBTPU_LOAD': '1',
       # Only each program's final schedule: every pass of every fusion is ~0.4 GB a layer.
       'LIBTPU_INIT_ARGS': f'--xla_jf_dump_to={dump} --xla_jf_dump_llo_text=true '
-                          '--xla_jf_dump_llo_pass_label_regex=final_bundles'})
+      '--xla_jf_dump_llo_pass_label_regex=final_bundles',
+    }
+  )
   atexit.register(shutil.rmtree, dump, ignore_errors=True)
   return dump
 
@@ -66,8 +86,10 @@ def configure() -> str:
 def device(chip: str) -> Any:
   """The first TensorCore of a one-chip `chip` topology, to place shapes on."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  topology = topologies.get_topology_desc(platform='tpu', topology_name=CHIPS[chip]['topology'],
-                                          chips_per_host_bounds=(1, 1, 1))
+
+  topology = topologies.get_topology_desc(
+    platform='tpu', topology_name=CHIPS[chip]['topology'], chips_per_host_bounds=(1, 1, 1)
+  )
   return topology.devices[0]
 
 
@@ -78,10 +100,13 @@ def compile_stats(lowered: Any, dump: str) -> dict[str, Any]:
   compiled = lowered.compile()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
-  return {'temp_bytes': memory.temp_size_in_bytes,
-          'argument_bytes': memory.argument_size_in_bytes,
-          'output_bytes': memory.output_size_in_bytes,
-          'flops': cost.get('flops', 0.0), 'bytes_accessed': cost.get('bytes accessed', 0.0)}
+  return {
+    'temp_bytes': memory.temp_size_in_bytes,
+    'argument_bytes': memory.argument_size_in_bytes,
+    'output_bytes': memory.output_size_in_bytes,
+    'flops': cost.get('flops', 0.0),
+    'bytes_accessed': cost.get('bytes accessed', 0.0),
+  }
 
 
 _BUNDLE = re.compile(r'^\s*(0x[0-9a-f]+|0)\s+(?:[A-Z]{2})?:?\s*(>*)\s*\{')

@@ -18,54 +18,90 @@ from halonet.defaults import base_config
 
 def paper_overrides(row: paper.Variant) -> dict:
   """A paper row as config overrides."""
-  return {'image_size': row.image_size, 'model.block_size': row.block_size,
-          'model.halo_size': row.halo_size, 'model.value_ratio': row.value_ratio,
-          'model.bottleneck_ratio': row.bottleneck_ratio,
-          'model.stage_depths': (3, 3, row.stage3_depth, 3), 'model.final_width': row.final_width,
-          # From 448 px a train step needs 2.4-5.4 GB per image without remat (bench/run.py,
-          # costs): recompute each block in the backward pass so a realistic batch fits.
-          'model.remat': row.image_size >= 448}
+  return {
+    'image_size': row.image_size,
+    'model.block_size': row.block_size,
+    'model.halo_size': row.halo_size,
+    'model.value_ratio': row.value_ratio,
+    'model.bottleneck_ratio': row.bottleneck_ratio,
+    'model.stage_depths': (3, 3, row.stage3_depth, 3),
+    'model.final_width': row.final_width,
+    # From 448 px a train step needs 2.4-5.4 GB per image without remat (bench/run.py,
+    # costs): recompute each block in the backward pass so a realistic batch fits.
+    'model.remat': row.image_size >= 448,
+  }
 
 
 # The offline digits at 32 px, one block per stage: what the CPU-sized configs share.
 # Digits fill their 8x8 frame and are not mirror-symmetric: mild crops, no flips, no eval crop.
 DIGITS = {
-    'image_size': 32, 'num_classes': 10, 'dataset': 'digits', 'eval_splits': ('test',),
-    'crop_area_range': (0.4, 1.0), 'random_flip': False, 'crop_fraction': 1.0,
-    'randaugment_layers': 0, 'randaugment_magnitude': 0,
-    'model.stage_depths': (1, 1, 1, 1),
-    'model.dtype': 'float32',  # CPU-sized: float32 wherever it runs.
+  'image_size': 32,
+  'num_classes': 10,
+  'dataset': 'digits',
+  'eval_splits': ('test',),
+  'crop_area_range': (0.4, 1.0),
+  'random_flip': False,
+  'crop_fraction': 1.0,
+  'randaugment_layers': 0,
+  'randaugment_magnitude': 0,
+  'model.stage_depths': (1, 1, 1, 1),
+  'model.dtype': 'float32',  # CPU-sized: float32 wherever it runs.
 }
 
 CPU_CONFIGS = {
-    'tiny': {
-        **DIGITS,
-        'model.block_size': 4, 'model.halo_size': 1,
-        'model.widths': (8, 16, 16, 32), 'model.num_heads': (2, 2, 2, 2),
-        'batch_size': 16, 'eval_batch_size': 16, 'num_train_steps': 4, 'shuffle_buffer': 256,
-        'optimizer.warmup_epochs': 0.0,
-        'log_every_steps': 1, 'eval_every_steps': 4, 'checkpoint_every_steps': 2,
-    },
-    'quickstart': {
-        **DIGITS,
-        'model.block_size': 4, 'model.halo_size': 2,
-        'model.widths': (32, 64, 96, 128), 'model.num_heads': (4, 4, 4, 4),
-        'batch_size': 64, 'eval_batch_size': 200, 'num_epochs': 60.0, 'shuffle_buffer': 2048,
-        'label_smoothing': 0.0,
-        # 4e-3 per 256 images: 1e-3 at batch 64.
-        'optimizer.name': 'adamw', 'optimizer.learning_rate': 4e-3,
-        'optimizer.weight_decay': 0.05, 'optimizer.warmup_epochs': 1.0,
-        'log_every_steps': 20, 'eval_every_steps': 500, 'checkpoint_every_steps': 500,
-    },
+  'tiny': {
+    **DIGITS,
+    'model.block_size': 4,
+    'model.halo_size': 1,
+    'model.widths': (8, 16, 16, 32),
+    'model.num_heads': (2, 2, 2, 2),
+    'batch_size': 16,
+    'eval_batch_size': 16,
+    'num_train_steps': 4,
+    'shuffle_buffer': 256,
+    'optimizer.warmup_epochs': 0.0,
+    'log_every_steps': 1,
+    'eval_every_steps': 4,
+    'checkpoint_every_steps': 2,
+  },
+  'quickstart': {
+    **DIGITS,
+    'model.block_size': 4,
+    'model.halo_size': 2,
+    'model.widths': (32, 64, 96, 128),
+    'model.num_heads': (4, 4, 4, 4),
+    'batch_size': 64,
+    'eval_batch_size': 200,
+    'num_epochs': 60.0,
+    'shuffle_buffer': 2048,
+    'label_smoothing': 0.0,
+    # 4e-3 per 256 images: 1e-3 at batch 64.
+    'optimizer.name': 'adamw',
+    'optimizer.learning_rate': 4e-3,
+    'optimizer.weight_decay': 0.05,
+    'optimizer.warmup_epochs': 1.0,
+    'log_every_steps': 20,
+    'eval_every_steps': 500,
+    'checkpoint_every_steps': 500,
+  },
 }
 # Fine-tuning on 2 CPU cores (halonet/finetune.py): pre-train on the digits 0-5 at 32 px, then
 # fine-tune on the digits 6-9 at 48 px with --config.init_from=<the first run's workdir> (the
 # classifier is re-initialised: 4 classes, not 6). Without init_from: the same run from scratch.
 CPU_CONFIGS['digits_pretrain'] = {
-    **CPU_CONFIGS['quickstart'], 'dataset': 'digits/0-5', 'num_classes': 6, 'num_epochs': 40.0}
+  **CPU_CONFIGS['quickstart'],
+  'dataset': 'digits/0-5',
+  'num_classes': 6,
+  'num_epochs': 40.0,
+}
 CPU_CONFIGS['digits_finetune'] = {
-    **CPU_CONFIGS['quickstart'], 'dataset': 'digits/6-9', 'num_classes': 4, 'image_size': 48,
-    'num_epochs': 15.0, 'optimizer.learning_rate': 1e-3 * 256 / 64}
+  **CPU_CONFIGS['quickstart'],
+  'dataset': 'digits/6-9',
+  'num_classes': 4,
+  'image_size': 48,
+  'num_epochs': 15.0,
+  'optimizer.learning_rate': 1e-3 * 256 / 64,
+}
 
 NAMES = (*paper.VARIANTS, *CPU_CONFIGS)
 

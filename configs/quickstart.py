@@ -1,4 +1,4 @@
-"""The offline quick-start on 2 CPU cores: the same config as --config=configs/halonet.py:quickstart."""
+"""The offline quick-start on 2 CPU cores: --config=configs/halonet.py:quickstart, by name."""
 
 from configs import halonet
 

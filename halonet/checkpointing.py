@@ -4,9 +4,9 @@ The directory goes through halonet/paths.py, so a workdir may be a bucket URL: O
 each finished step with a commit file instead of renaming it, and only marked steps restore.
 """
 
+from collections.abc import Iterator
 import contextlib
 import logging as std_logging
-from collections.abc import Iterator
 from typing import Any
 
 from absl import logging
@@ -20,18 +20,21 @@ from halonet import paths
 def quiet_orbax_info_logs() -> None:
   """Orbax logs dozens of INFO lines per save through absl; keep its warnings only."""
   logging.get_absl_handler().addFilter(
-      lambda record: '/orbax/' not in record.pathname or record.levelno >= std_logging.WARNING)
+    lambda record: '/orbax/' not in record.pathname or record.levelno >= std_logging.WARNING
+  )
 
 
 def _not_read_only_notice(record: std_logging.LogRecord) -> bool:
   """False for Orbax's warnings that a read-only manager will not write: a reader's point."""
   message = record.getMessage()
-  return not ('/orbax/' in record.pathname
-              and ('read only' in message or 'read_only=True' in message))
+  return not (
+    '/orbax/' in record.pathname and ('read only' in message or 'read_only=True' in message)
+  )
 
 
-def create_manager(workdir: paths.PathLike, keep: int,
-                   read_only: bool = False) -> ocp.CheckpointManager:
+def create_manager(
+  workdir: paths.PathLike, keep: int, read_only: bool = False
+) -> ocp.CheckpointManager:
   """Async manager in workdir/checkpoints keeping the last `keep` steps.
 
   Orbax writes each step under a temporary name and renames it when complete (on an object
@@ -42,13 +45,17 @@ def create_manager(workdir: paths.PathLike, keep: int,
   if read_only:  # At absl's logger, before any handler: a notebook's trained.load is quiet too.
     std_logging.getLogger('absl').addFilter(_not_read_only_notice)  # Once: addFilter dedupes.
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-      enable_async_checkpointing=True,
-      cleanup_tmp_directories=not read_only,
-      read_only=read_only)
+    preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+    enable_async_checkpointing=True,
+    cleanup_tmp_directories=not read_only,
+    read_only=read_only,
+  )
   # The handler named up front, so a fresh manager can read a step's metadata (shape_mismatch).
-  return ocp.CheckpointManager(paths.path(paths.as_string(workdir)) / 'checkpoints',
-                               item_handlers=ocp.StandardCheckpointHandler(), options=options)
+  return ocp.CheckpointManager(
+    paths.path(paths.as_string(workdir)) / 'checkpoints',
+    item_handlers=ocp.StandardCheckpointHandler(),
+    options=options,
+  )
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
@@ -83,8 +90,8 @@ def _disk_full_reported(manager: ocp.CheckpointManager) -> Iterator[None]:
     complete = ocp.path.step.checkpoint_steps(manager.directory)
     last = f'step {max(complete)}' if complete else 'none'
     raise errors.DiskFull(
-        f'disk full while writing a checkpoint in {manager.directory}; the last complete '
-        f'checkpoint is {last}: free space, then rerun the same command to resume from it'
+      f'disk full while writing a checkpoint in {manager.directory}; the last complete '
+      f'checkpoint is {last}: free space, then rerun the same command to resume from it'
     ) from e
 
 
@@ -92,8 +99,10 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
   """Restores `step` (default: latest complete) onto the shardings carried by abstract_state."""
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(f'no complete checkpoint for step={step} in {manager.directory}; '
-                            f'have {sorted(manager.all_steps())}')
+    raise FileNotFoundError(
+      f'no complete checkpoint for step={step} in {manager.directory}; '
+      f'have {sorted(manager.all_steps())}'
+    )
   return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
@@ -105,15 +114,18 @@ def _name(path: tuple[Any, ...]) -> str:
 def shape_mismatch(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> str | None:
   """Why `step`'s arrays cannot be restored into `abstract_state`, from shapes alone (the files'
   metadata, nothing read or compiled), or None when every array has its saved shape."""
-  saved = {_name(p): tuple(m.shape) for p, m in
-           jax.tree_util.tree_flatten_with_path(manager.item_metadata(step))[0]}
-  wanted = {_name(p): tuple(a.shape) for p, a in
-            jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  saved = {
+    _name(p): tuple(m.shape)
+    for p, m in jax.tree_util.tree_flatten_with_path(manager.item_metadata(step))[0]
+  }
+  wanted = {
+    _name(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+  }
   for name in sorted(saved.keys() | wanted.keys()):
     if name not in wanted:
-      return f'{name} {saved[name]} is in the checkpoint but not in this config\'s state'
+      return f"{name} {saved[name]} is in the checkpoint but not in this config's state"
     if name not in saved:
-      return f'{name} {wanted[name]} is in this config\'s state but not in the checkpoint'
+      return f"{name} {wanted[name]} is in this config's state but not in the checkpoint"
     if saved[name] != wanted[name]:
       return f'{name} has shape {saved[name]} in the checkpoint but {wanted[name]} in this config'
   return None

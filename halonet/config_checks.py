@@ -19,41 +19,46 @@ from halonet import sharding
 
 # Field -> interval; '[' and ']' include the bound, '(' and ')' exclude it. NaN is never inside.
 RANGES = {
-    'image_size': f'[{model_lib.MIN_IMAGE_SIZE}, inf)',
-    'num_classes': '[1, inf)',
-    'model.block_size': '[1, inf)',
-    'model.halo_size': '[0, inf)',
-    'model.value_ratio': '(0, inf)',
-    'model.bottleneck_ratio': '(0, inf)',
-    'model.final_width': '[0, inf)',
-    'model.mask_window': '[0, inf)',
-    'model.stochastic_depth_rate': '[0, 1)',
-    'model.dropout_rate': '[0, 1)',
-    'crop_fraction': '(0, 1]',
-    'randaugment_layers': '[0, inf)',
-    'randaugment_magnitude': '[0, 30]',
-    'mixup_alpha': '[0, inf)',
-    'cutmix_alpha': '[0, inf)',
-    'shuffle_buffer': '[1, inf)',
-    'num_epochs': '[0, inf)',
-    'optimizer.learning_rate': '(0, inf)',
-    'optimizer.warmup_epochs': '[0, inf)',
-    'optimizer.momentum': '[0, 1)',
-    'optimizer.b1': '[0, 1)',
-    'optimizer.b2': '[0, 1)',
-    'optimizer.weight_decay': '[0, inf)',
-    'optimizer.grad_clip_norm': '[0, inf)',
-    'label_smoothing': '[0, 1)',
-    'ema_decay': '[0, 1)',
-    'log_every_steps': '[1, inf)',
-    'eval_every_steps': '[1, inf)',
-    'checkpoint_every_steps': '[1, inf)',
-    'keep_checkpoints': '[1, inf)',
-    'seed': '[0, 4294967295]',  # numpy's and JAX's seeds are unsigned 32-bit.
+  'image_size': f'[{model_lib.MIN_IMAGE_SIZE}, inf)',
+  'num_classes': '[1, inf)',
+  'model.block_size': '[1, inf)',
+  'model.halo_size': '[0, inf)',
+  'model.value_ratio': '(0, inf)',
+  'model.bottleneck_ratio': '(0, inf)',
+  'model.final_width': '[0, inf)',
+  'model.mask_window': '[0, inf)',
+  'model.stochastic_depth_rate': '[0, 1)',
+  'model.dropout_rate': '[0, 1)',
+  'crop_fraction': '(0, 1]',
+  'randaugment_layers': '[0, inf)',
+  'randaugment_magnitude': '[0, 30]',
+  'mixup_alpha': '[0, inf)',
+  'cutmix_alpha': '[0, inf)',
+  'shuffle_buffer': '[1, inf)',
+  'num_epochs': '[0, inf)',
+  'optimizer.learning_rate': '(0, inf)',
+  'optimizer.warmup_epochs': '[0, inf)',
+  'optimizer.momentum': '[0, 1)',
+  'optimizer.b1': '[0, 1)',
+  'optimizer.b2': '[0, 1)',
+  'optimizer.weight_decay': '[0, inf)',
+  'optimizer.grad_clip_norm': '[0, inf)',
+  'label_smoothing': '[0, 1)',
+  'ema_decay': '[0, 1)',
+  'log_every_steps': '[1, inf)',
+  'eval_every_steps': '[1, inf)',
+  'checkpoint_every_steps': '[1, inf)',
+  'keep_checkpoints': '[1, inf)',
+  'seed': '[0, 4294967295]',  # numpy's and JAX's seeds are unsigned 32-bit.
 }
 # Sequences whose every entry must be a positive count.
-POSITIVE_ENTRIES = ('model.widths', 'model.stage_depths', 'model.num_heads',
-                    'model.block_sizes', 'model.halo_sizes')
+POSITIVE_ENTRIES = (
+  'model.widths',
+  'model.stage_depths',
+  'model.num_heads',
+  'model.block_sizes',
+  'model.halo_sizes',
+)
 
 
 def _get(config: ml_collections.ConfigDict, name: str):
@@ -83,15 +88,19 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
       raise errors.ConfigError(f'config.{name}={values}: every entry must be >= {smallest}')
   low, high = config.crop_area_range
   if not 0.0 < low <= high <= 1.0:
-    raise errors.ConfigError(f'config.crop_area_range={tuple(config.crop_area_range)} must satisfy '
-                     f'0 < low <= high <= 1')
+    raise errors.ConfigError(
+      f'config.crop_area_range={tuple(config.crop_area_range)} must satisfy 0 < low <= high <= 1'
+    )
   profile = tuple(config.profile_steps)
   if profile and not (len(profile) == 2 and 1 <= profile[0] <= profile[1]):
-    raise errors.ConfigError(f'config.profile_steps={profile} must be () or (first, last) with '
-                             f'1 <= first <= last')
+    raise errors.ConfigError(
+      f'config.profile_steps={profile} must be () or (first, last) with 1 <= first <= last'
+    )
   if re.fullmatch(r'h\d+', config.variant) and config.variant not in paper.VARIANTS:
-    raise errors.ConfigError(f'config.variant={config.variant!r} is not a row of the paper; '
-                     f'expected one of {list(paper.VARIANTS)}')
+    raise errors.ConfigError(
+      f'config.variant={config.variant!r} is not a row of the paper; '
+      f'expected one of {list(paper.VARIANTS)}'
+    )
 
 
 def validate_values(config: ml_collections.ConfigDict) -> None:
@@ -99,18 +108,24 @@ def validate_values(config: ml_collections.ConfigDict) -> None:
   check_ranges(config)
   model_lib.validate_config(config)
   if config.optimizer.name not in optim.OPTIMIZERS:
-    raise errors.ConfigError(f'config.optimizer.name={config.optimizer.name!r} is not one of '
-                     f'{optim.OPTIMIZERS}')
+    raise errors.ConfigError(
+      f'config.optimizer.name={config.optimizer.name!r} is not one of {optim.OPTIMIZERS}'
+    )
   if config.trainable not in optim.TRAINABLE:
-    raise errors.ConfigError(f'config.trainable={config.trainable!r} is not one of '
-                             f'{optim.TRAINABLE}')
+    raise errors.ConfigError(
+      f'config.trainable={config.trainable!r} is not one of {optim.TRAINABLE}'
+    )
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise errors.ConfigError(
-        f'config.num_epochs={config.num_epochs} must be > 0 when num_train_steps <= 0')
+      f'config.num_epochs={config.num_epochs} must be > 0 when num_train_steps <= 0'
+    )
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
-                    process_count: int | None = None) -> None:
+def validate_config(
+  config: ml_collections.ConfigDict,
+  num_devices: int | None = None,
+  process_count: int | None = None,
+) -> None:
   """Rejects bad values with one line naming them, before anything is built or compiled."""
   validate_values(config)
   num_devices = jax.device_count() if num_devices is None else num_devices
@@ -118,14 +133,17 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   data_size, spatial_size = sharding.resolve_mesh_shape(config.mesh_shape, num_devices)
   if config.image_size % spatial_size:
     raise errors.ConfigError(
-        f'config.image_size={config.image_size} does not split into {spatial_size} equal bands '
-        f'of rows (the spatial axis of config.mesh_shape={tuple(config.mesh_shape)})')
+      f'config.image_size={config.image_size} does not split into {spatial_size} equal bands '
+      f'of rows (the spatial axis of config.mesh_shape={tuple(config.mesh_shape)})'
+    )
   for name in ('batch_size', 'eval_batch_size'):
     value = config[name]
     if value <= 0 or value % data_size:
       raise errors.ConfigError(
-          f'config.{name}={value} is not a positive multiple of the {data_size} '
-          f'devices on the mesh data axis')
+        f'config.{name}={value} is not a positive multiple of the {data_size} '
+        f'devices on the mesh data axis'
+      )
     if value % process_count:
       raise errors.ConfigError(
-          f'config.{name}={value} is not divisible by the {process_count} processes')
+        f'config.{name}={value} is not divisible by the {process_count} processes'
+      )

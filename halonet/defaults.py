@@ -14,96 +14,105 @@ import ml_collections
 
 def model_config() -> ml_collections.ConfigDict:
   """The architecture knobs a HaloNet sweep turns (defaults: H1); the fields of HaloNet."""
-  return ml_collections.ConfigDict(dict(
-      block_size=8,           # b: query block side.
-      halo_size=3,            # h: halo width around each block.
+  return ml_collections.ConfigDict(
+    dict(
+      block_size=8,  # b: query block side.
+      halo_size=3,  # h: halo width around each block.
       # Per-stage overrides of b and h (4 entries each); empty = use the two above.
       block_sizes=(),
-      halo_sizes=(),          # per-stage h (4 entries); empty = halo_size.
-      value_ratio=1.0,        # r_v: attention value/output width = w * r_v.
-      bottleneck_ratio=1.0,   # r_b: block output width = w * r_b.
-      widths=(64, 128, 256, 512), # w of each stage: attention query/key width and bottleneck width.
+      halo_sizes=(),  # per-stage h (4 entries); empty = halo_size.
+      value_ratio=1.0,  # r_v: attention value/output width = w * r_v.
+      bottleneck_ratio=1.0,  # r_b: block output width = w * r_b.
+      widths=(
+        64,
+        128,
+        256,
+        512,
+      ),  # w of each stage: attention query/key width and bottleneck width.
       stage_depths=(3, 3, 10, 3),  # (3, 3, l_3, 3).
-      num_heads=(4, 8, 8, 8), # attention heads per stage.
-      final_width=0,          # d_f: final 1x1 conv before pooling; 0 = none.
-      conv_stages=(),         # stages (1-4) that use a 3x3 conv instead of attention.
-      mask_window=0,          # k > 0 restricts each query to a k x k window (masked attention).
+      num_heads=(4, 8, 8, 8),  # attention heads per stage.
+      final_width=0,  # d_f: final 1x1 conv before pooling; 0 = none.
+      conv_stages=(),  # stages (1-4) that use a 3x3 conv instead of attention.
+      mask_window=0,  # k > 0 restricts each query to a k x k window (masked attention).
       # 'plain' (loop-free, batch-parallel), 'rows' (row loop, hand-written backward: the CPU
       # fast path), 'pallas' (fused TPU kernels; interpreted on CPU, refused on GPU) or 'auto':
       # plain on TPU/GPU, rows on CPU (halonet/attention/choose.py).
       attention_impl='auto',
-      remat=False,            # recompute each block's activations in the backward pass.
-      use_se=False,           # squeeze-excitation after each block's mixer.
-      activation='relu',      # 'relu' or 'silu'.
-      stochastic_depth_rate=0.0, # drop-path rate of the last block (linear from 0).
-      dropout_rate=0.0,       # dropout before the classifier.
+      remat=False,  # recompute each block's activations in the backward pass.
+      use_se=False,  # squeeze-excitation after each block's mixer.
+      activation='relu',  # 'relu' or 'silu'.
+      stochastic_depth_rate=0.0,  # drop-path rate of the last block (linear from 0).
+      dropout_rate=0.0,  # dropout before the classifier.
       # compute dtype; params, optimizer state and softmax stay float32. 'auto': bfloat16 on
       # TPU/GPU, float32 on CPU.
       dtype='auto',
-  ))
+    )
+  )
 
 
 def base_config() -> ml_collections.ConfigDict:
   """ImageNet training defaults shared by every config."""
   config = ml_collections.ConfigDict()
-  config.variant = 'h1'       # name of the config (h0..h7, tiny, quickstart, ...).
+  config.variant = 'h1'  # name of the config (h0..h7, tiny, quickstart, ...).
   config.model = model_config()
-  config.image_size = 256     # s: train and eval image side in pixels.
-  config.num_classes = 1000   # classifier outputs (checked against the dataset).
+  config.image_size = 256  # s: train and eval image side in pixels.
+  config.num_classes = 1000  # classifier outputs (checked against the dataset).
 
   # Data: a TFDS name ('imagenet2012', 'imagenet_v2/matched-frequency', ...),
   # 'image_folder' (class per sub-folder under data_dir) or 'digits' (offline quick-start).
   config.dataset = 'imagenet2012'
-  config.data_dir = ''          # TFDS data_dir, or the root of an image folder.
-  config.manual_dir = ''        # where the ImageNet tars were downloaded by hand.
-  config.train_split = 'train' # split trained on.
-  config.eval_splits = ('validation',) # splits evaluated (raw and EMA params).
+  config.data_dir = ''  # TFDS data_dir, or the root of an image folder.
+  config.manual_dir = ''  # where the ImageNet tars were downloaded by hand.
+  config.train_split = 'train'  # split trained on.
+  config.eval_splits = ('validation',)  # splits evaluated (raw and EMA params).
   config.crop_fraction = 0.875  # eval: resize to s / crop_fraction, centre crop s.
   config.crop_area_range = (0.08, 1.0)  # train: Inception crop's share of the image area.
-  config.random_flip = True     # train: horizontal flips (off for data such as digits).
-  config.randaugment_layers = 2 # RandAugment ops per image; 0 = off.
-  config.randaugment_magnitude = 10 # RandAugment magnitude (0-30).
-  config.mixup_alpha = 0.0    # mixup Beta(alpha, alpha); 0 = off.
-  config.cutmix_alpha = 0.0   # cutmix Beta(alpha, alpha); 0 = off.
-  config.shuffle_buffer = 16_384 # examples in the train shuffle buffer.
-  config.cache = False        # keep the still-encoded train examples in memory once read.
+  config.random_flip = True  # train: horizontal flips (off for data such as digits).
+  config.randaugment_layers = 2  # RandAugment ops per image; 0 = off.
+  config.randaugment_magnitude = 10  # RandAugment magnitude (0-30).
+  config.mixup_alpha = 0.0  # mixup Beta(alpha, alpha); 0 = off.
+  config.cutmix_alpha = 0.0  # cutmix Beta(alpha, alpha); 0 = off.
+  config.shuffle_buffer = 16_384  # examples in the train shuffle buffer.
+  config.cache = False  # keep the still-encoded train examples in memory once read.
   # An image folder is decoded once at start-up: undecodable files stop the run naming them,
   # or with True are left out, each named in a warning.
   config.skip_bad_images = False
 
-  config.batch_size = 1024      # global, across all devices and hosts.
-  config.eval_batch_size = 1024 # global eval batch (padded, every example counted once).
-  config.num_epochs = 350.0   # training length in epochs of full global batches.
-  config.num_train_steps = -1   # > 0 overrides num_epochs.
+  config.batch_size = 1024  # global, across all devices and hosts.
+  config.eval_batch_size = 1024  # global eval batch (padded, every example counted once).
+  config.num_epochs = 350.0  # training length in epochs of full global batches.
+  config.num_train_steps = -1  # > 0 overrides num_epochs.
 
-  config.optimizer = ml_collections.ConfigDict(dict(
-      name='sgd',               # 'sgd' (Nesterov momentum) or 'adamw'.
+  config.optimizer = ml_collections.ConfigDict(
+    dict(
+      name='sgd',  # 'sgd' (Nesterov momentum) or 'adamw'.
       # Per 256 images: the peak rate is learning_rate * batch_size / 256 (linear scaling).
       learning_rate=0.1,
-      warmup_epochs=5.0,      # linear warmup, then cosine decay to 0.
-      momentum=0.9,           # SGD momentum (Nesterov).
-      b1=0.9,                 # AdamW beta1.
-      b2=0.999,               # AdamW beta2.
-      weight_decay=5e-5,        # decoupled; skips BN parameters and biases.
-      grad_clip_norm=0.0,       # 0 = off.
-  ))
+      warmup_epochs=5.0,  # linear warmup, then cosine decay to 0.
+      momentum=0.9,  # SGD momentum (Nesterov).
+      b1=0.9,  # AdamW beta1.
+      b2=0.999,  # AdamW beta2.
+      weight_decay=5e-5,  # decoupled; skips BN parameters and biases.
+      grad_clip_norm=0.0,  # 0 = off.
+    )
+  )
   # Fine-tuning (halonet/finetune.py): start from another run's workdir, or one of its
   # checkpoints (WORKDIR/checkpoints/STEP); '' = from scratch. 'head' trains the classifier only.
   config.init_from = ''
-  config.trainable = 'all'    # 'all', or 'head' (the classifier only).
-  config.label_smoothing = 0.1 # label smoothing of the cross-entropy targets.
-  config.ema_decay = 0.0        # > 0 keeps (and evaluates) an EMA of the params.
+  config.trainable = 'all'  # 'all', or 'head' (the classifier only).
+  config.label_smoothing = 0.1  # label smoothing of the cross-entropy targets.
+  config.ema_decay = 0.0  # > 0 keeps (and evaluates) an EMA of the params.
 
   # Device mesh (data, spatial): examples split over data, each image's rows over spatial
   # (spatial partitioning, for images too large for one device); data * spatial = devices,
   # -1 takes what is left.
   config.mesh_shape = (-1, 1)
 
-  config.log_every_steps = 100 # progress line and TensorBoard scalars every N steps.
-  config.eval_every_steps = 5000 # evaluation every N steps (and at the end).
-  config.checkpoint_every_steps = 1000 # Orbax checkpoint every N steps (and at the end).
-  config.keep_checkpoints = 3 # checkpoints kept (the newest).
-  config.seed = 0             # parameters, data order, augmentation and dropout.
+  config.log_every_steps = 100  # progress line and TensorBoard scalars every N steps.
+  config.eval_every_steps = 5000  # evaluation every N steps (and at the end).
+  config.checkpoint_every_steps = 1000  # Orbax checkpoint every N steps (and at the end).
+  config.keep_checkpoints = 3  # checkpoints kept (the newest).
+  config.seed = 0  # parameters, data order, augmentation and dropout.
   # (first, last): a jax.profiler trace of those train steps in workdir/plugins/profile; () = off.
   config.profile_steps = ()
   return config
@@ -131,10 +140,12 @@ def field_help() -> list[tuple[str, Any, str]]:
       pending = []
     elif not text:
       pending = []
+
   def flat(tree, prefix=''):
     for key, value in sorted(tree.items()):
       if isinstance(value, dict):
         yield from flat(value, f'{prefix}{key}.')
       else:
         yield f'{prefix}{key}', value
+
   return [(name, value, meanings.get(name, '')) for name, value in flat(base_config().to_dict())]

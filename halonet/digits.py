@@ -57,8 +57,9 @@ def prepare_digits(root: str, classes: tuple[int, ...] = tuple(range(10))) -> st
   found = _class_folders(root)
   if found and found != sorted(map(str, classes)):  # Another digits subset, or not digits.
     raise errors.ConfigError(
-        f'{root} holds the classes {found}, not the digits {list(classes)}; give another '
-        f'--config.data_dir (or none) for this dataset')
+      f'{root} holds the classes {found}, not the digits {list(classes)}; give another '
+      f'--config.data_dir (or none) for this dataset'
+    )
   parent = os.path.dirname(root)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.digits-', dir=parent)
@@ -80,8 +81,14 @@ def prepare_digits(root: str, classes: tuple[int, ...] = tuple(range(10))) -> st
 
 def _class_folders(root: str) -> list[str]:
   """The class folders of either split already under `root`."""
-  return sorted({label for split in ('train', 'test') if os.path.isdir(os.path.join(root, split))
-                 for label in os.listdir(os.path.join(root, split))})
+  return sorted(
+    {
+      label
+      for split in ('train', 'test')
+      if os.path.isdir(os.path.join(root, split))
+      for label in os.listdir(os.path.join(root, split))
+    }
+  )
 
 
 def _is_complete(root: str, classes: tuple[int, ...]) -> bool:
@@ -103,7 +110,8 @@ def _write(root: str, classes: tuple[int, ...]) -> None:
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
   indices = np.arange(len(images))
   train_idx, test_idx = model_selection.train_test_split(
-      indices, test_size=TEST_FRACTION, stratify=digits.target, random_state=_SPLIT_SEED)
+    indices, test_size=TEST_FRACTION, stratify=digits.target, random_state=_SPLIT_SEED
+  )
   for split, split_idx in (('train', train_idx), ('test', test_idx)):
     for idx in sorted(split_idx):
       if digits.target[idx] not in classes:

@@ -23,5 +23,4 @@ class DiskFull(OSError):
 
 def is_disk_full(error: BaseException) -> bool:
   """ENOSPC as Python raises it, or as TensorStore reports it inside Orbax's errors."""
-  return (getattr(error, 'errno', None) == errno.ENOSPC
-          or 'No space left on device' in str(error))
+  return getattr(error, 'errno', None) == errno.ENOSPC or 'No space left on device' in str(error)

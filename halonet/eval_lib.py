@@ -1,15 +1,16 @@
 """Exact evaluation: padded batches carry a mask, so every example counts exactly once."""
 
+from collections.abc import Callable
 import functools
 import time
-from typing import Any, Callable
+from typing import Any
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
-from absl import logging
 from jax.sharding import Mesh
+import ml_collections
 
 from halonet import console
 from halonet import input_pipeline
@@ -19,8 +20,9 @@ EVAL_BATCH_KEYS = ('image', 'label', 'mask')  # mask: False on the padding of th
 PROGRESS_SECONDS = 30.0  # A longer evaluation prints how far it is this often.
 
 
-def eval_step(variables: Any, batch: dict[str, jax.Array], *,
-              model: nn.Module) -> dict[str, jax.Array]:
+def eval_step(
+  variables: Any, batch: dict[str, jax.Array], *, model: nn.Module
+) -> dict[str, jax.Array]:
   """Sums (not means) over the real rows of one batch, so batches add up exactly."""
   images = input_pipeline.normalize_images(batch['image'], jnp.dtype(model.dtype))
   logits = model.apply(variables, images, train=False).astype(jnp.float32)
@@ -29,45 +31,61 @@ def eval_step(variables: Any, batch: dict[str, jax.Array], *,
   top5 = jnp.any(jax.lax.top_k(logits, min(5, logits.shape[-1]))[1] == labels[:, None], axis=-1)
   # Integer counts stay exact however large the split.
   return {
-      'count': jnp.sum(mask, dtype=jnp.int32),
-      'loss': jnp.sum(jnp.where(mask, loss, 0.0)),
-      'top1': jnp.sum(mask & (jnp.argmax(logits, -1) == labels), dtype=jnp.int32),
-      'top5': jnp.sum(mask & top5, dtype=jnp.int32),
+    'count': jnp.sum(mask, dtype=jnp.int32),
+    'loss': jnp.sum(jnp.where(mask, loss, 0.0)),
+    'top1': jnp.sum(mask & (jnp.argmax(logits, -1) == labels), dtype=jnp.int32),
+    'top5': jnp.sum(mask & top5, dtype=jnp.int32),
   }
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh):
   """Jitted eval step: variables replicated, batch as `batch_shardings`, sums replicated."""
   return jax.jit(
-      sharding.traced_within(mesh, functools.partial(eval_step, model=model)),
-      in_shardings=(sharding.replicated(mesh), sharding.batch_shardings(mesh, EVAL_BATCH_KEYS)),
-      out_shardings=sharding.replicated(mesh))
+    sharding.traced_within(mesh, functools.partial(eval_step, model=model)),
+    in_shardings=(sharding.replicated(mesh), sharding.batch_shardings(mesh, EVAL_BATCH_KEYS)),
+    out_shardings=sharding.replicated(mesh),
+  )
 
 
-def compile_eval_step(model: nn.Module, mesh: Mesh, abstract_variables: Any,
-                      config: ml_collections.ConfigDict) -> tuple[Callable[..., Any], float]:
+def compile_eval_step(
+  model: nn.Module, mesh: Mesh, abstract_variables: Any, config: ml_collections.ConfigDict
+) -> tuple[Callable[..., Any], float]:
   """The eval step compiled ahead for global batches of config.eval_batch_size, and the seconds
   that took: no evaluation's images/s then includes compilation."""
   size, batch = config.image_size, config.eval_batch_size
   on = sharding.batch_shardings(mesh, EVAL_BATCH_KEYS)
-  spec = {'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=on['image']),
-          'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=on['label']),
-          'mask': jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=on['mask'])}
+  spec = {
+    'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=on['image']),
+    'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=on['label']),
+    'mask': jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=on['mask']),
+  }
   start = time.perf_counter()
   compiled = make_eval_step(model, mesh).lower(abstract_variables, spec).compile()
   return compiled, time.perf_counter() - start
 
 
-def evaluate(eval_fn, variables: Any, config: ml_collections.ConfigDict, split: str,
-             num_examples: int, mesh: Mesh) -> dict[str, float]:
+def evaluate(
+  eval_fn,
+  variables: Any,
+  config: ml_collections.ConfigDict,
+  split: str,
+  num_examples: int,
+  mesh: Mesh,
+) -> dict[str, float]:
   """Top-1/top-5 (%) and mean loss over the whole split of `num_examples`, plus images/s.
 
   A long evaluation prints how far it is every PROGRESS_SECONDS.
   """
   batch_size = config.eval_batch_size // jax.process_count()
   batches = input_pipeline.create_split(
-      config, split, train=False, batch_size=batch_size, split_size=num_examples,
-      process_index=jax.process_index(), process_count=jax.process_count())
+    config,
+    split,
+    train=False,
+    batch_size=batch_size,
+    split_size=num_examples,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   num_batches = input_pipeline.eval_batch_count(num_examples, batch_size, jax.process_count())
   totals = None
   start = reported = time.perf_counter()
@@ -83,11 +101,11 @@ def evaluate(eval_fn, variables: Any, config: ml_collections.ConfigDict, split: 
   if count != num_examples:
     raise RuntimeError(f'evaluated {count} examples of split {split!r} but it has {num_examples}')
   result = {
-      'top1': 100.0 * float(totals['top1']) / count,
-      'top5': 100.0 * float(totals['top5']) / count,
-      'loss': float(totals['loss']) / count,
-      'count': count,
-      'images_per_sec': count / seconds,
+    'top1': 100.0 * float(totals['top1']) / count,
+    'top5': 100.0 * float(totals['top5']) / count,
+    'loss': float(totals['loss']) / count,
+    'count': count,
+    'images_per_sec': count / seconds,
   }
   logging.info('eval %s: %s', split, result)
   return result

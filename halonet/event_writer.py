@@ -7,11 +7,11 @@ upload, so never half written), numbered so that TensorBoard reads them in order
 happens at each checkpoint and evaluation, at close, and a minute after the last one.
 """
 
+from collections.abc import Mapping
 import io
 import os
 import socket
 import time
-from collections.abc import Mapping
 from typing import Any
 
 from clu import metric_writers
@@ -32,34 +32,46 @@ class ObjectStoreEventWriter(metric_writers.MetricWriter):
 
   def __init__(self, logdir: paths.PathLike):
     self._logdir = paths.path(logdir)
-    self._prefix = (f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.'
-                    f'{os.getpid()}')
+    self._prefix = (
+      f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}'
+    )
     self._events: list[event_pb2.Event] = []
     self._files_written = 0
     self._last_flush = time.monotonic()
 
   def _add(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
-    self._events.append(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                        summary=summary_pb2.Summary(value=values)))
+    self._events.append(
+      event_pb2.Event(
+        wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
+      )
+    )
     if time.monotonic() - self._last_flush > FLUSH_EVERY_SECONDS:
       self.flush()
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    self._add(step, [summary_pb2.Summary.Value(tag=k, simple_value=float(v))
-                     for k, v in scalars.items()])
+    self._add(
+      step, [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+    )
 
   def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
     metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='text'))
-    self._add(step, [summary_pb2.Summary.Value(
-        tag=k, metadata=metadata, tensor=_string_tensor(v)) for k, v in texts.items()])
+      plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='text')
+    )
+    self._add(
+      step,
+      [
+        summary_pb2.Summary.Value(tag=k, metadata=metadata, tensor=_string_tensor(v))
+        for k, v in texts.items()
+      ],
+    )
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     self.write_texts(0, {'hparams': '\n'.join(f'{k}: {v}' for k, v in sorted(hparams.items()))})
 
   def _unsupported(self, what: str):
-    raise NotImplementedError(f'{what} are not recorded in a workdir URL ({self._logdir}): '
-                              'only scalars and texts')
+    raise NotImplementedError(
+      f'{what} are not recorded in a workdir URL ({self._logdir}): only scalars and texts'
+    )
 
   def write_summaries(self, step, values, metadata=None):
     self._unsupported('raw summaries')
@@ -83,11 +95,12 @@ class ObjectStoreEventWriter(metric_writers.MetricWriter):
       return
     buffer = io.BytesIO()
     records = record_writer.RecordWriter(buffer)
-    for event in [event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'),
-                  *self._events]:
+    for event in [
+      event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'),
+      *self._events,
+    ]:
       records.write(event.SerializeToString())
-    paths.write_bytes(self._logdir / f'{self._prefix}.{self._files_written:06d}',
-                      buffer.getvalue())
+    paths.write_bytes(self._logdir / f'{self._prefix}.{self._files_written:06d}', buffer.getvalue())
     self._files_written += 1
     self._events.clear()
 
@@ -96,14 +109,19 @@ class ObjectStoreEventWriter(metric_writers.MetricWriter):
 
 
 def _string_tensor(text: str) -> tensor_pb2.TensorProto:
-  return tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=[text.encode()],
-                                tensor_shape=tensor_shape_pb2.TensorShapeProto())
+  return tensor_pb2.TensorProto(
+    dtype=types_pb2.DT_STRING,
+    string_val=[text.encode()],
+    tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+  )
 
 
 def create(workdir: paths.PathLike, just_logging: bool) -> metric_writers.MetricWriter:
   """The run's writer: logging only on processes other than 0; events in `workdir`."""
   if just_logging or not paths.is_url(workdir):
     return metric_writers.create_default_writer(
-        None if just_logging else paths.as_string(workdir), just_logging=just_logging)
-  return metric_writers.MultiWriter([metric_writers.LoggingWriter(),
-                                     ObjectStoreEventWriter(workdir)])
+      None if just_logging else paths.as_string(workdir), just_logging=just_logging
+    )
+  return metric_writers.MultiWriter(
+    [metric_writers.LoggingWriter(), ObjectStoreEventWriter(workdir)]
+  )

@@ -12,8 +12,8 @@ only read. Once the new run has a checkpoint of its own, a rerun resumes from th
 
 from typing import Any
 
-import ml_collections
 from flax import traverse_util
+import ml_collections
 
 from halonet import checkpointing
 from halonet import errors
@@ -22,8 +22,9 @@ from halonet import paths
 from halonet import workdir as workdir_lib
 
 
-def source_run(config: ml_collections.ConfigDict, workdir: str
-               ) -> tuple[str, int | None, ml_collections.ConfigDict]:
+def source_run(
+  config: ml_collections.ConfigDict, workdir: str
+) -> tuple[str, int | None, ml_collections.ConfigDict]:
   """(workdir, step or None for its latest, config) of config.init_from: a workdir, or one of its
   checkpoints (WORKDIR/checkpoints/STEP). Fails in one line naming the path."""
   path = paths.path(paths.as_string(config.init_from))
@@ -33,19 +34,24 @@ def source_run(config: ml_collections.ConfigDict, workdir: str
   if not path.is_dir():
     raise FileNotFoundError(f'config.init_from={config.init_from!r}: no such directory')
   if not (source / workdir_lib.CONFIG).exists():
-    raise FileNotFoundError(f'config.init_from={config.init_from!r}: {source} is not a train.py '
-                            'workdir (no config.json)')
+    raise FileNotFoundError(
+      f'config.init_from={config.init_from!r}: {source} is not a train.py workdir (no config.json)'
+    )
   source = str(source)
   if paths.same_location(source, workdir):
-    raise errors.ConfigError(f'config.init_from={config.init_from!r} is this run\'s own workdir: '
-                             'fine-tune into a new one (a rerun resumes by itself)')
+    raise errors.ConfigError(
+      f"config.init_from={config.init_from!r} is this run's own workdir: "
+      'fine-tune into a new one (a rerun resumes by itself)'
+    )
   manager = checkpointing.create_manager(source, 1, read_only=True)
   steps = sorted(manager.all_steps())
   manager.close()
   if not steps or (step is not None and step not in steps):
-    raise FileNotFoundError(f'config.init_from={config.init_from!r}: no complete checkpoint '
-                            f'{"" if step is None else f"for step {step} "}in {source} '
-                            f'(have {steps})')
+    raise FileNotFoundError(
+      f'config.init_from={config.init_from!r}: no complete checkpoint '
+      f'{"" if step is None else f"for step {step} "}in {source} '
+      f'(have {steps})'
+    )
   return source, step, workdir_lib.load_config(source)
 
 
@@ -57,14 +63,21 @@ def reinitialised(params: Any, source_params: Any) -> dict[str, tuple[tuple, tup
   new, old = (traverse_util.flatten_dict(p, sep='/') for p in (params, source_params))
   for name in sorted(new.keys() ^ old.keys()):
     where = 'the new model' if name in new else 'the source run'
-    raise errors.ConfigError(f'config.init_from: parameter {name} exists only in {where}; the '
-                             'two models differ in more than the classifier')
-  changed = {name: (tuple(old[name].shape), tuple(new[name].shape)) for name in sorted(new)
-             if new[name].shape != old[name].shape}
+    raise errors.ConfigError(
+      f'config.init_from: parameter {name} exists only in {where}; the '
+      'two models differ in more than the classifier'
+    )
+  changed = {
+    name: (tuple(old[name].shape), tuple(new[name].shape))
+    for name in sorted(new)
+    if new[name].shape != old[name].shape
+  }
   for name, (was, now) in changed.items():
     if not name.startswith(model_lib.CLASSIFIER + '/'):
-      raise errors.ConfigError(f'config.init_from: parameter {name} has shape {was} in the '
-                               f'source run but {now} in the new model')
+      raise errors.ConfigError(
+        f'config.init_from: parameter {name} has shape {was} in the '
+        f'source run but {now} in the new model'
+      )
   return changed
 
 

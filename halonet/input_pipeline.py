@@ -6,20 +6,24 @@ with seeds derived from (seed, process, e) and every random augmentation draw is
 skipping still-encoded examples. Images stay uint8 until `normalize_images` runs on device.
 """
 
+from halonet.tensorflow_import import tf  # First: keras and tfds import TensorFlow.
+
+# isort: split
+
+from collections.abc import Callable, Iterator
 import difflib
 import functools
 import itertools
 import os
 import re
-from typing import Any, Callable, Iterator
+from typing import Any
 
-from halonet.tensorflow_import import tf  # pylint: disable=g-bad-import-order  # Before keras/tfds.
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import logging
 
 from halonet import digits
 from halonet import errors
@@ -77,18 +81,28 @@ def check_num_classes(config: ml_collections.ConfigDict, split: str) -> None:
   classes = getattr(label, 'num_classes', None)
   if classes is not None and classes > config.num_classes:
     raise errors.ConfigError(
-        f'config.num_classes={config.num_classes} is smaller than the {classes} '
-        f'classes of {config.dataset}')
+      f'config.num_classes={config.num_classes} is smaller than the {classes} '
+      f'classes of {config.dataset}'
+    )
 
 
 def eval_batch_count(total: int, batch_size: int, process_count: int) -> int:
   """Batches every process yields in one eval pass: the largest process share, in batches."""
-  return -(-(-(-total // process_count)) // batch_size)
+  per_process = -(-total // process_count)  # Ceiling divisions.
+  return -(-per_process // batch_size)
 
 
-def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
-                 batch_size: int, split_size: int | None = None, process_index: int = 0,
-                 process_count: int = 1, start_step: int = 0) -> Iterator[Batch]:
+def create_split(
+  config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  train: bool,
+  batch_size: int,
+  split_size: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  start_step: int = 0,
+) -> Iterator[Batch]:
   """Numpy batches of this process's shard of `split`; `batch_size` is per process.
 
   `split_size`: the split's example count when the caller has it (a run reads it once).
@@ -104,55 +118,76 @@ def create_split(config: ml_collections.ConfigDict, split: str, *, train: bool,
   read = lambda seed: _read(config, builder, split, process_index, process_count, seed)
   total = num_examples(config, split) if split_size is None else split_size
   if not train:
-    return _eval_batches(config, read(None), batch_size,
-                         eval_batch_count(total, batch_size, process_count))
+    return _eval_batches(
+      config, read(None), batch_size, eval_batch_count(total, batch_size, process_count)
+    )
   steps = total // (batch_size * process_count)
   if steps == 0:
     raise errors.ConfigError(
-        f'{split} of {config.dataset} has {total} examples, fewer than one batch '
-        f'of {batch_size} x {process_count} processes.')
+      f'{split} of {config.dataset} has {total} examples, fewer than one batch '
+      f'of {batch_size} x {process_count} processes.'
+    )
   if config.cache:
     cached = read(None).cache()
     read = lambda seed: cached
-  make_epoch = functools.partial(_epoch, config, read, _train_preprocess(config), batch_size,
-                                 steps, process_index)
+  make_epoch = functools.partial(
+    _epoch, config, read, _train_preprocess(config), batch_size, steps, process_index
+  )
   epoch, skip = divmod(start_step, steps)
   # The first epoch is built here, not lazily, so a broken dataset fails at the call.
   return _train_batches(make_epoch(epoch, skip), make_epoch, epoch + 1)
 
 
-def _train_batches(first: tf.data.Dataset, make_epoch: Callable[[int, int], tf.data.Dataset],
-                   next_epoch: int) -> Iterator[Batch]:
+def _train_batches(
+  first: tf.data.Dataset, make_epoch: Callable[[int, int], tf.data.Dataset], next_epoch: int
+) -> Iterator[Batch]:
   """One tf.data pipeline per epoch, seeded by the epoch, so resuming needs no replay."""
   yield from first.as_numpy_iterator()
   for epoch in itertools.count(next_epoch):
     yield from make_epoch(epoch, 0).as_numpy_iterator()
 
 
-def _epoch(config: ml_collections.ConfigDict, read: Callable[[int | None], tf.data.Dataset],
-           augment: Callable[..., dict[str, tf.Tensor]], batch_size: int, steps: int,
-           process_index: int, epoch: int, skip_steps: int) -> tf.data.Dataset:
+def _epoch(
+  config: ml_collections.ConfigDict,
+  read: Callable[[int | None], tf.data.Dataset],
+  augment: Callable[..., dict[str, tf.Tensor]],
+  batch_size: int,
+  steps: int,
+  process_index: int,
+  epoch: int,
+  skip_steps: int,
+) -> tf.data.Dataset:
   """Batches `skip_steps..steps` of `epoch`; skipped examples are never decoded."""
-  file_seed, shuffle_seed, example_seed, mix_seed = np.random.SeedSequence(
-      [config.seed, process_index, epoch]).generate_state(4).tolist()
+  file_seed, shuffle_seed, example_seed, mix_seed = (
+    np.random.SeedSequence([config.seed, process_index, epoch]).generate_state(4).tolist()
+  )
   ds = read(file_seed).shuffle(config.shuffle_buffer, seed=shuffle_seed)
   ds = ds.take(steps * batch_size).enumerate().skip(skip_steps * batch_size)
-  ds = ds.map(lambda i, ex: augment(ex, tf.stack([np.int64(example_seed), i])),
-              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(
+    lambda i, ex: augment(ex, tf.stack([np.int64(example_seed), i])),
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
   ds = ds.batch(batch_size, drop_remainder=True)
   if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
     ds = ds.enumerate(start=skip_steps).map(
-        lambda i, batch: _mix(config, batch, tf.stack([np.int64(mix_seed), i])),
-        num_parallel_calls=tf.data.AUTOTUNE)
+      lambda i, batch: _mix(config, batch, tf.stack([np.int64(mix_seed), i])),
+      num_parallel_calls=tf.data.AUTOTUNE,
+    )
   return _with_options(ds.prefetch(tf.data.AUTOTUNE))
 
 
-def _eval_batches(config: ml_collections.ConfigDict, ds: tf.data.Dataset, batch_size: int,
-                  num_batches: int) -> Iterator[Batch]:
+def _eval_batches(
+  config: ml_collections.ConfigDict, ds: tf.data.Dataset, batch_size: int, num_batches: int
+) -> Iterator[Batch]:
   s = config.image_size
-  ds = ds.map(lambda ex: {'image': eval_image(ex['image'], s, config.crop_fraction),
-                          'label': tf.cast(ex['label'], tf.int32), 'mask': True},
-              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(
+    lambda ex: {
+      'image': eval_image(ex['image'], s, config.crop_fraction),
+      'label': tf.cast(ex['label'], tf.int32),
+      'mask': True,
+    },
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
   pad = {'image': tf.zeros([s, s, 3], tf.uint8), 'label': np.int32(0), 'mask': False}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
   ds = ds.take(num_batches * batch_size).batch(batch_size)
@@ -178,8 +213,9 @@ def _builder(config: ml_collections.ConfigDict, split: str) -> tfds.core.Dataset
     split_dir = str(paths.path(config.data_dir or '.') / split)
     if not config.data_dir or not paths.path(split_dir).is_dir():
       raise FileNotFoundError(
-          f'image_folder: no directory {split_dir!r}; set --config.data_dir to a folder with '
-          f'<split>/<class>/<image> files.')
+        f'image_folder: no directory {split_dir!r}; set --config.data_dir to a folder with '
+        f'<split>/<class>/<image> files.'
+      )
     return _folder_builder(paths.as_string(config.data_dir))
   try:
     return tfds.builder(config.dataset, data_dir=config.data_dir or None)
@@ -187,8 +223,10 @@ def _builder(config: ml_collections.ConfigDict, split: str) -> tfds.core.Dataset
     known = re.findall(r'^\t- (\S+)$', str(e), re.MULTILINE)
     close = difflib.get_close_matches(config.dataset.split('/')[0].split(':')[0], known, n=3)
     hint = f'; did you mean {" or ".join(close)}?' if close else ''
-    raise errors.ConfigError(f'config.dataset={config.dataset!r} is not a TFDS dataset, '
-                     f'{FOLDER_DATASETS[0]!r} or {FOLDER_DATASETS[1]!r}{hint}') from None
+    raise errors.ConfigError(
+      f'config.dataset={config.dataset!r} is not a TFDS dataset, '
+      f'{FOLDER_DATASETS[0]!r} or {FOLDER_DATASETS[1]!r}{hint}'
+    ) from None
 
 
 @functools.cache
@@ -206,18 +244,25 @@ def undecodable_images(root: str, split: str) -> tuple[str, ...]:
   """
   builder = _folder_builder(root)
   ds = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()})
-  decode = lambda ex: (tf.shape(tf.io.decode_image(ex['image'], channels=3,
-                                                   expand_animations=False)), ex['image/filename'])
-  good = {name for _, name in ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-          .ignore_errors().as_numpy_iterator()}
+  decode = lambda ex: (
+    tf.shape(tf.io.decode_image(ex['image'], channels=3, expand_animations=False)),
+    ex['image/filename'],
+  )
+  good = {
+    name
+    for _, name in ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    .ignore_errors()
+    .as_numpy_iterator()
+  }
   if len(good) == builder.info.splits[split].num_examples:
     return ()
   names = ds.map(lambda ex: ex['image/filename']).as_numpy_iterator()
   return tuple(sorted(name.decode() for name in names if name not in good))
 
 
-def _skipped_images(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
-                    split: str) -> tuple[str, ...]:
+def _skipped_images(
+  config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, split: str
+) -> tuple[str, ...]:
   """The undecodable files of a folder split: refused, or (config.skip_bad_images) left out."""
   if not is_folder(config.dataset):
     return ()
@@ -225,9 +270,10 @@ def _skipped_images(config: ml_collections.ConfigDict, builder: tfds.core.Datase
   if bad and not config.skip_bad_images:
     listed = ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
     raise errors.ConfigError(
-        f'{len(bad)} file(s) in {os.path.join(builder.data_dir, split)} cannot be '
-        f'decoded as images: {listed}; remove them or set '
-        f'--config.skip_bad_images=True')
+      f'{len(bad)} file(s) in {os.path.join(builder.data_dir, split)} cannot be '
+      f'decoded as images: {listed}; remove them or set '
+      f'--config.skip_bad_images=True'
+    )
   if bad:
     _warn_skipped(bad)
   return bad
@@ -240,8 +286,14 @@ def _warn_skipped(bad: tuple[str, ...]) -> None:
   logging.warning('skipping %d undecodable image file(s) in all', len(bad))
 
 
-def _read(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, split: str,
-          process_index: int, process_count: int, shuffle_seed: int | None) -> tf.data.Dataset:
+def _read(
+  config: ml_collections.ConfigDict,
+  builder: tfds.core.DatasetBuilder,
+  split: str,
+  process_index: int,
+  process_count: int,
+  shuffle_seed: int | None,
+) -> tf.data.Dataset:
   """Still-encoded {'image', 'label'} of this process's disjoint shard, in a seeded order.
 
   TFDS datasets read only their own files (`even_splits`); ImageFolder has no sub-split API,
@@ -259,8 +311,11 @@ def _read(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, 
     read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, skip_prefetch=True)
     try:
       ds = builder.as_dataset(
-          split=tfds.even_splits(split, process_count)[process_index],
-          shuffle_files=shuffle_seed is not None, decoders=decoders, read_config=read_config)
+        split=tfds.even_splits(split, process_count)[process_index],
+        shuffle_files=shuffle_seed is not None,
+        decoders=decoders,
+        read_config=read_config,
+      )
     except AssertionError as e:  # TFDS signals "not prepared" with an assert.
       raise FileNotFoundError(_missing_message(config, builder)) from e
   return ds.map(functools.partial(_checked_label, num_classes=config.num_classes))
@@ -269,21 +324,26 @@ def _read(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, 
 def _checked_label(ex: dict[str, tf.Tensor], num_classes: int) -> dict[str, tf.Tensor]:
   """Image and label, failing naming the label when it is not a class of the model."""
   label = ex['label']
-  check = tf.debugging.assert_less(label, tf.cast(num_classes, label.dtype), message=(
-      f'a label is not below config.num_classes={num_classes}'), summarize=1)
+  check = tf.debugging.assert_less(
+    label,
+    tf.cast(num_classes, label.dtype),
+    message=(f'a label is not below config.num_classes={num_classes}'),
+    summarize=1,
+  )
   with tf.control_dependencies([check]):
     return {'image': ex['image'], 'label': tf.identity(label)}
 
 
-def _missing_message(config: ml_collections.ConfigDict,
-                     builder: tfds.core.DatasetBuilder) -> str:
+def _missing_message(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> str:
   data_dir = config.data_dir or '~/tensorflow_datasets'
   manual = config.manual_dir or os.path.join(data_dir, 'downloads', 'manual')
   how = f'`tfds build {config.dataset} --data_dir={data_dir}`'
   if config.dataset == 'imagenet2012':
-    how = (f'download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar by hand into '
-           f'{manual}, then run `tfds build imagenet2012 --data_dir={data_dir} '
-           f'--manual_dir={manual}`')
+    how = (
+      f'download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar by hand into '
+      f'{manual}, then run `tfds build imagenet2012 --data_dir={data_dir} '
+      f'--manual_dir={manual}`'
+    )
   return f'{config.dataset}: no prepared data in {builder.data_dir}; {how}.'
 
 
@@ -291,8 +351,11 @@ def _train_preprocess(config: ml_collections.ConfigDict) -> Callable[..., dict[s
   """(encoded example, stateless seed) -> augmented uint8 image and int32 label."""
   s = config.image_size
   use_ra = config.randaugment_layers > 0 and config.randaugment_magnitude > 0
-  rand_augment = (randaugment.RandAugment(config.randaugment_layers,
-                                          config.randaugment_magnitude) if use_ra else None)
+  rand_augment = (
+    randaugment.RandAugment(config.randaugment_layers, config.randaugment_magnitude)
+    if use_ra
+    else None
+  )
 
   def preprocess(ex: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
     crop_seed, flip_seed, ra_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
@@ -312,9 +375,15 @@ def _random_crop(data: tf.Tensor, seed: tf.Tensor, area_range: tuple[float, floa
 
   def sample(shape):
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed,
-        min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3), area_range=area_range,
-        max_attempts=10, use_image_if_no_bounding_boxes=True)
+      shape,
+      tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+      seed,
+      min_object_covered=0.1,
+      aspect_ratio_range=(3 / 4, 4 / 3),
+      area_range=area_range,
+      max_attempts=10,
+      use_image_if_no_bounding_boxes=True,
+    )
     return begin, size
 
   def jpeg():
@@ -343,13 +412,15 @@ def eval_image(data: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:
 
 def _resize(image: tf.Tensor, h: int | tf.Tensor, w: int | tf.Tensor) -> tf.Tensor:
   image = tf.image.resize(image, [h, w], method='bicubic', antialias=True)
-  image = tf.ensure_shape(image, [h if isinstance(h, int) else None,
-                                  w if isinstance(w, int) else None, 3])
+  image = tf.ensure_shape(
+    image, [h if isinstance(h, int) else None, w if isinstance(w, int) else None, 3]
+  )
   return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
-def _mix(config: ml_collections.ConfigDict, batch: dict[str, tf.Tensor],
-         seed: tf.Tensor) -> dict[str, tf.Tensor]:
+def _mix(
+  config: ml_collections.ConfigDict, batch: dict[str, tf.Tensor], seed: tf.Tensor
+) -> dict[str, tf.Tensor]:
   """Mixup or cutmix (a coin flip when both are on) of the batch with its reverse.
 
   Labels become float32 [B, num_classes] mixtures; the images stay uint8 (rounding costs at
@@ -379,5 +450,7 @@ def _mix(config: ml_collections.ConfigDict, batch: dict[str, tf.Tensor],
   mixed = tf.where(use_cutmix, cutmix_images, mixup_images)
 
   labels = tf.one_hot(batch['label'], config.num_classes)
-  return {'image': tf.cast(tf.clip_by_value(tf.round(mixed), 0, 255), tf.uint8),
-          'label': lam * labels + (1.0 - lam) * tf.reverse(labels, axis=[0])}
+  return {
+    'image': tf.cast(tf.clip_by_value(tf.round(mixed), 0, 255), tf.uint8),
+    'label': lam * labels + (1.0 - lam) * tf.reverse(labels, axis=[0]),
+  }

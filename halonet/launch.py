@@ -6,10 +6,10 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 # pylint: disable=wrong-import-position
+from collections.abc import Iterator, Sequence
 import contextlib
 import logging as std_logging
 import sys
-from collections.abc import Iterator, Sequence
 
 from absl import app
 from absl import flags
@@ -27,19 +27,31 @@ def define_flags(workdir_help: str) -> None:
   """--config (any field overridable, typos refused), --workdir, --distributed and the cluster
   flags."""
   config_flags.DEFINE_config_file(
-      'config', None, 'Config file, e.g. configs/h1.py or configs/halonet.py:h7; override any '
-      'field with --config.FIELD=VALUE.', lock_config=True)
+    'config',
+    None,
+    'Config file, e.g. configs/h1.py or configs/halonet.py:h7; override any '
+    'field with --config.FIELD=VALUE.',
+    lock_config=True,
+  )
   flags.DEFINE_string('workdir', None, workdir_help)
-  flags.DEFINE_bool('distributed', False,
-                    'Join the other processes of a multi-host run (jax.distributed.initialize) '
-                    'first. The cluster is detected on Cloud TPU, SLURM, Open MPI and k8s; '
-                    'elsewhere give the three flags below.')
-  flags.DEFINE_string('coordinator_address', None,
-                      'With --distributed: HOST:PORT of process 0, reachable by every process.')
-  flags.DEFINE_integer('num_processes', None, 'With --distributed: how many processes take part.',
-                       lower_bound=1)
-  flags.DEFINE_integer('process_id', None, 'With --distributed: this process, 0..num_processes-1.',
-                       lower_bound=0)
+  flags.DEFINE_bool(
+    'distributed',
+    False,
+    'Join the other processes of a multi-host run (jax.distributed.initialize) '
+    'first. The cluster is detected on Cloud TPU, SLURM, Open MPI and k8s; '
+    'elsewhere give the three flags below.',
+  )
+  flags.DEFINE_string(
+    'coordinator_address',
+    None,
+    'With --distributed: HOST:PORT of process 0, reachable by every process.',
+  )
+  flags.DEFINE_integer(
+    'num_processes', None, 'With --distributed: how many processes take part.', lower_bound=1
+  )
+  flags.DEFINE_integer(
+    'process_id', None, 'With --distributed: this process, 0..num_processes-1.', lower_bound=0
+  )
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -47,6 +59,7 @@ def print_help() -> None:
   """The entry point's docstring, its flags and every config field with its default and meaning
   (halonet/defaults.py), then exit 0. Nothing heavy is imported, so it answers at once."""
   from halonet import defaults  # pylint: disable=g-import-not-at-top
+
   print((sys.modules['__main__'].__doc__ or '').strip() + '\n')
   print(FLAGS.main_module_help() + '\n')
   print('Config fields (override any with --config.FIELD=VALUE):')
@@ -89,6 +102,7 @@ def start(argv: Sequence[str]) -> None:
   cluster = cluster_flags()
   if FLAGS.distributed:
     import jax  # pylint: disable=g-import-not-at-top  # Not needed to parse flags or show help.
+
     jax.distributed.initialize(**cluster)
   elif cluster:
     sys.exit(f'FATAL {", ".join("--" + k for k in cluster)} given without --distributed')
@@ -102,6 +116,7 @@ def quiet_logs() -> None:
     # client, then uses the standard API, which is what it should do.
     std_logging.getLogger('gcsfs').setLevel(std_logging.ERROR)
   from halonet import checkpointing  # pylint: disable=g-import-not-at-top  # Imports Orbax.
+
   checkpointing.quiet_orbax_info_logs()
 
 
@@ -110,8 +125,10 @@ def cluster_flags() -> dict[str, str | int]:
   names = ('coordinator_address', 'num_processes', 'process_id')
   given = {name: FLAGS[name].value for name in names if FLAGS[name].value is not None}
   if 'process_id' in given and given['process_id'] >= given.get('num_processes', float('inf')):
-    sys.exit(f'FATAL --process_id={given["process_id"]} must be below '
-             f'--num_processes={given["num_processes"]}')
+    sys.exit(
+      f'FATAL --process_id={given["process_id"]} must be below '
+      f'--num_processes={given["num_processes"]}'
+    )
   return given
 
 

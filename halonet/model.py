@@ -15,8 +15,9 @@ from the published row (e.g. one more stage-3 block gives 12.2 M). Tables per he
 2.5% to H0 and push it outside 1%.
 """
 
+from collections.abc import Callable, Sequence
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,12 +44,14 @@ def stage_windows(model_config: ml_collections.ConfigDict) -> list[tuple[int, in
   halos = tuple(model_config.halo_sizes) or (model_config.halo_size,) * 4
   if len(blocks) != 4 or len(halos) != 4:
     raise errors.ConfigError(
-        f'block_sizes={blocks} and halo_sizes={halos} need one entry per stage (4)')
+      f'block_sizes={blocks} and halo_sizes={halos} need one entry per stage (4)'
+    )
   return list(zip(blocks, halos))
 
 
-def resolve_backend_defaults(model_config: ml_collections.ConfigDict,
-                             backend: str | None = None) -> dict[str, Any]:
+def resolve_backend_defaults(
+  model_config: ml_collections.ConfigDict, backend: str | None = None
+) -> dict[str, Any]:
   """config.model as plain values, with each 'auto' (dtype, attention_impl) chosen for `backend`.
 
   `backend` defaults to JAX's default backend ('cpu', 'gpu' or 'tpu'); pass one explicitly to
@@ -69,7 +72,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if m.activation not in _ACTIVATIONS:
     raise errors.ConfigError(f'activation={m.activation!r} is not one of {sorted(_ACTIVATIONS)}')
   if m.dtype not in ('auto', *_DTYPES):
-    raise errors.ConfigError(f"dtype={m.dtype!r} is not one of {['auto', *_DTYPES]}")
+    raise errors.ConfigError(f'dtype={m.dtype!r} is not one of {["auto", *_DTYPES]}')
   for name in ('widths', 'stage_depths', 'num_heads'):
     if len(m[name]) != 4:
       raise errors.ConfigError(f'{name}={tuple(m[name])} needs one entry per stage (4)')
@@ -77,7 +80,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   bad_stages = [s for s in m.conv_stages if s not in (1, 2, 3, 4)]
   if bad_stages:
     raise errors.ConfigError(
-        f'conv_stages={tuple(m.conv_stages)} may only name stages 1-4, got {bad_stages}')
+      f'conv_stages={tuple(m.conv_stages)} may only name stages 1-4, got {bad_stages}'
+    )
   for stage, ((b, h), w, heads) in enumerate(zip(stage_windows(m), m.widths, m.num_heads), 1):
     if stage in m.conv_stages:
       continue
@@ -90,11 +94,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for name, width in (('width', w), ('value width', value_width)):
       if heads <= 0 or width % heads:
         raise errors.ConfigError(
-            f'stage {stage}: num_heads={heads} does not divide its {name} {width}')
+          f'stage {stage}: num_heads={heads} does not divide its {name} {width}'
+        )
 
 
 class SqueezeExcite(nn.Module):
   """Channel gating from globally pooled features (Hu et al.); reduction 16, at least 8 units."""
+
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -108,14 +114,21 @@ class SqueezeExcite(nn.Module):
 
 class Conv3x3(nn.Module):
   """The ResNet 3x3 convolution, the spatial mixer of hybrid (conv_stages) stages."""
+
   value_width: int
   stride: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return nn.Conv(self.value_width, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)),
-                   use_bias=False, dtype=self.dtype)(x)
+    return nn.Conv(
+      self.value_width,
+      (3, 3),
+      strides=self.stride,
+      padding=((1, 1), (1, 1)),
+      use_bias=False,
+      dtype=self.dtype,
+    )(x)
 
 
 class BottleneckBlock(nn.Module):
@@ -124,6 +137,7 @@ class BottleneckBlock(nn.Module):
   `mixer` builds the spatial mixer as mixer(value_width=..., stride=...): any module with those
   two fields fits, so a new attention variant plugs in without touching the block.
   """
+
   width: int
   out_width: int
   value_width: int
@@ -139,8 +153,9 @@ class BottleneckBlock(nn.Module):
     # 1x1 convolutions as Dense over channels: the same function and parameter count, and XLA:CPU
     # runs a plain matmul ~1.7x faster than its 1x1 convolution (fwd + bwd).
     pointwise = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
+    norm = functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
+    )
     y = self.act(norm()(pointwise(self.width)(x)))
     y = self.mixer(value_width=self.value_width, stride=self.stride)(y)
     y = self.act(norm()(y))
@@ -153,7 +168,7 @@ class BottleneckBlock(nn.Module):
     y = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3))(y, deterministic=not train)
     residual = x
     if self.stride != 1 or x.shape[-1] != self.out_width:
-      residual = pointwise(self.out_width, name='proj')(x[:, ::self.stride, ::self.stride])
+      residual = pointwise(self.out_width, name='proj')(x[:, :: self.stride, :: self.stride])
       residual = norm(name='proj_bn')(residual)
     return self.act(y + residual)
 
@@ -163,6 +178,7 @@ class HaloNet(nn.Module):
   each is documented; H0-H7 differ only in their values. `attention_cls` is the attention module
   of the attention stages (HaloAttention's fields), for trying a new variant.
   """
+
   num_classes: int
   block_size: int
   halo_size: int
@@ -192,10 +208,12 @@ class HaloNet(nn.Module):
     act = _ACTIVATIONS[self.activation]
     dtype = jnp.dtype(self.dtype)
     x = images.astype(dtype)
-    x = nn.Conv(64, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
-                dtype=dtype, name='stem_conv')(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=dtype, name='stem_bn')(x)
+    x = nn.Conv(
+      64, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False, dtype=dtype, name='stem_conv'
+    )(x)
+    x = nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name='stem_bn'
+    )(x)
     x = nn.relu(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
@@ -206,23 +224,35 @@ class HaloNet(nn.Module):
     total_blocks = sum(self.stage_depths)
     block_index = 0
     for stage, (width, depth, heads, (b, h)) in enumerate(
-        zip(self.widths, self.stage_depths, self.num_heads, windows), 1):
+      zip(self.widths, self.stage_depths, self.num_heads, windows), 1
+    ):
       if stage in self.conv_stages:
         mixer = functools.partial(Conv3x3, dtype=dtype)
       else:
         mixer = functools.partial(
-            self.attention_cls, qk_width=width, num_heads=heads, block_size=b, halo_size=h,
-            mask_window=self.mask_window, attention_impl=self.attention_impl, dtype=dtype,
-            attention_choice=self.attention_choice)
+          self.attention_cls,
+          qk_width=width,
+          num_heads=heads,
+          block_size=b,
+          halo_size=h,
+          mask_window=self.mask_window,
+          attention_impl=self.attention_impl,
+          dtype=dtype,
+          attention_choice=self.attention_choice,
+        )
       for i in range(depth):
         x = block_cls(
-            width=width,
-            out_width=int(width * self.bottleneck_ratio),
-            value_width=int(width * self.value_ratio),
-            stride=2 if stage > 1 and i == 0 else 1,
-            mixer=mixer, use_se=self.use_se,
-            drop_path_rate=self.stochastic_depth_rate * block_index / max(total_blocks - 1, 1),
-            act=act, dtype=dtype, name=f'stage{stage}_block{i}')(x, train)
+          width=width,
+          out_width=int(width * self.bottleneck_ratio),
+          value_width=int(width * self.value_ratio),
+          stride=2 if stage > 1 and i == 0 else 1,
+          mixer=mixer,
+          use_se=self.use_se,
+          drop_path_rate=self.stochastic_depth_rate * block_index / max(total_blocks - 1, 1),
+          act=act,
+          dtype=dtype,
+          name=f'stage{stage}_block{i}',
+        )(x, train)
         block_index += 1
       # Multi-scale features (strides 4, 8, 16, 32) for dense tasks: see halonet/trained.py.
       if not self.is_initializing():
@@ -230,23 +260,28 @@ class HaloNet(nn.Module):
 
     if self.final_width:
       x = nn.Dense(self.final_width, use_bias=False, dtype=dtype, name='final_conv')(x)
-      x = act(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                           dtype=dtype, name='final_bn')(x))
+      x = act(
+        nn.BatchNorm(
+          use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name='final_bn'
+        )(x)
+      )
     x = x.mean(axis=(1, 2))
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     return nn.Dense(self.num_classes, dtype=jnp.float32, name=CLASSIFIER)(x.astype(jnp.float32))
 
 
-def create_model(config: ml_collections.ConfigDict, backend: str | None = None,
-                 attention_choice: tuple[tuple[str, str], ...] = ()) -> HaloNet:
+def create_model(
+  config: ml_collections.ConfigDict,
+  backend: str | None = None,
+  attention_choice: tuple[tuple[str, str], ...] = (),
+) -> HaloNet:
   """The HaloNet of `config.model` (validated first), with 'auto' fields chosen for `backend`;
   with a measured `attention_choice`, 'auto' attention takes each layer's form from it."""
   validate_config(config)
   fields = resolve_backend_defaults(config.model, backend)
   if attention_choice:
     fields['attention_impl'] = config.model.attention_impl
-  return HaloNet(num_classes=config.num_classes, attention_choice=tuple(attention_choice),
-                 **fields)
+  return HaloNet(num_classes=config.num_classes, attention_choice=tuple(attention_choice), **fields)
 
 
 def abstract_variables(config: ml_collections.ConfigDict, batch_size: int = 1) -> Any:

@@ -2,10 +2,10 @@
 sweep's terminal shows one line per point and the table, and each point's progress stays readable.
 """
 
+from collections.abc import Iterator
 import contextlib
 import io
 import sys
-from collections.abc import Iterator
 
 from halonet import paths
 

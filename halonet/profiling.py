@@ -4,8 +4,8 @@ import os
 import shutil
 import tempfile
 
-import jax
 from absl import logging
+import jax
 
 from halonet import paths
 
@@ -34,8 +34,9 @@ class StepTrace:
     if self.local and step >= self.steps[1]:
       jax.block_until_ready(outputs)
       self.stop()
-      logging.warning('profiled steps %d-%d into %s/plugins/profile', *self.steps,
-                      paths.as_string(self.workdir))
+      logging.warning(
+        'profiled steps %d-%d into %s/plugins/profile', *self.steps, paths.as_string(self.workdir)
+      )
 
   def stop(self) -> None:
     if not self.local:
@@ -45,7 +46,8 @@ class StepTrace:
       for name in files:
         source = os.path.join(folder, name)
         with open(source, 'rb') as f:
-          paths.write_bytes(paths.path(self.workdir) / os.path.relpath(source, self.local),
-                            f.read())
+          paths.write_bytes(
+            paths.path(self.workdir) / os.path.relpath(source, self.local), f.read()
+          )
     shutil.rmtree(self.local, ignore_errors=True)
     self.local = None

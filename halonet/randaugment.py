@@ -10,7 +10,10 @@ Only the public parts of Keras are used: the layer's per-op sub-layers (`OPS`), 
 own `get_random_transformation` and `transform_images`; only the chosen op runs.
 """
 
-from halonet.tensorflow_import import tf  # pylint: disable=g-bad-import-order  # Before keras/tfds.
+from halonet.tensorflow_import import tf  # First: keras and tfds import TensorFlow.
+
+# isort: split
+
 import keras
 
 # RandAugment's magnitude scale: the paper tunes M up to ~30 on ImageNet (e.g. 28 for
@@ -18,9 +21,19 @@ import keras
 MAX_MAGNITUDE = 30.0
 # The ops RandAugment draws from: the sub-layers keras.layers.RandAugment builds with one shared
 # strength (shear and translation each cover x and y).
-OPS = ('random_shear', 'random_translation', 'random_rotation', 'random_brightness',
-       'random_color_degeneration', 'random_contrast', 'random_sharpness', 'random_posterization',
-       'solarization', 'auto_contrast', 'equalization')
+OPS = (
+  'random_shear',
+  'random_translation',
+  'random_rotation',
+  'random_brightness',
+  'random_color_degeneration',
+  'random_contrast',
+  'random_sharpness',
+  'random_posterization',
+  'solarization',
+  'auto_contrast',
+  'equalization',
+)
 
 
 class _FoldInSeeds(keras.random.SeedGenerator):
@@ -47,8 +60,11 @@ class RandAugment:
   def __init__(self, num_layers: int, magnitude: float):
     self.num_layers = num_layers
     self.layer = keras.layers.RandAugment(
-        value_range=(0, 255), num_ops=num_layers,
-        factor=min(magnitude / MAX_MAGNITUDE, 1.0), interpolation='bilinear')
+      value_range=(0, 255),
+      num_ops=num_layers,
+      factor=min(magnitude / MAX_MAGNITUDE, 1.0),
+      interpolation='bilinear',
+    )
     # Keras gives every op the same `factor`. With M/30 that matches the reference RandAugment
     # (tensorflow/tpu autoaugment.py: at M=10, shear 0.3, translate ~0.3) for shear and translation,
     # but RandomRotation reads its factor as a fraction of a full turn (M=10 would mean +-120 deg):
@@ -71,7 +87,9 @@ class RandAugment:
       # Every op's parameters are drawn (a fixed number of draws per layer, so the seeds do not
       # depend on the choice); only the chosen op runs.
       transformations = [op.get_random_transformation(batch, seed=seeds) for op in self.ops]
-      branches = [lambda op=op, t=t, batch=batch: op.transform_images(batch, t)
-                  for op, t in zip(self.ops, transformations)]
+      branches = [
+        lambda op=op, t=t, batch=batch: op.transform_images(batch, t)
+        for op, t in zip(self.ops, transformations)
+      ]
       batch = tf.switch_case(chosen[i], branches)
     return tf.cast(tf.clip_by_value(tf.round(batch[0]), 0, 255), tf.uint8)

@@ -11,12 +11,15 @@ halo rows between neighbouring devices (halonet/attention/spatial.py).
 """
 
 import collections
-import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import functools
 
 import jax
+from jax.sharding import AxisType
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from halonet import errors
 
@@ -32,17 +35,19 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int
   shape = tuple(int(n) for n in mesh_shape)
   if len(shape) != 2 or shape.count(-1) > 1 or any(n == 0 or n < -1 for n in shape):
     raise errors.ConfigError(
-        f'config.mesh_shape={shape} must be (data, spatial) positive sizes, at most one -1')
+      f'config.mesh_shape={shape} must be (data, spatial) positive sizes, at most one -1'
+    )
   known = int(np.prod([n for n in shape if n != -1]))
   if -1 in shape:
     if num_devices % known:
       raise errors.ConfigError(
-          f'config.mesh_shape={shape} does not divide the {num_devices} devices')
+        f'config.mesh_shape={shape} does not divide the {num_devices} devices'
+      )
     shape = tuple(num_devices // known if n == -1 else n for n in shape)
   if shape[0] * shape[1] != num_devices:
     raise errors.ConfigError(
-        f'config.mesh_shape={shape} needs {shape[0] * shape[1]} devices but there are '
-        f'{num_devices}')
+      f'config.mesh_shape={shape} needs {shape[0] * shape[1]} devices but there are {num_devices}'
+    )
   return shape
 
 
@@ -56,10 +61,12 @@ def create_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device] | None 
 def traced_within(mesh: Mesh, fn: Callable) -> Callable:
   """`fn`, traced with `mesh` as the abstract mesh: layers that shard_map over the data axis
   (the CPU attention path) then see it, however the jitted step is called."""
+
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return fn(*args, **kwargs)
+
   return wrapped
 
 
@@ -73,6 +80,7 @@ def per_device_images(attend: Callable[..., jax.Array]) -> Callable[..., jax.Arr
   with a data axis each device attends over its own images and the batch stays sharded (no
   all-gather). Already inside a data-manual region, or without one, `attend` runs as is.
   """
+
   def wrapped(q: jax.Array, k: jax.Array, v: jax.Array, *shared: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     data = 1 if mesh.empty else mesh.shape.get(DATA_AXIS, 1)
@@ -81,9 +89,15 @@ def per_device_images(attend: Callable[..., jax.Array]) -> Callable[..., jax.Arr
     images = P(DATA_AXIS)
     # Manual over the data axis only: the transpose sums the shared inputs' gradients over the
     # axes it is manual in, and nothing else.
-    return jax.shard_map(attend, mesh=mesh, in_specs=(images,) * 3 + (P(),) * len(shared),
-                         out_specs=images, axis_names={DATA_AXIS}, check_vma=False)(
-                             q, k, v, *shared)
+    return jax.shard_map(
+      attend,
+      mesh=mesh,
+      in_specs=(images,) * 3 + (P(),) * len(shared),
+      out_specs=images,
+      axis_names={DATA_AXIS},
+      check_vma=False,
+    )(q, k, v, *shared)
+
   return wrapped
 
 
@@ -98,19 +112,23 @@ def spatial_size(mesh: jax.sharding.AbstractMesh | Mesh) -> int:
 
 def batch_shardings(mesh: Mesh, keys: Iterable[str]) -> dict[str, NamedSharding]:
   """Every entry's examples split over 'data'; the images' rows also over 'spatial'."""
-  return {key: NamedSharding(mesh, P(DATA_AXIS, SPATIAL_AXIS) if key == IMAGE_KEY else
-                             P(DATA_AXIS)) for key in keys}
+  return {
+    key: NamedSharding(mesh, P(DATA_AXIS, SPATIAL_AXIS) if key == IMAGE_KEY else P(DATA_AXIS))
+    for key in keys
+  }
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Joins each process's local examples into global arrays placed by `batch_shardings`."""
   shardings = batch_shardings(mesh, batch)
-  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
-          for k, v in batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()
+  }
 
 
-def prefetch_to_device(batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh,
-                       size: int = PREFETCH_BATCHES) -> Iterator[dict[str, jax.Array]]:
+def prefetch_to_device(
+  batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh, size: int = PREFETCH_BATCHES
+) -> Iterator[dict[str, jax.Array]]:
   """Sharded batches placed `size` ahead: the next host->device copies overlap this step."""
   queue = collections.deque()
   for batch in batches:

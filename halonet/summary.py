@@ -19,8 +19,9 @@ from halonet import text_table
 def neighbourhood(config: ml_collections.ConfigDict) -> str:
   """Attention neighbourhood of each attention stage, e.g. '14x14 (b=8, h=3)'."""
   conv_stages = set(config.model.conv_stages)
-  windows = [w for stage, w in enumerate(model.stage_windows(config.model), 1)
-             if stage not in conv_stages]
+  windows = [
+    w for stage, w in enumerate(model.stage_windows(config.model), 1) if stage not in conv_stages
+  ]
   if not windows:
     return 'none (all conv)'
   described = [f'{b + 2 * h}x{b + 2 * h} (b={b}, h={h})' for b, h in dict.fromkeys(windows)]
@@ -50,20 +51,29 @@ def summarize(config: ml_collections.ConfigDict) -> dict[str, Any]:
   row = paper.VARIANTS.get(config.variant)
   published = None if row is None else row.params_m
   return {
-      'variant': config.variant,
-      'image_size': config.image_size,
-      'params_m': round(params / 1e6, 3),
-      'paper_params_m': published,
-      'diff_percent': None if row is None else round(100 * (params / 1e6 - published) / published, 2),
-      'gflops': round(gflops_per_image(config), 3),
-      'neighbourhood': neighbourhood(config),
+    'variant': config.variant,
+    'image_size': config.image_size,
+    'params_m': round(params / 1e6, 3),
+    'paper_params_m': published,
+    'diff_percent': None if row is None else round(100 * (params / 1e6 - published) / published, 2),
+    'gflops': round(gflops_per_image(config), 3),
+    'neighbourhood': neighbourhood(config),
   }
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
   """The summary rows as a text table."""
-  return text_table.format_table([{
-      'variant': r['variant'], 'size': r['image_size'], 'params M': round(r['params_m'], 2),
-      'paper M': r['paper_params_m'],
-      'diff %': None if r['diff_percent'] is None else f"{r['diff_percent']:+.2f}",
-      'GFLOPs': round(r['gflops'], 2), 'neighbourhood': r['neighbourhood']} for r in rows])
+  return text_table.format_table(
+    [
+      {
+        'variant': r['variant'],
+        'size': r['image_size'],
+        'params M': round(r['params_m'], 2),
+        'paper M': r['paper_params_m'],
+        'diff %': None if r['diff_percent'] is None else f'{r["diff_percent"]:+.2f}',
+        'GFLOPs': round(r['gflops'], 2),
+        'neighbourhood': r['neighbourhood'],
+      }
+      for r in rows
+    ]
+  )

@@ -21,18 +21,25 @@ from halonet import summary
 from halonet import workdir as workdir_lib
 
 # Axis labels for the paper's ablation knobs; other keys use their dotted name.
-AXIS_LABELS = {'model.block_size': 'block size b (pixels)',
-               'model.halo_size': 'halo size h (pixels)',
-               'model.conv_stages': 'stages with convolutions',
-               'model.mask_window': 'mask window k (pixels; 0 = none)',
-               'model.use_se': 'squeeze-excite', 'model.activation': 'activation',
-               'label_smoothing': 'label smoothing', 'randaugment_magnitude': 'RandAugment M'}
+AXIS_LABELS = {
+  'model.block_size': 'block size b (pixels)',
+  'model.halo_size': 'halo size h (pixels)',
+  'model.conv_stages': 'stages with convolutions',
+  'model.mask_window': 'mask window k (pixels; 0 = none)',
+  'model.use_se': 'squeeze-excite',
+  'model.activation': 'activation',
+  'label_smoothing': 'label smoothing',
+  'randaugment_magnitude': 'RandAugment M',
+}
 
 
 def window_size(config: ml_collections.ConfigDict) -> int | None:
   """Largest b + 2h over the attention stages (None when every stage is a conv)."""
-  windows = [b + 2 * h for stage, (b, h) in enumerate(model.stage_windows(config.model), 1)
-             if stage not in config.model.conv_stages]
+  windows = [
+    b + 2 * h
+    for stage, (b, h) in enumerate(model.stage_windows(config.model), 1)
+    if stage not in config.model.conv_stages
+  ]
   return max(windows, default=None)
 
 
@@ -40,18 +47,23 @@ def _significant(x: float) -> float:
   return float(f'{x:.4g}')
 
 
-def collect_row(name: str, config: ml_collections.ConfigDict, workdir: str,
-                keys: list[str]) -> dict[str, Any]:
+def collect_row(
+  name: str, config: ml_collections.ConfigDict, workdir: str, keys: list[str]
+) -> dict[str, Any]:
   """The point's values of the swept `keys`, its model cost and its final results."""
   results = workdir_lib.read_results(workdir)
   flat = config.to_dict()
   value = lambda key: _get(flat, key)
   # The summary's own pieces at 4 significant digits: its 3 decimals flatten CPU-scale models.
-  row = {'point': name, **{k: value(k) for k in keys},
-         'params_m': _significant(model.count_params(config) / 1e6),
-         'gflops': _significant(summary.gflops_per_image(config)),
-         'neighbourhood': summary.neighbourhood(config),
-         'window': window_size(config), 'step': results['step']}
+  row = {
+    'point': name,
+    **{k: value(k) for k in keys},
+    'params_m': _significant(model.count_params(config) / 1e6),
+    'gflops': _significant(summary.gflops_per_image(config)),
+    'neighbourhood': summary.neighbourhood(config),
+    'window': window_size(config),
+    'step': results['step'],
+  }
   for group, prefix in (('raw_eval', 'top1'), ('ema_eval', 'top1_ema')):
     for split, metrics in results.get(group, {}).items():
       row[f'{prefix}_{split}'] = round(metrics['top1'], 2)
@@ -92,14 +104,15 @@ def _cell(value: Any) -> str:
   return str(value)
 
 
-def plot(rows: list[dict[str, Any]], keys: list[str], labels: list[str], metric: str,
-         title: str, path: str) -> None:
+def plot(
+  rows: list[dict[str, Any]], keys: list[str], labels: list[str], metric: str, title: str, path: str
+) -> None:
   """Top-1 against each swept key (one line per combination of the other swept keys) and
   against GFLOPs (each point labelled).
 
   A bare Figure renders with Agg and leaves pyplot's global backend alone.
   """
-  rows_labels = [(r, l) for r, l in zip(rows, labels) if r.get(metric) is not None]
+  rows_labels = [(r, label) for r, label in zip(rows, labels) if r.get(metric) is not None]
   fig = Figure(figsize=(4.5 * (len(keys) + 1), 4.2))
   fig.suptitle(title, fontsize=10)
   axes = fig.subplots(1, len(keys) + 1, squeeze=False)[0]
@@ -120,18 +133,26 @@ def plot(rows: list[dict[str, Any]], keys: list[str], labels: list[str], metric:
     if others:
       ax.legend(fontsize=7)
     if numeric:
-      ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=all(isinstance(v, int)
-                                                                  for v in values)))
+      ax.xaxis.set_major_locator(
+        MaxNLocator(nbins=6, integer=all(isinstance(v, int) for v in values))
+      )
     else:
       ax.set_xticks(range(len(categories)), categories)
       ax.set_xlim(-0.5, len(categories) - 0.5)
     ax.set_xlabel(AXIS_LABELS.get(key, key))
   flops_ax = axes[-1]
   for r, label in rows_labels:
-    flops_ax.errorbar(r['gflops'], r[metric], yerr=r.get(f'{metric}_std', 0), marker='o',
-                      color='tab:blue', capsize=3)
-    flops_ax.annotate(label, (r['gflops'], r[metric]), xytext=(3, 3), textcoords='offset points',
-                      fontsize=7)
+    flops_ax.errorbar(
+      r['gflops'],
+      r[metric],
+      yerr=r.get(f'{metric}_std', 0),
+      marker='o',
+      color='tab:blue',
+      capsize=3,
+    )
+    flops_ax.annotate(
+      label, (r['gflops'], r[metric]), xytext=(3, 3), textcoords='offset points', fontsize=7
+    )
   flops_ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
   flops_ax.ticklabel_format(axis='x', style='sci', scilimits=(-2, 4))
   flops_ax.set_xlabel('GFLOPs per image')
@@ -142,9 +163,15 @@ def plot(rows: list[dict[str, Any]], keys: list[str], labels: list[str], metric:
   paths.save_figure(fig, path, dpi=120)
 
 
-def write_results(rows: list[dict[str, Any]], overrides: list[dict[str, Any]],
-                  labels: list[str], keys: list[str], title: str, workdir: str,
-                  extra: dict[str, Any]) -> None:
+def write_results(
+  rows: list[dict[str, Any]],
+  overrides: list[dict[str, Any]],
+  labels: list[str],
+  keys: list[str],
+  title: str,
+  workdir: str,
+  extra: dict[str, Any],
+) -> None:
   """results.csv, results.json (typed values, each point's overrides, `extra`) and
   results.png in `workdir`."""
   columns = list(dict.fromkeys(k for r in rows for k in r))
@@ -153,8 +180,10 @@ def write_results(rows: list[dict[str, Any]], overrides: list[dict[str, Any]],
   writer.writeheader()
   writer.writerows([{k: '' if v is None else _cell(v) for k, v in r.items()} for r in rows])
   paths.write_bytes(workdir_lib.file(workdir, 'results.csv'), table.getvalue().encode())
-  paths.write_json(workdir_lib.file(workdir, workdir_lib.RESULTS), {
-      **extra, 'rows': [{**r, 'overrides': o} for r, o in zip(rows, overrides)]})
+  paths.write_json(
+    workdir_lib.file(workdir, workdir_lib.RESULTS),
+    {**extra, 'rows': [{**r, 'overrides': o} for r, o in zip(rows, overrides)]},
+  )
   # The first eval split with the raw params: the one every point has.
   metric = next(c for c in columns if c.startswith('top1_') and not c.endswith('_std'))
   plot(rows, keys, labels, metric, title, workdir_lib.file(workdir, 'results.png'))

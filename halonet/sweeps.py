@@ -12,13 +12,13 @@ Every listed point is crossed with every grid point. Nested mappings flatten to 
 table and plot of a finished sweep are halonet/sweep_report.py's.
 """
 
+from collections.abc import Mapping
 import dataclasses
 import importlib.util
 import itertools
 import re
 import shlex
 import time
-from collections.abc import Mapping
 from typing import Any
 
 from flax import traverse_util
@@ -37,10 +37,17 @@ from halonet import train_lib
 from halonet import workdir as workdir_lib
 
 # Short names for the paper's ablation knobs in point labels; other keys use their last part.
-_SHORT_KEYS = {'model.block_size': 'b', 'model.halo_size': 'h', 'model.conv_stages': 'conv',
-               'model.mask_window': 'mask', 'model.use_se': 'SE', 'model.activation': 'act',
-               'label_smoothing': 'LS', 'randaugment_layers': 'RA_n',
-               'randaugment_magnitude': 'RA_m'}
+_SHORT_KEYS = {
+  'model.block_size': 'b',
+  'model.halo_size': 'h',
+  'model.conv_stages': 'conv',
+  'model.mask_window': 'mask',
+  'model.use_se': 'SE',
+  'model.activation': 'act',
+  'label_smoothing': 'LS',
+  'randaugment_layers': 'RA_n',
+  'randaugment_magnitude': 'RA_m',
+}
 POINT_LOG = 'train.log'  # Each point's training output, in its sub-workdir.
 _UNSAFE = re.compile(r'[^A-Za-z0-9._=,+-]')
 
@@ -48,6 +55,7 @@ _UNSAFE = re.compile(r'[^A-Za-z0-9._=,+-]')
 @dataclasses.dataclass
 class Point:
   """One run of a sweep: `overrides` name the point, `name` the run (with its seed, if any)."""
+
   name: str
   overrides: dict[str, Any]
   config: ml_collections.ConfigDict
@@ -99,8 +107,9 @@ def point_label(overrides: Mapping[str, Any]) -> str:
   """Short plot label, e.g. 'b=8,h=3'."""
   if not overrides:
     return 'base'
-  return ','.join(f'{_SHORT_KEYS.get(k, k.rsplit(".", 1)[-1])}={_name_value(v)}'
-                  for k, v in overrides.items())
+  return ','.join(
+    f'{_SHORT_KEYS.get(k, k.rsplit(".", 1)[-1])}={_name_value(v)}' for k, v in overrides.items()
+  )
 
 
 def check_key(config: ml_collections.ConfigDict, key: str, source: str) -> None:
@@ -112,7 +121,8 @@ def check_key(config: ml_collections.ConfigDict, key: str, source: str) -> None:
     node = node[part]
   if isinstance(node, ml_collections.ConfigDict):
     raise errors.ConfigError(
-        f'sweep override key {key!r} names a group of fields in {source}, not one')
+      f'sweep override key {key!r} names a group of fields in {source}, not one'
+    )
 
 
 def build_points(sweep: ml_collections.ConfigDict, workdir: str) -> list[Point]:
@@ -138,8 +148,9 @@ def build_points(sweep: ml_collections.ConfigDict, workdir: str) -> list[Point]:
       config_checks.validate_values(config)
     except ValueError as e:
       raise errors.ConfigError(f'sweep point {name}: {e}') from None
-    points.append(Point(name, overrides, config, workdir_lib.file(workdir, name),
-                        point_name(overrides)))
+    points.append(
+      Point(name, overrides, config, workdir_lib.file(workdir, name), point_name(overrides))
+    )
   return points
 
 
@@ -160,14 +171,16 @@ def is_finished(point: Point) -> bool:
   if not results:
     return False
   train_examples = input_pipeline.num_examples(point.config, point.config.train_split)
-  return (results['step']
-          >= train_lib.total_train_steps(point.config, train_examples))
+  return results['step'] >= train_lib.total_train_steps(point.config, train_examples)
 
 
 def _eval_summary(results: dict[str, Any]) -> str:
   """'test top-1 97.21%' for each evaluated split (raw parameters, then the EMA's if any)."""
-  parts = [f'{split} top-1 {r["top1"]:.2f}%' + (' (EMA)' if name == 'ema' else '')
-           for name in ('raw', 'ema') for split, r in results.get(f'{name}_eval', {}).items()]
+  parts = [
+    f'{split} top-1 {r["top1"]:.2f}%' + (' (EMA)' if name == 'ema' else '')
+    for name in ('raw', 'ema')
+    for split, r in results.get(f'{name}_eval', {}).items()
+  ]
   return ', '.join(parts) or 'not evaluated'
 
 
@@ -195,8 +208,9 @@ def run_points(points: list[Point]) -> bool:
   return True
 
 
-def run_sweep(sweep: ml_collections.ConfigDict, points: list[Point], workdir: str,
-              title: str = '') -> list[dict[str, Any]] | None:
+def run_sweep(
+  sweep: ml_collections.ConfigDict, points: list[Point], workdir: str, title: str = ''
+) -> list[dict[str, Any]] | None:
   """Trains the unfinished points (from build_points), then writes and prints the table.
 
   Returns the rows (process 0), or None when preempted: rerunning resumes where it stopped.
@@ -216,7 +230,13 @@ def run_sweep(sweep: ml_collections.ConfigDict, points: list[Point], workdir: st
     extra.update(seeds=list(sweep.seeds), runs=runs)
   firsts = list({p.group: p for p in points}.values())  # One per point, in order.
   sweep_report.write_results(
-      rows, [p.overrides for p in firsts], [point_label(p.overrides) for p in firsts], keys,
-      title or paths.path(paths.as_string(workdir)).name, workdir, extra)
+    rows,
+    [p.overrides for p in firsts],
+    [point_label(p.overrides) for p in firsts],
+    keys,
+    title or paths.path(paths.as_string(workdir)).name,
+    workdir,
+    extra,
+  )
   console.say(text_table.format_table(rows))
   return rows

@@ -7,16 +7,18 @@ import runs with file descriptor 2 pointed at a temporary file; whatever else it
 passed on to stderr unchanged, so a real problem still shows.
 """
 
+from collections.abc import Iterator
 import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-NOTICES = ('All log messages before absl::InitializeLog() is called are written to STDERR',
-           'oneDNN custom operations are on.')
+NOTICES = (
+  'All log messages before absl::InitializeLog() is called are written to STDERR',
+  'oneDNN custom operations are on.',
+)
 
 
 @contextlib.contextmanager
@@ -32,11 +34,16 @@ def _native_stderr_filtered() -> Iterator[None]:
       os.dup2(saved, 2)
       os.close(saved)
       held.seek(0)
-      kept = [line for line in held.read().decode(errors='replace').splitlines(keepends=True)
-              if not any(notice in line for notice in NOTICES)]
+      kept = [
+        line
+        for line in held.read().decode(errors='replace').splitlines(keepends=True)
+        if not any(notice in line for notice in NOTICES)
+      ]
       sys.stderr.write(''.join(kept))
       sys.stderr.flush()
 
 
 with _native_stderr_filtered():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top,unused-import
+  import tensorflow as tf
+
+__all__ = ['tf']

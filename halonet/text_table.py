@@ -12,8 +12,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
   numeric = [all(_is_number(row[i]) for row in cells if row[i]) for i in range(len(columns))]
 
   def line(values: list[str]) -> str:
-    return '  '.join(v.rjust(w) if num else v.ljust(w)
-                     for v, w, num in zip(values, widths, numeric)).rstrip()
+    return '  '.join(
+      v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)
+    ).rstrip()
+
   header = line(columns)
   return '\n'.join([header, '-' * len(header)] + [line(row) for row in cells])
 

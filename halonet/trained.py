@@ -9,11 +9,10 @@ parameter that depends on the map size, so any input size works (sizes b does no
 padded and masked inside each layer).
 """
 
-import re
 from collections.abc import Sequence
+import re
 from typing import Any
 
-from halonet.tensorflow_import import tf  # pylint: disable=g-bad-import-order  # Before keras/tfds.
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,14 +25,18 @@ from halonet import paths
 from halonet import sharding
 from halonet import train_lib
 from halonet import workdir as workdir_lib
+from halonet.tensorflow_import import tf
 
 WEIGHTS = ('raw', 'ema')
 PREDICT_BATCH = 32
 
 
-def load(workdir: str, step: int | None = None, weights: str = 'raw',
-         config: ml_collections.ConfigDict | None = None
-         ) -> tuple[ml_collections.ConfigDict, dict[str, Any], int]:
+def load(
+  workdir: str,
+  step: int | None = None,
+  weights: str = 'raw',
+  config: ml_collections.ConfigDict | None = None,
+) -> tuple[ml_collections.ConfigDict, dict[str, Any], int]:
   """(config, {'params', 'batch_stats'}, step) of a run's checkpoint, read-only, on this
   process's devices. `config` defaults to the run's own (workdir/config.json)."""
   if weights not in WEIGHTS:
@@ -42,14 +45,16 @@ def load(workdir: str, step: int | None = None, weights: str = 'raw',
   mesh = sharding.create_mesh((-1, 1), jax.local_devices())
   state, _, _ = train_lib.restore_run(config, workdir, mesh, step)
   if weights == 'ema' and state.ema_params is None:
-    raise errors.ConfigError(f'{workdir} was trained without an EMA (config.ema_decay=0): '
-                             'use weights=raw')
+    raise errors.ConfigError(
+      f'{workdir} was trained without an EMA (config.ema_decay=0): use weights=raw'
+    )
   params = state.ema_params if weights == 'ema' else state.params
   return config, {'params': params, 'batch_stats': state.batch_stats}, int(state.step)
 
 
-def features(config: ml_collections.ConfigDict, variables: dict[str, Any],
-             images: jax.Array) -> dict[str, jax.Array]:
+def features(
+  config: ml_collections.ConfigDict, variables: dict[str, Any], images: jax.Array
+) -> dict[str, jax.Array]:
   """Each stage's output for images [B, H, W, 3] of pixel values 0-255 (uint8 or float),
   normalised as in training: 'stage1'..'stage4' at strides 4, 8, 16 and 32 (ceil(H / stride)
   rows), BatchNorm with its running statistics."""
@@ -59,8 +64,9 @@ def features(config: ml_collections.ConfigDict, variables: dict[str, Any],
   return {name: values[0] for name, values in sown[model_lib.FEATURES].items()}
 
 
-def read_images(image_paths: Sequence[str], config: ml_collections.ConfigDict
-                ) -> tuple[list[str], np.ndarray, dict[str, str]]:
+def read_images(
+  image_paths: Sequence[str], config: ml_collections.ConfigDict
+) -> tuple[list[str], np.ndarray, dict[str, str]]:
   """(files, uint8 [N, s, s, 3], {file: why it was left out}) for files and folders (every file
   under them, sorted), converted as evaluation converts: any size, mode and image format.
   Local files and URLs alike are read through halonet/paths.py."""
@@ -83,13 +89,18 @@ def read_images(image_paths: Sequence[str], config: ml_collections.ConfigDict
       reason = re.sub(r'^\{\{.*?\}\}\s*|\s*\[Op:.*$', '', e.message.splitlines()[0])
       problems[path] = f'not a decodable image ({reason})'
   size = config.image_size
-  stacked = np.stack([i.numpy() for i in images]) if images else np.zeros((0, size, size, 3),
-                                                                         np.uint8)
+  stacked = (
+    np.stack([i.numpy() for i in images]) if images else np.zeros((0, size, size, 3), np.uint8)
+  )
   return good, stacked, problems
 
 
-def predict(config: ml_collections.ConfigDict, variables: dict[str, Any], images: np.ndarray,
-            batch_size: int = PREDICT_BATCH) -> np.ndarray:
+def predict(
+  config: ml_collections.ConfigDict,
+  variables: dict[str, Any],
+  images: np.ndarray,
+  batch_size: int = PREDICT_BATCH,
+) -> np.ndarray:
   """Class probabilities [N, num_classes] of uint8 images [N, s, s, 3], in fixed-size batches
   (the last one padded) so that one compilation serves any N."""
   model = model_lib.create_model(config)
@@ -101,8 +112,9 @@ def predict(config: ml_collections.ConfigDict, variables: dict[str, Any], images
 
   out = []
   for start in range(0, len(images), batch_size):
-    batch = images[start:start + batch_size]
-    padded = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:],
-                                             batch.dtype)])
-    out.append(np.asarray(probabilities(padded))[:len(batch)])
+    batch = images[start : start + batch_size]
+    padded = np.concatenate(
+      [batch, np.zeros((batch_size - len(batch),) + batch.shape[1:], batch.dtype)]
+    )
+    out.append(np.asarray(probabilities(padded))[: len(batch)])
   return np.concatenate(out) if out else np.zeros((0, config.num_classes), np.float32)

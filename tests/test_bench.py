@@ -14,9 +14,23 @@ def test_tiny_benchmark_writes_results(tmp_path):
   out = tmp_path / 'results.json'
   env = dict(os.environ, XLA_FLAGS='')  # The script sets its own threads; no fake devices.
   env['GLIBC_TUNABLES'] = 'glibc.malloc.hugetlb=0'  # glibc's default: recorded, changes nothing.
-  subprocess.run([sys.executable, os.path.join(REPO, 'bench', 'run.py'), '--tiny', '--repeats', '1',
-                  '--sections', 'cpu,accelerator,costs', '--out', str(out)],
-                 check=True, cwd=REPO, env=env, timeout=600)
+  subprocess.run(
+    [
+      sys.executable,
+      os.path.join(REPO, 'bench', 'run.py'),
+      '--tiny',
+      '--repeats',
+      '1',
+      '--sections',
+      'cpu,accelerator,costs',
+      '--out',
+      str(out),
+    ],
+    check=True,
+    cwd=REPO,
+    env=env,
+    timeout=600,
+  )
   results = json.loads(out.read_text())
 
   assert results['tiny'] is True
@@ -63,9 +77,14 @@ def test_tiny_benchmark_writes_results(tmp_path):
   assert per_image['h1_remat'] < 0.7 * per_image['h1']
   growth = results['costs']['memory_growth']
   assert len(growth['rows']) == 2
-  for key in ('memory_growth_exponent', 'memory_growth_exponent_halo_attention',
-              'memory_growth_exponent_global_attention'):
+  for key in (
+    'memory_growth_exponent',
+    'memory_growth_exponent_halo_attention',
+    'memory_growth_exponent_global_attention',
+  ):
     assert isinstance(results[key], float)
   # Global attention's temp memory grows faster with pixels than halo attention's.
-  assert (results['memory_growth_exponent_global_attention']
-          > results['memory_growth_exponent_halo_attention'])
+  assert (
+    results['memory_growth_exponent_global_attention']
+    > results['memory_growth_exponent_halo_attention']
+  )

@@ -21,8 +21,11 @@ from halonet import train_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 16
 # A save every step: an async write is in flight at any moment a kill can hit.
-FLAGS = ['--config=configs/tiny.py', f'--config.num_train_steps={STEPS}',
-         '--config.checkpoint_every_steps=1']
+FLAGS = [
+  '--config=configs/tiny.py',
+  f'--config.num_train_steps={STEPS}',
+  '--config.checkpoint_every_steps=1',
+]
 KILLS = 3
 # Batches are read this many steps ahead (device prefetch): the read of batch n + AHEAD happens
 # just before step n runs.
@@ -32,8 +35,13 @@ INTERRUPTED_TRAIN = os.path.join(REPO, 'tests', 'scripts', 'interrupted_train.py
 
 
 def _run(args, workdir):
-  return subprocess.run([sys.executable, *args, f'--workdir={workdir}', *FLAGS], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, *args, f'--workdir={workdir}', *FLAGS],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def _interrupt(sig, at_step, workdir, resumed_at):
@@ -91,8 +99,10 @@ def test_sigterm_then_sigkill_soak_then_resume_equals_unbroken_run(tmp_path, mon
   # A half-written save of a later step (Orbax's tmp name) must be ignored, not restored.
   checkpoints = os.path.join(workdir, 'checkpoints')
   newest = max(_complete_steps(workdir))
-  shutil.copytree(os.path.join(checkpoints, str(newest)),
-                  os.path.join(checkpoints, f'{STEPS}.orbax-checkpoint-tmp'))
+  shutil.copytree(
+    os.path.join(checkpoints, str(newest)),
+    os.path.join(checkpoints, f'{STEPS}.orbax-checkpoint-tmp'),
+  )
   done = _run(['train.py'], workdir)
   assert done.returncode == 0, done.stderr[-3000:]
   assert f'resumed from checkpoint at step {newest}' in done.stdout
@@ -115,21 +125,31 @@ def _recording(read):
       for batch in batches:
         read.append(batch['image'][0].tobytes())
         yield batch
+
     return gen()
+
   return recorded
 
 
 @pytest.mark.slow
-def test_training_reads_the_stream_from_its_start_and_resumes_at_its_checkpoint(tmp_path,
-                                                                                monkeypatch):
+def test_training_reads_the_stream_from_its_start_and_resumes_at_its_checkpoint(
+  tmp_path, monkeypatch
+):
   """The input pipeline's own stream from step 0, read here, is the reference: a fresh run reads
   it from batch 0, and a run resumed from step 2 (known here: the only checkpoint left) from
   batch 2 (counting from 0: the batch step 3 trains on). Comparing two runs of the training code
   with each other would miss an offset that both share."""
   config = tiny.get_config()
   config.num_train_steps, config.checkpoint_every_steps = 4, 2
-  stream = [batch['image'][0].tobytes() for _, batch in zip(range(4), input_pipeline.create_split(
-      config, config.train_split, train=True, batch_size=config.batch_size))]
+  stream = [
+    batch['image'][0].tobytes()
+    for _, batch in zip(
+      range(4),
+      input_pipeline.create_split(
+        config, config.train_split, train=True, batch_size=config.batch_size
+      ),
+    )
+  ]
   assert len(set(stream)) == 4  # Distinct batches, so a shifted read cannot match.
   workdir = str(tmp_path)
   fresh, resumed = [], []
@@ -172,21 +192,27 @@ def _failing_save_at(step):
 
   def failing(manager, at, *args, **kwargs):
     if at == step:
-      raise ValueError(f'RESOURCE_EXHAUSTED: Error writing "params" in OCDBT database at local '
-                       f'file "{manager.directory}/{at}.orbax-checkpoint-tmp": No space left on '
-                       f'device [os_error_code=\'28\']')
+      raise ValueError(
+        f'RESOURCE_EXHAUSTED: Error writing "params" in OCDBT database at local '
+        f'file "{manager.directory}/{at}.orbax-checkpoint-tmp": No space left on '
+        f"device [os_error_code='28']"
+      )
     return save(manager, at, *args, **kwargs)
+
   return failing
 
 
-def test_full_disk_names_the_last_complete_checkpoint_and_resumes_from_it(tmp_path, monkeypatch,
-                                                                         capsys):
+def test_full_disk_names_the_last_complete_checkpoint_and_resumes_from_it(
+  tmp_path, monkeypatch, capsys
+):
   config = tiny.get_config()
   config.num_train_steps, config.checkpoint_every_steps = 6, 1
   monkeypatch.setattr(ocp.CheckpointManager, 'save', _failing_save_at(4))
   with pytest.raises(errors.DiskFull) as error:
     train_lib.train_and_evaluate(config, str(tmp_path))
-  assert 'disk full' in str(error.value) and 'last complete checkpoint is step 3' in str(error.value)
+  assert 'disk full' in str(error.value) and 'last complete checkpoint is step 3' in str(
+    error.value
+  )
   monkeypatch.undo()
   assert train_lib.train_and_evaluate(config, str(tmp_path))['step'] == 6
   assert 'resumed from checkpoint at step 3' in capsys.readouterr().out
@@ -198,15 +224,22 @@ def test_real_full_disk_then_resume_after_space_is_freed(tmp_path):
   naming the last complete checkpoint, and once the disk is larger resumes from exactly it."""
   disk = tmp_path / 'disk'
   disk.mkdir()
-  mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1536k', 'tmpfs', str(disk)],
-                         capture_output=True, text=True)
+  mount = subprocess.run(
+    ['mount', '-t', 'tmpfs', '-o', 'size=1536k', 'tmpfs', str(disk)], capture_output=True, text=True
+  )
   if mount.returncode:
     pytest.skip(f'cannot mount a tmpfs here: {mount.stderr.strip()}')
   try:
     workdir = disk / 'run'
-    command = [sys.executable, 'train.py', '--config=configs/tiny.py', f'--workdir={workdir}',
-               '--config.num_train_steps=12', '--config.checkpoint_every_steps=1',
-               '--config.keep_checkpoints=100']
+    command = [
+      sys.executable,
+      'train.py',
+      '--config=configs/tiny.py',
+      f'--workdir={workdir}',
+      '--config.num_train_steps=12',
+      '--config.checkpoint_every_steps=1',
+      '--config.keep_checkpoints=100',
+    ]
     run = lambda: subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     full = run()
     # Orbax's writer threads log their own tracebacks around it: find the run's one line.

@@ -10,25 +10,51 @@ from halonet import config_checks
 NAN, INF = math.nan, math.inf
 # One or more bad values for every field with a range, written here, not read from RANGES.
 BAD_VALUES = [
-    ('image_size', 16), ('num_classes', 0),
-    ('model.block_size', 0), ('model.halo_size', -1), ('model.value_ratio', 0.0),
-    ('model.bottleneck_ratio', -1.0), ('model.final_width', -8), ('model.mask_window', -1),
-    ('model.stochastic_depth_rate', 1.0), ('model.dropout_rate', NAN),
-    ('crop_fraction', 1.5), ('randaugment_layers', -1), ('randaugment_magnitude', 31),
-    ('mixup_alpha', -0.2), ('cutmix_alpha', NAN), ('shuffle_buffer', 0), ('num_epochs', INF),
-    ('optimizer.learning_rate', NAN), ('optimizer.learning_rate', -0.1),
-    ('optimizer.learning_rate', 0.0), ('optimizer.warmup_epochs', -1.0),
-    ('optimizer.momentum', 1.0), ('optimizer.b1', -0.1), ('optimizer.b2', 1.0),
-    ('optimizer.weight_decay', NAN), ('optimizer.grad_clip_norm', -1.0),
-    ('label_smoothing', 1.0), ('ema_decay', 1.5), ('log_every_steps', 0),
-    ('eval_every_steps', -5), ('checkpoint_every_steps', 0), ('keep_checkpoints', 0),
-    ('seed', -1), ('seed', 2**32),
+  ('image_size', 16),
+  ('num_classes', 0),
+  ('model.block_size', 0),
+  ('model.halo_size', -1),
+  ('model.value_ratio', 0.0),
+  ('model.bottleneck_ratio', -1.0),
+  ('model.final_width', -8),
+  ('model.mask_window', -1),
+  ('model.stochastic_depth_rate', 1.0),
+  ('model.dropout_rate', NAN),
+  ('crop_fraction', 1.5),
+  ('randaugment_layers', -1),
+  ('randaugment_magnitude', 31),
+  ('mixup_alpha', -0.2),
+  ('cutmix_alpha', NAN),
+  ('shuffle_buffer', 0),
+  ('num_epochs', INF),
+  ('optimizer.learning_rate', NAN),
+  ('optimizer.learning_rate', -0.1),
+  ('optimizer.learning_rate', 0.0),
+  ('optimizer.warmup_epochs', -1.0),
+  ('optimizer.momentum', 1.0),
+  ('optimizer.b1', -0.1),
+  ('optimizer.b2', 1.0),
+  ('optimizer.weight_decay', NAN),
+  ('optimizer.grad_clip_norm', -1.0),
+  ('label_smoothing', 1.0),
+  ('ema_decay', 1.5),
+  ('log_every_steps', 0),
+  ('eval_every_steps', -5),
+  ('checkpoint_every_steps', 0),
+  ('keep_checkpoints', 0),
+  ('seed', -1),
+  ('seed', 2**32),
 ]
 # Boundary values that are fine.
 GOOD_VALUES = [
-    ('model.halo_size', 0), ('label_smoothing', 0.0), ('ema_decay', 0.0), ('crop_fraction', 1.0),
-    ('randaugment_magnitude', 30), ('seed', 2**32 - 1), ('optimizer.warmup_epochs', 0.0),
-    ('variant', 'my_halonet'),
+  ('model.halo_size', 0),
+  ('label_smoothing', 0.0),
+  ('ema_decay', 0.0),
+  ('crop_fraction', 1.0),
+  ('randaugment_magnitude', 30),
+  ('seed', 2**32 - 1),
+  ('optimizer.warmup_epochs', 0.0),
+  ('variant', 'my_halonet'),
 ]
 
 
@@ -50,7 +76,9 @@ def test_bad_value_fails_in_one_line_naming_it(field, value):
   assert f'{field}={value}' in message and '\n' not in message, message
 
 
-@pytest.mark.parametrize('field, value, named', [
+@pytest.mark.parametrize(
+  'field, value, named',
+  [
     ('model.widths', (8, 0, 16, 32), 'model.widths=(8, 0, 16, 32)'),
     ('model.stage_depths', (1, 1, 0, 1), 'model.stage_depths=(1, 1, 0, 1)'),
     ('model.block_sizes', (4, 4, 0, 4), 'model.block_sizes=(4, 4, 0, 4)'),
@@ -60,7 +88,8 @@ def test_bad_value_fails_in_one_line_naming_it(field, value):
     ('profile_steps', (3, 2), 'profile_steps=(3, 2)'),
     ('profile_steps', (0, 2), 'profile_steps=(0, 2)'),
     ('trainable', 'backbone', "trainable='backbone'"),
-])
+  ],
+)
 def test_bad_sequence_or_name_fails_in_one_line_naming_it(field, value, named):
   with pytest.raises(ValueError) as error:
     config_checks.validate_config(_with(field, value), num_devices=1, process_count=1)

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import h1, tiny
+from configs import h1
+from configs import tiny
 from halonet import model as model_lib
 from halonet import sharding
 from halonet import train_lib
@@ -35,14 +36,20 @@ def hlo_ops(hlo: str, names: tuple[str, ...]) -> list[tuple[str, str]]:
 
 def array_dims(shape: str) -> list[list[int]]:
   """Dimensions of each array in an HLO shape, e.g. '(f32[8,2]{1,0}, f32[])' -> [[8, 2], []]."""
-  return [[int(d) for d in dims.split(',') if d]
-          for dims in re.findall(r'[a-z]+[0-9]*\[([0-9,]*)\]', shape)]
+  return [
+    [int(d) for d in dims.split(',') if d]
+    for dims in re.findall(r'[a-z]+[0-9]*\[([0-9,]*)\]', shape)
+  ]
 
 
 def trip_counts(hlo: str) -> list[int]:
   """Known trip count of every while loop (XLA records it in the loop's backend config)."""
-  return sorted(int(n) for line in hlo.splitlines() if re.search(r'\swhile\(', line)
-                for n in re.findall(r'"known_trip_count":\{"n":"(\d+)"\}', line))
+  return sorted(
+    int(n)
+    for line in hlo.splitlines()
+    if re.search(r'\swhile\(', line)
+    for n in re.findall(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+  )
 
 
 @functools.cache
@@ -68,8 +75,9 @@ def test_train_step_only_all_reduces_parameter_sized_tensors(impl):
   assert {op for op, _ in collectives} == {'all-reduce'}, collectives
   reduced = [dims for _, shape in collectives for dims in array_dims(shape)]
   # No NHWC activation led by a batch (the only 4-d parameter is the stem's [7, 7, 3, 64]).
-  assert not any(len(dims) == 4 and dims[0] in (GLOBAL_BATCH, GLOBAL_BATCH // DEVICES)
-                 for dims in reduced), reduced
+  assert not any(
+    len(dims) == 4 and dims[0] in (GLOBAL_BATCH, GLOBAL_BATCH // DEVICES) for dims in reduced
+  ), reduced
   total = sum(math.prod(dims) for dims in reduced)
   assert total < 1.5 * num_params, (total, num_params)  # Gradients, BN statistics, metrics.
 
@@ -97,8 +105,7 @@ def test_per_device_cost_is_that_of_the_per_device_batch(impl):
   sharded = compiled_train_step(impl, GLOBAL_BATCH, DEVICES)[0]
   single = compiled_train_step(impl, GLOBAL_BATCH // DEVICES, 1)[0]
   flops = sharded.cost_analysis()['flops'], single.cost_analysis()['flops']
-  temp = (sharded.memory_analysis().temp_size_in_bytes,
-          single.memory_analysis().temp_size_in_bytes)
+  temp = (sharded.memory_analysis().temp_size_in_bytes, single.memory_analysis().temp_size_in_bytes)
   assert abs(flops[0] / flops[1] - 1) < 0.25, flops
   assert abs(temp[0] / temp[1] - 1) < 0.25, temp
 
@@ -112,13 +119,15 @@ def test_h1_forward_backward_lowers_for_tpu_and_gpu_without_a_loop():
   variables = model_lib.abstract_variables(config)
 
   def loss(params, batch_stats, images):
-    logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
-                            mutable=['batch_stats'])
+    logits, _ = model.apply(
+      {'params': params, 'batch_stats': batch_stats}, images, train=True, mutable=['batch_stats']
+    )
     return logits.sum()
 
   images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
   exported = jax.export.export(jax.jit(jax.grad(loss)), platforms=('tpu', 'cuda'))(
-      variables['params'], variables['batch_stats'], images)
+    variables['params'], variables['batch_stats'], images
+  )
   text = exported.mlir_module()
   assert exported.platforms == ('tpu', 'cuda')
   assert 'stablehlo.while' not in text

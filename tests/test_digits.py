@@ -9,8 +9,11 @@ from halonet import errors
 
 
 def _files(root):
-  return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
-          for d, _, fs in os.walk(root) for f in fs}
+  return {
+    os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+    for d, _, fs in os.walk(root)
+    for f in fs
+  }
 
 
 def test_prepare_digits_writes_all_images_once(tmp_path):
@@ -28,7 +31,9 @@ def test_prepare_digits_writes_all_images_once(tmp_path):
 
 def test_prepare_digits_replaces_an_incomplete_folder(tmp_path):
   root = digits.prepare_digits(str(tmp_path / 'digits'))
-  os.remove(os.path.join(root, 'train', '0', sorted(os.listdir(os.path.join(root, 'train', '0')))[0]))
+  os.remove(
+    os.path.join(root, 'train', '0', sorted(os.listdir(os.path.join(root, 'train', '0')))[0])
+  )
   digits.prepare_digits(root)
   assert len(_files(root)) == 1797
 
@@ -43,8 +48,9 @@ def test_digit_subsets_hold_only_their_classes_and_never_replace_another_folder(
   full = digits.prepare_digits(str(tmp_path / 'all'))
   for split in ('train', 'test'):
     for c in '56789':
-      assert (sorted(os.listdir(os.path.join(root, split, c)))
-              == sorted(os.listdir(os.path.join(full, split, c))))
+      assert sorted(os.listdir(os.path.join(root, split, c))) == sorted(
+        os.listdir(os.path.join(full, split, c))
+      )
   files = _files(full)
   with pytest.raises(errors.ConfigError, match=r"holds the classes \['0', '1'"):
     digits.prepare_digits(full, (0, 1, 2, 3, 4))

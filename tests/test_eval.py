@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from configs import tiny
-from halonet import checkpointing
 from halonet import paths
 from halonet import train_lib
 
@@ -24,8 +23,13 @@ def test_eval_py_matches_training_run_and_appends_records(tmp_path):
   assert json.loads((tmp_path / 'results.json').read_text()) == json.loads(json.dumps(trained))
 
   # No --config: the run's own stored config (6 steps, EMA 0.5) is evaluated.
-  run = subprocess.run([sys.executable, 'eval.py', f'--workdir={workdir}'], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+  run = subprocess.run(
+    [sys.executable, 'eval.py', f'--workdir={workdir}'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   assert 'step 6 digits test (ema params): top-1' in run.stdout
   records_path = tmp_path / 'eval_records.jsonl'
@@ -38,9 +42,13 @@ def test_eval_py_matches_training_run_and_appends_records(tmp_path):
   assert records_path.read_text().startswith(first)
   records = paths.read_json_lines(str(records_path))
   assert [(r['step'], r['dataset'], r['split'], r['weights']) for r in records] == [
-      (6, 'digits', 'test', 'raw'), (6, 'digits', 'test', 'ema'),
-      (4, 'digits', 'test', 'raw'), (4, 'digits', 'test', 'ema'),
-      (6, 'digits', 'train', 'raw'), (6, 'digits', 'train', 'ema')]
+    (6, 'digits', 'test', 'raw'),
+    (6, 'digits', 'test', 'ema'),
+    (4, 'digits', 'test', 'raw'),
+    (4, 'digits', 'test', 'ema'),
+    (6, 'digits', 'train', 'raw'),
+    (6, 'digits', 'train', 'ema'),
+  ]
   for evaluated in records[:2]:
     final = trained[f'{evaluated["weights"]}_eval']['test']
     assert evaluated['count'] == final['count'] == 360  # Each test image exactly once.
@@ -54,9 +62,14 @@ def test_eval_py_matches_training_run_and_appends_records(tmp_path):
 def test_quickstart_reaches_95_percent(tmp_path):
   # One CPU device, as a user runs it: not the 8 fake devices conftest gives this process.
   env = dict(os.environ, XLA_FLAGS='')
-  run = subprocess.run([sys.executable, 'train.py', '--config=configs/quickstart.py',
-                        f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True,
-                       timeout=600, env=env)
+  run = subprocess.run(
+    [sys.executable, 'train.py', '--config=configs/quickstart.py', f'--workdir={tmp_path}'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   assert 'final test accuracy (raw params' in run.stdout
   results = json.loads((tmp_path / 'results.json').read_text())

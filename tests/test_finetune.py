@@ -3,12 +3,12 @@ that the source run is never written to."""
 
 import os
 
+from flax import traverse_util
 import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from flax import traverse_util
 
 from configs import tiny
 from halonet import checkpointing
@@ -28,16 +28,24 @@ def _params(**overrides):
 def test_only_a_classifier_of_another_shape_is_reinitialised():
   assert finetune.reinitialised(_params(), _params(image_size=48)) == {}  # No size-bound params.
   assert finetune.reinitialised(_params(num_classes=4), _params(num_classes=6)) == {
-      'head/bias': ((6,), (4,)), 'head/kernel': ((32, 6), (32, 4))}
+    'head/bias': ((6,), (4,)),
+    'head/kernel': ((32, 6), (32, 4)),
+  }
 
 
-@pytest.mark.parametrize('overrides, named', [
-    ({'model.widths': (8, 16, 16, 48)}, r'stage4_block0/.* has shape \(.*32.*\) in the source '
-                                        r'run but \(.*48.*\) in the new model'),
+@pytest.mark.parametrize(
+  'overrides, named',
+  [
+    (
+      {'model.widths': (8, 16, 16, 48)},
+      r'stage4_block0/.* has shape \(.*32.*\) in the source '
+      r'run but \(.*48.*\) in the new model',
+    ),
     # 2(b + h) - 1 relative offsets: 9 for b = 4, h = 1; 5 for b = 2.
     ({'model.block_size': 2}, r'relative_height has shape \(9, 4\) in the source run but \(5, 4\)'),
     ({'model.final_width': 16}, r'final_(bn|conv)/\w+ exists only in the new model'),
-])
+  ],
+)
 def test_any_other_difference_is_refused_naming_the_parameter(overrides, named):
   with pytest.raises(errors.ConfigError, match=named):
     finetune.reinitialised(_params(**overrides), _params())
@@ -57,16 +65,28 @@ def test_head_only_training_moves_the_classifier_and_nothing_else():
 
 def _config(dataset, num_classes, image_size, **overrides):
   config = tiny.get_config()
-  config.update_from_flattened_dict({'dataset': dataset, 'num_classes': num_classes,
-                                     'image_size': image_size, 'num_train_steps': 2,
-                                     'eval_every_steps': 1000, **overrides})
+  config.update_from_flattened_dict(
+    {
+      'dataset': dataset,
+      'num_classes': num_classes,
+      'image_size': image_size,
+      'num_train_steps': 2,
+      'eval_every_steps': 1000,
+      **overrides,
+    }
+  )
   return config
 
 
 def _files(root):
-  return {os.path.join(d, f): (os.stat(os.path.join(d, f)).st_mtime_ns,
-                               os.stat(os.path.join(d, f)).st_size)
-          for d, _, fs in os.walk(root) for f in fs}
+  return {
+    os.path.join(d, f): (
+      os.stat(os.path.join(d, f)).st_mtime_ns,
+      os.stat(os.path.join(d, f)).st_size,
+    )
+    for d, _, fs in os.walk(root)
+    for f in fs
+  }
 
 
 def _latest(workdir):
@@ -87,16 +107,20 @@ def test_fine_tune_at_a_new_size_on_new_classes(tmp_path, capsys):
   capsys.readouterr()
 
   # A checkpoint path (WORKDIR/checkpoints/STEP) names the run and the step.
-  config = _config('digits/6-9', 4, 48, init_from=str(source / 'checkpoints' / '2'),
-                   trainable='head')
+  config = _config(
+    'digits/6-9', 4, 48, init_from=str(source / 'checkpoints' / '2'), trainable='head'
+  )
   train_lib.train_and_evaluate(config, str(target))
   out = capsys.readouterr().out
-  assert (f'initialised from {source} step 2; re-initialised head/bias (6,)->(4,), '
-          'head/kernel (32, 6)->(32, 4)') in out
+  assert (
+    f'initialised from {source} step 2; re-initialised head/bias (6,)->(4,), '
+    'head/kernel (32, 6)->(32, 4)'
+  ) in out
   assert _files(source) == before
 
-  pretrained, tuned = (traverse_util.flatten_dict(_latest(w)['params'], sep='/')
-                       for w in (source, target))
+  pretrained, tuned = (
+    traverse_util.flatten_dict(_latest(w)['params'], sep='/') for w in (source, target)
+  )
   assert tuned['head/kernel'].shape == (32, 4)
   for name, value in tuned.items():
     if not name.startswith('head/'):

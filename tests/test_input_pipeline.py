@@ -5,8 +5,8 @@ import os
 import shutil
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -63,15 +63,17 @@ def test_train_batches_are_uint8_crops_with_labels_matching_pixels(folder):
 
 def test_eval_is_deterministic_and_padded_batches_count_each_example_once(folder):
   config = folder_config(folder)
-  first, second = (list(input_pipeline.create_split(config, 'val', train=False, batch_size=4))
-                   for _ in range(2))
+  first, second = (
+    list(input_pipeline.create_split(config, 'val', train=False, batch_size=4)) for _ in range(2)
+  )
   assert len(first) == 2
   for a, b in zip(first, second):
     for key in ('image', 'label', 'mask'):
       np.testing.assert_array_equal(a[key], b[key])
   masks = np.concatenate([b['mask'] for b in first])
-  assert masks.dtype == np.bool_ and masks.sum() == SPLIT_SIZES['val'] == \
-      input_pipeline.num_examples(config, 'val')
+  assert masks.dtype == np.bool_ and masks.sum() == SPLIT_SIZES[
+    'val'
+  ] == input_pipeline.num_examples(config, 'val')
   images = np.concatenate([b['image'] for b in first])[masks]
   labels = np.concatenate([b['label'] for b in first])[masks]
   np.testing.assert_array_equal(images.reshape(len(images), -1, 3).mean(1).argmax(-1), labels)
@@ -81,23 +83,31 @@ def test_eval_shards_of_two_processes_are_disjoint_and_complete(folder):
   config = folder_config(folder)
   seen = []
   for index in range(2):
-    batches = list(input_pipeline.create_split(
-        config, 'val', train=False, batch_size=2, process_index=index, process_count=2))
+    batches = list(
+      input_pipeline.create_split(
+        config, 'val', train=False, batch_size=2, process_index=index, process_count=2
+      )
+    )
     assert len(batches) == 2  # ceil(ceil(7 / 2) / 2) on both processes, so steps agree.
     for b in batches:
-      seen += [img.tobytes() + bytes([label]) for img, label, m in
-               zip(b['image'], b['label'], b['mask']) if m]
+      seen += [
+        img.tobytes() + bytes([label])
+        for img, label, m in zip(b['image'], b['label'], b['mask'])
+        if m
+      ]
   assert len(seen) == SPLIT_SIZES['val']
   assert len(set(seen)) == len(seen)  # Every image has its own brightness.
 
 
 def test_start_step_resumes_the_exact_stream_across_epochs(folder):
-  config = folder_config(folder, randaugment_layers=2, randaugment_magnitude=10,
-                         mixup_alpha=0.2, cutmix_alpha=1.0)
+  config = folder_config(
+    folder, randaugment_layers=2, randaugment_magnitude=10, mixup_alpha=0.2, cutmix_alpha=1.0
+  )
   assert train_lib.steps_per_epoch(config, input_pipeline.num_examples(config, 'train')) == 3
   unbroken = take(input_pipeline.create_split(config, 'train', train=True, batch_size=4), 7)
-  resumed = take(input_pipeline.create_split(
-      config, 'train', train=True, batch_size=4, start_step=4), 3)
+  resumed = take(
+    input_pipeline.create_split(config, 'train', train=True, batch_size=4, start_step=4), 3
+  )
   assert unbroken[4]['label'].shape == (4, NUM_CLASSES)  # Soft labels under mixup/cutmix.
   np.testing.assert_allclose(unbroken[4]['label'].sum(-1), 1.0, rtol=1e-6)
   for a, b in zip(unbroken[4:], resumed):
@@ -111,6 +121,7 @@ def test_randaugment_off_is_crop_flip_only_and_high_magnitude_changes_images(fol
   def first_batch(layers, magnitude):
     config = folder_config(folder, randaugment_layers=layers, randaugment_magnitude=magnitude)
     return next(input_pipeline.create_split(config, 'train', train=True, batch_size=4))['image']
+
   plain = first_batch(0, 0)
   np.testing.assert_array_equal(first_batch(2, 0), plain)
   np.testing.assert_array_equal(first_batch(0, 30), plain)
@@ -138,8 +149,10 @@ def test_digits_upscale_from_8x8(tmp_path):
   config.data_dir = str(tmp_path / 'digits')
   batch = next(input_pipeline.create_split(config, 'test', train=False, batch_size=8))
   assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].max() > 200
-  assert input_pipeline.num_examples(config, 'train') + \
-      input_pipeline.num_examples(config, 'test') == 1797
+  assert (
+    input_pipeline.num_examples(config, 'train') + input_pipeline.num_examples(config, 'test')
+    == 1797
+  )
 
 
 @pytest.mark.parametrize('dataset', ['imagenet2012', 'image_folder'])
@@ -162,6 +175,7 @@ def test_normalize_images_is_imagenet_standardisation():
 def test_randaugment_rotation_matches_reference_range():
   """M=10 rotates by at most +-30 degrees, as the reference RandAugment, not Keras' +-120."""
   from halonet.randaugment import RandAugment
+
   lower, upper = RandAugment(2, 10).layer.random_rotation.factor
   assert (lower * 360, upper * 360) == pytest.approx((-30.0, 30.0))
 
@@ -221,8 +235,9 @@ def test_undecodable_files_are_skipped_when_asked_and_each_named(folder_with_bad
 
 def test_num_classes_below_the_datasets_is_refused_and_labels_are_checked(folder):
   config = folder_config(folder, num_classes=NUM_CLASSES - 1)
-  with pytest.raises(ValueError, match=f'num_classes={NUM_CLASSES - 1} is smaller than the '
-                                       f'{NUM_CLASSES} classes'):
+  with pytest.raises(
+    ValueError, match=f'num_classes={NUM_CLASSES - 1} is smaller than the {NUM_CLASSES} classes'
+  ):
     input_pipeline.check_num_classes(config, 'train')
   # Read anyway, the first label beyond the model's classes stops the stream naming it.
   with pytest.raises(tf.errors.InvalidArgumentError, match=f'num_classes={NUM_CLASSES - 1}'):

@@ -14,9 +14,20 @@ from halonet.attention import choose
 from halonet.attention import measure
 from halonet.attention import plain
 
-LAYER = measure.Layer(batch=2, height=9, width=7, channels=8, qk_width=8, value_width=8,
-                      num_heads=2, block_size=4, halo_size=1, stride=1, mask_window=0,
-                      dtype='float32')
+LAYER = measure.Layer(
+  batch=2,
+  height=9,
+  width=7,
+  channels=8,
+  qk_width=8,
+  value_width=8,
+  num_heads=2,
+  block_size=4,
+  halo_size=1,
+  stride=1,
+  mask_window=0,
+  dtype='float32',
+)
 
 
 def _timings(*seconds):
@@ -30,16 +41,23 @@ def test_model_layers_are_its_distinct_attention_shapes():
   layers = measure.model_layers(model, image_size=32, batch=2)
   # 32 px: the stem leaves 8 x 8; stages 2-4 open with a strided block (tiny: one block each),
   # whose attention reads the block's 1x1 reduction to the stage width (8, 16, 16, 32).
-  assert [(l.height, l.stride, l.channels, l.qk_width) for l in layers] == [
-      (8, 1, 8, 8), (8, 2, 16, 16), (4, 2, 16, 16), (2, 2, 32, 32)]
-  assert {l.batch for l in layers} == {2} and len({l.key() for l in layers}) == 4
+  assert [(m.height, m.stride, m.channels, m.qk_width) for m in layers] == [
+    (8, 1, 8, 8),
+    (8, 2, 16, 16),
+    (4, 2, 16, 16),
+    (2, 2, 32, 32),
+  ]
+  assert {m.batch for m in layers} == {2} and len({m.key() for m in layers}) == 4
 
 
 @pytest.mark.parametrize('seconds, chosen', [((2.0, 1.0), 'rows'), ((1.0, 2.0), 'plain')])
 def test_the_fastest_correct_form_is_chosen(seconds, chosen):
   record = measure.measure_layer(LAYER, ('plain', 'rows'), timer=_timings(*seconds))
-  assert record == {'choice': chosen, 'seconds': dict(zip(('plain', 'rows'), seconds)),
-                    'skipped': {}}
+  assert record == {
+    'choice': chosen,
+    'seconds': dict(zip(('plain', 'rows'), seconds)),
+    'skipped': {},
+  }
 
 
 def test_a_wrong_form_is_rejected_and_a_raising_one_skipped(monkeypatch):
@@ -68,8 +86,11 @@ def test_a_layer_runs_the_form_chosen_for_its_shape(monkeypatch):
   params = LAYER.module('plain').init(jax.random.key(1), x)
   want = LAYER.module('plain').apply(params, x)
   used.clear()
-  for choice, form in ((((LAYER.key(), 'plain'),), 'plain'), (((LAYER.key(), 'rows'),), 'rows'),
-                       ((('another shape', 'plain'),), 'rows')):  # Unlisted: the CPU rule.
+  for choice, form in (
+    (((LAYER.key(), 'plain'),), 'plain'),
+    (((LAYER.key(), 'rows'),), 'rows'),
+    ((('another shape', 'plain'),), 'rows'),
+  ):  # Unlisted: the CPU rule.
     got = LAYER.module('auto').clone(attention_choice=choice).apply(params, x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert used.pop() == form and not used
@@ -88,8 +109,9 @@ def test_choice_is_cached_reused_on_resume_and_skipped_when_explicit(tmp_path, m
   config = tiny.get_config()
   model = model_lib.create_model(config)
   lines = []
-  run = lambda workdir, impl='auto': measure.for_run(model, impl, 32, 2, str(workdir),
-                                                     say=lines.append)
+  run = lambda workdir, impl='auto': measure.for_run(
+    model, impl, 32, 2, str(workdir), say=lines.append
+  )
   first = run(tmp_path / 'a')
   assert len(calls) == 4 and len(first) == 4 and {impl for _, impl in first} == {'rows'}
   record = json.loads((tmp_path / 'a' / measure.CHOICE_FILE).read_text())

@@ -11,8 +11,16 @@ from configs import tiny
 from halonet import model
 
 # Typed in from the paper's table of HaloNet variants (Params, M): independent of halonet/paper.py.
-PAPER_PARAMS_M = {'h0': 5.5, 'h1': 8.1, 'h2': 9.4, 'h3': 12.3, 'h4': 19.1, 'h5': 30.7,
-                  'h6': 43.4, 'h7': 67.0}
+PAPER_PARAMS_M = {
+  'h0': 5.5,
+  'h1': 8.1,
+  'h2': 9.4,
+  'h3': 12.3,
+  'h4': 19.1,
+  'h5': 30.7,
+  'h6': 43.4,
+  'h7': 67.0,
+}
 # H3's published row does not reach its published count (see halonet/model.py's docstring).
 H3_COUNT = 11_834_728
 
@@ -28,8 +36,11 @@ def test_variant_params_match_paper(variant):
 
 def test_variant_rows_match_paper():
   # b, h, r_v, r_b, l_3, s, d_f from the paper's table.
-  rows = {'h0': (8, 3, 1.0, 0.5, 7, 256, 0), 'h4': (12, 2, 1.0, 3, 12, 384, 1280),
-          'h7': (10, 3, 4, 3.5, 26, 600, 2048)}
+  rows = {
+    'h0': (8, 3, 1.0, 0.5, 7, 256, 0),
+    'h4': (12, 2, 1.0, 3, 12, 384, 1280),
+    'h7': (10, 3, 4, 3.5, 26, 600, 2048),
+  }
   for name, (b, h, rv, rb, l3, s, df) in rows.items():
     c = named_configs.get_config(name)
     m = c.model
@@ -65,8 +76,9 @@ def test_tiny_forward_train_and_eval():
   net = model.create_model(config)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   variables = net.init(jax.random.key(0), x, train=False)
-  logits, updates = net.apply(variables, x, train=True, mutable=['batch_stats'],
-                              rngs={'dropout': jax.random.key(1)})
+  logits, updates = net.apply(
+    variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(1)}
+  )
   assert logits.shape == (2, 10) and logits.dtype == jnp.float32
   assert np.isfinite(np.asarray(logits)).all()
   eval_logits = net.apply({**variables, **updates}, x, train=False)
@@ -91,17 +103,20 @@ def test_conv_stages_replace_attention():
   assert model.count_params(config) != all_attention
 
 
-@pytest.mark.parametrize('field, value, message', [
+@pytest.mark.parametrize(
+  'field, value, message',
+  [
     ('model.block_size', 0, 'block_size=0'),
     ('model.halo_size', -1, 'halo_size=-1'),
     ('model.num_heads', (3, 2, 2, 2), 'num_heads=3'),
     ('model.conv_stages', (0, 5), r'conv_stages=\(0, 5\)'),
     ('model.activation', 'gelu', "activation='gelu'"),
-    ('model.block_size', 3, 'block_size=3'),     # stride-2 stages need an even block.
+    ('model.block_size', 3, 'block_size=3'),  # stride-2 stages need an even block.
     ('model.mask_window', 4, 'mask_window=4'),
     ('model.attention_impl', 'fast', "attention_impl='fast'"),
     ('model.dtype', 'float16', "dtype='float16'"),
-])
+  ],
+)
 def test_bad_values_fail_with_one_line(field, value, message):
   config = tiny.get_config()
   node, key = config, field
@@ -118,8 +133,10 @@ def test_unknown_config_name():
     named_configs.get_config('h8')
 
 
-@pytest.mark.parametrize('backend, dtype, impl', [
-    ('tpu', 'bfloat16', 'plain'), ('gpu', 'bfloat16', 'plain'), ('cpu', 'float32', 'rows')])
+@pytest.mark.parametrize(
+  'backend, dtype, impl',
+  [('tpu', 'bfloat16', 'plain'), ('gpu', 'bfloat16', 'plain'), ('cpu', 'float32', 'rows')],
+)
 def test_paper_configs_resolve_auto_per_backend(backend, dtype, impl):
   net = model.create_model(named_configs.get_config('h7'), backend=backend)
   assert (net.dtype, net.attention_impl) == (dtype, impl)
@@ -128,7 +145,8 @@ def test_paper_configs_resolve_auto_per_backend(backend, dtype, impl):
 def test_large_variants_rematerialise_by_default():
   """From 448 px (H5-H7) a step needs GBs per image without remat (README, Benchmarks)."""
   assert {name: named_configs.get_config(name).model.remat for name in PAPER_PARAMS_M} == {
-      f'h{i}': i >= 5 for i in range(8)}
+    f'h{i}': i >= 5 for i in range(8)
+  }
 
 
 def test_explicit_choices_and_cpu_configs_are_kept_on_every_backend():
@@ -146,11 +164,13 @@ def _loss_and_grads(config, x):
   def loss(params):
     logits, _ = net.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
     return jnp.sum(logits * jnp.arange(logits.shape[-1]))
+
   return jax.jit(jax.value_and_grad(loss))(variables['params'])
 
 
-@pytest.mark.parametrize('field, value', [('remat', True), ('attention_impl', 'plain'),
-                                          ('attention_impl', 'rows')])
+@pytest.mark.parametrize(
+  'field, value', [('remat', True), ('attention_impl', 'plain'), ('attention_impl', 'rows')]
+)
 def test_remat_and_implementations_give_the_same_loss_and_gradients(field, value):
   """Against the plain, non-rematerialised model: same function, same gradients."""
   config = tiny.get_config()
@@ -168,6 +188,7 @@ def test_remat_recomputes_blocks_in_the_backward_pass():
 
   Wide blocks, so they (not the stem) dominate; conftest.py keeps XLA:CPU from undoing remat.
   """
+
   def compiled(remat):
     config = tiny.get_config()
     config.model.remat = remat
@@ -176,13 +197,16 @@ def test_remat_recomputes_blocks_in_the_backward_pass():
     net = model.create_model(config)
     x = jnp.zeros((4, 64, 64, 3))
     variables = jax.eval_shape(lambda x: net.init(jax.random.key(0), x, train=False), x[:1])
-    loss = lambda p, stats: net.apply({'params': p, 'batch_stats': stats}, x, train=True,
-                                      mutable=['batch_stats'])[0].sum()
+    loss = lambda p, stats: net.apply(
+      {'params': p, 'batch_stats': stats}, x, train=True, mutable=['batch_stats']
+    )[0].sum()
     return jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats']).compile()
+
   plain, remat = compiled(False), compiled(True)
   assert remat.cost_analysis()['flops'] > 1.1 * plain.cost_analysis()['flops']
-  assert (remat.memory_analysis().temp_size_in_bytes
-          < 0.7 * plain.memory_analysis().temp_size_in_bytes)
+  assert (
+    remat.memory_analysis().temp_size_in_bytes < 0.7 * plain.memory_analysis().temp_size_in_bytes
+  )
 
 
 def _tiny_count(**model_fields) -> int:
@@ -196,8 +220,9 @@ def test_options_add_the_parameters_counted_by_hand():
   10 classes. Each count below is written from the architecture, not read from the code."""
   base_count = _tiny_count()
   # Squeeze-excite per block: Dense C -> r and r -> C, with biases, r = max(8, C // 16).
-  se = lambda widths: sum(c * max(8, c // 16) + max(8, c // 16) + max(8, c // 16) * c + c
-                         for c in widths)
+  se = lambda widths: sum(
+    c * max(8, c // 16) + max(8, c // 16) + max(8, c // 16) * c + c for c in widths
+  )
   assert _tiny_count(use_se=True) - base_count == se((8, 16, 16, 32))
   # A 256-wide last stage, where the reduction is C // 16 = 16 units rather than the floor of 8.
   wide = (8, 16, 16, 256)
@@ -220,8 +245,12 @@ def _calls(config, x, module_type, train, unit_bn_scales=False):
   net = model.create_model(config)
   variables = jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(x[:1])
   if unit_bn_scales:
-    variables = {**variables, 'params': jax.tree_util.tree_map_with_path(
-        lambda path, p: jnp.ones_like(p) if path[-1].key == 'scale' else p, variables['params'])}
+    variables = {
+      **variables,
+      'params': jax.tree_util.tree_map_with_path(
+        lambda path, p: jnp.ones_like(p) if path[-1].key == 'scale' else p, variables['params']
+      ),
+    }
   calls = []
 
   def record(next_fun, args, kwargs, context):
@@ -231,7 +260,9 @@ def _calls(config, x, module_type, train, unit_bn_scales=False):
     return out
 
   with nn.intercept_methods(record):
-    net.apply(variables, x, train=train, mutable=['batch_stats'], rngs={'dropout': jax.random.key(1)})
+    net.apply(
+      variables, x, train=train, mutable=['batch_stats'], rngs={'dropout': jax.random.key(1)}
+    )
   return calls, variables
 
 
@@ -245,7 +276,7 @@ def test_activation_is_applied_once_at_each_block_output():
   assert len(calls) == 4
   for block, inputs, out in calls:
     kernel = np.asarray(variables['params'][block.name]['proj']['kernel'])
-    z = np.asarray(inputs)[:, ::block.stride, ::block.stride] @ kernel / np.sqrt(1 + 1e-5)
+    z = np.asarray(inputs)[:, :: block.stride, :: block.stride] @ kernel / np.sqrt(1 + 1e-5)
     np.testing.assert_allclose(np.asarray(out), z / (1 + np.exp(-z)), rtol=1e-4, atol=1e-5)
 
 
@@ -270,7 +301,7 @@ def test_dropout_before_the_head_drops_units_at_the_given_rate():
   config.model.dropout_rate = 0.25
   x = jax.random.normal(jax.random.key(3), (64, 32, 32, 3))
   calls, _ = _calls(config, x, nn.Dropout, train=True)
-  (module, inputs, out), = [c for c in calls if c[0].broadcast_dims == ()]
+  ((module, inputs, out),) = [c for c in calls if c[0].broadcast_dims == ()]
   assert module.rate == 0.25
   inputs, out = np.asarray(inputs, np.float64), np.asarray(out, np.float64)
   live = inputs != 0  # Units ReLU left at zero say nothing about dropout.

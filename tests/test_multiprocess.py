@@ -35,13 +35,34 @@ def _run_processes(workdir, cache) -> tuple[list[int], list[str]]:
   'auto' attention is measured (on CPU only when asked), so that process 0's choice must reach
   process 1; `cache` is the measurements' cache folder."""
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS='cpu', HALONET_MEASURE_ATTENTION='1', HALONET_CACHE=cache,
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}')
-  children = [subprocess.Popen(
-      [sys.executable, 'train.py', '--distributed', f'--coordinator_address=127.0.0.1:{port}',
-       f'--num_processes={PROCESSES}', f'--process_id={i}', '--config=configs/tiny.py',
-       f'--workdir={workdir}'], cwd=REPO, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True, start_new_session=True) for i in range(PROCESSES)]
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    HALONET_MEASURE_ATTENTION='1',
+    HALONET_CACHE=cache,
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}',
+  )
+  children = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        'train.py',
+        '--distributed',
+        f'--coordinator_address=127.0.0.1:{port}',
+        f'--num_processes={PROCESSES}',
+        f'--process_id={i}',
+        '--config=configs/tiny.py',
+        f'--workdir={workdir}',
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      start_new_session=True,
+    )
+    for i in range(PROCESSES)
+  ]
   try:
     outputs = [child.communicate(timeout=TIMEOUT_S)[0] for child in children]
   finally:
@@ -68,16 +89,24 @@ def _one_process_run(config):
   two processes assemble: process 0's examples first, then process 1's."""
   sizes = train_lib.split_sizes(config)
   model, tx, schedule, num_steps = train_lib.build(config, sizes[config.train_split])
-  mesh = sharding.create_mesh(config.mesh_shape, jax.devices()[:PROCESSES * DEVICES_PER_PROCESS])
+  mesh = sharding.create_mesh(config.mesh_shape, jax.devices()[: PROCESSES * DEVICES_PER_PROCESS])
   init, abstract = train_lib.abstract_train_state(config, model, tx, mesh)
   shardings = train_lib.shardings_of(abstract)
   state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
   initial = jax.device_get(state)
   step = train_lib.make_train_step(config, model, tx, schedule, mesh, shardings)
-  streams = [input_pipeline.create_split(
-      config, config.train_split, train=True, batch_size=config.batch_size // PROCESSES,
-      split_size=sizes[config.train_split], process_index=i, process_count=PROCESSES)
-      for i in range(PROCESSES)]
+  streams = [
+    input_pipeline.create_split(
+      config,
+      config.train_split,
+      train=True,
+      batch_size=config.batch_size // PROCESSES,
+      split_size=sizes[config.train_split],
+      process_index=i,
+      process_count=PROCESSES,
+    )
+    for i in range(PROCESSES)
+  ]
   for _, *parts in zip(range(num_steps), *streams):
     batch = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     state, _ = step(state, sharding.shard_batch(batch, mesh))

@@ -28,19 +28,27 @@ from halonet import workdir as workdir_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTERRUPTED_TRAIN = os.path.join(REPO, 'tests', 'scripts', 'interrupted_train.py')
 STEPS = 6
-FLAGS = [f'--config={REPO}/configs/tiny.py', f'--config.num_train_steps={STEPS}',
-         '--config.checkpoint_every_steps=1']
+FLAGS = [
+  f'--config={REPO}/configs/tiny.py',
+  f'--config.num_train_steps={STEPS}',
+  '--config.checkpoint_every_steps=1',
+]
 TIMEOUT_S = 300
 
 
 def _run(script, *args, cwd):
-  return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd,
-                        capture_output=True, text=True, timeout=TIMEOUT_S)
+  return subprocess.run(
+    [sys.executable, os.path.join(REPO, script), *args],
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+  )
 
 
 def _objects(url):
   """{relative name: bytes} of every object under `url`."""
-  return {name[len(url) + 1:]: paths.path(name).read_bytes() for name in paths.files_under(url)}
+  return {name[len(url) + 1 :]: paths.path(name).read_bytes() for name in paths.files_under(url)}
 
 
 def _final_state(workdir):
@@ -58,8 +66,9 @@ def _no_local_gs_folder(*folders):
 
 
 @pytest.mark.slow
-def test_a_run_in_a_bucket_resumes_exactly_evaluates_predicts_and_fine_tunes(storage_server,
-                                                                              tmp_path):
+def test_a_run_in_a_bucket_resumes_exactly_evaluates_predicts_and_fine_tunes(
+  storage_server, tmp_path
+):
   config = tiny.get_config()
   config.num_train_steps, config.checkpoint_every_steps = STEPS, 1
   local = str(tmp_path / 'local')
@@ -69,9 +78,21 @@ def test_a_run_in_a_bucket_resumes_exactly_evaluates_predicts_and_fine_tunes(sto
   # in flight. The rerun resumes from the newest complete step and ends where `local` ended.
   run = f'{storage_server}/runs/tiny'
   kill = subprocess.run(
-      [sys.executable, INTERRUPTED_TRAIN, 'SIGKILL', str(4 + sharding.PREFETCH_BATCHES), '-', '0',
-       f'--workdir={run}', *FLAGS], cwd=tmp_path, capture_output=True, text=True,
-      timeout=TIMEOUT_S)
+    [
+      sys.executable,
+      INTERRUPTED_TRAIN,
+      'SIGKILL',
+      str(4 + sharding.PREFETCH_BATCHES),
+      '-',
+      '0',
+      f'--workdir={run}',
+      *FLAGS,
+    ],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+  )
   assert kill.returncode == -signal.SIGKILL, kill.stderr[-3000:]
   complete = checkpointing.create_manager(run, 3, read_only=True)
   resumed_at = complete.latest_step()
@@ -97,8 +118,14 @@ def test_a_run_in_a_bucket_resumes_exactly_evaluates_predicts_and_fine_tunes(sto
 
   # A resume that cannot restore (another model) stops in one line, suggesting no flag that
   # cannot help, and changes nothing in the bucket.
-  refused = _run('train.py', f'--workdir={run}', *FLAGS, '--config.model.widths=(8,16,16,24)',
-                 '--allow_config_change', cwd=tmp_path)
+  refused = _run(
+    'train.py',
+    f'--workdir={run}',
+    *FLAGS,
+    '--config.model.widths=(8,16,16,24)',
+    '--allow_config_change',
+    cwd=tmp_path,
+  )
   assert refused.returncode != 0
   last = refused.stderr.strip().splitlines()[-1]
   assert 'stage4_block0' in last and '24' in last and 'has shape' in last, last
@@ -122,8 +149,14 @@ def test_a_run_in_a_bucket_resumes_exactly_evaluates_predicts_and_fine_tunes(sto
   assert predictions['step'] == STEPS and len(predictions['predictions']) == 1
 
   tuned = f'{storage_server}/runs/tuned'
-  fine_tune = _run('train.py', f'--workdir={tuned}', f'--config={REPO}/configs/tiny.py',
-                   '--config.num_train_steps=2', f'--config.init_from={run}', cwd=tmp_path)
+  fine_tune = _run(
+    'train.py',
+    f'--workdir={tuned}',
+    f'--config={REPO}/configs/tiny.py',
+    '--config.num_train_steps=2',
+    f'--config.init_from={run}',
+    cwd=tmp_path,
+  )
   assert fine_tune.returncode == 0, fine_tune.stderr[-3000:]
   assert f'initialised from {run} step {STEPS}' in fine_tune.stdout
   assert paths.read_json(f'{tuned}/results.json')['step'] == 2
@@ -134,17 +167,27 @@ def test_a_run_in_a_bucket_resumes_exactly_evaluates_predicts_and_fine_tunes(sto
 def test_a_sweep_in_a_bucket_writes_its_table_and_plot_there(storage_server, tmp_path):
   sweep_file = tmp_path / 'sweep.py'
   sweep_file.write_text(
-      'import ml_collections\n\n\ndef get_config():\n'
-      "  return ml_collections.ConfigDict({'base': 'configs/tiny.py', 'base_overrides': "
-      "{'num_train_steps': 2}, 'grid': {'model': {'halo_size': (0,)}}})\n")
+    'import ml_collections\n\n\ndef get_config():\n'
+    "  return ml_collections.ConfigDict({'base': 'configs/tiny.py', 'base_overrides': "
+    "{'num_train_steps': 2}, 'grid': {'model': {'halo_size': (0,)}}})\n"
+  )
   workdir = f'{storage_server}/sweeps/halo'
-  swept = subprocess.run([sys.executable, 'sweep.py', f'--sweep={sweep_file}',
-                          f'--workdir={workdir}'], cwd=REPO, capture_output=True, text=True,
-                         timeout=TIMEOUT_S)
+  swept = subprocess.run(
+    [sys.executable, 'sweep.py', f'--sweep={sweep_file}', f'--workdir={workdir}'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+  )
   assert swept.returncode == 0, swept.stderr[-3000:]
   objects = _objects(workdir)
-  for name in ('results.json', 'results.csv', 'results.png', 'model.halo_size=0/results.json',
-               'model.halo_size=0/config.json'):
+  for name in (
+    'results.json',
+    'results.csv',
+    'results.png',
+    'model.halo_size=0/results.json',
+    'model.halo_size=0/config.json',
+  ):
     assert name in objects, sorted(objects)
   assert objects['results.png'].startswith(b'\x89PNG')
   assert len(paths.read_json(f'{workdir}/results.json')['rows']) == 1
@@ -152,8 +195,12 @@ def test_a_sweep_in_a_bucket_writes_its_table_and_plot_there(storage_server, tmp
 
 
 def test_a_missing_bucket_fails_in_one_line_before_anything_compiles(storage_server, tmp_path):
-  run = _run('train.py', '--workdir=gs://no-such-bucket/run', f'--config={REPO}/configs/tiny.py',
-             cwd=tmp_path)
+  run = _run(
+    'train.py',
+    '--workdir=gs://no-such-bucket/run',
+    f'--config={REPO}/configs/tiny.py',
+    cwd=tmp_path,
+  )
   assert run.returncode != 0
   last = run.stderr.strip().splitlines()[-1]
   assert last.startswith('FATAL workdir gs://no-such-bucket/run cannot be written'), last

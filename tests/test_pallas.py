@@ -13,22 +13,23 @@ import sys
 
 import chex
 import jax
+from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
+from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
-from jax.experimental.pallas import tpu as pltpu
 
 from bench import tpu_aot
 from configs import tiny
 from halonet import attention
-from halonet.attention import pallas as attention_pallas
-from halonet.attention import pallas_kernels as attention_pallas_kernels
 from halonet import errors
 from halonet import model as model_lib
 from halonet import sharding
 from halonet import train_lib
-from tests.test_data_parallel import hlo_ops, _COLLECTIVES
+from halonet.attention import pallas as attention_pallas
+from halonet.attention import pallas_kernels as attention_pallas_kernels
+from tests.test_data_parallel import _COLLECTIVES
+from tests.test_data_parallel import hlo_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +38,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_train_step_equals_the_plain_paths(mesh_shape):
   """The real step (forward, backward, update) on a data mesh and on a (data, spatial) mesh: the
   kernels run per device under shard_map, and the result is the plain form's."""
-  from tests.test_train import _random_batch, _setup  # pylint: disable=import-outside-toplevel
+  from tests.test_train import _random_batch  # pylint: disable=import-outside-toplevel
+  from tests.test_train import _setup  # pylint: disable=import-outside-toplevel
+
   results = {}
   for impl in ('plain', 'pallas'):
     config = tiny.get_config()
@@ -45,8 +48,9 @@ def test_train_step_equals_the_plain_paths(mesh_shape):
     mesh = sharding.create_mesh(mesh_shape)
     state, step = _setup(config, mesh)
     state, metrics = step(state, sharding.shard_batch(_random_batch(config, 0), mesh))
-    results[impl] = jax.device_get((metrics['loss'], metrics['grad_norm'], state.params,
-                                    state.batch_stats))
+    results[impl] = jax.device_get(
+      (metrics['loss'], metrics['grad_norm'], state.params, state.batch_stats)
+    )
   chex.assert_trees_all_close(results['pallas'], results['plain'], rtol=1e-4, atol=1e-5)
 
 
@@ -63,43 +67,72 @@ def test_data_parallel_step_only_all_reduces_parameters():
 def _assert_matches_plain_form(input_shape, **layer_args):
   """The layer's output and gradients (parameters and input) with the kernels equal plain's."""
   x = jax.random.normal(jax.random.key(0), input_shape)
-  layers = {impl: attention.HaloAttention(**layer_args, attention_impl=impl)
-            for impl in ('plain', 'pallas')}
+  layers = {
+    impl: attention.HaloAttention(**layer_args, attention_impl=impl) for impl in ('plain', 'pallas')
+  }
   variables = layers['plain'].init(jax.random.key(1), x)
   cotangent = jax.random.normal(jax.random.key(2), layers['plain'].apply(variables, x).shape)
-  results = {impl: jax.jit(jax.value_and_grad(
-      lambda v, x: (layer.apply(v, x) * cotangent).sum(), argnums=(0, 1)))(variables, x)
-             for impl, layer in layers.items()}
+  results = {
+    impl: jax.jit(
+      jax.value_and_grad(lambda v, x: (layer.apply(v, x) * cotangent).sum(), argnums=(0, 1))
+    )(variables, x)
+    for impl, layer in layers.items()
+  }
   chex.assert_trees_all_close(results['pallas'], results['plain'], rtol=1e-5, atol=1e-5)
 
 
 # Block sizes of every alignment period (8 / gcd(b, 8) blocks per group: 8, 4, 2, 1), on maps
 # wide enough for a whole group of unaligned windows plus a partial one.
-@pytest.mark.parametrize('block, halo, stride, width', [
-    (3, 1, 1, 29), (6, 2, 2, 32), (10, 3, 1, 52), (12, 2, 2, 40), (8, 3, 1, 20)])
+@pytest.mark.parametrize(
+  'block, halo, stride, width',
+  [(3, 1, 1, 29), (6, 2, 2, 32), (10, 3, 1, 52), (12, 2, 2, 40), (8, 3, 1, 20)],
+)
 def test_every_window_alignment_matches_the_plain_form(block, halo, stride, width):
-  _assert_matches_plain_form((2, block + 3, width, 8), qk_width=8, value_width=8, num_heads=2,
-                             block_size=block, halo_size=halo, stride=stride)
+  _assert_matches_plain_form(
+    (2, block + 3, width, 8),
+    qk_width=8,
+    value_width=8,
+    num_heads=2,
+    block_size=block,
+    halo_size=halo,
+    stride=stride,
+  )
 
 
 # Heads in lane-tile groups (KernelShape.head_groups): 2 heads of 64 lanes per group and one
 # head of 128 per group; 4 of 32 and all 8 heads of 16 in one; one of 128, and 2 of 48 that
 # straddle a tile (one group).
-@pytest.mark.parametrize('heads, qk_width, value_width', [(4, 256, 512), (8, 256, 128),
-                                                          (2, 256, 96)])
+@pytest.mark.parametrize(
+  'heads, qk_width, value_width', [(4, 256, 512), (8, 256, 128), (2, 256, 96)]
+)
 def test_head_groups_match_the_plain_form(heads, qk_width, value_width):
-  _assert_matches_plain_form((2, 8, 11, 16), qk_width=qk_width, value_width=value_width,
-                             num_heads=heads, block_size=4, halo_size=1)
+  _assert_matches_plain_form(
+    (2, 8, 11, 16),
+    qk_width=qk_width,
+    value_width=value_width,
+    num_heads=heads,
+    block_size=4,
+    halo_size=1,
+  )
 
 
 def test_kernels_are_race_free_on_two_cores(monkeypatch):
   """Pallas' TPU interpreter on two simulated cores (the images split between them, as a
   megacore's 'parallel' axis is) reports no race between any reads and writes; it does report
   one when every image's table gradient goes to one block (tried by hand)."""
-  monkeypatch.setattr(attention_pallas, 'INTERPRET',
-                      pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2))
-  layer = attention.HaloAttention(qk_width=8, value_width=8, num_heads=2, block_size=4,
-                                  halo_size=1, stride=2, mask_window=3, attention_impl='pallas')
+  monkeypatch.setattr(
+    attention_pallas, 'INTERPRET', pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+  )
+  layer = attention.HaloAttention(
+    qk_width=8,
+    value_width=8,
+    num_heads=2,
+    block_size=4,
+    halo_size=1,
+    stride=2,
+    mask_window=3,
+    attention_impl='pallas',
+  )
   x = jax.random.normal(jax.random.key(0), (2, 10, 7, 6))
   variables = layer.init(jax.random.key(1), x)
   grads = jax.jit(jax.grad(lambda v, x: layer.apply(v, x).sum(), argnums=(0, 1)))(variables, x)
@@ -117,8 +150,15 @@ def test_refused_on_gpu_in_one_line():
 
 def _layer_fwd_bwd_exported(impl: str, batch: int = 2):
   """H1's stage-1 attention layer, forward and backward, bfloat16, lowered for TPU."""
-  layer = attention.HaloAttention(qk_width=64, value_width=64, num_heads=4, block_size=8,
-                                  halo_size=3, attention_impl=impl, dtype=jnp.bfloat16)
+  layer = attention.HaloAttention(
+    qk_width=64,
+    value_width=64,
+    num_heads=4,
+    block_size=8,
+    halo_size=3,
+    attention_impl=impl,
+    dtype=jnp.bfloat16,
+  )
   x = jax.ShapeDtypeStruct((batch, 64, 64, 64), jnp.bfloat16)
   params = jax.eval_shape(layer.init, jax.random.key(0), x)
   loss = lambda p, x: layer.apply(p, x).astype(jnp.float32).sum()
@@ -162,31 +202,50 @@ def test_hbm_bytes_counts_tiles_once_per_block_change():
   lanes = 128  # Every last dimension here pads to one 128-lane tile.
   q_block = 2 * 16 * lanes * 2  # A row's 2 blocks of 16 queries, bytes.
   strip = 6 * 32 * lanes * 2  # 6 map rows of 20 columns (-> 32 rows of the tile).
-  resident = (48 * lanes * 2 + 16 * lanes * 4 + 48 * lanes * 2 + 3 * 16 * lanes * 4
-              + 2 * 16 * lanes * 4)
+  resident = (
+    48 * lanes * 2 + 16 * lanes * 4 + 48 * lanes * 2 + 3 * 16 * lanes * 4 + 2 * 16 * lanes * 4
+  )
   steps = 2 * 3  # Every step moves to a new (image, block row).
   forward = steps * (q_block + 2 * strip) + resident + steps * q_block
-  assert attention_pallas.hbm_bytes(attention_pallas.forward_call(shape, q, k, v, tables),
-                                    [q, k, v, *tables]) == forward
+  assert (
+    attention_pallas.hbm_bytes(
+      attention_pallas.forward_call(shape, q, k, v, tables), [q, k, v, *tables]
+    )
+    == forward
+  )
   # Backward: 4 steps per image (bands of 4 rows cover 14 map rows); the last reads nothing new.
   band = 4 * 32 * lanes * 2
-  backward = (steps * (3 * q_block + 2 * strip) + resident  # q, out, d_out; k, v strips.
-              + steps * q_block + 2 * 4 * 2 * band  # d_q; d_k, d_v bands.
-              + 2 * 48 * lanes * 4)  # d_tables, one per image.
-  assert attention_pallas.hbm_bytes(attention_pallas.backward_call(shape, q, k, v, tables),
-                                    [q, k, v, *tables, q, q]) == backward
+  backward = (
+    steps * (3 * q_block + 2 * strip)
+    + resident  # q, out, d_out; k, v strips.
+    + steps * q_block
+    + 2 * 4 * 2 * band  # d_q; d_k, d_v bands.
+    + 2 * 48 * lanes * 4
+  )  # d_tables, one per image.
+  assert (
+    attention_pallas.hbm_bytes(
+      attention_pallas.backward_call(shape, q, k, v, tables), [q, k, v, *tables, q, q]
+    )
+    == backward
+  )
 
 
 def test_static_cycles_multiplies_bundles_by_enclosing_trip_counts():
-  listing = '\n'.join([
+  listing = '\n'.join(
+    [
       '     0   :  { %1 = sst [smem:[#a]] %s0 }',
       '   0x1 LB: > { %2 = sadd.s32 1, %s1 }',
       '   0x2 LB: >> { %3 = vadd.f32 %v1, %v2 }',
       '   0x3   : >> { %p4 = scmp.ge.s32.totalorder %s5, 8 /* loop exit test */ }',
       '   0x4   : > { %p6 = scmp.ge.s32.totalorder %s7, 66 /* loop exit test */ }',
-      '   0x5   :  { %8 = vsyncpa [#b], 0 }'])
-  assert tpu_aot.static_cycles(listing) == {'bundles': 6, 'cycles': 1 + 66 * (2 + 8 * 2) + 1,
-                                            'loops': 2}
+      '   0x5   :  { %8 = vsyncpa [#b], 0 }',
+    ]
+  )
+  assert tpu_aot.static_cycles(listing) == {
+    'bundles': 6,
+    'cycles': 1 + 66 * (2 + 8 * 2) + 1,
+    'loops': 2,
+  }
 
 
 @pytest.mark.slow
@@ -200,9 +259,24 @@ def test_compiles_for_tpu_and_beats_the_plain_path_there(tmp_path):
       pytest.fail(f'libtpu is missing in CI: {tpu_aot.INSTALL}')
     pytest.skip(f'needs libtpu: {tpu_aot.INSTALL}')
   out = tmp_path / 'pallas.json'
-  subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'pallas.py'), '--tiny',
-                  '--variants', 'h1,h7', '--layers', '1', '--batch', '1', '--out', str(out)],
-                 check=True, timeout=1500, cwd=ROOT)
+  subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, 'bench', 'pallas.py'),
+      '--tiny',
+      '--variants',
+      'h1,h7',
+      '--layers',
+      '1',
+      '--batch',
+      '1',
+      '--out',
+      str(out),
+    ],
+    check=True,
+    timeout=1500,
+    cwd=ROOT,
+  )
   results = json.loads(out.read_text())
   assert results['chip'] == 'v5e'
   layers = [row for rows in results['layers'].values() for row in rows]

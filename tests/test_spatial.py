@@ -7,16 +7,20 @@ import math
 import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from test_data_parallel import _COLLECTIVES
+from test_data_parallel import array_dims
+from test_data_parallel import hlo_ops
 
 from configs import tiny
 from halonet import attention
-from halonet.attention import spatial as attention_spatial
 from halonet import sharding
 from halonet import train_lib
-from test_data_parallel import _COLLECTIVES, array_dims, hlo_ops
+from halonet.attention import spatial as attention_spatial
 
 MESH = (4, 2)
 
@@ -26,36 +30,54 @@ def test_each_device_receives_the_rows_next_to_its_band(rows, band):
   """Against numpy slicing of the whole map: rows above and below each band, zeros past the
   image, several hops when the halo is wider than a band."""
   devices = 4
-  mesh = jax.make_mesh((devices,), ('spatial',), axis_types=(AxisType.Auto,),
-                       devices=jax.devices()[:devices])
+  mesh = jax.make_mesh(
+    (devices,), ('spatial',), axis_types=(AxisType.Auto,), devices=jax.devices()[:devices]
+  )
   image = np.arange(devices * band * 3, dtype=np.float32).reshape(1, devices * band, 3) + 1
   padded = np.pad(image, ((0, 0), (rows, rows), (0, 0)))
 
   def per_device(x):
-    return (attention_spatial.receive_rows(x, rows, True, 'spatial'),
-            attention_spatial.receive_rows(x, rows, False, 'spatial'))
+    return (
+      attention_spatial.receive_rows(x, rows, True, 'spatial'),
+      attention_spatial.receive_rows(x, rows, False, 'spatial'),
+    )
 
-  above, below = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P(None, 'spatial'),
-                                       out_specs=P(None, 'spatial')))(image)
+  above, below = jax.jit(
+    jax.shard_map(per_device, mesh=mesh, in_specs=P(None, 'spatial'), out_specs=P(None, 'spatial'))
+  )(image)
   for i in range(devices):
     start = i * band + rows  # The band's first row in `padded`.
-    np.testing.assert_array_equal(above[:, i * rows:(i + 1) * rows], padded[:, start - rows:start])
-    np.testing.assert_array_equal(below[:, i * rows:(i + 1) * rows],
-                                  padded[:, start + band:start + band + rows])
+    np.testing.assert_array_equal(
+      above[:, i * rows : (i + 1) * rows], padded[:, start - rows : start]
+    )
+    np.testing.assert_array_equal(
+      below[:, i * rows : (i + 1) * rows], padded[:, start + band : start + band + rows]
+    )
 
 
-@pytest.mark.parametrize('impl, height, block, halo, stride, mask_window', [
+@pytest.mark.parametrize(
+  'impl, height, block, halo, stride, mask_window',
+  [
     ('plain', 16, 4, 1, 1, 0),  # Whole block rows per device: only the halo moves.
-    ('rows', 16, 4, 2, 2, 3),   # Strided, masked, the CPU row loop per device.
+    ('rows', 16, 4, 2, 2, 3),  # Strided, masked, the CPU row loop per device.
     ('plain', 15, 4, 2, 2, 0),  # 4 block rows of a map b does not divide.
-    ('rows', 10, 2, 3, 1, 0),   # 5 block rows padded to 6; h = 3 reaches two devices away.
+    ('rows', 10, 2, 3, 1, 0),  # 5 block rows padded to 6; h = 3 reaches two devices away.
     ('pallas', 10, 2, 3, 2, 3),  # The kernels per device band: strided, masked, h = 3.
-])
-def test_attention_layer_and_gradients_equal_the_unsharded_layer(impl, height, block, halo,
-                                                                   stride, mask_window):
-  layer = attention.HaloAttention(qk_width=8, value_width=8, num_heads=2, block_size=block,
-                                  halo_size=halo, stride=stride, mask_window=mask_window,
-                                  attention_impl=impl)
+  ],
+)
+def test_attention_layer_and_gradients_equal_the_unsharded_layer(
+  impl, height, block, halo, stride, mask_window
+):
+  layer = attention.HaloAttention(
+    qk_width=8,
+    value_width=8,
+    num_heads=2,
+    block_size=block,
+    halo_size=halo,
+    stride=stride,
+    mask_window=mask_window,
+    attention_impl=impl,
+  )
   x = jax.random.normal(jax.random.key(0), (8, height, height + 3, 6))
   variables = layer.init(jax.random.key(1), x)
 
@@ -68,13 +90,13 @@ def test_attention_layer_and_gradients_equal_the_unsharded_layer(impl, height, b
   mesh = sharding.create_mesh(MESH)
   rows = P('data', 'spatial') if height % MESH[1] == 0 else P('data')
   got = jax.jit(sharding.traced_within(mesh, value_and_grads))(
-      variables, jax.device_put(x, NamedSharding(mesh, rows)))
+    variables, jax.device_put(x, NamedSharding(mesh, rows))
+  )
   chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)
 
 
 def test_attention_weights_are_refused_on_partitioned_images():
-  layer = attention.HaloAttention(qk_width=8, value_width=8, num_heads=2, block_size=4,
-                                  halo_size=1)
+  layer = attention.HaloAttention(qk_width=8, value_width=8, num_heads=2, block_size=4, halo_size=1)
   x = jnp.zeros((8, 16, 16, 6))
   variables = layer.init(jax.random.key(0), x)
   record = lambda v, x: layer.apply(v, x, mutable=[attention.ATTENTION_WEIGHTS])
@@ -109,11 +131,11 @@ def test_train_step_exchanges_only_border_rows(impl):
   (the 7x7 stride-2 stem's border; attention's h = 1; the max-pool's 1)."""
   collectives = hlo_ops(_compiled(impl, MESH).as_text(), _COLLECTIVES)
   assert {op for op, _ in collectives} == {'all-reduce', 'collective-permute'}, collectives
-  permuted = [dims for op, shape in collectives if op == 'collective-permute'
-              for dims in array_dims(shape)]
+  permuted = [
+    dims for op, shape in collectives if op == 'collective-permute' for dims in array_dims(shape)
+  ]
   assert permuted and all(len(d) >= 4 and d[0] == 8 // MESH[0] and d[1] <= 3 for d in permuted)
-  reduced = [dims for op, shape in collectives if op == 'all-reduce'
-             for dims in array_dims(shape)]
+  reduced = [dims for op, shape in collectives if op == 'all-reduce' for dims in array_dims(shape)]
   assert not any(len(dims) == 4 and dims[0] == 8 // MESH[0] for dims in reduced), reduced
 
 

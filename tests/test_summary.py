@@ -28,6 +28,7 @@ def test_flops_are_linear_in_pixel_count():
   over rows of blocks that a loop visits; XLA's cost analysis counts a loop body once, and a
   summary that counted one row would fall short of 4x.
   """
+
   def config(image_size):
     c = tiny.get_config()
     c.image_size = image_size
@@ -35,20 +36,35 @@ def test_flops_are_linear_in_pixel_count():
     c.model.block_size, c.model.halo_size = 8, 3
     c.model.conv_stages = (2, 3, 4)  # Attention dominates: stage 1 on 32 x 32 and 64 x 64 maps.
     return c
+
   ratio = summary.gflops_per_image(config(256)) / summary.gflops_per_image(config(128))
   assert 3.95 < ratio < 4.05
 
 
 def test_json_lists_all_variants_and_the_extra_config():
   out = subprocess.run(
-      [sys.executable, 'summary.py', '--json', '--config=configs/tiny.py'],
-      cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    [sys.executable, 'summary.py', '--json', '--config=configs/tiny.py'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
   rows = json.loads(out)
   assert [r['variant'] for r in rows] == [f'h{i}' for i in range(8)] + ['tiny']
-  paper = {'h0': 5.5, 'h1': 8.1, 'h2': 9.4, 'h3': 12.3, 'h4': 19.1, 'h5': 30.7, 'h6': 43.4,
-           'h7': 67.0}
+  paper = {
+    'h0': 5.5,
+    'h1': 8.1,
+    'h2': 9.4,
+    'h3': 12.3,
+    'h4': 19.1,
+    'h5': 30.7,
+    'h6': 43.4,
+    'h7': 67.0,
+  }
   for r in rows[:8]:
     assert r['paper_params_m'] == paper[r['variant']]
-    assert abs(r['params_m'] - paper[r['variant']]) / paper[r['variant']] < (0.04 if r['variant'] == 'h3' else 0.01)
+    assert abs(r['params_m'] - paper[r['variant']]) / paper[r['variant']] < (
+      0.04 if r['variant'] == 'h3' else 0.01
+    )
     assert r['gflops'] > 1
   assert rows[8]['paper_params_m'] is None

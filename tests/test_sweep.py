@@ -17,9 +17,16 @@ from halonet import sweeps
 from halonet import train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-POINT_COUNTS = {('window', 'paper'): 20, ('window', 'cpu'): 6, ('hybrids', 'paper'): 4,
-                ('hybrids', 'cpu'): 4, ('masks', 'paper'): 2, ('masks', 'cpu'): 2,
-                ('regularizers', 'paper'): 8, ('regularizers', 'cpu'): 8}
+POINT_COUNTS = {
+  ('window', 'paper'): 20,
+  ('window', 'cpu'): 6,
+  ('hybrids', 'paper'): 4,
+  ('hybrids', 'cpu'): 4,
+  ('masks', 'paper'): 2,
+  ('masks', 'cpu'): 2,
+  ('regularizers', 'paper'): 8,
+  ('regularizers', 'cpu'): 8,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -31,8 +38,12 @@ def _in_repo_root(monkeypatch):
 def _tiny_sweep(**fields) -> ml_collections.ConfigDict:
   sweep = ml_collections.ConfigDict()
   sweep.base = 'configs/tiny.py'
-  sweep.base_overrides = {'num_train_steps': 2, 'checkpoint_every_steps': 2,
-                          'eval_every_steps': 2, 'eval_batch_size': 120}
+  sweep.base_overrides = {
+    'num_train_steps': 2,
+    'checkpoint_every_steps': 2,
+    'eval_every_steps': 2,
+    'eval_batch_size': 120,
+  }
   sweep.update(fields)
   return sweep
 
@@ -51,12 +62,17 @@ def test_shipped_sweeps_have_valid_points(name, scale):
 
 
 def test_points_cross_the_list_with_the_grid():
-  sweep = _tiny_sweep(points=({'label_smoothing': 0.0}, {'label_smoothing': 0.2}),
-                      grid={'model': {'conv_stages': ((), (1, 2))}})
+  sweep = _tiny_sweep(
+    points=({'label_smoothing': 0.0}, {'label_smoothing': 0.2}),
+    grid={'model': {'conv_stages': ((), (1, 2))}},
+  )
   points = sweeps.build_points(sweep, '/sweep')
   assert [p.name for p in points] == [
-      'label_smoothing=0.0,model.conv_stages=none', 'label_smoothing=0.0,model.conv_stages=1_2',
-      'label_smoothing=0.2,model.conv_stages=none', 'label_smoothing=0.2,model.conv_stages=1_2']
+    'label_smoothing=0.0,model.conv_stages=none',
+    'label_smoothing=0.0,model.conv_stages=1_2',
+    'label_smoothing=0.2,model.conv_stages=none',
+    'label_smoothing=0.2,model.conv_stages=1_2',
+  ]
   assert points[3].workdir == '/sweep/label_smoothing=0.2,model.conv_stages=1_2'
   assert points[3].config.label_smoothing == 0.2
   assert points[3].config.model.conv_stages == (1, 2)
@@ -79,24 +95,38 @@ def test_bad_key_or_value_fails_before_any_point(tmp_path, monkeypatch):
 def test_cli_names_a_bad_key_in_one_line(tmp_path):
   sweep_file = tmp_path / 'bad.py'
   sweep_file.write_text(
-      'import ml_collections\n\n\ndef get_config():\n'
-      "  return ml_collections.ConfigDict({'base': 'configs/tiny.py', 'grid': "
-      "{'model': {'halo_sise': (1, 2)}}})\n")
+    'import ml_collections\n\n\ndef get_config():\n'
+    "  return ml_collections.ConfigDict({'base': 'configs/tiny.py', 'grid': "
+    "{'model': {'halo_sise': (1, 2)}}})\n"
+  )
   workdir = tmp_path / 'sweep'
-  result = subprocess.run([sys.executable, 'sweep.py', f'--sweep={sweep_file}',
-                           f'--workdir={workdir}'], capture_output=True, text=True)
+  result = subprocess.run(
+    [sys.executable, 'sweep.py', f'--sweep={sweep_file}', f'--workdir={workdir}'],
+    capture_output=True,
+    text=True,
+  )
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1] == (
-      "sweep.py: sweep override key 'model.halo_sise' is not a field of configs/tiny.py")
+    "sweep.py: sweep override key 'model.halo_sise' is not a field of configs/tiny.py"
+  )
   assert not workdir.exists()
 
 
 def test_dry_run_prints_one_train_command_per_point(tmp_path):
   workdir = tmp_path / 'sweep'
-  out = subprocess.run([sys.executable, 'sweep.py', '--sweep=configs/sweeps/hybrids.py:cpu',
-                        f'--workdir={workdir}', '--dry_run',
-                        '--sweep.base_overrides.data_dir=/data/digits'],
-                       capture_output=True, text=True, check=True).stdout
+  out = subprocess.run(
+    [
+      sys.executable,
+      'sweep.py',
+      '--sweep=configs/sweeps/hybrids.py:cpu',
+      f'--workdir={workdir}',
+      '--dry_run',
+      '--sweep.base_overrides.data_dir=/data/digits',
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
   commands = out.strip().splitlines()
   sweep = sweeps.load_config('configs/sweeps/hybrids.py:cpu')
   sweep.base_overrides.data_dir = '/data/digits'
@@ -109,8 +139,9 @@ def test_dry_run_prints_one_train_command_per_point(tmp_path):
     assert argv[:2] == ['python', 'train.py']
     # train.py's own flags must rebuild exactly the point's config.
     flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file('config', None, '', flag_values=flag_values, lock_config=True,
-                                    sys_argv=argv[1:])
+    config_flags.DEFINE_config_file(
+      'config', None, '', flag_values=flag_values, lock_config=True, sys_argv=argv[1:]
+    )
     flags.DEFINE_string('workdir', None, '', flag_values=flag_values)
     flag_values(argv[1:])
     assert flag_values.workdir == point.workdir
@@ -118,7 +149,7 @@ def test_dry_run_prints_one_train_command_per_point(tmp_path):
 
 
 def test_is_finished_only_at_the_final_step(tmp_path):
-  point, = sweeps.build_points(_tiny_sweep(), str(tmp_path))
+  (point,) = sweeps.build_points(_tiny_sweep(), str(tmp_path))
   assert not sweeps.is_finished(point)
   os.makedirs(point.workdir)
   for step, finished in ((1, False), (2, True)):
@@ -134,8 +165,9 @@ def test_two_point_sweep_writes_results_and_skips_finished_points(tmp_path, monk
   assert [r['point'] for r in rows] == ['model.halo_size=0', 'model.halo_size=1']
   # The terminal: a line as each point starts and one as it ends, then the table.
   lines = capsys.readouterr().out.splitlines()
-  assert lines[0] == ('[1/2] model.halo_size=0: started, '
-                      f'log in {tmp_path}/model.halo_size=0/train.log')
+  assert lines[0] == (
+    f'[1/2] model.halo_size=0: started, log in {tmp_path}/model.halo_size=0/train.log'
+  )
   assert lines[1].startswith('[1/2] model.halo_size=0: done in ')
   assert lines[1].endswith(f', test top-1 {rows[0]["top1_test"]:.2f}%')
   assert lines[2].startswith('[2/2] model.halo_size=1: started')
@@ -154,8 +186,9 @@ def test_two_point_sweep_writes_results_and_skips_finished_points(tmp_path, monk
     assert float(r['params_m']) > 0 and float(r['gflops']) > 0
     assert 0 <= float(r['top1_test']) <= 100 and float(r['train_images_per_sec']) > 0
   with open(tmp_path / 'results.json') as f:
-    assert [r['overrides'] for r in json.load(f)['rows']] == [{'model.halo_size': h}
-                                                              for h in (0, 1)]
+    assert [r['overrides'] for r in json.load(f)['rows']] == [
+      {'model.halo_size': h} for h in (0, 1)
+    ]
   assert (tmp_path / 'results.png').stat().st_size > 0
 
   point_results = [tmp_path / r['point'] / 'results.json' for r in rows]
@@ -164,8 +197,9 @@ def test_two_point_sweep_writes_results_and_skips_finished_points(tmp_path, monk
   again = sweeps.run_sweep(sweep, sweeps.build_points(sweep, workdir), workdir)
   assert again == rows
   lines = capsys.readouterr().out.splitlines()
-  assert lines[0] == (f'[1/2] model.halo_size=0: finished earlier, skipped '
-                      f'(test top-1 {rows[0]["top1_test"]:.2f}%)')
+  assert lines[0] == (
+    f'[1/2] model.halo_size=0: finished earlier, skipped (test top-1 {rows[0]["top1_test"]:.2f}%)'
+  )
   assert [p.stat().st_mtime_ns for p in point_results] == mtimes
 
 
@@ -175,12 +209,14 @@ def test_seeds_train_each_point_per_seed_and_report_mean_and_spread(tmp_path):
   points = sweeps.build_points(sweep, workdir)
   assert [p.name for p in points] == ['model.halo_size=1,seed=0', 'model.halo_size=1,seed=1']
   assert [p.config.seed for p in points] == [0, 1]
-  row, = sweeps.run_sweep(sweep, points, workdir)
-  runs = [json.loads((tmp_path / p.name / 'results.json').read_text())['raw_eval']['test']['top1']
-          for p in points]
+  (row,) = sweeps.run_sweep(sweep, points, workdir)
+  runs = [
+    json.loads((tmp_path / p.name / 'results.json').read_text())['raw_eval']['test']['top1']
+    for p in points
+  ]
   assert row['point'] == 'model.halo_size=1' and row['seeds'] == 2
   assert row['top1_test'] == pytest.approx(sum(runs) / 2, abs=0.01)
-  assert row['top1_test_std'] == pytest.approx(abs(runs[0] - runs[1]) / 2 ** 0.5, abs=0.01)
+  assert row['top1_test_std'] == pytest.approx(abs(runs[0] - runs[1]) / 2**0.5, abs=0.01)
   with open(tmp_path / 'results.json') as f:
     stored = json.load(f)
   assert stored['seeds'] == [0, 1] and len(stored['runs']) == 2

@@ -11,14 +11,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_only_the_known_notices_are_held_back(capfd):
   with tensorflow_import._native_stderr_filtered():  # pylint: disable=protected-access
-    for line in (tensorflow_import.NOTICES[0], 'E0000 a real error', 'I0000 port.cc:153] '
-                 + tensorflow_import.NOTICES[1] + ' You may see ...'):
+    for line in (
+      tensorflow_import.NOTICES[0],
+      'E0000 a real error',
+      'I0000 port.cc:153] ' + tensorflow_import.NOTICES[1] + ' You may see ...',
+    ):
       os.write(2, (line + '\n').encode())
   assert capfd.readouterr().err == 'E0000 a real error\n'
 
 
 def test_importing_the_input_pipeline_writes_nothing_to_stderr():
-  done = subprocess.run([sys.executable, '-c', 'import halonet.input_pipeline, halonet.trained'],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env={k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'})
+  done = subprocess.run(
+    [sys.executable, '-c', 'import halonet.input_pipeline, halonet.trained'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'},
+  )
   assert done.returncode == 0 and done.stderr == '', done.stderr

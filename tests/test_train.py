@@ -26,21 +26,25 @@ from halonet import workdir as workdir_lib
 def _setup(config, mesh):
   """A fresh state and the jitted step, with a fixed schedule so no data is read."""
   model = model_lib.create_model(config)
-  schedule = optim.learning_rate_schedule(config, steps_per_epoch=10,
-                                          total_steps=config.num_train_steps)
+  schedule = optim.learning_rate_schedule(
+    config, steps_per_epoch=10, total_steps=config.num_train_steps
+  )
   tx = optim.create_optimizer(config, schedule)
   init, abstract = train_lib.abstract_train_state(config, model, tx, mesh)
   state = jax.jit(init, out_shardings=train_lib.shardings_of(abstract))(jax.random.key(config.seed))
-  step = train_lib.make_train_step(config, model, tx, schedule, mesh,
-                                   train_lib.shardings_of(abstract))
+  step = train_lib.make_train_step(
+    config, model, tx, schedule, mesh, train_lib.shardings_of(abstract)
+  )
   return state, step
 
 
 def _random_batch(config, seed):
   rng = np.random.default_rng(seed)
   s = config.image_size
-  return {'image': rng.integers(0, 256, (config.batch_size, s, s, 3), dtype=np.uint8),
-          'label': rng.integers(0, config.num_classes, config.batch_size, dtype=np.int32)}
+  return {
+    'image': rng.integers(0, 256, (config.batch_size, s, s, 3), dtype=np.uint8),
+    'label': rng.integers(0, config.num_classes, config.batch_size, dtype=np.int32),
+  }
 
 
 @functools.cache
@@ -50,8 +54,9 @@ def _one_step(mesh_shape, num_devices):
   mesh = sharding.create_mesh(mesh_shape, jax.devices()[:num_devices])
   state, step = _setup(config, mesh)
   state, metrics = step(state, sharding.shard_batch(_random_batch(config, 0), mesh))
-  return jax.device_get((metrics['loss'], metrics['grad_norm'], state.params, state.batch_stats,
-                         state.ema_params))
+  return jax.device_get(
+    (metrics['loss'], metrics['grad_norm'], state.params, state.batch_stats, state.ema_params)
+  )
 
 
 # (4, 2): image rows split over 2 spatial devices (a 32 px image: padded block rows too).
@@ -79,8 +84,9 @@ def test_loss_falls_on_digits():
   mesh = sharding.create_mesh(config.mesh_shape)
   state, step = _setup(config, mesh)
   # The un-augmented view of the train split: this checks the step learns, not the augmentation.
-  batches = input_pipeline.create_split(config, config.train_split, train=False,
-                                        batch_size=config.batch_size)
+  batches = input_pipeline.create_split(
+    config, config.train_split, train=False, batch_size=config.batch_size
+  )
   losses = []
   for _, batch in zip(range(config.num_train_steps), batches):
     batch.pop('mask')
@@ -94,7 +100,9 @@ def _no_compile(*args, **kwargs):
   raise AssertionError('something was traced or compiled before the input was validated')
 
 
-@pytest.mark.parametrize('overrides, named', [
+@pytest.mark.parametrize(
+  'overrides, named',
+  [
     ({'batch_size': 12}, 'batch_size=12'),
     ({'eval_batch_size': 20}, 'eval_batch_size=20'),
     ({'mesh_shape': (3, 1)}, 'mesh_shape=(3, 1)'),
@@ -106,7 +114,8 @@ def _no_compile(*args, **kwargs):
     ({'crop_fraction': 0.0}, 'crop_fraction=0.0'),
     ({'crop_area_range': (0.5, 0.2)}, 'crop_area_range=(0.5, 0.2)'),
     ({'dataset': 'image_folder', 'data_dir': '/nonexistent/images'}, '/nonexistent/images'),
-])
+  ],
+)
 def test_bad_input_fails_in_one_line_before_compile(overrides, named, tmp_path, monkeypatch):
   config = tiny.get_config()
   config.update_from_flattened_dict(overrides)
@@ -163,9 +172,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     batches = create_split(config, split, train=train, **kwargs)
     if not train:
       return batches
+
     def soft(step, batch):
       labels = np.eye(config.num_classes, dtype=np.float32)[batch['label']]
       return {**batch, 'label': labels * (np.nan if step == 3 else 1.0)}
+
     return (soft(step, batch) for step, batch in enumerate(batches, 1))
 
   monkeypatch.setattr(input_pipeline, 'create_split', poisoned)
@@ -220,7 +231,9 @@ def test_prefetch_to_device_keeps_order_and_reads_only_two_ahead():
   assert [int(first['image'][0, 0])] + rest == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize('script, args, named', [
+@pytest.mark.parametrize(
+  'script, args, named',
+  [
     ('train.py', ['--config.batch_sz=3'], 'unknown config field: batch_sz'),
     ('train.py', ['--config.batch_size=abc'], '--config.batch_size=abc'),
     ('train.py', ['--config.optimizer.learning_rate=-1'], 'optimizer.learning_rate=-1.0'),
@@ -228,24 +241,36 @@ def test_prefetch_to_device_keeps_order_and_reads_only_two_ahead():
     ('train.py', ['--config=configs/halonet.py:h8'], "unknown HaloNet config 'h8'"),
     ('train.py', ['--config=configs/h9.py'], "No such file or directory: 'configs/h9.py'"),
     ('eval.py', [], 'no complete checkpoint'),
-    ('train.py', ['--coordinator_address=127.0.0.1:1234'],
-     '--coordinator_address given without --distributed'),
-    ('train.py', ['--distributed', '--num_processes=2', '--process_id=2'],
-     '--process_id=2 must be below --num_processes=2'),
-])
+    (
+      'train.py',
+      ['--coordinator_address=127.0.0.1:1234'],
+      '--coordinator_address given without --distributed',
+    ),
+    (
+      'train.py',
+      ['--distributed', '--num_processes=2', '--process_id=2'],
+      '--process_id=2 must be below --num_processes=2',
+    ),
+  ],
+)
 def test_bad_command_line_fails_in_one_line(script, args, named, tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  run = subprocess.run([sys.executable, script, '--config=configs/tiny.py',
-                        f'--workdir={tmp_path / "run"}', *args], cwd=root, capture_output=True,
-                       text=True, timeout=120)
+  run = subprocess.run(
+    [sys.executable, script, '--config=configs/tiny.py', f'--workdir={tmp_path / "run"}', *args],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert run.returncode != 0
   assert named in run.stderr.strip().splitlines()[-1], run.stderr[-2000:]
   assert 'Traceback' not in run.stderr
   assert not (tmp_path / 'run').exists()
 
 
-def test_finished_run_compile_time_profile_then_rerun_changes_nothing(tmp_path, monkeypatch,
-                                                                       capsys):
+def test_finished_run_compile_time_profile_then_rerun_changes_nothing(
+  tmp_path, monkeypatch, capsys
+):
   """One run: compile time reported apart, a profile of steps 2-3, files that follow the umask;
   then the same command again, which has nothing to do and rewrites nothing."""
   workdir = tmp_path / 'run'
@@ -267,14 +292,16 @@ def test_finished_run_compile_time_profile_then_rerun_changes_nothing(tmp_path, 
   monkeypatch.setattr(jax, 'jit', _no_compile)  # Nothing to train or evaluate: nothing compiled.
   again = train_lib.train_and_evaluate(config, str(workdir))
   assert again['step'] == config.num_train_steps
-  assert {p: (p.read_bytes(), p.stat().st_mtime_ns)
-          for p in workdir.rglob('*') if p.is_file()} == written
+  assert {
+    p: (p.read_bytes(), p.stat().st_mtime_ns) for p in workdir.rglob('*') if p.is_file()
+  } == written
 
 
 def test_help_lists_the_main_flags():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  run = subprocess.run([sys.executable, 'train.py', '--help'], cwd=root, capture_output=True,
-                       text=True, timeout=120)
+  run = subprocess.run(
+    [sys.executable, 'train.py', '--help'], cwd=root, capture_output=True, text=True, timeout=120
+  )
   assert run.returncode == 0, run.stderr[-2000:]
   for flag in ('--config:', '--workdir:', 'distributed:', 'allow_config_change:'):
     assert flag in run.stdout, run.stdout
@@ -284,8 +311,8 @@ def test_help_lists_the_main_flags():
   assert fields['model.block_size'] == ('8', 'b: query block side.')
   assert fields['optimizer.name'] == ("'sgd'", "'sgd' (Nesterov momentum) or 'adamw'.")
   assert len(fields) == len(tiny.get_config().to_dict()['model']) + sum(
-      1 for k, v in tiny.get_config().to_dict().items() if not isinstance(v, dict)) + len(
-          tiny.get_config().optimizer)
+    1 for k, v in tiny.get_config().to_dict().items() if not isinstance(v, dict)
+  ) + len(tiny.get_config().optimizer)
 
 
 def test_evaluations_during_training_print_their_accuracy(tmp_path, capsys):
@@ -293,9 +320,11 @@ def test_evaluations_during_training_print_their_accuracy(tmp_path, capsys):
   config.eval_every_steps = 2
   results = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
   out = capsys.readouterr().out
-  line = re.search(r'^eval step 2 \(raw params\): test top-1 ([\d.]+)% top-5 ([\d.]+)%$', out,
-                   re.MULTILINE)
+  line = re.search(
+    r'^eval step 2 \(raw params\): test top-1 ([\d.]+)% top-5 ([\d.]+)%$', out, re.MULTILINE
+  )
   assert line, out
   assert 'eval step 4' not in out  # The final evaluation prints as the final results.
   assert float(results['raw_eval']['test']['top1']) >= 0 and float(line.group(2)) >= float(
-      line.group(1))
+    line.group(1)
+  )

@@ -9,8 +9,8 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from configs import tiny
 from halonet import digits
@@ -47,13 +47,20 @@ def test_features_have_strides_4_to_32_at_sizes_b_does_not_divide():
   maps = jax.jit(lambda v, x: trained.features(config, v, x))(variables, images)
   # ceil(36 / s), ceil(50 / s) for strides 4, 8, 16, 32.
   assert {k: v.shape for k, v in maps.items()} == {
-      'stage1': (2, 9, 13, 8), 'stage2': (2, 5, 7, 16), 'stage3': (2, 3, 4, 16),
-      'stage4': (2, 2, 2, 32)}
+    'stage1': (2, 9, 13, 8),
+    'stage2': (2, 5, 7, 16),
+    'stage3': (2, 3, 4, 16),
+    'stage4': (2, 2, 2, 32),
+  }
   # stage4 is what the classifier reads: its pooled features give the model's own logits.
   head = variables['params']['head']
   x = input_pipeline.normalize_images(jnp.asarray(images), jnp.float32)
-  np.testing.assert_allclose(maps['stage4'].mean(axis=(1, 2)) @ head['kernel'] + head['bias'],
-                             model.apply(variables, x, train=False), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    maps['stage4'].mean(axis=(1, 2)) @ head['kernel'] + head['bias'],
+    model.apply(variables, x, train=False),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 def test_features_can_be_differentiated_under_jit():
@@ -88,9 +95,20 @@ def test_predict_reports_every_image_and_names_the_bad_file(run, tmp_path):
   folder = _write_images(tmp_path / 'images')
   output = tmp_path / 'predictions.json'
   output.write_text('kept')  # Never overwritten: the results go to predictions.1.json.
-  done = subprocess.run([sys.executable, 'predict.py', f'--workdir={workdir}', str(folder),
-                         f'--output={output}', '--top_k=3'], cwd=REPO, capture_output=True,
-                        text=True, timeout=300)
+  done = subprocess.run(
+    [
+      sys.executable,
+      'predict.py',
+      f'--workdir={workdir}',
+      str(folder),
+      f'--output={output}',
+      '--top_k=3',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert done.returncode == 1, done.stderr[-2000:]
   assert f'ERROR {folder / "notes.png"}: not a decodable image' in done.stderr
   assert 'read_only=True' not in done.stderr and 'read only' not in done.stderr
@@ -98,7 +116,8 @@ def test_predict_reports_every_image_and_names_the_bad_file(run, tmp_path):
   result = json.loads((tmp_path / 'predictions.1.json').read_text())
   assert result['step'] == 2 and list(result['errors']) == [str(folder / 'notes.png')]
   assert [p['file'] for p in result['predictions']] == [
-      str(folder / n) for n in ('seven.jpg', 'seven_grey.png', 'seven_rgba.png')]
+    str(folder / n) for n in ('seven.jpg', 'seven_grey.png', 'seven_rgba.png')
+  ]
   for p in result['predictions']:
     probabilities = [t['probability'] for t in p['top']]
     assert len(p['top']) == 3 and probabilities == sorted(probabilities, reverse=True)
@@ -108,10 +127,18 @@ def test_predict_reports_every_image_and_names_the_bad_file(run, tmp_path):
 def test_loading_a_run_from_python_prints_no_orbax_notices(run):
   """A notebook's trained.load (no launch.quiet_logs) gets the run, and no read-only chatter."""
   workdir, _ = run
-  code = ('import sys; from halonet import trained; '
-          'config, variables, step = trained.load(sys.argv[1]); print("step", step)')
-  done = subprocess.run([sys.executable, '-c', code, workdir], cwd=REPO, capture_output=True,
-                        text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  code = (
+    'import sys; from halonet import trained; '
+    'config, variables, step = trained.load(sys.argv[1]); print("step", step)'
+  )
+  done = subprocess.run(
+    [sys.executable, '-c', code, workdir],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  )
   assert done.returncode == 0, done.stderr[-2000:]
   assert done.stdout.strip() == 'step 2'
   assert 'read only' not in done.stderr and 'read_only=True' not in done.stderr, done.stderr
@@ -157,8 +184,10 @@ def test_attention_maps_are_the_models_weights_and_are_drawn(run, tmp_path):
   assert colour_bar.get_ylim() == pytest.approx(heat[0].get_clim())
   assert {(ax.get_xlim(), ax.get_ylim()) for ax in panels} == {((-4.0, 52.0), (52.0, -4.0))}
   # Default queries: the centres of distinct blocks of a 3 x 3 grid (12 px map, b = 4).
-  blocks = [(y * 12 // 48 // b, x * 12 // 48 // b)
-            for y, x in visualize.default_queries(config, 'stage1_block0')]
+  blocks = [
+    (y * 12 // 48 // b, x * 12 // 48 // b)
+    for y, x in visualize.default_queries(config, 'stage1_block0')
+  ]
   assert blocks == [(0, 0), (1, 1), (2, 2)]
   config.image_size = 24  # A 6 px map: 2 x 2 blocks, the last hanging over the edge.
   queries = visualize.default_queries(config, 'stage1_block0')

@@ -27,16 +27,19 @@ def _step_and_state(config):
   tx = optim.create_optimizer(config, schedule)
   init, abstract = train_lib.abstract_train_state(config, model, tx, mesh)
   state = jax.jit(init, out_shardings=train_lib.shardings_of(abstract))(jax.random.key(0))
-  step = train_lib.make_train_step(config, model, tx, schedule, mesh,
-                                   train_lib.shardings_of(abstract))
+  step = train_lib.make_train_step(
+    config, model, tx, schedule, mesh, train_lib.shardings_of(abstract)
+  )
   return step, state, mesh
 
 
 def _random_batch(config, seed=0):
   rng = np.random.default_rng(seed)
   s = config.image_size
-  return {'image': rng.integers(0, 256, (config.batch_size, s, s, 3), dtype=np.uint8),
-          'label': rng.integers(0, config.num_classes, config.batch_size, dtype=np.int32)}
+  return {
+    'image': rng.integers(0, 256, (config.batch_size, s, s, 3), dtype=np.uint8),
+    'label': rng.integers(0, config.num_classes, config.batch_size, dtype=np.int32),
+  }
 
 
 def test_ema_after_one_step_is_decay_times_old_plus_complement_times_new():
@@ -47,8 +50,12 @@ def test_ema_after_one_step_is_decay_times_old_plus_complement_times_new():
   state, _ = step(state, sharding.shard_batch(_random_batch(config), mesh))
   new, ema = jax.device_get((state.params, state.ema_params))
   assert any(np.abs(a - b).max() > 1e-4 for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)))
-  jax.tree.map(lambda o, n, e: np.testing.assert_allclose(e, 0.9 * o + 0.1 * n, rtol=1e-5,
-                                                          atol=1e-7), old, new, ema)
+  jax.tree.map(
+    lambda o, n, e: np.testing.assert_allclose(e, 0.9 * o + 0.1 * n, rtol=1e-5, atol=1e-7),
+    old,
+    new,
+    ema,
+  )
 
 
 @pytest.mark.parametrize('name', ['sgd', 'adamw'])
@@ -60,8 +67,16 @@ def test_learning_rate_schedule_values(name):
   schedule = optim.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
   peak = 0.1 * 512 / 256
   cosine = lambda step: peak * 0.5 * (1 + math.cos(math.pi * (step - 20) / 80))
-  expected = {0: 0.0, 10: peak / 2, 19: peak * 19 / 20, 20: peak, 21: cosine(21), 60: peak / 2,
-              90: cosine(90), 100: 0.0}
+  expected = {
+    0: 0.0,
+    10: peak / 2,
+    19: peak * 19 / 20,
+    20: peak,
+    21: cosine(21),
+    60: peak / 2,
+    90: cosine(90),
+    100: 0.0,
+  }
   for step, lr in expected.items():
     assert float(schedule(step)) == pytest.approx(lr, abs=1e-7), step
 
@@ -83,10 +98,12 @@ def test_first_update_applies_the_peak_rate_and_decays_only_weights(name):
   config.batch_size = 512
   lr, wd, m = 0.2, 0.01, config.optimizer.momentum
   params = model_lib.abstract_variables(config)['params']
-  params = jax.tree.map(lambda p: np.random.default_rng(p.size).normal(size=p.shape).astype(
-      np.float32), params)
-  grads = jax.tree.map(lambda p: np.random.default_rng(p.size + 1).normal(size=p.shape).astype(
-      np.float32), params)
+  params = jax.tree.map(
+    lambda p: np.random.default_rng(p.size).normal(size=p.shape).astype(np.float32), params
+  )
+  grads = jax.tree.map(
+    lambda p: np.random.default_rng(p.size + 1).normal(size=p.shape).astype(np.float32), params
+  )
   schedule = optim.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
   tx = optim.create_optimizer(config, schedule)
 
@@ -99,29 +116,40 @@ def test_first_update_applies_the_peak_rate_and_decays_only_weights(name):
     return p - lr * (direction + (wd * p if _is_decayed(path) else 0.0))
 
   jax.tree_util.tree_map_with_path(
-      lambda path, got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5),
-      updated(grads), jax.tree_util.tree_map_with_path(by_hand, params, grads))
+    lambda path, got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5),
+    updated(grads),
+    jax.tree_util.tree_map_with_path(by_hand, params, grads),
+  )
   zero = updated(jax.tree.map(np.zeros_like, grads))
-  decayed = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(params)
-             if _is_decayed(k)]
+  decayed = [
+    jax.tree_util.keystr(k)
+    for k, _ in jax.tree_util.tree_leaves_with_path(params)
+    if _is_decayed(k)
+  ]
   assert any('kernel' in k for k in decayed) and any('relative' in k for k in decayed)
   jax.tree_util.tree_map_with_path(
-      lambda path, got, p: np.testing.assert_allclose(
-          got, p * (1 - lr * wd) if _is_decayed(path) else p, rtol=1e-6), zero, params)
+    lambda path, got, p: np.testing.assert_allclose(
+      got, p * (1 - lr * wd) if _is_decayed(path) else p, rtol=1e-6
+    ),
+    zero,
+    params,
+  )
 
 
 def test_batches_split_examples_over_data_and_image_rows_over_spatial():
   mesh = sharding.create_mesh((4, 2))
-  batch = {'image': np.arange(16 * 6 * 5 * 3, dtype=np.float32).reshape(16, 6, 5, 3),
-           'label': np.arange(16, dtype=np.int32)}
+  batch = {
+    'image': np.arange(16 * 6 * 5 * 3, dtype=np.float32).reshape(16, 6, 5, 3),
+    'label': np.arange(16, dtype=np.int32),
+  }
   placed = sharding.shard_batch(batch, mesh)
   for key, x in placed.items():
     assert len(x.addressable_shards) == 8
     for shard in x.addressable_shards:
       data_index, spatial_index = np.argwhere(mesh.device_ids == shard.device.id)[0]
-      want = batch[key][4 * data_index:4 * data_index + 4]
+      want = batch[key][4 * data_index : 4 * data_index + 4]
       if key == 'image':  # Rows 0-2 on the first spatial device, 3-5 on the second.
-        want = want[:, 3 * spatial_index:3 * spatial_index + 3]
+        want = want[:, 3 * spatial_index : 3 * spatial_index + 3]
       np.testing.assert_array_equal(shard.data, want)
 
 
@@ -131,12 +159,14 @@ def test_label_smoothed_loss_of_a_hand_made_batch():
   ls = 0.3
   hard = np.array([0, 1])
   want_hard = -((1 - ls) * log_p[[0, 1], hard] + ls / 3 * log_p.sum(-1))
-  np.testing.assert_allclose(train_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(hard), ls),
-                             want_hard, rtol=1e-6)
+  np.testing.assert_allclose(
+    train_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(hard), ls), want_hard, rtol=1e-6
+  )
   soft = np.array([[0.25, 0.75, 0.0], [0.0, 0.4, 0.6]], np.float32)  # Mixed targets.
   want_soft = -(((1 - ls) * soft + ls / 3) * log_p).sum(-1)
-  np.testing.assert_allclose(train_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(soft), ls),
-                             want_soft, rtol=1e-6)
+  np.testing.assert_allclose(
+    train_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(soft), ls), want_soft, rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize('mix', ['mixup', 'cutmix'])
@@ -157,8 +187,11 @@ def test_mixed_targets_weigh_the_two_images_as_the_pixels_do(mix, tmp_path):
   for _, batch in zip(range(4), batches):
     images = batch['image'].astype(np.float64)
     np.testing.assert_allclose(batch['label'].sum(-1), 1.0, rtol=1e-6)
-    white = (images.mean(axis=(1, 2, 3)) / 255 if mix == 'mixup'
-             else (images == 255).all(-1).mean(axis=(1, 2)))
+    white = (
+      images.mean(axis=(1, 2, 3)) / 255
+      if mix == 'mixup'
+      else (images == 255).all(-1).mean(axis=(1, 2))
+    )
     atol = 0.5 / 255 + 1e-6 if mix == 'mixup' else 1e-6  # Mixup rounds to whole grey levels.
     np.testing.assert_allclose(batch['label'][:, 1], white, atol=atol)
     checked += int(((white > 0.05) & (white < 0.95)).sum())

@@ -24,13 +24,13 @@ def sweep_config(scale: str) -> ml_collections.ConfigDict:
   if scale == 'cpu':
     config.base = CPU_BASE
     config.base_overrides = dict(
-        data_dir='',
-        num_train_steps=200,
-        batch_size=64,
-        eval_batch_size=120,
-        optimizer=dict(name='adamw', learning_rate=2e-2, weight_decay=0.05, warmup_epochs=0.5),
-        log_every_steps=50,
-        eval_every_steps=200,
-        checkpoint_every_steps=100,
+      data_dir='',
+      num_train_steps=200,
+      batch_size=64,
+      eval_batch_size=120,
+      optimizer=dict(name='adamw', learning_rate=2e-2, weight_decay=0.05, warmup_epochs=0.5),
+      log_every_steps=50,
+      eval_every_steps=200,
+      checkpoint_every_steps=100,
     )
   return config

@@ -17,20 +17,22 @@ _SILU = {'model.activation': 'silu'}
 
 def get_config(scale: str = 'paper') -> ml_collections.ConfigDict:
   config = common.sweep_config(scale)
-  config.base_overrides.update({
+  config.base_overrides.update(
+    {
       'label_smoothing': 0.0,
       'randaugment_layers': 2,
       'randaugment_magnitude': 0,
       'model': {'use_se': False, 'activation': 'relu'},
-  })
+    }
+  )
   config.points = (
-      {},                                 # baseline
-      {**_LS},                            # +LS
-      {**_LS, **_RA},                     # +LS +RA
-      {**_SE},                            # +SE
-      {**_SE, **_SILU},                   # +SE +SiLU
-      {**_LS, **_SE},                     # +LS +SE
-      {**_LS, **_SE, **_SILU},            # +LS +SE +SiLU
-      {**_LS, **_SE, **_SILU, **_RA},     # +LS +SE +SiLU +RA
+    {},  # baseline
+    {**_LS},  # +LS
+    {**_LS, **_RA},  # +LS +RA
+    {**_SE},  # +SE
+    {**_SE, **_SILU},  # +SE +SiLU
+    {**_LS, **_SE},  # +LS +SE
+    {**_LS, **_SE, **_SILU},  # +LS +SE +SiLU
+    {**_LS, **_SE, **_SILU, **_RA},  # +LS +SE +SiLU +RA
   )
   return config

@@ -16,9 +16,9 @@ from halonet.attention import plain
 from halonet.attention import rows
 
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
-    'plain': plain.plain_attention,
-    'rows': rows.rows_attention,
-    'pallas': pallas.pallas_attention,
+  'plain': plain.plain_attention,
+  'rows': rows.rows_attention,
+  'pallas': pallas.pallas_attention,
 }
 AUTO_IMPLEMENTATION = {'cpu': 'rows'}
 
@@ -26,8 +26,9 @@ AUTO_IMPLEMENTATION = {'cpu': 'rows'}
 def check_impl(attention_impl: str) -> None:
   """Raises one line unless `attention_impl` names an implementation or 'auto'."""
   if attention_impl != 'auto' and attention_impl not in IMPLEMENTATIONS:
-    raise errors.ConfigError(f'attention_impl={attention_impl!r} is not one of '
-                             f"{['auto', *IMPLEMENTATIONS]}")
+    raise errors.ConfigError(
+      f'attention_impl={attention_impl!r} is not one of {["auto", *IMPLEMENTATIONS]}'
+    )
 
 
 def resolve_impl(attention_impl: str, backend: str | None = None) -> str:
@@ -44,16 +45,29 @@ def resolve_impl(attention_impl: str, backend: str | None = None) -> str:
   return attention_impl
 
 
-def layer_key(height: int, width: int, channels: int, qk_width: int, value_width: int,
-              num_heads: int, block_size: int, halo_size: int, stride: int, mask_window: int,
-              dtype: str) -> str:
+def layer_key(
+  height: int,
+  width: int,
+  channels: int,
+  qk_width: int,
+  value_width: int,
+  num_heads: int,
+  block_size: int,
+  halo_size: int,
+  stride: int,
+  mask_window: int,
+  dtype: str,
+) -> str:
   """Names a layer's shape (its input map, widths, window, dtype) in a run's choice."""
-  return (f'{height}x{width}x{channels} qk{qk_width} v{value_width} heads{num_heads} '
-          f'b{block_size} h{halo_size} s{stride} mask{mask_window} {dtype}')
+  return (
+    f'{height}x{width}x{channels} qk{qk_width} v{value_width} heads{num_heads} '
+    f'b{block_size} h{halo_size} s{stride} mask{mask_window} {dtype}'
+  )
 
 
-def impl_for(attention_impl: str, choice: Sequence[tuple[str, str]], key: str,
-             backend: str | None = None) -> str:
+def impl_for(
+  attention_impl: str, choice: Sequence[tuple[str, str]], key: str, backend: str | None = None
+) -> str:
   """The form a layer of shape `key` runs: with 'auto', the run's measured choice for it if it
   has one (measure.py), else resolve_impl's rule."""
   chosen = dict(choice).get(key) if attention_impl == 'auto' else None

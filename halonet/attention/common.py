@@ -29,14 +29,28 @@ MASKED_LOGIT = -1e30
 class Attend(Protocol):
   """The signature every implementation of the attention has (see the module docstring)."""
 
-  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array,
-               rel_w: jax.Array, bias_h: jax.Array, bias_w: jax.Array, *, block_size: int,
-               halo_size: int, num_heads: int) -> jax.Array:
-    ...
+  def __call__(
+    self,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    rel_h: jax.Array,
+    rel_w: jax.Array,
+    bias_h: jax.Array,
+    bias_w: jax.Array,
+    *,
+    block_size: int,
+    halo_size: int,
+    num_heads: int,
+  ) -> jax.Array: ...
 
 
-def check_attention_args(block_size: int, halo_size: int, stride: int, mask_window: int,
-                         ) -> None:
+def check_attention_args(
+  block_size: int,
+  halo_size: int,
+  stride: int,
+  mask_window: int,
+) -> None:
   """Raises ValueError naming the first bad attention hyper-parameter."""
   if block_size <= 0:
     raise errors.ConfigError(f'block_size={block_size} must be positive')
@@ -46,13 +60,15 @@ def check_attention_args(block_size: int, halo_size: int, stride: int, mask_wind
     raise errors.ConfigError(f'stride={stride} must be 1 or 2')
   if block_size % stride:
     raise errors.ConfigError(
-        f'block_size={block_size} must be a multiple of the attention stride {stride}')
+      f'block_size={block_size} must be a multiple of the attention stride {stride}'
+    )
   if mask_window < 0 or (mask_window and mask_window % 2 == 0):
     raise errors.ConfigError(f'mask_window={mask_window} must be 0 (off) or a positive odd size')
   if mask_window > 2 * halo_size + 1:
     raise errors.ConfigError(
-        f'mask_window={mask_window} does not fit in the neighbourhood of halo_size={halo_size}; '
-        f'use at most {2 * halo_size + 1}')
+      f'mask_window={mask_window} does not fit in the neighbourhood of halo_size={halo_size}; '
+      f'use at most {2 * halo_size + 1}'
+    )
 
 
 def num_relative_offsets(block_size: int, halo_size: int) -> int:
@@ -60,8 +76,9 @@ def num_relative_offsets(block_size: int, halo_size: int) -> int:
   return 2 * (block_size + halo_size) - 1
 
 
-def key_bias(size: int, block: int, halo: int, stride: int, mask_window: int,
-             num_blocks: int | None = None) -> np.ndarray:
+def key_bias(
+  size: int, block: int, halo: int, stride: int, mask_window: int, num_blocks: int | None = None
+) -> np.ndarray:
   """[blocks, queries or 1, b+2h] additive mask along one axis: padding, then mask_window.
 
   `num_blocks` (default: the fewest that cover `size`) may add blocks of padding only.

@@ -42,7 +42,9 @@ from halonet import errors
 from halonet.attention import choose
 from halonet.attention import plain
 from halonet.attention import spatial as attention_spatial
-from halonet.attention.common import check_attention_args, key_bias, num_relative_offsets
+from halonet.attention.common import check_attention_args
+from halonet.attention.common import key_bias
+from halonet.attention.common import num_relative_offsets
 from halonet.attention.common import relative_index
 
 # The collection the layer sows its attention weights into when it is mutable (the plain form
@@ -58,6 +60,7 @@ class HeadProjection(nn.Module):
   head's 16-64 channels to a whole 128-lane tile on TPU, and every reshape of it is a copy.
   `parts` splits each head's width (e.g. keys and values of one kernel): one map per part.
   """
+
   heads: int
   width: int
   parts: tuple[int, ...] = ()
@@ -67,12 +70,17 @@ class HeadProjection(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array | list[jax.Array]:
     channels = x.shape[-1]
     init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
-    kernel = self.param('kernel', lambda rng, shape: init(rng, (channels, self.heads * self.width))
-                        .reshape(shape), (channels, self.heads, self.width))
+    kernel = self.param(
+      'kernel',
+      lambda rng, shape: init(rng, (channels, self.heads * self.width)).reshape(shape),
+      (channels, self.heads, self.width),
+    )
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     edges = np.cumsum((0, *(self.parts or (self.width,))))
-    maps = [jnp.dot(x, kernel[..., start:end].reshape(channels, -1))
-            for start, end in zip(edges[:-1], edges[1:])]
+    maps = [
+      jnp.dot(x, kernel[..., start:end].reshape(channels, -1))
+      for start, end in zip(edges[:-1], edges[1:])
+    ]
     return maps if self.parts else maps[0]
 
 
@@ -92,6 +100,7 @@ class HaloAttention(nn.Module):
     attention_choice: the run's measured form per layer shape, used with 'auto' (measure.py).
     dtype: compute dtype of projections and attention products; params stay float32.
   """
+
   qk_width: int
   value_width: int
   num_heads: int
@@ -126,7 +135,7 @@ class HaloAttention(nn.Module):
     halo_rows = 0 if spatial else h
 
     # Queries: subsample, project, pad to whole blocks of bq x bq.
-    q = HeadProjection(n, dk, dtype=self.dtype, name='query')(x[:, ::s, ::s]) * (dk ** -0.5)
+    q = HeadProjection(n, dk, dtype=self.dtype, name='query')(x[:, ::s, ::s]) * (dk**-0.5)
     out_h, out_w = q.shape[1], q.shape[2]
     q = jnp.pad(q, ((0, 0), (0, nbh * bq - out_h), (0, nbw * bq - out_w), (0, 0)))
 
@@ -136,7 +145,7 @@ class HaloAttention(nn.Module):
     k, v = jnp.pad(k, pad), jnp.pad(v, pad)
 
     # Factorized relative position tables, indexed (statically) per (query, key) pair.
-    init = nn.initializers.normal(dk ** -0.5)
+    init = nn.initializers.normal(dk**-0.5)
     index = relative_index(b, h, s)
     rel_h = self.param('relative_height', init, (num_relative_offsets(b, h), dk))
     rel_w = self.param('relative_width', init, (num_relative_offsets(b, h), dk))
@@ -144,21 +153,45 @@ class HaloAttention(nn.Module):
 
     bias_h = jnp.asarray(key_bias(height, b, h, s, self.mask_window, nbh))
     bias_w = jnp.asarray(key_bias(width, b, h, s, self.mask_window))
-    key = choose.layer_key(height, width, channels, self.qk_width, self.value_width, n, b, h, s,
-                           self.mask_window, jnp.dtype(self.dtype).name)
-    attend = choose.IMPLEMENTATIONS[choose.impl_for(self.attention_impl, self.attention_choice,
-                                                    key)]
+    key = choose.layer_key(
+      height,
+      width,
+      channels,
+      self.qk_width,
+      self.value_width,
+      n,
+      b,
+      h,
+      s,
+      self.mask_window,
+      jnp.dtype(self.dtype).name,
+    )
+    attend = choose.IMPLEMENTATIONS[
+      choose.impl_for(self.attention_impl, self.attention_choice, key)
+    ]
     if spatial:
       attend = functools.partial(attention_spatial.spatial_attention, attend)
     if self.is_mutable_collection(ATTENTION_WEIGHTS) and not self.is_initializing():
       # Asked for the weights (halonet/visualize.py).
       if spatial:
-        raise errors.ConfigError('attention weights are recorded on unpartitioned images only; '
-                                 'use a mesh without a spatial axis')
-      out, weights = plain.plain_attention(q, k, v, rel_h, rel_w, bias_h, bias_w, block_size=b,
-                                     halo_size=h, num_heads=n, with_weights=True)
+        raise errors.ConfigError(
+          'attention weights are recorded on unpartitioned images only; '
+          'use a mesh without a spatial axis'
+        )
+      out, weights = plain.plain_attention(
+        q,
+        k,
+        v,
+        rel_h,
+        rel_w,
+        bias_h,
+        bias_w,
+        block_size=b,
+        halo_size=h,
+        num_heads=n,
+        with_weights=True,
+      )
       self.sow(ATTENTION_WEIGHTS, 'weights', weights)
     else:
-      out = attend(q, k, v, rel_h, rel_w, bias_h, bias_w, block_size=b, halo_size=h,
-                   num_heads=n)
+      out = attend(q, k, v, rel_h, rel_w, bias_h, bias_w, block_size=b, halo_size=h, num_heads=n)
     return out[:, :out_h, :out_w]

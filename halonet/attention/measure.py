@@ -13,20 +13,20 @@ the same kind of chip measures nothing), and each run records its choice in its 
 keeps the fixed rule of choose.py unless HALONET_MEASURE_ATTENTION=1.
 """
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import functools
 import json
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from halonet import paths
 from halonet.attention import choose
@@ -43,6 +43,7 @@ WARMUP, ITERATIONS = 2, 5
 @dataclasses.dataclass(frozen=True)
 class Layer:
   """One distinct attention layer of a model, as one device runs it."""
+
   batch: int  # Per device.
   height: int
   width: int
@@ -58,16 +59,32 @@ class Layer:
 
   def key(self) -> str:
     """What the layer looks up its form by (choose.impl_for): everything but the batch."""
-    return choose.layer_key(self.height, self.width, self.channels, self.qk_width,
-                            self.value_width, self.num_heads, self.block_size, self.halo_size,
-                            self.stride, self.mask_window, self.dtype)
+    return choose.layer_key(
+      self.height,
+      self.width,
+      self.channels,
+      self.qk_width,
+      self.value_width,
+      self.num_heads,
+      self.block_size,
+      self.halo_size,
+      self.stride,
+      self.mask_window,
+      self.dtype,
+    )
 
   def module(self, attention_impl: str) -> HaloAttention:
-    return HaloAttention(qk_width=self.qk_width, value_width=self.value_width,
-                         num_heads=self.num_heads, block_size=self.block_size,
-                         halo_size=self.halo_size, stride=self.stride,
-                         mask_window=self.mask_window, attention_impl=attention_impl,
-                         dtype=jnp.dtype(self.dtype))
+    return HaloAttention(
+      qk_width=self.qk_width,
+      value_width=self.value_width,
+      num_heads=self.num_heads,
+      block_size=self.block_size,
+      halo_size=self.halo_size,
+      stride=self.stride,
+      mask_window=self.mask_window,
+      attention_impl=attention_impl,
+      dtype=jnp.dtype(self.dtype),
+    )
 
 
 def model_layers(model: nn.Module, image_size: int, batch: int) -> list[Layer]:
@@ -78,16 +95,30 @@ def model_layers(model: nn.Module, image_size: int, batch: int) -> list[Layer]:
     module = context.module
     if isinstance(module, HaloAttention) and context.method_name == '__call__':
       _, height, width, channels = args[0].shape
-      layer = Layer(batch, height, width, channels, module.qk_width, module.value_width,
-                    module.num_heads, module.block_size, module.halo_size, module.stride,
-                    module.mask_window, jnp.dtype(module.dtype).name)
+      layer = Layer(
+        batch,
+        height,
+        width,
+        channels,
+        module.qk_width,
+        module.value_width,
+        module.num_heads,
+        module.block_size,
+        module.halo_size,
+        module.stride,
+        module.mask_window,
+        jnp.dtype(module.dtype).name,
+      )
       found.setdefault(layer.key(), layer)
     return next_fun(*args, **kwargs)
 
   images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
   with nn.intercept_methods(record):
-    jax.eval_shape(functools.partial(model.init, train=False),
-                   {'params': jax.random.key(0), 'dropout': jax.random.key(1)}, images)
+    jax.eval_shape(
+      functools.partial(model.init, train=False),
+      {'params': jax.random.key(0), 'dropout': jax.random.key(1)},
+      images,
+    )
   return list(found.values())
 
 
@@ -98,6 +129,7 @@ def _forward_backward(layer: Layer, attention_impl: str) -> Callable[..., Any]:
   def run(params, x, cotangent):
     out, pullback = jax.vjp(lambda p, x: module.apply({'params': p}, x), params, x)
     return (out, *pullback(cotangent))
+
   return jax.jit(run)
 
 
@@ -114,15 +146,19 @@ def time_compiled(compiled: Callable[..., Any], args: Sequence[Any]) -> float:
 
 
 def _relative_error(got: Any, want: Any) -> float:
-  errors = [float(np.max(np.abs(np.asarray(g, np.float32) - np.asarray(w, np.float32))))
-            / max(float(np.max(np.abs(np.asarray(w, np.float32)))), 1e-30)
-            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
+  errors = [
+    float(np.max(np.abs(np.asarray(g, np.float32) - np.asarray(w, np.float32))))
+    / max(float(np.max(np.abs(np.asarray(w, np.float32)))), 1e-30)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+  ]
   return max(errors)
 
 
-def measure_layer(layer: Layer, candidates: Sequence[str],
-                  timer: Callable[[Callable[..., Any], Sequence[Any]], float] = time_compiled
-                  ) -> dict[str, Any]:
+def measure_layer(
+  layer: Layer,
+  candidates: Sequence[str],
+  timer: Callable[[Callable[..., Any], Sequence[Any]], float] = time_compiled,
+) -> dict[str, Any]:
   """{'choice', 'seconds': {form: s}, 'skipped': {form: why}} of one layer (forward+backward)."""
   keys = jax.random.split(jax.random.key(0), 3)
   shape = (layer.batch, layer.height, layer.width, layer.channels)
@@ -133,8 +169,7 @@ def measure_layer(layer: Layer, candidates: Sequence[str],
   for impl in dict.fromkeys(('plain', *candidates)):
     try:
       fn = _forward_backward(layer, impl)
-      out_shape = jax.eval_shape(lambda p, x: layer.module(impl).apply({'params': p}, x),
-                                 params, x)
+      out_shape = jax.eval_shape(lambda p, x: layer.module(impl).apply({'params': p}, x), params, x)
       cotangent = jax.random.normal(keys[2], out_shape.shape, jnp.float32).astype(layer.dtype)
       args = (params, x, cotangent)
       compiled = fn.lower(*args).compile()
@@ -144,30 +179,36 @@ def measure_layer(layer: Layer, candidates: Sequence[str],
       else:
         error = _relative_error(result, reference)
         if not error <= TOLERANCE[layer.dtype]:
-          raise ValueError(f'disagrees with plain (relative error {error:.2g} > '
-                           f'{TOLERANCE[layer.dtype]:g})')
+          raise ValueError(
+            f'disagrees with plain (relative error {error:.2g} > {TOLERANCE[layer.dtype]:g})'
+          )
       seconds[impl] = timer(compiled, args)
     except Exception as e:  # pylint: disable=broad-except  # Any failure rules a form out.
       if impl == 'plain':
         raise
       skipped[impl] = ' '.join(str(e).split())[:200] or type(e).__name__
-      logging.warning('attention form %s skipped for layer %s: %s', impl, layer.key(),
-                      skipped[impl])
+      logging.warning(
+        'attention form %s skipped for layer %s: %s', impl, layer.key(), skipped[impl]
+      )
   return {'choice': min(seconds, key=seconds.get), 'seconds': seconds, 'skipped': skipped}
 
 
 def cache_file() -> str:
-  return os.path.join(os.path.expanduser(os.environ.get('HALONET_CACHE', '~/.cache/halonet')),
-                      'attention_choices.json')
+  return os.path.join(
+    os.path.expanduser(os.environ.get('HALONET_CACHE', '~/.cache/halonet')),
+    'attention_choices.json',
+  )
 
 
 def _cache_key(layer: Layer) -> str:
-  return f'{jax.devices()[0].device_kind} | jax {jax.__version__} | batch {layer.batch} | ' \
-         f'{layer.key()}'
+  return (
+    f'{jax.devices()[0].device_kind} | jax {jax.__version__} | batch {layer.batch} | {layer.key()}'
+  )
 
 
-def choose_layers(layers: Sequence[Layer], backend: str,
-                  say: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+def choose_layers(
+  layers: Sequence[Layer], backend: str, say: Callable[[str], None] = print
+) -> dict[str, dict[str, Any]]:
   """{layer key: record} for `layers`, measured or read from the cache (which gains the new)."""
   cache_path = cache_file()
   cache = {}
@@ -185,8 +226,10 @@ def choose_layers(layers: Sequence[Layer], backend: str,
     records[layer.key()] = {**record, 'layer': dataclasses.asdict(layer)}
     times = ', '.join(f'{impl} {t * 1e3:.3g} ms' for impl, t in record['seconds'].items())
     skipped = ''.join(f'; {impl} skipped' for impl in record['skipped'])
-    say(f'attention {layer.key()} batch {layer.batch}: {times}{skipped} -> {record["choice"]} '
-        f'({source})')
+    say(
+      f'attention {layer.key()} batch {layer.batch}: {times}{skipped} -> {record["choice"]} '
+      f'({source})'
+    )
   os.makedirs(os.path.dirname(cache_path), exist_ok=True)
   tmp = f'{cache_path}.tmp{os.getpid()}'
   with open(tmp, 'w') as f:
@@ -224,16 +267,21 @@ def _broadcast_json(obj: Any) -> Any:
   if jax.process_count() == 1:
     return obj
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if jax.process_index() == 0 else None
-  length = int(multihost_utils.broadcast_one_to_all(
-      np.int32(len(data) if data is not None else 0)))
+  length = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if data is not None else 0)))
   buffer = data if data is not None else np.zeros(length, np.uint8)
   return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
 
 
-def for_run(model: nn.Module, attention_impl: str, image_size: int, per_device_batch: int,
-            workdir: paths.PathLike, say: Callable[[str], None] = print
-            ) -> tuple[tuple[str, str], ...]:
+def for_run(
+  model: nn.Module,
+  attention_impl: str,
+  image_size: int,
+  per_device_batch: int,
+  workdir: paths.PathLike,
+  say: Callable[[str], None] = print,
+) -> tuple[tuple[str, str], ...]:
   """The run's choice: its workdir's record if it has one, else measured on process 0 and used by
   every process, then recorded. () when 'auto' does not measure here (choose.py's rule)."""
   backend = jax.default_backend()
@@ -244,18 +292,26 @@ def for_run(model: nn.Module, attention_impl: str, image_size: int, per_device_b
     return recorded
   records = None
   if jax.process_index() == 0:
-    records = choose_layers(model_layers(model, image_size, per_device_batch), backend,
-                            say=say)
+    records = choose_layers(model_layers(model, image_size, per_device_batch), backend, say=say)
   records = _broadcast_json(records)
   earlier = _record(workdir)  # Made on another kind of device: kept beside the new one.
   if earlier is not None:
-    paths.write_json(paths.unused_path(paths.path(workdir) / 'attention_choice.earlier.json'),
-                     earlier)
-  paths.write_json(paths.path(workdir) / CHOICE_FILE,
-                   {'device_kind': jax.devices()[0].device_kind, 'jax': jax.__version__,
-                    'backend': backend, 'layers': records})
+    paths.write_json(
+      paths.unused_path(paths.path(workdir) / 'attention_choice.earlier.json'), earlier
+    )
+  paths.write_json(
+    paths.path(workdir) / CHOICE_FILE,
+    {
+      'device_kind': jax.devices()[0].device_kind,
+      'jax': jax.__version__,
+      'backend': backend,
+      'layers': records,
+    },
+  )
   choice = as_choice(records)
-  logging.warning('attention forms chosen on process 0 (%d layers): %s', len(choice),
-                  ' '.join(f'{key}={impl}' for key, impl in choice))
+  logging.warning(
+    'attention forms chosen on process 0 (%d layers): %s',
+    len(choice),
+    ' '.join(f'{key}={impl}' for key, impl in choice),
+  )
   return choice
-

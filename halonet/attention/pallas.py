@@ -32,17 +32,22 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+import jax.numpy as jnp
+import numpy as np
 
 from halonet import errors
 from halonet import sharding
 from halonet.attention.common import MASKED_LOGIT
-from halonet.attention.pallas_kernels import (ALIGN, F32, KernelShape, backward_kernel,
-                                              forward_kernel, kernel_flops, map_columns,
-                                              round_up)
+from halonet.attention.pallas_kernels import ALIGN
+from halonet.attention.pallas_kernels import F32
+from halonet.attention.pallas_kernels import KernelShape
+from halonet.attention.pallas_kernels import backward_kernel
+from halonet.attention.pallas_kernels import forward_kernel
+from halonet.attention.pallas_kernels import kernel_flops
+from halonet.attention.pallas_kernels import map_columns
+from halonet.attention.pallas_kernels import round_up
 
 BACKENDS = ('tpu', 'cpu')  # Where the kernels run: compiled by Mosaic, or interpreted.
 # Scoped VMEM the kernels may use. Every H7 layer at 600 px fits v5e's 16 MiB default (its
@@ -60,13 +65,25 @@ WIDENED_COLUMN_LOGIT = MASKED_LOGIT
 def check_backend(backend: str) -> None:
   """Raises one line if the kernels cannot run on `backend`."""
   if backend not in BACKENDS:
-    raise errors.ConfigError(f"attention_impl='pallas' runs on TPU (and interpreted on CPU), not "
-                             f"on {backend}; use attention_impl='plain' (or 'auto')")
+    raise errors.ConfigError(
+      f"attention_impl='pallas' runs on TPU (and interpreted on CPU), not "
+      f"on {backend}; use attention_impl='plain' (or 'auto')"
+    )
 
 
-def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array,
-                     rel_w: jax.Array, bias_h: jax.Array, bias_w: jax.Array, *, block_size: int,
-                     halo_size: int, num_heads: int) -> jax.Array:
+def pallas_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  rel_h: jax.Array,
+  rel_w: jax.Array,
+  bias_h: jax.Array,
+  bias_w: jax.Array,
+  *,
+  block_size: int,
+  halo_size: int,
+  num_heads: int,
+) -> jax.Array:
   """`plain.plain_attention` (same arguments) as one kernel per direction, per device."""
   attend = functools.partial(_attention, block=block_size, halo=halo_size, heads=num_heads)
   return sharding.per_device_images(attend)(q, k, v, rel_h, rel_w, bias_h, bias_w)
@@ -92,12 +109,19 @@ def _attention(q, k, v, rel_h, rel_w, bias_h, bias_w, *, block, halo, heads):
   widen = ((0, 0), (0, 0), (0, map_columns(nbw, block, columns) - k.shape[2]), (0, 0))
   tables = position_tables(rel_h, rel_w, bias_h, bias_w, heads, columns, queries)
   out = _fused(block, heads, q_blocks, jnp.pad(k, widen), jnp.pad(v, widen), *tables)
-  out = out[:, :, :, :qy * qx].reshape(batch, nbh, nbw, qy, qx, -1).transpose(0, 1, 3, 2, 4, 5)
+  out = out[:, :, :, : qy * qx].reshape(batch, nbh, nbw, qy, qx, -1).transpose(0, 1, 3, 2, 4, 5)
   return out.reshape(batch, nbh * qy, nbw * qx, -1)
 
 
-def position_tables(rel_h: jax.Array, rel_w: jax.Array, bias_h: jax.Array, bias_w: jax.Array,
-                    heads: int, columns: int, queries: int) -> tuple[jax.Array, ...]:
+def position_tables(
+  rel_h: jax.Array,
+  rel_w: jax.Array,
+  bias_h: jax.Array,
+  bias_w: jax.Array,
+  heads: int,
+  columns: int,
+  queries: int,
+) -> tuple[jax.Array, ...]:
   """The kernels' position inputs for windows `columns` wide and blocks of `queries` (padded).
 
   Returns
@@ -111,8 +135,9 @@ def position_tables(rel_h: jax.Array, rel_w: jax.Array, bias_h: jax.Array, bias_
   qx = rel_w.shape[0]
   q_row, q_col = np.divmod(np.arange(qy * qx), qx)
   key_row, key_col = np.divmod(np.arange(window * columns), columns)
-  tables = jnp.tile(jnp.concatenate([rel_h.reshape(qy * window, -1),
-                                     rel_w.reshape(qx * window, -1)]), (1, heads))
+  tables = jnp.tile(
+    jnp.concatenate([rel_h.reshape(qy * window, -1), rel_w.reshape(qx * window, -1)]), (1, heads)
+  )
   # Table row t is (query row or column, key row or column) = divmod(t, window).
   table_query, table_key = np.divmod(np.arange((qy + qx) * window), window)
   is_row = np.arange((qy + qx) * window) < qy * window
@@ -121,16 +146,22 @@ def position_tables(rel_h: jax.Array, rel_w: jax.Array, bias_h: jax.Array, bias_
   pad = ((0, 0), (0, queries - qy * qx), (0, 0))
   bias_rows = jnp.broadcast_to(bias_h, (bias_h.shape[0], qy, window))[:, q_row][..., key_row]
   bias_cols = jnp.broadcast_to(bias_w, (bias_w.shape[0], qx, window))[:, q_col]
-  bias_cols = jnp.where(key_col < window, bias_cols[..., np.minimum(key_col, window - 1)],
-                        WIDENED_COLUMN_LOGIT)
-  return (tables, jnp.asarray(np.pad(own, pad[1:]), F32),
-          jnp.asarray(spread, jnp.bfloat16),  # 0/1: exact in bfloat16.
-          jnp.pad(bias_rows, pad).astype(F32), jnp.pad(bias_cols, pad).astype(F32))
+  bias_cols = jnp.where(
+    key_col < window, bias_cols[..., np.minimum(key_col, window - 1)], WIDENED_COLUMN_LOGIT
+  )
+  return (
+    tables,
+    jnp.asarray(np.pad(own, pad[1:]), F32),
+    jnp.asarray(spread, jnp.bfloat16),  # 0/1: exact in bfloat16.
+    jnp.pad(bias_rows, pad).astype(F32),
+    jnp.pad(bias_cols, pad).astype(F32),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class Call:
   """One pallas_call's grid and block specs: what it runs, and what its pipeline moves."""
+
   grid: tuple[int, ...]
   in_specs: list[pl.BlockSpec]
   out_specs: tuple[pl.BlockSpec, ...]
@@ -150,10 +181,13 @@ def _blocks_and_strips(shape: KernelShape, clamp_rows: bool):
   windows span (overlapping `pl.Element` rows); constant tables, one resident copy."""
   row = (lambda r: jnp.minimum(r, shape.nbh - 1)) if clamp_rows else (lambda r: r)
   blocks = lambda x: pl.BlockSpec((None, None) + x.shape[2:], lambda i, r: (i, row(r), 0, 0, 0))
-  strip = lambda x: pl.BlockSpec(tuple(pl.Element(n) for n in (1, shape.rows) + x.shape[2:]),
-                                 lambda i, r: (i, row(r) * shape.block, 0, 0))
-  resident = lambda x: pl.BlockSpec(x.shape, lambda i, r: (0,) * len(x.shape),
-                                    pipeline_mode=pl.Buffered(1))
+  strip = lambda x: pl.BlockSpec(
+    tuple(pl.Element(n) for n in (1, shape.rows) + x.shape[2:]),
+    lambda i, r: (i, row(r) * shape.block, 0, 0),
+  )
+  resident = lambda x: pl.BlockSpec(
+    x.shape, lambda i, r: (0,) * len(x.shape), pipeline_mode=pl.Buffered(1)
+  )
   return blocks, strip, resident
 
 
@@ -161,8 +195,14 @@ def forward_call(shape: KernelShape, q, k, v, tables) -> Call:
   """Inputs (q, k, v, *tables) -> (out,)."""
   blocks, strip, resident = _blocks_and_strips(shape, clamp_rows=False)
   out_shapes = (_output(q, q.shape[:-1] + (shape.v_lanes,), q.dtype),)
-  return Call((shape.images, shape.nbh), [blocks(q), strip(k), strip(v), *map(resident, tables)],
-              tuple(map(blocks, out_shapes)), out_shapes, (), ('parallel', 'parallel'))
+  return Call(
+    (shape.images, shape.nbh),
+    [blocks(q), strip(k), strip(v), *map(resident, tables)],
+    tuple(map(blocks, out_shapes)),
+    out_shapes,
+    (),
+    ('parallel', 'parallel'),
+  )
 
 
 def backward_call(shape: KernelShape, q, k, v, tables) -> Call:
@@ -175,16 +215,22 @@ def backward_call(shape: KernelShape, q, k, v, tables) -> Call:
   band = lambda x: pl.BlockSpec((None, shape.block) + x.shape[2:], lambda i, r: (i, r, 0, 0))
   per_image = lambda x: pl.BlockSpec((None,) + x.shape[1:], lambda i, r: (i, 0, 0))
   out = _output(q, q.shape[:-1] + (shape.v_lanes,), q.dtype)
-  out_shapes = (_output(q, q.shape, q.dtype), _output(k, k.shape, k.dtype),
-                _output(v, v.shape, v.dtype), _output(q, (shape.images,) + tables[0].shape, F32))
+  out_shapes = (
+    _output(q, q.shape, q.dtype),
+    _output(k, k.shape, k.dtype),
+    _output(v, v.shape, v.dtype),
+    _output(q, (shape.images,) + tables[0].shape, F32),
+  )
   steps = -(-k.shape[1] // shape.block)
-  return Call((shape.images, steps),
-              [blocks(q), strip(k), strip(v), *map(resident, tables), blocks(out), blocks(out)],
-              (blocks(q), band(k), band(v), per_image(out_shapes[3])), out_shapes,
-              (pltpu.VMEM((shape.rows,) + k.shape[2:], F32),
-               pltpu.VMEM((shape.rows,) + v.shape[2:], F32)),
-              # An image's steps add into the same strips and table gradient: rows in order.
-              ('parallel', 'arbitrary'))
+  return Call(
+    (shape.images, steps),
+    [blocks(q), strip(k), strip(v), *map(resident, tables), blocks(out), blocks(out)],
+    (blocks(q), band(k), band(v), per_image(out_shapes[3])),
+    out_shapes,
+    (pltpu.VMEM((shape.rows,) + k.shape[2:], F32), pltpu.VMEM((shape.rows,) + v.shape[2:], F32)),
+    # An image's steps add into the same strips and table gradient: rows in order.
+    ('parallel', 'arbitrary'),
+  )
 
 
 def hbm_bytes(call: Call, inputs: list[Any]) -> int:
@@ -198,12 +244,15 @@ def hbm_bytes(call: Call, inputs: list[Any]) -> int:
   steps = np.stack(np.unravel_index(np.arange(int(np.prod(call.grid))), call.grid))
   total = 0
   for spec, array in [*zip(call.in_specs, inputs), *zip(call.out_specs, call.out_shapes)]:
-    block = [d.block_size if isinstance(d, (pl.Element, pl.Blocked)) else 1 if d is None else d
-             for d in spec.block_shape]
+    block = [
+      d.block_size if isinstance(d, (pl.Element, pl.Blocked)) else 1 if d is None else d
+      for d in spec.block_shape
+    ]
     block[-2:] = round_up(block[-2], sublane_tile(array.dtype)), round_up(block[-1], 128)
     with jax.ensure_compile_time_eval():  # Concrete indices, even while a caller traces.
-      index = np.stack([np.broadcast_to(np.asarray(i), steps.shape[1:])
-                        for i in spec.index_map(*steps)])
+      index = np.stack(
+        [np.broadcast_to(np.asarray(i), steps.shape[1:]) for i in spec.index_map(*steps)]
+      )
     changes = 1 + int(np.any(index[:, 1:] != index[:, :-1], axis=0).sum())
     total += changes * int(np.prod(block)) * jnp.dtype(array.dtype).itemsize
   return total
@@ -213,35 +262,59 @@ def _compiler_params(semantics):
   return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=VMEM_LIMIT_BYTES)
 
 
-def _run(kernel, call: Call, shape: KernelShape, inputs, name: str, interpret: bool,
-         backward: bool):
+def _run(
+  kernel, call: Call, shape: KernelShape, inputs, name: str, interpret: bool, backward: bool
+):
   cost = pl.CostEstimate(**kernel_flops(shape, backward), bytes_accessed=hbm_bytes(call, inputs))
   return pl.pallas_call(
-      functools.partial(kernel, shape), grid=call.grid, in_specs=call.in_specs,
-      out_specs=call.out_specs, out_shape=call.out_shapes, scratch_shapes=call.scratch_shapes,
-      compiler_params=_compiler_params(call.semantics), cost_estimate=cost, interpret=interpret,
-      name=name)(*inputs)
+    functools.partial(kernel, shape),
+    grid=call.grid,
+    in_specs=call.in_specs,
+    out_specs=call.out_specs,
+    out_shape=call.out_shapes,
+    scratch_shapes=call.scratch_shapes,
+    compiler_params=_compiler_params(call.semantics),
+    cost_estimate=cost,
+    interpret=interpret,
+    name=name,
+  )(*inputs)
 
 
 def _forward(block, heads, q, k, v, *tables, interpret):
   shape = KernelShape.of(block, heads, q, k, v, tables[0])
-  return _run(forward_kernel, forward_call(shape, q, k, v, tables), shape, (q, k, v, *tables),
-              'halo_attention_forward', interpret, backward=False)
+  return _run(
+    forward_kernel,
+    forward_call(shape, q, k, v, tables),
+    shape,
+    (q, k, v, *tables),
+    'halo_attention_forward',
+    interpret,
+    backward=False,
+  )
 
 
 def _backward(block, heads, q, k, v, *rest, interpret):
   tables = rest[:5]
   shape = KernelShape.of(block, heads, q, k, v, tables[0])
-  return _run(backward_kernel, backward_call(shape, q, k, v, tables), shape, (q, k, v, *rest),
-              'halo_attention_backward', interpret, backward=True)
+  return _run(
+    backward_kernel,
+    backward_call(shape, q, k, v, tables),
+    shape,
+    (q, k, v, *rest),
+    'halo_attention_backward',
+    interpret,
+    backward=True,
+  )
 
 
 def _on_platform(call, *args):
   """`call` compiled by Mosaic on TPU, interpreted on CPU (chosen when lowering, so a CPU host
   can export or compile for TPU)."""
   return jax.lax.platform_dependent(
-      *args, cpu=functools.partial(call, interpret=INTERPRET),
-      default=functools.partial(call, interpret=False))
+    *args,
+    cpu=functools.partial(call, interpret=INTERPRET),
+    default=functools.partial(call, interpret=False),
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -250,16 +323,22 @@ def _fused(block, heads, q, k, v, *tables):
 
 
 def _fused_forward(block, heads, q, k, v, *tables):
-  out, = _on_platform(functools.partial(_forward, block, heads), q, k, v, *tables)
+  (out,) = _on_platform(functools.partial(_forward, block, heads), q, k, v, *tables)
   return out, (q, k, v, tables, out)
 
 
 def _fused_backward(block, heads, residuals, d_out):
   q, k, v, tables, out = residuals
-  d_q, d_k, d_v, d_tables = _on_platform(functools.partial(_backward, block, heads), q, k, v,
-                                         *tables, out, d_out)
-  return (d_q, d_k, d_v, d_tables.sum(0).astype(tables[0].dtype),
-          *(jnp.zeros_like(t) for t in tables[1:]))
+  d_q, d_k, d_v, d_tables = _on_platform(
+    functools.partial(_backward, block, heads), q, k, v, *tables, out, d_out
+  )
+  return (
+    d_q,
+    d_k,
+    d_v,
+    d_tables.sum(0).astype(tables[0].dtype),
+    *(jnp.zeros_like(t) for t in tables[1:]),
+  )
 
 
 _fused.defvjp(_fused_forward, _fused_backward)

@@ -26,13 +26,14 @@ on the TensorCore, and why it is laid out so (the static schedules, bench/pallas
     touches, so the map gradients too are written once.
 """
 
+from collections.abc import Callable
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
+from jax.experimental import pallas as pl
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import pallas as pl
 
 F32 = jnp.float32
 NN = (((1,), (0,)), ((), ()))  # a @ b
@@ -51,6 +52,7 @@ def round_up(n: int, multiple: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class KernelShape:
   """Static sizes of one call: the grid is (images, block rows); a step attends one block row."""
+
   images: int
   nbh: int  # Rows of query blocks.
   nbw: int  # Query blocks per row.
@@ -67,8 +69,19 @@ class KernelShape:
   def of(cls, block: int, heads: int, q: Any, k: Any, v: Any, tables: Any) -> 'KernelShape':
     images, nbh, nbw, queries, qk_lanes = q.shape
     rows = k.shape[1] - (nbh - 1) * block
-    return cls(images, nbh, nbw, queries, heads, qk_lanes, v.shape[-1], block, rows,
-               round_up(rows, ALIGN), tables.shape[0])
+    return cls(
+      images,
+      nbh,
+      nbw,
+      queries,
+      heads,
+      qk_lanes,
+      v.shape[-1],
+      block,
+      rows,
+      round_up(rows, ALIGN),
+      tables.shape[0],
+    )
 
   @property
   def keys(self) -> int:
@@ -95,6 +108,7 @@ class KernelShape:
 @dataclasses.dataclass(frozen=True)
 class HeadGroup:
   """Heads [first, first + count), which own lanes [lane, lane + width) of a map."""
+
   first: int
   count: int
   lane: int
@@ -119,6 +133,7 @@ class HeadGroup:
 class _Columns:
   """Where block column c's window lies in the map: from an ALIGN-multiple `base`, `width`
   columns are read, of which the window's start at static `offset`."""
+
   c: Any
   base: Any
   offset: int
@@ -131,8 +146,10 @@ def _columns_of(shape: KernelShape, c: Any, aligned_base: Any, offset: int) -> _
 
 def map_columns(nbw: int, block: int, columns: int) -> int:
   """Columns the kernels' key/value maps need so that every window's aligned read fits."""
-  return max(c * block - c * block % ALIGN + columns + (ALIGN if c * block % ALIGN else 0)
-             for c in range(nbw))
+  return max(
+    c * block - c * block % ALIGN + columns + (ALIGN if c * block % ALIGN else 0)
+    for c in range(nbw)
+  )
 
 
 def for_each_block(shape: KernelShape, body: Callable[[_Columns, Any], Any], carry: Any) -> Any:
@@ -161,7 +178,7 @@ def for_each_block(shape: KernelShape, body: Callable[[_Columns, Any], Any], car
 
 def _window(ref, shape, at: _Columns):
   """[keys, lanes] keys (or values) of a block's window, from the step's strip of map rows."""
-  strip = ref[0, :, pl.ds(at.base, at.width), :][:, at.offset:at.offset + shape.columns]
+  strip = ref[0, :, pl.ds(at.base, at.width), :][:, at.offset : at.offset + shape.columns]
   return strip.reshape(shape.keys, strip.shape[-1])
 
 
@@ -179,16 +196,19 @@ def _stack_heads(x, group: HeadGroup):
   x = x[:, group.lanes]
   if group.count == 1:
     return x
-  return jnp.concatenate([jnp.where(group.own_lanes(n), x, jnp.zeros_like(x))
-                          for n in range(group.count)])
+  return jnp.concatenate(
+    [jnp.where(group.own_lanes(n), x, jnp.zeros_like(x)) for n in range(group.count)]
+  )
 
 
 def _merge_heads(stacked, group: HeadGroup, queries: int):
   """Inverse of `_stack_heads`: [count * queries, width] -> [queries, width]."""
   if group.count == 1:
     return stacked
-  return sum(jnp.where(group.own_lanes(n), stacked[n * queries:(n + 1) * queries], 0.0)
-             for n in range(group.count))
+  return sum(
+    jnp.where(group.own_lanes(n), stacked[n * queries : (n + 1) * queries], 0.0)
+    for n in range(group.count)
+  )
 
 
 def _per_head(x, y, heads: int, op):
@@ -212,17 +232,26 @@ def _spread_matmul(x, ones, dims, compute_dtype):
     rest = rest - parts[-1].astype(F32)
   product = jax.lax.dot_general(jnp.concatenate(parts), ones, dims, preferred_element_type=F32)
   m = x.shape[0]
-  return sum(product[i * m:(i + 1) * m] for i in range(len(parts)))
+  return sum(product[i * m : (i + 1) * m] for i in range(len(parts)))
 
 
 def _logits(q_stacks, groups, keys, tables, own, spread, bias, shape):
   """[heads * queries, keys] float32 logits over one window: content, then the relative
   position terms of each query's own row and column spread over the keys, then the masks."""
-  content = _by_group([jax.lax.dot_general(stack, keys[:, g.lanes], NT, preferred_element_type=F32)
-                       for g, stack in zip(groups, q_stacks)], axis=0)
-  products = _by_group([jax.lax.dot_general(stack, tables[:, g.lanes], NT,
-                                            preferred_element_type=F32)
-                        for g, stack in zip(groups, q_stacks)], axis=0)
+  content = _by_group(
+    [
+      jax.lax.dot_general(stack, keys[:, g.lanes], NT, preferred_element_type=F32)
+      for g, stack in zip(groups, q_stacks)
+    ],
+    axis=0,
+  )
+  products = _by_group(
+    [
+      jax.lax.dot_general(stack, tables[:, g.lanes], NT, preferred_element_type=F32)
+      for g, stack in zip(groups, q_stacks)
+    ],
+    axis=0,
+  )
   products = _per_head(products, own, shape.heads, jnp.multiply)
   position = _spread_matmul(products, spread, NN, q_stacks[0].dtype)
   return _per_head(content + position, bias, shape.heads, jnp.add)
@@ -235,8 +264,18 @@ def _weights(logits):
   return weights / weights.sum(axis=1, keepdims=True)
 
 
-def forward_kernel(shape: KernelShape, q_ref, k_ref, v_ref, tables_ref, own_ref, spread_ref,
-                   bias_rows_ref, bias_cols_ref, out_ref):
+def forward_kernel(
+  shape: KernelShape,
+  q_ref,
+  k_ref,
+  v_ref,
+  tables_ref,
+  own_ref,
+  spread_ref,
+  bias_rows_ref,
+  bias_cols_ref,
+  out_ref,
+):
   tables, own, spread = tables_ref[...], own_ref[...], spread_ref[...]
   bias_row = bias_rows_ref[pl.program_id(1)]
   qk_groups, v_groups = shape.head_groups(shape.qk_lanes), shape.head_groups(shape.v_lanes)
@@ -245,20 +284,56 @@ def forward_kernel(shape: KernelShape, q_ref, k_ref, v_ref, tables_ref, own_ref,
   def block(at, carry):
     keys, values = _window(k_ref, shape, at), _window(v_ref, shape, at)
     q = q_ref[at.c]
-    weights = _weights(_logits([_stack_heads(q, g) for g in qk_groups], qk_groups, keys, tables,
-                               own, spread, bias_row + bias_cols_ref[at.c], shape))
-    out = _by_group([_merge_heads(jnp.dot(weights[g.rows(n)].astype(values.dtype),
-                                          values[:, g.lanes], preferred_element_type=F32), g, n)
-                     for g in v_groups], axis=1)
+    weights = _weights(
+      _logits(
+        [_stack_heads(q, g) for g in qk_groups],
+        qk_groups,
+        keys,
+        tables,
+        own,
+        spread,
+        bias_row + bias_cols_ref[at.c],
+        shape,
+      )
+    )
+    out = _by_group(
+      [
+        _merge_heads(
+          jnp.dot(
+            weights[g.rows(n)].astype(values.dtype), values[:, g.lanes], preferred_element_type=F32
+          ),
+          g,
+          n,
+        )
+        for g in v_groups
+      ],
+      axis=1,
+    )
     out_ref[at.c] = out.astype(out_ref.dtype)
     return carry
 
   for_each_block(shape, block, 0)
 
 
-def backward_kernel(shape: KernelShape, q_ref, k_ref, v_ref, tables_ref, own_ref, spread_ref,
-                    bias_rows_ref, bias_cols_ref, out_ref, d_out_ref, d_q_ref, d_k_ref, d_v_ref,
-                    d_tables_ref, d_k_strip, d_v_strip):
+def backward_kernel(
+  shape: KernelShape,
+  q_ref,
+  k_ref,
+  v_ref,
+  tables_ref,
+  own_ref,
+  spread_ref,
+  bias_rows_ref,
+  bias_cols_ref,
+  out_ref,
+  d_out_ref,
+  d_q_ref,
+  d_k_ref,
+  d_v_ref,
+  d_tables_ref,
+  d_k_strip,
+  d_v_strip,
+):
   r = pl.program_id(1)
   qk_groups, v_groups = shape.head_groups(shape.qk_lanes), shape.head_groups(shape.v_lanes)
   n = shape.queries
@@ -280,36 +355,68 @@ def backward_kernel(shape: KernelShape, q_ref, k_ref, v_ref, tables_ref, own_ref
       q_stacks = [_stack_heads(q, g) for g in qk_groups]
       d_out_stacks = [_stack_heads(d_out, g) for g in v_groups]
       dtype = q.dtype
-      weights = _weights(_logits(q_stacks, qk_groups, keys, tables, own, spread,
-                                 bias_row + bias_cols_ref[c], shape))
-      d_weights = _by_group([jax.lax.dot_general(d_o, values[:, g.lanes], NT,
-                                                 preferred_element_type=F32)
-                             for g, d_o in zip(v_groups, d_out_stacks)], axis=0)
-      delta = _by_group([_per_head(d_o.astype(F32), out[:, g.lanes], g.count,
-                                   jnp.multiply).sum(axis=1, keepdims=True)
-                         for g, d_o in zip(v_groups, d_out_stacks)], axis=0)
+      weights = _weights(
+        _logits(q_stacks, qk_groups, keys, tables, own, spread, bias_row + bias_cols_ref[c], shape)
+      )
+      d_weights = _by_group(
+        [
+          jax.lax.dot_general(d_o, values[:, g.lanes], NT, preferred_element_type=F32)
+          for g, d_o in zip(v_groups, d_out_stacks)
+        ],
+        axis=0,
+      )
+      delta = _by_group(
+        [
+          _per_head(d_o.astype(F32), out[:, g.lanes], g.count, jnp.multiply).sum(
+            axis=1, keepdims=True
+          )
+          for g, d_o in zip(v_groups, d_out_stacks)
+        ],
+        axis=0,
+      )
       d_logits = weights * (d_weights - delta)
-      d_products = _per_head(_spread_matmul(d_logits, spread, NT, dtype), own, shape.heads,
-                             jnp.multiply)
+      d_products = _per_head(
+        _spread_matmul(d_logits, spread, NT, dtype), own, shape.heads, jnp.multiply
+      )
       # Each group's rows, cast to the compute dtype (sliced first: whole float32 row tiles).
       d_logits_of = lambda g: d_logits[g.rows(n)].astype(dtype)
       d_products_of = lambda g: d_products[g.rows(n)].astype(dtype)
-      d_q = _by_group([_merge_heads(
-          jnp.dot(d_logits_of(g), keys[:, g.lanes], preferred_element_type=F32)
-          + jnp.dot(d_products_of(g), tables[:, g.lanes], preferred_element_type=F32), g, n)
-                       for g in qk_groups], axis=1)
+      d_q = _by_group(
+        [
+          _merge_heads(
+            jnp.dot(d_logits_of(g), keys[:, g.lanes], preferred_element_type=F32)
+            + jnp.dot(d_products_of(g), tables[:, g.lanes], preferred_element_type=F32),
+            g,
+            n,
+          )
+          for g in qk_groups
+        ],
+        axis=1,
+      )
       d_q_ref[c] = d_q.astype(d_q_ref.dtype)
-      d_keys = _by_group([jax.lax.dot_general(d_logits_of(g), stack, TN,
-                                              preferred_element_type=F32)
-                          for g, stack in zip(qk_groups, q_stacks)], axis=1)
-      d_values = _by_group([jax.lax.dot_general(weights[g.rows(n)].astype(dtype), d_o, TN,
-                                                preferred_element_type=F32)
-                            for g, d_o in zip(v_groups, d_out_stacks)], axis=1)
+      d_keys = _by_group(
+        [
+          jax.lax.dot_general(d_logits_of(g), stack, TN, preferred_element_type=F32)
+          for g, stack in zip(qk_groups, q_stacks)
+        ],
+        axis=1,
+      )
+      d_values = _by_group(
+        [
+          jax.lax.dot_general(weights[g.rows(n)].astype(dtype), d_o, TN, preferred_element_type=F32)
+          for g, d_o in zip(v_groups, d_out_stacks)
+        ],
+        axis=1,
+      )
       _add_window(d_k_strip, shape, at, d_keys)
       _add_window(d_v_strip, shape, at, d_values)
-      return d_tables + _by_group([jax.lax.dot_general(d_products_of(g), stack, TN,
-                                                       preferred_element_type=F32)
-                                   for g, stack in zip(qk_groups, q_stacks)], axis=1)
+      return d_tables + _by_group(
+        [
+          jax.lax.dot_general(d_products_of(g), stack, TN, preferred_element_type=F32)
+          for g, stack in zip(qk_groups, q_stacks)
+        ],
+        axis=1,
+      )
 
     d_tables_ref[...] += for_each_block(shape, block, jnp.zeros(d_tables_ref.shape, F32))
 
@@ -330,8 +437,16 @@ def kernel_flops(shape: KernelShape, backward: bool) -> dict[str, int]:
   table_rows = shape.table_rows
   logits = keys * qk + table_rows * qk + table_rows * keys
   if backward:  # Recomputed logits; d_weights, d_products; d_q (two); d_keys, d_values, d_tables.
-    per_query = logits + keys * v + keys * table_rows + keys * qk + table_rows * qk + keys * qk \
-        + keys * v + table_rows * qk
+    per_query = (
+      logits
+      + keys * v
+      + keys * table_rows
+      + keys * qk
+      + table_rows * qk
+      + keys * qk
+      + keys * v
+      + table_rows * qk
+    )
   else:  # Logits, weights @ values.
     per_query = logits + keys * v
   heads_queries = shape.images * shape.nbh * shape.nbw * shape.heads * q

@@ -11,10 +11,20 @@ import jax
 import jax.numpy as jnp
 
 
-
-def plain_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array,
-                    rel_w: jax.Array, bias_h: jax.Array, bias_w: jax.Array, *, block_size: int,
-                    halo_size: int, num_heads: int, with_weights: bool = False) -> Any:
+def plain_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  rel_h: jax.Array,
+  rel_w: jax.Array,
+  bias_h: jax.Array,
+  bias_w: jax.Array,
+  *,
+  block_size: int,
+  halo_size: int,
+  num_heads: int,
+  with_weights: bool = False,
+) -> Any:
   """Each query block's softmax attention over its neighbourhood, all blocks at once.
 
   Every implementation (common.Attend) takes these arguments and returns this result.
@@ -39,7 +49,8 @@ def plain_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array,
   q = q.reshape(batch, nbh, qy, nbw, qx, heads, dk)
   # [batch, nbh, ky, nbw, kx, heads, d]: rows of neighbourhoods, then their columns.
   windows = lambda x: neighbourhoods(neighbourhoods(x, 1, b, h, nbh), 3, b, h, nbw).reshape(
-      batch, nbh, window, nbw, window, heads, -1)
+    batch, nbh, window, nbw, window, heads, -1
+  )
   k, v = windows(k), windows(v)
 
   content = jnp.einsum('biyjxnd,biujvnd->bijnyxuv', q, k, preferred_element_type=f32)
@@ -53,8 +64,9 @@ def plain_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array,
   probabilities = jax.nn.softmax(logits.reshape(logits.shape[:-2] + (-1,)), axis=-1)
   probabilities = probabilities.reshape(logits.shape)
   weights = probabilities.astype(q.dtype)
-  out = jnp.einsum('bijnyxuv,biujvnd->biyjxnd', weights, v,
-                   preferred_element_type=f32).astype(q.dtype)
+  out = jnp.einsum('bijnyxuv,biujvnd->biyjxnd', weights, v, preferred_element_type=f32).astype(
+    q.dtype
+  )
   out = out.reshape(batch, nbh * qy, nbw * qx, -1)
   return (out, probabilities) if with_weights else out
 
@@ -75,6 +87,6 @@ def neighbourhoods(x: jax.Array, axis: int, block: int, halo: int, num_blocks: i
   blocked = []
   for t in range(shifts):
     part = jax.lax.slice_in_dim(x, t * block, t * block + num_blocks * block, axis=axis)
-    blocked.append(part.reshape(x.shape[:axis] + (num_blocks, block) + x.shape[axis + 1:]))
+    blocked.append(part.reshape(x.shape[:axis] + (num_blocks, block) + x.shape[axis + 1 :]))
   windows = jnp.concatenate(blocked, axis=axis + 1)
   return jax.lax.slice_in_dim(windows, 0, window, axis=axis + 1)

@@ -25,12 +25,23 @@ import numpy as np
 from halonet import sharding
 
 
-def rows_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array,
-                   rel_w: jax.Array, bias_h: jax.Array, bias_w: jax.Array, *, block_size: int,
-                   halo_size: int, num_heads: int) -> jax.Array:
+def rows_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  rel_h: jax.Array,
+  rel_w: jax.Array,
+  bias_h: jax.Array,
+  bias_w: jax.Array,
+  *,
+  block_size: int,
+  halo_size: int,
+  num_heads: int,
+) -> jax.Array:
   """`plain.plain_attention` (same arguments), looping over the rows of blocks of each image."""
-  attend = functools.partial(_local_rows_attention, block=block_size, halo=halo_size,
-                             heads=num_heads)
+  attend = functools.partial(
+    _local_rows_attention, block=block_size, halo=halo_size, heads=num_heads
+  )
   return sharding.per_device_images(attend)(q, k, v, rel_h, rel_w, bias_h, bias_w)
 
 
@@ -49,9 +60,15 @@ def _local_rows_attention(q, k, v, rel_h, rel_w, bias_h, bias_w, *, block, halo,
   starts = jnp.asarray((rows // nbh) * map_rows + (rows % nbh) * block, jnp.int32)
   row_bias_h = bias_h[rows % nbh]
   attend = _row_loop(block, halo, dk)
-  out = attend(q.reshape((batch * nbh,) + q.shape[2:]),
-               kv_map.reshape((batch * map_rows,) + kv_map.shape[2:]),
-               rel_h, rel_w, starts, row_bias_h, bias_w)
+  out = attend(
+    q.reshape((batch * nbh,) + q.shape[2:]),
+    kv_map.reshape((batch * map_rows,) + kv_map.shape[2:]),
+    rel_h,
+    rel_w,
+    starts,
+    row_bias_h,
+    bias_w,
+  )
   return out.reshape(batch, nbh * qy, nbw * qx, -1)
 
 
@@ -60,12 +77,13 @@ def _row_loop(block: int, halo: int, qk_dim: int):
   window = block + 2 * halo
   f32 = jnp.float32
   # Constant 0/1 matrix [keys, 2 * window] spreading row and column terms over the keys.
-  spread = np.concatenate([np.repeat(np.eye(window), window, axis=0),
-                           np.tile(np.eye(window), (window, 1))], axis=1).astype(np.float32)
+  spread = np.concatenate(
+    [np.repeat(np.eye(window), window, axis=0), np.tile(np.eye(window), (window, 1))], axis=1
+  ).astype(np.float32)
 
   def windows_of(strip: jax.Array, nbw: int) -> jax.Array:
     """[window, map width, heads, d] -> [nbw, heads, window * window, d], one slice per block."""
-    windows = jnp.stack([strip[:, j * block:j * block + window] for j in range(nbw)])
+    windows = jnp.stack([strip[:, j * block : j * block + window] for j in range(nbw)])
     windows = windows.transpose(0, 3, 1, 2, 4)  # [nbw, heads, ky, kx, d]
     return windows.reshape(windows.shape[:2] + (window * window, windows.shape[-1]))
 
@@ -108,17 +126,23 @@ def _row_loop(block: int, halo: int, qk_dim: int):
     d_rel = jnp.einsum('jnyxk,ke->jnyxe', d_logits, jnp.asarray(spread))
     d_row, d_col = d_rel[..., :window], d_rel[..., window:]
     d_logits = d_logits.astype(dtype)
-    d_q = (jnp.einsum('jnyxk,jnkd->jnyxd', d_logits, k, preferred_element_type=f32)
-           + jnp.einsum('jnyxu,yud->jnyxd', d_row, rel_h.astype(f32))
-           + jnp.einsum('jnyxv,xvd->jnyxd', d_col, rel_w.astype(f32)))
+    d_q = (
+      jnp.einsum('jnyxk,jnkd->jnyxd', d_logits, k, preferred_element_type=f32)
+      + jnp.einsum('jnyxu,yud->jnyxd', d_row, rel_h.astype(f32))
+      + jnp.einsum('jnyxv,xvd->jnyxd', d_col, rel_w.astype(f32))
+    )
     d_rel_h = jnp.einsum('jnyxu,jnyxd->yud', d_row, q.astype(f32))
     d_rel_w = jnp.einsum('jnyxv,jnyxd->xvd', d_col, q.astype(f32))
     # Key and value gradients as [.., d, keys]: the large operand keeps its [queries, keys] layout.
     d_k = jnp.einsum('jnyxd,jnyxk->jndk', q, d_logits, preferred_element_type=f32)
     d_v = jnp.einsum('jnyxd,jnyxk->jndk', d_out, weights.astype(dtype), preferred_element_type=f32)
     d_kv = jnp.concatenate([d_k, d_v], axis=2).astype(dtype).transpose(0, 1, 3, 2)
-    return (d_q.astype(dtype).transpose(2, 0, 3, 1, 4), strip_of_windows(d_kv, strip),
-            d_rel_h, d_rel_w)
+    return (
+      d_q.astype(dtype).transpose(2, 0, 3, 1, 4),
+      strip_of_windows(d_kv, strip),
+      d_rel_h,
+      d_rel_w,
+    )
 
   def strip_at(kv_map: jax.Array, start: jax.Array) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(kv_map, start, window)
@@ -127,6 +151,7 @@ def _row_loop(block: int, halo: int, qk_dim: int):
     def body(_, xs):
       q_row, start, bias = xs
       return None, row_forward(q_row, strip_at(kv_map, start), rel_h, rel_w, bias, bias_w)
+
     return jax.lax.scan(body, None, (q, starts, bias_h))[1]
 
   @jax.custom_vjp
@@ -142,18 +167,28 @@ def _row_loop(block: int, halo: int, qk_dim: int):
 
     def body(d_map, xs):
       q_row, start, bias, out_row, lse_row, d_out_row = xs
-      d_q, d_strip, d_h, d_w = row_backward(q_row, strip_at(kv_map, start), rel_h, rel_w, bias,
-                                            bias_w, out_row, lse_row, d_out_row)
+      d_q, d_strip, d_h, d_w = row_backward(
+        q_row, strip_at(kv_map, start), rel_h, rel_w, bias, bias_w, out_row, lse_row, d_out_row
+      )
       # Neighbouring rows' strips overlap: add into the map gradient in place.
-      d_map = jax.lax.dynamic_update_slice_in_dim(d_map, strip_at(d_map, start) + d_strip, start,
-                                                  axis=0)
+      d_map = jax.lax.dynamic_update_slice_in_dim(
+        d_map, strip_at(d_map, start) + d_strip, start, axis=0
+      )
       return d_map, (d_q, d_h, d_w)
 
-    d_map, (d_q, d_rel_h, d_rel_w) = jax.lax.scan(body, jnp.zeros_like(kv_map),
-                                                   (q, starts, bias_h, out, lse, d_out))
+    d_map, (d_q, d_rel_h, d_rel_w) = jax.lax.scan(
+      body, jnp.zeros_like(kv_map), (q, starts, bias_h, out, lse, d_out)
+    )
     # Table gradients per row, summed here (a loop carry would not be sharded like the rows).
-    return (d_q, d_map, d_rel_h.sum(0).astype(rel_h.dtype), d_rel_w.sum(0).astype(rel_w.dtype),
-            None, jnp.zeros_like(bias_h), jnp.zeros_like(bias_w))
+    return (
+      d_q,
+      d_map,
+      d_rel_h.sum(0).astype(rel_h.dtype),
+      d_rel_w.sum(0).astype(rel_w.dtype),
+      None,
+      jnp.zeros_like(bias_h),
+      jnp.zeros_like(bias_w),
+    )
 
   attention.defvjp(attention_fwd, attention_bwd)
   return attention

@@ -12,7 +12,7 @@ rows, so any height works; a height that already splits into whole block rows pe
 padding and no data movement besides the halo exchange.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ def receive_rows(x: jax.Array, rows: int, from_above: bool, axis_name: str) -> j
   pieces = []
   for hop in range(1, -(-rows // band) + 1):  # One hop unless h exceeds a band.
     wanted = min(band, rows - (hop - 1) * band)
-    send = x[:, band - wanted:] if from_above else x[:, :wanted]
+    send = x[:, band - wanted :] if from_above else x[:, :wanted]
     shift = hop if from_above else -hop
     pairs = [(i, i + shift) for i in range(devices) if 0 <= i + shift < devices]
     pieces.append(jax.lax.ppermute(send, axis_name, pairs))
@@ -41,9 +41,20 @@ def receive_rows(x: jax.Array, rows: int, from_above: bool, axis_name: str) -> j
   return jnp.concatenate(ordered, axis=1)
 
 
-def spatial_attention(attend: Attend, q: jax.Array, k: jax.Array, v: jax.Array,
-                      rel_h: jax.Array, rel_w: jax.Array, bias_h: jax.Array, bias_w: jax.Array, *,
-                      block_size: int, halo_size: int, num_heads: int) -> jax.Array:
+def spatial_attention(
+  attend: Attend,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  rel_h: jax.Array,
+  rel_w: jax.Array,
+  bias_h: jax.Array,
+  bias_w: jax.Array,
+  *,
+  block_size: int,
+  halo_size: int,
+  num_heads: int,
+) -> jax.Array:
   """`attend` (an implementation of `plain.plain_attention`'s contract) per device band.
 
   Args as `plain_attention`'s, except that `k` and `v` are padded by h along the width only:
@@ -59,26 +70,41 @@ def spatial_attention(attend: Attend, q: jax.Array, k: jax.Array, v: jax.Array,
     return jnp.concatenate([above, x, below], axis=1)
 
   def per_device(q, k, v, rel_h, rel_w, bias_h, bias_w):
-    return attend(q, with_halo(k), with_halo(v), rel_h, rel_w, bias_h, bias_w,
-                  block_size=block_size, halo_size=halo_size, num_heads=num_heads)
+    return attend(
+      q,
+      with_halo(k),
+      with_halo(v),
+      rel_h,
+      rel_w,
+      bias_h,
+      bias_w,
+      block_size=block_size,
+      halo_size=halo_size,
+      num_heads=num_heads,
+    )
 
   rows = P(*axes)
   # Without varying-axis checks (Pallas' CPU interpreter fails them), shard_map sums the
   # gradients of the replicated tables and masks over the devices itself.
-  return jax.shard_map(per_device, mesh=mesh,
-                       in_specs=(rows, rows, rows, P(), P(), P(sharding.SPATIAL_AXIS), P()),
-                       out_specs=rows, check_vma=False)(q, k, v, rel_h, rel_w, bias_h, bias_w)
+  return jax.shard_map(
+    per_device,
+    mesh=mesh,
+    in_specs=(rows, rows, rows, P(), P(), P(sharding.SPATIAL_AXIS), P()),
+    out_specs=rows,
+    check_vma=False,
+  )(q, k, v, rel_h, rel_w, bias_h, bias_w)
 
 
 def applies(batch: int) -> bool:
   """Whether the traced mesh splits image rows (and the batch divides over its data axis)."""
   mesh = jax.sharding.get_abstract_mesh()
-  return (sharding.spatial_size(mesh) > 1 and
-          batch % (1 if mesh.empty else mesh.shape.get(sharding.DATA_AXIS, 1)) == 0)
+  return (
+    sharding.spatial_size(mesh) > 1
+    and batch % (1 if mesh.empty else mesh.shape.get(sharding.DATA_AXIS, 1)) == 0
+  )
 
 
 def padded_block_rows(block_rows: int) -> int:
   """Block rows padded to a multiple of the traced mesh's spatial size (unchanged without one)."""
   spatial = sharding.spatial_size(jax.sharding.get_abstract_mesh())
   return -(-block_rows // spatial) * spatial
-

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 # pylint: disable=wrong-import-position
 from absl import app
+
 from halonet import input_pipeline
 import train
 
@@ -37,6 +38,7 @@ def interrupting(config, split, *, train, **kwargs):
           time.sleep(0.05)
         os.kill(os.getpid(), sig)
       yield batch
+
   return gen()
 
 
