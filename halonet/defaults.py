@@ -23,12 +23,8 @@ def model_config() -> ml_collections.ConfigDict:
       halo_sizes=(),  # per-stage h (4 entries); empty = halo_size.
       value_ratio=1.0,  # r_v: attention value/output width = w * r_v.
       bottleneck_ratio=1.0,  # r_b: block output width = w * r_b.
-      widths=(
-        64,
-        128,
-        256,
-        512,
-      ),  # w of each stage: attention query/key width and bottleneck width.
+      # w of each stage: attention query/key width and bottleneck width.
+      widths=(64, 128, 256, 512),
       stage_depths=(3, 3, 10, 3),  # (3, 3, l_3, 3).
       num_heads=(4, 8, 8, 8),  # attention heads per stage.
       final_width=0,  # d_f: final 1x1 conv before pooling; 0 = none.
@@ -46,6 +42,9 @@ def model_config() -> ml_collections.ConfigDict:
       # compute dtype; params, optimizer state and softmax stay float32. 'auto': bfloat16 on
       # TPU/GPU, float32 on CPU.
       dtype='auto',
+      # One of timm's halo networks by name (halonet/byob.py ARCHS, e.g. 'halonet26t', for its
+      # converted weights: python -m halonet.convert); '' = the HaloNet the fields above build.
+      arch='',
     )
   )
 
@@ -126,7 +125,7 @@ def field_help() -> list[tuple[str, Any, str]]:
     text = line.strip()
     if text.startswith('def model_config'):
       prefix = 'model.'
-    elif text.startswith('def base_config') or text == '))':  # A nested group ends.
+    elif text.startswith('def base_config') or text in ('))', ')'):  # A nested group ends.
       prefix = ''
     field = re.match(r'(?:config\.)?(\w+(?:\.\w+)?)\s*=\s*[^=].*?(?:#\s*(.*))?$', text)
     if text.startswith('#'):

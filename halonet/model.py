@@ -25,7 +25,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from halonet import attention
+from halonet import byob
 from halonet import errors
+from halonet.model_keys import CLASSIFIER
+from halonet.model_keys import FEATURES
 
 # Total downsampling of the stem and stages 2-4: the smallest image that yields a 1x1 stage-4 map.
 MIN_IMAGE_SIZE = 32
@@ -34,8 +37,6 @@ _DTYPES = ('float32', 'bfloat16')
 # What dtype='auto' computes in on each backend: bfloat16 on TPU and GPU (matmul units built for
 # it); float32 on CPU, which has no bfloat16 matmul units (bench/run.py: bf16 is slower there).
 AUTO_DTYPE = {'cpu': 'float32'}
-CLASSIFIER = 'head'  # Name of the final Dense layer: re-initialised or trained alone (fine-tuning).
-FEATURES = 'features'  # The collection each stage's output is sown into, when it is mutable.
 
 
 def stage_windows(model_config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
@@ -281,6 +282,17 @@ def create_model(
   fields = resolve_backend_defaults(config.model, backend)
   if attention_choice:
     fields['attention_impl'] = config.model.attention_impl
+  arch = fields.pop('arch')
+  if arch:  # One of timm's halo networks; the HaloNet fields do not apply.
+    return byob.ByobNet(
+      arch=arch,
+      num_classes=config.num_classes,
+      attention_impl=fields['attention_impl'],
+      stochastic_depth_rate=fields['stochastic_depth_rate'],
+      dropout_rate=fields['dropout_rate'],
+      dtype=fields['dtype'],
+      attention_choice=tuple(attention_choice),
+    )
   return HaloNet(num_classes=config.num_classes, attention_choice=tuple(attention_choice), **fields)
 
 

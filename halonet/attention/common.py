@@ -71,30 +71,50 @@ def check_attention_args(
     )
 
 
-def num_relative_offsets(block_size: int, halo_size: int) -> int:
-  """Relative offsets along one axis between a block's queries and its neighbourhood's keys."""
-  return 2 * (block_size + halo_size) - 1
+# How a (query, key) pair along one axis picks its relative-position embedding:
+#   'offset': by the key's offset from the query in input pixels (the paper's relative position);
+#   'window': by the key's place in the (b+2h) window minus the query's place among the block's
+#             b/stride queries, as timm's HaloAttn indexes (the same as 'offset' at stride 1, up to
+#             a shift of 2h; at stride 2 the query's place counts subsampled positions).
+POSITION_INDEXINGS = ('offset', 'window')
+
+
+def num_relative_offsets(block_size: int, halo_size: int, indexing: str = 'offset') -> int:
+  """Rows of a relative table along one axis: every index `relative_index` can give."""
+  window = block_size + 2 * halo_size
+  return 2 * (block_size + halo_size) - 1 if indexing == 'offset' else 2 * window - 1
 
 
 def key_bias(
-  size: int, block: int, halo: int, stride: int, mask_window: int, num_blocks: int | None = None
+  size: int,
+  block: int,
+  halo: int,
+  stride: int,
+  mask_window: int,
+  num_blocks: int | None = None,
+  mask_padding: bool = True,
 ) -> np.ndarray:
   """[blocks, queries or 1, b+2h] additive mask along one axis: padding, then mask_window.
 
-  `num_blocks` (default: the fewest that cover `size`) may add blocks of padding only.
+  `num_blocks` (default: the fewest that cover `size`) may add blocks of padding only. With
+  `mask_padding=False` padded keys stay visible (zero keys and values, as timm's HaloAttn pads).
   """
   num_blocks = num_blocks or -(-size // block)
   starts = np.arange(num_blocks)[:, None, None] * block - halo
   keys = np.arange(block + 2 * halo)
   valid = (starts + keys >= 0) & (starts + keys < size)  # [blocks, 1, keys]
+  if not mask_padding:
+    valid = np.ones_like(valid)
   if mask_window:
     queries = np.arange(0, block, stride)[:, None] + halo  # In window coordinates.
     valid = valid & (np.abs(keys - queries) <= mask_window // 2)
   return np.where(valid, 0.0, MASKED_LOGIT).astype(np.float32)
 
 
-def relative_index(block: int, halo: int, stride: int) -> np.ndarray:
+def relative_index(block: int, halo: int, stride: int, indexing: str = 'offset') -> np.ndarray:
   """[queries, keys] index into a relative table for each (query, key) pair along one axis."""
-  queries = np.arange(0, block, stride)[:, None]
   keys = np.arange(block + 2 * halo)[None, :]
+  if indexing == 'window':
+    return keys - np.arange(block // stride)[:, None] + block + 2 * halo - 1
+  queries = np.arange(0, block, stride)[:, None]
   return keys - queries + block - 1  # Offset key - (query + halo), shifted to start at 0.

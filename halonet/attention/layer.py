@@ -98,6 +98,9 @@ class HaloAttention(nn.Module):
       ablation); 0 lets it see the whole (b+2h)^2 neighbourhood.
     attention_impl: 'plain', 'rows', 'pallas' (TPU), or 'auto' (by backend: choose.py).
     attention_choice: the run's measured form per layer shape, used with 'auto' (measure.py).
+    mask_padding: padded keys (beyond the map) get no weight; False keeps them as zero keys and
+      values whose position logits still count, as timm's HaloAttn does (converted models).
+    position_indexing: common.POSITION_INDEXINGS; 'window' for timm's models.
     dtype: compute dtype of projections and attention products; params stay float32.
   """
 
@@ -112,6 +115,8 @@ class HaloAttention(nn.Module):
   dtype: Any = jnp.float32
   # (layer key, form) pairs measured for this run on its device (measure.py); () = the rule.
   attention_choice: tuple[tuple[str, str], ...] = ()
+  mask_padding: bool = True
+  position_indexing: str = 'offset'
 
   def setup(self):
     check_attention_args(self.block_size, self.halo_size, self.stride, self.mask_window)
@@ -146,13 +151,14 @@ class HaloAttention(nn.Module):
 
     # Factorized relative position tables, indexed (statically) per (query, key) pair.
     init = nn.initializers.normal(dk**-0.5)
-    index = relative_index(b, h, s)
-    rel_h = self.param('relative_height', init, (num_relative_offsets(b, h), dk))
-    rel_w = self.param('relative_width', init, (num_relative_offsets(b, h), dk))
+    index = relative_index(b, h, s, self.position_indexing)
+    table_rows = num_relative_offsets(b, h, self.position_indexing)
+    rel_h = self.param('relative_height', init, (table_rows, dk))
+    rel_w = self.param('relative_width', init, (table_rows, dk))
     rel_h, rel_w = rel_h.astype(self.dtype)[index], rel_w.astype(self.dtype)[index]
 
-    bias_h = jnp.asarray(key_bias(height, b, h, s, self.mask_window, nbh))
-    bias_w = jnp.asarray(key_bias(width, b, h, s, self.mask_window))
+    bias_h = jnp.asarray(key_bias(height, b, h, s, self.mask_window, nbh, self.mask_padding))
+    bias_w = jnp.asarray(key_bias(width, b, h, s, self.mask_window, None, self.mask_padding))
     key = choose.layer_key(
       height,
       width,

@@ -1,0 +1,327 @@
+"""timm's halo-attention networks (timm/models/byoanet.py, built by byobnet.py) in Flax.
+
+timm holds the only trained halo models (ImageNet-1k); `halonet/convert.py` loads their weights
+into these modules, and `tests/test_timm_parity.py` checks the logits and stage features against
+timm itself. What they have that H0-H7 lack, each as timm builds it:
+  - stems: 'tiered' (3x3 convs of 3c/8, c/2, c channels, stride 2 then 1, 1; the last strides 2
+    when there is no max-pool) and '7x7'; symmetric conv padding (not 'SAME', which pads
+    stride-2 convs on the bottom/right only); BatchNorm epsilon 1e-5;
+  - stages mixing conv bottlenecks ('bottle': 1x1, grouped 3x3, SE/ECA, 1x1) with halo blocks
+    ('self_attn': 1x1, halo attention, BatchNorm + activation, 1x1), a 1x1 projection shortcut
+    (strided conv) wherever the shape changes, SiLU or ReLU, an optional final 1x1 conv;
+  - timm's HaloAttn semantics: padded keys are zero and unmasked, relative positions are indexed
+    in window coordinates (`attention.POSITION_INDEXINGS`), head widths from `dim_head` or
+    `qk_ratio`. Its position logits are not scaled by 1/sqrt(d) while ours are: the converter
+    scales the tables instead, so the layer is `attention.HaloAttention` unchanged.
+"""
+
+from collections.abc import Callable
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from halonet import attention
+from halonet.model_keys import CLASSIFIER
+from halonet.model_keys import FEATURES
+
+_ACTIVATIONS = {'relu': nn.relu, 'silu': nn.silu}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One stage: its blocks' types in order, output width c, first-block stride, group size
+  (0: dense 3x3), bottleneck ratio, and the halo attention's settings where the stage overrides
+  the model's (timm's per-stage self_attn_kwargs replace the model's whole)."""
+
+  blocks: tuple[str, ...]
+  width: int
+  stride: int
+  group_size: int = 0
+  bottle_ratio: float = 0.25
+  attention: tuple[tuple[str, Any], ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+  """A whole network as timm's ByoModelCfg describes it (fields of the same meaning)."""
+
+  stages: tuple[Stage, ...]
+  stem_type: str
+  stem_pool: str
+  stem_width: int = 64
+  activation: str = 'relu'
+  channel_attention: str = ''  # '', 'se' or 'eca', in every conv bottleneck after its 3x3.
+  num_features: int = 0  # Width of a final 1x1 conv; 0: none.
+  attention: tuple[tuple[str, Any], ...] = ()  # HaloAttn kwargs (block_size, halo_size, ...).
+
+
+def interleave(types: tuple[str, str], depth: int, every: int | list[int] = 1) -> tuple[str, ...]:
+  """timm's interleave_blocks: the second type at the positions `every` names (an int n: every
+  (n+1)-th block from the n-th; the last block when that names none)."""
+  if isinstance(every, int):
+    every = list(range(every, depth, every + 1)) or [depth - 1]
+  return tuple(types[1] if i in every else types[0] for i in range(depth))
+
+
+def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
+  """timm's channel rounding: the nearest multiple of `divisor`, never more than 10% down."""
+  rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+  return rounded + divisor if rounded < round_limit * value else rounded
+
+
+_BOTTLE, _ATTN = 'bottle', 'self_attn'
+ARCHS = {
+  'halonet_h1': Arch(
+    stages=(
+      Stage((_ATTN,) * 3, 64, 1, bottle_ratio=1.0),
+      Stage((_ATTN,) * 3, 128, 2, bottle_ratio=1.0),
+      Stage((_ATTN,) * 10, 256, 2, bottle_ratio=1.0),
+      Stage((_ATTN,) * 3, 512, 2, bottle_ratio=1.0),
+    ),
+    stem_type='7x7',
+    stem_pool='maxpool',
+    attention=(('block_size', 8), ('halo_size', 3)),
+  ),
+  'halonet26t': Arch(
+    stages=(
+      Stage((_BOTTLE,) * 2, 256, 1),
+      Stage((_BOTTLE,) * 2, 512, 2),
+      Stage(interleave((_BOTTLE, _ATTN), 2), 1024, 2),
+      Stage((_ATTN,) * 2, 2048, 2),
+    ),
+    stem_type='tiered',
+    stem_pool='maxpool',
+    attention=(('block_size', 8), ('halo_size', 2)),
+  ),
+  'sehalonet33ts': Arch(
+    stages=(
+      Stage((_BOTTLE,) * 2, 256, 1),
+      Stage(interleave((_BOTTLE, _ATTN), 3, [2]), 512, 2),
+      Stage(interleave((_BOTTLE, _ATTN), 3, [2]), 1024, 2),
+      Stage((_ATTN,) * 2, 1536, 2, bottle_ratio=0.333),
+    ),
+    stem_type='tiered',
+    stem_pool='',
+    activation='silu',
+    channel_attention='se',
+    num_features=1280,
+    attention=(('block_size', 8), ('halo_size', 3)),
+  ),
+  'halonet50ts': Arch(
+    stages=(
+      Stage((_BOTTLE,) * 3, 256, 1),
+      Stage(
+        interleave((_BOTTLE, _ATTN), 4, 4),
+        512,
+        2,
+        attention=(('block_size', 8), ('halo_size', 3), ('num_heads', 4)),
+      ),
+      Stage(interleave((_BOTTLE, _ATTN), 6), 1024, 2),
+      Stage(interleave((_BOTTLE, _ATTN), 3), 2048, 2),
+    ),
+    stem_type='tiered',
+    stem_pool='maxpool',
+    activation='silu',
+    attention=(('block_size', 8), ('halo_size', 3)),
+  ),
+  'eca_halonext26ts': Arch(
+    stages=(
+      Stage((_BOTTLE,) * 2, 256, 1, group_size=16),
+      Stage((_BOTTLE,) * 2, 512, 2, group_size=16),
+      Stage(interleave((_BOTTLE, _ATTN), 2), 1024, 2, group_size=16),
+      Stage((_ATTN,) * 2, 2048, 2, group_size=16),
+    ),
+    stem_type='tiered',
+    stem_pool='maxpool',
+    activation='silu',
+    channel_attention='eca',
+    attention=(('block_size', 8), ('halo_size', 2), ('dim_head', 16)),
+  ),
+}
+
+
+class ConvNormAct(nn.Module):
+  """timm's ConvNormAct: conv without bias, symmetric padding, BatchNorm, optional activation."""
+
+  features: int
+  kernel: int = 1
+  stride: int = 1
+  groups: int = 1
+  act: Callable[[jax.Array], jax.Array] | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    pad = ((self.stride - 1) + (self.kernel - 1)) // 2
+    x = nn.Conv(
+      self.features,
+      (self.kernel, self.kernel),
+      strides=self.stride,
+      padding=((pad, pad), (pad, pad)),
+      feature_group_count=self.groups,
+      use_bias=False,
+      dtype=self.dtype,
+      name='conv',
+    )(x)
+    x = _norm(train, self.dtype, 'bn')(x)
+    return self.act(x) if self.act else x
+
+
+def _norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
+  return nn.BatchNorm(
+    use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
+  )
+
+
+class SqueezeExcite(nn.Module):
+  """timm's SEModule as byobnet uses it: 1/16 reduction (rounded to 8s), ReLU, biases, sigmoid."""
+
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    s = x.mean(axis=(1, 2), keepdims=True)
+    s = nn.relu(nn.Dense(make_divisible(channels / 16, 8, 0.0), dtype=self.dtype, name='fc1')(s))
+    return x * nn.sigmoid(nn.Dense(channels, dtype=self.dtype, name='fc2')(s))
+
+
+class EfficientChannelAttention(nn.Module):
+  """timm's EcaModule (Wang et al.): a 1-D conv over the pooled channels, its odd kernel size
+  growing with log2(channels), no bias, sigmoid."""
+
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    t = int(abs(math.log(channels, 2) + 1) / 2)
+    size = max(t if t % 2 else t + 1, 3)
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (size, 1, 1))
+    pooled = x.mean(axis=(1, 2))[..., None]  # [batch, channels, 1]: channels as the length.
+    y = jax.lax.conv_general_dilated(
+      pooled.astype(self.dtype),
+      kernel.astype(self.dtype),
+      (1,),
+      [((size - 1) // 2, (size - 1) // 2)],
+      dimension_numbers=('NWC', 'WIO', 'NWC'),
+    )
+    return x * nn.sigmoid(y[..., 0])[:, None, None, :]
+
+
+class Block(nn.Module):
+  """timm's BottleneckBlock ('bottle') or SelfAttnBlock ('self_attn'), with its shortcut."""
+
+  kind: str
+  width: int
+  stride: int
+  group_size: int
+  bottle_ratio: float
+  act: Callable[[jax.Array], jax.Array]
+  channel_attention: str
+  attention_kwargs: tuple[tuple[str, Any], ...]
+  attention_impl: str
+  attention_choice: tuple[tuple[str, str], ...]
+  drop_path_rate: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    conv = functools.partial(ConvNormAct, dtype=self.dtype)
+    mid = make_divisible(self.width * self.bottle_ratio)
+    y = conv(mid, act=self.act, name='conv1_1x1')(x, train)
+    if self.kind == _BOTTLE:
+      groups = mid // self.group_size if self.group_size else 1
+      y = conv(mid, 3, self.stride, groups, self.act, name='conv2_kxk')(y, train)
+      if self.channel_attention == 'se':
+        y = SqueezeExcite(self.dtype, name='attn')(y)
+      elif self.channel_attention == 'eca':
+        y = EfficientChannelAttention(self.dtype, name='attn')(y)
+    else:
+      kwargs = dict(self.attention_kwargs)
+      heads = kwargs.get('num_heads', 8)
+      head_qk = kwargs.get('dim_head') or make_divisible(mid * kwargs.get('qk_ratio', 1.0)) // heads
+      y = attention.HaloAttention(
+        qk_width=head_qk * heads,
+        value_width=mid,
+        num_heads=heads,
+        block_size=kwargs.get('block_size', 8),
+        halo_size=kwargs.get('halo_size', 3),
+        stride=self.stride,
+        attention_impl=self.attention_impl,
+        attention_choice=self.attention_choice,
+        mask_padding=False,
+        position_indexing='window',
+        dtype=self.dtype,
+        name='self_attn',
+      )(y)
+      y = self.act(_norm(train, self.dtype, 'post_attn')(y))
+    y = conv(self.width, name='conv3_1x1')(y, train)
+    y = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3))(y, deterministic=not train)
+    shortcut = x
+    if self.stride != 1 or x.shape[-1] != self.width:
+      shortcut = conv(self.width, 1, self.stride, name='shortcut')(x, train)
+    return self.act(y + shortcut)
+
+
+class ByobNet(nn.Module):
+  """One of `ARCHS` by name, with model.HaloNet's interface: (images, train) -> logits, stage
+  outputs sown as FEATURES 'stage1'..'stage4', the classifier named CLASSIFIER."""
+
+  arch: str
+  num_classes: int
+  attention_impl: str = 'auto'
+  stochastic_depth_rate: float = 0.0
+  dropout_rate: float = 0.0
+  dtype: str = 'float32'
+  # The run's measured form per attention layer shape (attention/measure.py); () = the rule.
+  attention_choice: tuple[tuple[str, str], ...] = ()
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool) -> jax.Array:
+    spec = ARCHS[self.arch]
+    act = _ACTIVATIONS[spec.activation]
+    dtype = jnp.dtype(self.dtype)
+    conv = functools.partial(ConvNormAct, act=act, dtype=dtype)
+    x = images.astype(dtype)
+    c = spec.stem_width
+    if spec.stem_type == 'tiered':
+      last_stride = 1 if spec.stem_pool else 2
+      for i, (width, stride) in enumerate(((3 * c // 8, 2), (c // 2, 1), (c, last_stride)), 1):
+        x = conv(width, 3, stride, name=f'stem_conv{i}')(x, train)
+    else:  # '7x7'
+      x = conv(c, 7, 2, name='stem_conv1')(x, train)
+    if spec.stem_pool:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    total = sum(len(s.blocks) for s in spec.stages)
+    index = 0
+    for number, stage in enumerate(spec.stages, 1):
+      for i, kind in enumerate(stage.blocks):
+        x = Block(
+          kind=kind,
+          width=stage.width,
+          stride=stage.stride if i == 0 else 1,
+          group_size=stage.group_size,
+          bottle_ratio=stage.bottle_ratio,
+          act=act,
+          channel_attention=spec.channel_attention,
+          attention_kwargs=spec.attention if stage.attention is None else stage.attention,
+          attention_impl=self.attention_impl,
+          attention_choice=self.attention_choice,
+          drop_path_rate=self.stochastic_depth_rate * index / max(total - 1, 1),
+          dtype=dtype,
+          name=f'stage{number}_block{i}',
+        )(x, train)
+        index += 1
+      if not self.is_initializing():
+        self.sow(FEATURES, f'stage{number}', x)
+    if spec.num_features:
+      x = conv(spec.num_features, name='final_conv')(x, train)
+    x = x.mean(axis=(1, 2))
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    return nn.Dense(self.num_classes, dtype=jnp.float32, name=CLASSIFIER)(x.astype(jnp.float32))

@@ -1,0 +1,145 @@
+"""timm's halo networks converted (halonet/convert.py) against timm itself: a randomly
+initialised timm model (BatchNorm randomised), saved as safetensors, converted, gives timm's
+eval-mode logits and stage outputs; a planted conversion error does not; bad input is named.
+
+PyTorch runs in a subprocess (tests/scripts/timm_reference.py): it cannot share a process with
+TensorFlow. torch and timm come from requirements-timm.txt, which CI installs.
+"""
+
+import functools
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from halonet import convert
+from halonet import model as model_lib
+from halonet import trained
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'tests', 'scripts', 'timm_reference.py')
+MODELS = list(convert.PRETRAINED)
+SIZE = 256  # timm's halo layers need maps b divides: 8 x 8 at stage 4.
+TOLERANCE = 1e-4  # Of the largest reference magnitude.
+
+
+@pytest.fixture(scope='module')
+def references(tmp_path_factory):
+  """Folder with MODEL.safetensors and MODEL.npz for every model (one torch process)."""
+  missing = [m for m in ('torch', 'timm', 'safetensors') if importlib.util.find_spec(m) is None]
+  if missing:
+    how = 'pip install -r requirements-timm.txt'
+    if os.environ.get('CI') == 'true':
+      pytest.fail(f'{missing} missing in CI: {how}')
+    pytest.skip(f'needs {missing}: {how}')
+  out = tmp_path_factory.mktemp('timm')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  subprocess.run(
+    [sys.executable, SCRIPT, str(out), str(SIZE), *MODELS], check=True, timeout=900, env=env
+  )
+  return out
+
+
+def _close(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape
+  error = float(np.abs(got - want).max() / np.abs(want).max())
+  assert error <= TOLERANCE, f'relative error {error:.2e}'
+
+
+def _run(name, variables, images):
+  model = model_lib.create_model(convert.model_config(name))
+  apply = jax.jit(functools.partial(model.apply, train=False, mutable=[model_lib.FEATURES]))
+  logits, sown = apply(variables, images)
+  return logits, {stage: values[0] for stage, values in sown[model_lib.FEATURES].items()}
+
+
+def _converted(references, name, state=None):
+  state = state or convert.read_safetensors(str(references / f'{name}.safetensors'))
+  config = convert.model_config(name)
+  return convert.convert(name, state, model_lib.abstract_variables(config))
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_converted_model_gives_timms_logits_and_stage_features(references, name):
+  reference = np.load(references / f'{name}.npz')
+  state = convert.read_safetensors(str(references / f'{name}.safetensors'))
+  logits, features = _run(name, _converted(references, name, state), reference['images'])
+  _close(logits, reference['logits'])
+  assert sorted(features) == ['stage1', 'stage2', 'stage3', 'stage4']
+  for stage, values in features.items():
+    _close(values, reference[stage])
+  # The same parameters as timm's model, to the last one.
+  timm_params = sum(
+    v.size for k, v in state.items() if not k.endswith(('running_mean', 'running_var', 'tracked'))
+  )
+  assert model_lib.count_params(convert.model_config(name)) == timm_params
+
+
+def test_a_head_with_keys_and_values_swapped_is_caught(references):
+  name = 'halonet26t'
+  reference = np.load(references / f'{name}.npz')
+  state = dict(convert.read_safetensors(str(references / f'{name}.safetensors')))
+  kv = state['stages.2.1.self_attn.kv.weight'].copy()  # Heads of 32 key and 32 value channels.
+  kv[:32], kv[32:64] = state['stages.2.1.self_attn.kv.weight'][32:64], kv[:32].copy()
+  state['stages.2.1.self_attn.kv.weight'] = kv
+  logits, _ = _run(name, _converted(references, name, state), reference['images'])
+  with pytest.raises(AssertionError, match='relative error'):
+    _close(logits, reference['logits'])
+
+
+def test_wrong_weights_and_names_fail_in_one_line(references):
+  with pytest.raises(
+    ValueError, match=r"--model='halonet26' is not one of .* did you mean halonet26t"
+  ):
+    convert.model_config('halonet26')
+  state = convert.read_safetensors(str(references / 'halonet26t.safetensors'))
+  with pytest.raises(
+    ValueError, match=r'stages\.0\.0\.conv2_kxk\.conv\.weight \(64, 64, 3, 3\) converts'
+  ):
+    convert.convert(
+      'eca_halonext26ts',
+      state,
+      model_lib.abstract_variables(convert.model_config('eca_halonext26ts')),
+    )
+  with pytest.raises(
+    ValueError,
+    match=r"stem\.conv1\.bn\.bias \(24,\) converts to \(24,\), but halonet_h1's .* is \(64,\)",
+  ):
+    convert.convert(
+      'halonet_h1', state, model_lib.abstract_variables(convert.model_config('halonet_h1'))
+    )
+  del state['stages.3.1.post_attn.running_var']
+  with pytest.raises(ValueError, match='the weights have no stages.3.1.post_attn.running_var'):
+    convert.convert(
+      'halonet26t', state, model_lib.abstract_variables(convert.model_config('halonet26t'))
+    )
+
+
+@pytest.mark.slow
+def test_the_command_writes_a_run_that_loads_as_any_run(references, tmp_path):
+  name = 'halonet26t'
+  workdir = tmp_path / 'converted'
+  weights = references / f'{name}.safetensors'
+  command = [sys.executable, '-m', 'halonet.convert', f'--model={name}', f'--workdir={workdir}']
+  done = subprocess.run(
+    [*command, f'--weights={weights}'], cwd=ROOT, capture_output=True, text=True, timeout=600
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert f'{name}: 12,480,288 parameters' in done.stdout
+  config, variables, step = trained.load(str(workdir))
+  assert (config.model.arch, config.image_size, config.crop_fraction, step) == (name, 256, 0.95, 0)
+  reference = np.load(references / f'{name}.npz')
+  logits, _ = _run(name, variables, reference['images'])
+  _close(logits, reference['logits'])
+  again = subprocess.run(
+    [*command, f'--weights={weights}'], cwd=ROOT, capture_output=True, text=True, timeout=600
+  )
+  assert again.returncode == 1
+  assert again.stderr.strip().splitlines()[-1] == (
+    f'FATAL --workdir={workdir} already holds a run; convert into a new one'
+  )
