@@ -34,10 +34,10 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 def main(argv):
   launch.start(argv)
-  from halonet import train_lib  # pylint: disable=g-import-not-at-top  # After --help and flags.
+  from halonet import eval_lib  # pylint: disable=g-import-not-at-top  # After --help and flags.
 
   with launch.one_line_errors():
-    train_lib.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
+    eval_lib.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
 
 
 if __name__ == '__main__':

@@ -18,7 +18,7 @@ import numpy as np
 
 from bench import common
 from halonet import sharding
-from halonet import train_lib
+from halonet import train_step as train_step_lib
 
 VARIANTS = ('h1', 'h7')
 # The forms XLA compiles here. The Pallas kernels are interpreted on CPU (loops XLA costs once):
@@ -72,7 +72,7 @@ def train_step_bytes(variant: str, batch: int, remat: bool, tiny: bool) -> dict[
   """Buffer plan of the real train step at this per-device batch, on one device."""
   config = common.variant_config(variant, tiny=tiny, **{'model.remat': remat, 'batch_size': batch})
   mesh = sharding.create_mesh((1, 1), jax.devices()[:1])
-  lowered, _ = train_lib.lower_train_step(config, mesh, backend='tpu')
+  lowered, _ = train_step_lib.lower_train_step(config, mesh, backend='tpu')
   return common.compiled_bytes(lowered.compile())
 
 
@@ -110,7 +110,7 @@ def memory_growth(tiny: bool, batch: int = 2) -> dict[str, Any]:
   rows = []
   for size in sizes:
     config = common.variant_config('h1', tiny=tiny, image_size=size, batch_size=batch)
-    lowered, _ = train_lib.lower_train_step(
+    lowered, _ = train_step_lib.lower_train_step(
       config, sharding.create_mesh((1, 1), jax.devices()[:1]), backend='tpu'
     )
     stage1 = {

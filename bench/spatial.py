@@ -31,7 +31,7 @@ import jax
 
 from bench import common
 from halonet import sharding
-from halonet import train_lib
+from halonet import train_step as train_step_lib
 
 MESHES = {'one image per device': ((8, 1), 8), 'half an image per device': ((4, 2), 4)}
 
@@ -45,7 +45,7 @@ def compare(tiny: bool) -> dict[str, dict[str, float]]:
       'h7', tiny=tiny, batch_size=batch, **({'image_size': 64} if tiny else {})
     )
     mesh = sharding.create_mesh(mesh_shape, jax.devices()[:8])
-    compiled = train_lib.lower_train_step(config, mesh, backend='tpu')[0].compile()
+    compiled = train_step_lib.lower_train_step(config, mesh, backend='tpu')[0].compile()
     hlo = compiled.as_text()
     results[name] = {
       'mesh_shape': list(mesh_shape),

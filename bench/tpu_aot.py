@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from typing import Any
 
-# Outside any checkout, so that every clone on the machine finds it (README step 1 installs it).
+# Outside any checkout, so that every clone on the machine finds it (the README says how).
 LIBTPU_TARGET = os.path.join(os.path.expanduser('~'), '.cache', 'halonet', 'libtpu')
 DEFAULT_LIBTPU = os.path.join(LIBTPU_TARGET, 'libtpu', 'libtpu.so')
 INSTALL = f'pip install --target {LIBTPU_TARGET} -r requirements-tpu-aot.txt'

@@ -12,7 +12,9 @@ timm itself. What they have that H0-H7 lack, each as timm builds it:
   - timm's HaloAttn semantics: padded keys are zero and unmasked, relative positions are indexed
     in window coordinates (`attention.POSITION_INDEXINGS`), head widths from `dim_head` or
     `qk_ratio`. Its position logits are not scaled by 1/sqrt(d) while ours are: the converter
-    scales the tables instead, so the layer is `attention.HaloAttention` unchanged.
+    scales the tables instead, so the layer is `attention.HaloAttention` unchanged;
+  - BoTNet's global attention (timm's BottleneckAttn) as that layer with one block covering the
+    whole map and no halo.
 """
 
 from collections.abc import Callable
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from halonet import attention
+from halonet import errors
 from halonet.model_keys import CLASSIFIER
 from halonet.model_keys import FEATURES
 
@@ -75,6 +78,9 @@ def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> 
 
 
 _BOTTLE, _ATTN = 'bottle', 'self_attn'
+# The map side BoTNet's global attention ('layer': 'bottleneck') is built for: timm's *_256
+# models, whose fourth stage sees 8 x 8 maps.
+BOTTLENECK_MAP = 8
 ARCHS = {
   'halonet_h1': Arch(
     stages=(
@@ -142,7 +148,47 @@ ARCHS = {
     channel_attention='eca',
     attention=(('block_size', 8), ('halo_size', 2), ('dim_head', 16)),
   ),
+  'halo2botnet50ts_256': Arch(
+    stages=(
+      Stage((_BOTTLE,) * 3, 256, 1),
+      Stage(interleave((_BOTTLE, _ATTN), 4), 512, 2, attention=(('halo_size', 3),)),
+      Stage(interleave((_BOTTLE, _ATTN), 6), 1024, 2, attention=(('halo_size', 3),)),
+      # BoTNet's global attention over the fixed 8 x 8 map at 256 px (timm's BottleneckAttn).
+      Stage(interleave((_BOTTLE, _ATTN), 3), 2048, 2, attention=(('layer', 'bottleneck'),)),
+    ),
+    stem_type='tiered',
+    stem_pool='',
+    activation='silu',
+  ),
 }
+
+
+def check_config(arch: str, image_size: int) -> None:
+  """Fails in one line unless `arch` is known and every halo layer's input map at `image_size`
+  is whole blocks: timm's layer takes no other size, so no converted weights were trained on one."""
+  if arch not in ARCHS:
+    raise errors.ConfigError(f'model.arch={arch!r} is not one of {sorted(ARCHS)}')
+  spec = ARCHS[arch]
+  size = -(-image_size // 4)  # The stem: a stride-2 conv, then a max-pool or a stride-2 conv.
+  for number, stage in enumerate(spec.stages, 1):
+    out = -(-size // stage.stride)
+    kwargs = dict(spec.attention if stage.attention is None else stage.attention)
+    block = kwargs.get('block_size', 8)
+    for i, kind in enumerate(stage.blocks):
+      side = size if i == 0 else out
+      if kind == _ATTN and kwargs.get('layer') == 'bottleneck' and side != BOTTLENECK_MAP:
+        raise errors.ConfigError(
+          f'{arch} takes {BOTTLENECK_MAP * image_size // side} px images only (its global '
+          f'attention has a position table for {BOTTLENECK_MAP} x {BOTTLENECK_MAP} maps), '
+          f'not image_size={image_size}'
+        )
+      if kind == _ATTN and side % block:
+        multiple = 4 * block * 2 ** sum(s.stride == 2 for s in spec.stages)
+        raise errors.ConfigError(
+          f'image_size={image_size} gives stage{number}_block{i} of {arch} a {side} x {side} map, '
+          f'not whole {block} x {block} blocks; use a multiple of {multiple}'
+        )
+    size = out
 
 
 class ConvNormAct(nn.Module):
@@ -244,6 +290,10 @@ class Block(nn.Module):
         y = EfficientChannelAttention(self.dtype, name='attn')(y)
     else:
       kwargs = dict(self.attention_kwargs)
+      if kwargs.pop('layer', 'halo') == 'bottleneck':
+        # Global attention over the map = one block covering it, no halo (the same tables and
+        # window indexing). No arch strides it: timm would average-pool its output then.
+        kwargs = {'num_heads': 4, **kwargs, 'block_size': y.shape[1], 'halo_size': 0}
       heads = kwargs.get('num_heads', 8)
       head_qk = kwargs.get('dim_head') or make_divisible(mid * kwargs.get('qk_ratio', 1.0)) // heads
       y = attention.HaloAttention(

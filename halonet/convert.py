@@ -40,6 +40,7 @@ PRETRAINED = {
   'sehalonet33ts': (256, 0.94, 80.98),
   'halonet50ts': (256, 0.94, 81.64),
   'eca_halonext26ts': (256, 0.94, 79.52),
+  'halo2botnet50ts_256': (256, 0.95, 82.08),
 }
 
 
@@ -113,6 +114,28 @@ def _network_order(key: str) -> tuple:
   return (rank, *[(int(p), '') if p.isdigit() else (-1, p) for p in parts[1:]])
 
 
+def _split_qkv(state: dict[str, np.ndarray], planned: dict) -> dict[str, np.ndarray]:
+  """BoTNet's layers (timm's BottleneckAttn) project q, k and v with one conv, all heads' q,
+  then all k, then all v: rewritten as the q and per-head interleaved kv convs of HaloAttn."""
+  shapes = {key: shape for key, shape in planned.values()}
+  state = dict(state)
+  for key in [k for k in state if k.endswith('.self_attn.qkv.weight')]:
+    prefix = key[: -len('qkv.weight')]
+    _, heads, qk = shapes[prefix + 'q.weight']
+    value = shapes[prefix + 'kv.weight'][2] - qk
+    weight = state.pop(key)
+    channels = weight.shape[1:]
+    if weight.shape[0] != heads * (2 * qk + value):
+      state[key] = weight  # Left unused: named as such.
+      continue
+    q, k, v = np.split(weight, [heads * qk, 2 * heads * qk])
+    state[prefix + 'q.weight'] = q
+    state[prefix + 'kv.weight'] = np.concatenate(
+      [k.reshape(heads, qk, *channels), v.reshape(heads, value, *channels)], axis=1
+    ).reshape(-1, *channels)
+  return state
+
+
 def convert(
   name: str, state: dict[str, np.ndarray], abstract_variables: Any
 ) -> dict[str, dict[str, Any]]:
@@ -127,6 +150,7 @@ def convert(
     for path, target in traverse_util.flatten_dict(abstract_variables[collection]).items():
       prefix, leaf = _torch_name(path)
       planned[collection, path] = (f'{prefix}.{leaf}', tuple(target.shape))
+  state = _split_qkv(state, planned)
   order = lambda item: _network_order(item[1][0])
   planned = dict(sorted(planned.items(), key=order))
   converted = {}
@@ -195,7 +219,7 @@ def write_run(name: str, weights: str, workdir: str) -> str:
   from halonet import checkpointing  # pylint: disable=g-import-not-at-top
   from halonet import model as model_lib  # pylint: disable=g-import-not-at-top
   from halonet import sharding  # pylint: disable=g-import-not-at-top
-  from halonet import train_lib  # pylint: disable=g-import-not-at-top
+  from halonet import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
   from halonet import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   config = model_config(name)
@@ -205,8 +229,8 @@ def write_run(name: str, weights: str, workdir: str) -> str:
   state = read_safetensors(weights_file(weights))
   variables = convert(name, state, model_lib.abstract_variables(config))
   mesh = sharding.create_mesh((-1, 1))
-  model, tx, _, _ = train_lib.build(config, 1)
-  init, _ = train_lib.abstract_train_state(config, model, tx, mesh)
+  model, tx, _, _ = train_step_lib.build(config, 1)
+  init, _ = train_step_lib.abstract_train_state(config, model, tx, mesh)
   fresh = jax.jit(init)(jax.random.key(config.seed))
   run_state = fresh.replace(
     params=variables['params'],

@@ -1,6 +1,8 @@
-"""Exact evaluation: padded batches carry a mask, so every example counts exactly once."""
+"""Exact evaluation: padded batches carry a mask, so every example counts exactly once; a run's
+splits with its raw and EMA parameters; a saved checkpoint evaluated and recorded (eval.py)."""
 
 from collections.abc import Callable
+import datetime
 import functools
 import time
 from typing import Any
@@ -12,9 +14,15 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import ml_collections
 
+from halonet import config_checks
 from halonet import console
+from halonet import errors
 from halonet import input_pipeline
+from halonet import model as model_lib
+from halonet import paths
 from halonet import sharding
+from halonet import train_step as train_step_lib
+from halonet import workdir as workdir_lib
 
 EVAL_BATCH_KEYS = ('image', 'label', 'mask')  # mask: False on the padding of the last batch.
 PROGRESS_SECONDS = 30.0  # A longer evaluation prints how far it is this often.
@@ -109,3 +117,86 @@ def evaluate(
   }
   logging.info('eval %s: %s', split, result)
   return result
+
+
+def evaluate_all(
+  eval_fn,
+  state: train_step_lib.TrainState,
+  config: ml_collections.ConfigDict,
+  sizes: dict[str, int],
+  mesh: Mesh,
+) -> dict[str, dict[str, dict[str, float]]]:
+  """Every eval split with the raw params, and again with the EMA params when kept."""
+  weights = {'raw': state.params}
+  if state.ema_params is not None:
+    weights['ema'] = state.ema_params
+  return {
+    name: {
+      split: evaluate(
+        eval_fn,
+        {'params': params, 'batch_stats': state.batch_stats},
+        config,
+        split,
+        sizes[split],
+        mesh,
+      )
+      for split in config.eval_splits
+    }
+    for name, params in weights.items()
+  }
+
+
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str, step: int | None = None
+) -> dict[str, Any]:
+  """Evaluates a saved step (default: latest) and appends its records to
+  workdir/eval_records.jsonl: one per (step, dataset, split, weights), never replacing any."""
+  config_checks.validate_config(config)
+  stored = workdir_lib.stored_config(workdir)
+  if stored is not None:
+    diff = workdir_lib.refused_for_eval(
+      workdir_lib.changed_fields(stored, workdir_lib.as_json(config))
+    )
+    if diff:
+      raise errors.ConfigError(
+        f'the checkpoints in {workdir} were trained with a different '
+        f'model (fields: {", ".join(diff)})'
+      )
+  sizes = train_step_lib.split_sizes(config, train=False)
+  mesh = sharding.create_mesh(config.mesh_shape)
+  state, abstract, model = train_step_lib.restore_run(config, workdir, mesh, step)
+  paths.check_writable(workdir, 'workdir')  # Its records are written there after evaluating.
+  step = int(state.step)
+  eval_fn, seconds = compile_eval_step(
+    model, mesh, {'params': abstract.params, 'batch_stats': abstract.batch_stats}, config
+  )
+  logging.info('compiled the eval step in %.1f s', seconds)
+  with jax.set_mesh(mesh):
+    evals = evaluate_all(eval_fn, state, config, sizes, mesh)
+  when = datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')
+  records = [
+    {
+      'step': step,
+      'dataset': config.dataset,
+      'split': split,
+      'weights': name,
+      'image_size': config.image_size,
+      'crop_fraction': config.crop_fraction,
+      'evaluated_at': when,
+      **r,
+    }
+    for name, splits in evals.items()
+    for split, r in splits.items()
+  ]
+  for r in records:
+    console.say(
+      f'step {step} {r["dataset"]} {r["split"]} ({r["weights"]} params): top-1 '
+      f'{r["top1"]:.2f}% top-5 {r["top5"]:.2f}% loss {r["loss"]:.4f} '
+      f'{r["images_per_sec"]:.1f} img/s ({r["count"]} images)'
+    )
+  workdir_lib.append_eval_records(workdir, records)
+  return {
+    'step': step,
+    'num_params': model_lib.count_params(config),
+    **{f'{name}_eval': v for name, v in evals.items()},
+  }

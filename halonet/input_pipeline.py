@@ -86,6 +86,12 @@ def check_num_classes(config: ml_collections.ConfigDict, split: str) -> None:
     )
 
 
+def steps_per_epoch(examples: int, global_batch_size: int) -> int:
+  """Full global batches per epoch (the one place this is counted): the remainder of each
+  shuffled epoch is dropped."""
+  return examples // global_batch_size
+
+
 def eval_batch_count(total: int, batch_size: int, process_count: int) -> int:
   """Batches every process yields in one eval pass: the largest process share, in batches."""
   per_process = -(-total // process_count)  # Ceiling divisions.
@@ -121,7 +127,7 @@ def create_split(
     return _eval_batches(
       config, read(None), batch_size, eval_batch_count(total, batch_size, process_count)
     )
-  steps = total // (batch_size * process_count)
+  steps = steps_per_epoch(total, batch_size * process_count)
   if steps == 0:
     raise errors.ConfigError(
       f'{split} of {config.dataset} has {total} examples, fewer than one batch '

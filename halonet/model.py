@@ -70,6 +70,8 @@ def resolve_backend_defaults(
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails with one line naming the first bad model value, before anything is built or compiled."""
   m = config.model
+  if m.arch:
+    byob.check_config(m.arch, config.image_size)
   if m.activation not in _ACTIVATIONS:
     raise errors.ConfigError(f'activation={m.activation!r} is not one of {sorted(_ACTIVATIONS)}')
   if m.dtype not in ('auto', *_DTYPES):

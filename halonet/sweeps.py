@@ -34,6 +34,7 @@ from halonet import point_log
 from halonet import sweep_report
 from halonet import text_table
 from halonet import train_lib
+from halonet import train_step as train_step_lib
 from halonet import workdir as workdir_lib
 
 # Short names for the paper's ablation knobs in point labels; other keys use their last part.
@@ -171,7 +172,7 @@ def is_finished(point: Point) -> bool:
   if not results:
     return False
   train_examples = input_pipeline.num_examples(point.config, point.config.train_split)
-  return results['step'] >= train_lib.total_train_steps(point.config, train_examples)
+  return results['step'] >= train_step_lib.total_train_steps(point.config, train_examples)
 
 
 def _eval_summary(results: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from halonet import input_pipeline
 from halonet import model as model_lib
 from halonet import paths
 from halonet import sharding
-from halonet import train_lib
+from halonet import train_step as train_step_lib
 from halonet import workdir as workdir_lib
 from halonet.tensorflow_import import tf
 
@@ -43,7 +43,7 @@ def load(
     raise errors.ConfigError(f'weights={weights!r} is not one of {WEIGHTS}')
   config = config or workdir_lib.load_config(workdir)
   mesh = sharding.create_mesh((-1, 1), jax.local_devices())
-  state, _, _ = train_lib.restore_run(config, workdir, mesh, step)
+  state, _, _ = train_step_lib.restore_run(config, workdir, mesh, step)
   if weights == 'ema' and state.ema_params is None:
     raise errors.ConfigError(
       f'{workdir} was trained without an EMA (config.ema_decay=0): use weights=raw'

@@ -16,7 +16,7 @@ from configs import h1
 from configs import tiny
 from halonet import model as model_lib
 from halonet import sharding
-from halonet import train_lib
+from halonet import train_step as train_step_lib
 
 GLOBAL_BATCH = 64
 DEVICES = 8
@@ -60,7 +60,7 @@ def compiled_train_step(impl: str, batch: int, devices: int):
   impl, backend = impl.split('@')  # e.g. 'auto@tpu': attention_impl 'auto' as it resolves on TPU.
   config.model.attention_impl = impl
   mesh = sharding.create_mesh((-1, 1), jax.devices()[:devices])
-  lowered, model = train_lib.lower_train_step(config, mesh, backend=backend)
+  lowered, model = train_step_lib.lower_train_step(config, mesh, backend=backend)
   num_params = model_lib.count_params(config)
   return lowered.compile(), num_params, model
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from configs import tiny
+from halonet import eval_lib
 from halonet import paths
 from halonet import train_lib
 
@@ -36,9 +37,9 @@ def test_eval_py_matches_training_run_and_appends_records(tmp_path):
   first = records_path.read_text()
   # An earlier step and another split, in process: appended beside step 6's, which stay as they
   # were (records are never replaced, whatever their keys).
-  train_lib.evaluate_checkpoint(config, workdir, step=4)
+  eval_lib.evaluate_checkpoint(config, workdir, step=4)
   config.eval_splits = ('train',)
-  train_lib.evaluate_checkpoint(config, workdir, step=6)
+  eval_lib.evaluate_checkpoint(config, workdir, step=6)
   assert records_path.read_text().startswith(first)
   records = paths.read_json_lines(str(records_path))
   assert [(r['step'], r['dataset'], r['split'], r['weights']) for r in records] == [

@@ -12,7 +12,6 @@ import tensorflow_datasets as tfds
 
 from configs import tiny
 from halonet import input_pipeline
-from halonet import train_lib
 
 NUM_CLASSES = 3
 COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)  # One per class.
@@ -103,7 +102,10 @@ def test_start_step_resumes_the_exact_stream_across_epochs(folder):
   config = folder_config(
     folder, randaugment_layers=2, randaugment_magnitude=10, mixup_alpha=0.2, cutmix_alpha=1.0
   )
-  assert train_lib.steps_per_epoch(config, input_pipeline.num_examples(config, 'train')) == 3
+  assert (
+    input_pipeline.steps_per_epoch(input_pipeline.num_examples(config, 'train'), config.batch_size)
+    == 3
+  )
   unbroken = take(input_pipeline.create_split(config, 'train', train=True, batch_size=4), 7)
   resumed = take(
     input_pipeline.create_split(config, 'train', train=True, batch_size=4, start_step=4), 3

@@ -16,7 +16,7 @@ from halonet import checkpointing
 from halonet import input_pipeline
 from halonet import paths
 from halonet import sharding
-from halonet import train_lib
+from halonet import train_step as train_step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
@@ -87,14 +87,14 @@ def _restored(workdir, abstract, step):
 def _one_process_run(config):
   """The same training in this process on a mesh of the same size, fed the global batches the
   two processes assemble: process 0's examples first, then process 1's."""
-  sizes = train_lib.split_sizes(config)
-  model, tx, schedule, num_steps = train_lib.build(config, sizes[config.train_split])
+  sizes = train_step_lib.split_sizes(config)
+  model, tx, schedule, num_steps = train_step_lib.build(config, sizes[config.train_split])
   mesh = sharding.create_mesh(config.mesh_shape, jax.devices()[: PROCESSES * DEVICES_PER_PROCESS])
-  init, abstract = train_lib.abstract_train_state(config, model, tx, mesh)
-  shardings = train_lib.shardings_of(abstract)
+  init, abstract = train_step_lib.abstract_train_state(config, model, tx, mesh)
+  shardings = train_step_lib.shardings_of(abstract)
   state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
   initial = jax.device_get(state)
-  step = train_lib.make_train_step(config, model, tx, schedule, mesh, shardings)
+  step = train_step_lib.make_train_step(config, model, tx, schedule, mesh, shardings)
   streams = [
     input_pipeline.create_split(
       config,

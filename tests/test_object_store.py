@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from configs import tiny
 from halonet import checkpointing
+from halonet import eval_lib
 from halonet import paths
 from halonet import sharding
 from halonet import train_lib
@@ -136,7 +137,7 @@ def test_a_run_in_a_bucket_resumes_exactly_evaluates_predicts_and_fine_tunes(
   # first, on a store that cannot append.
   evaluated = _run('eval.py', f'--workdir={run}', cwd=tmp_path)
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-  train_lib.evaluate_checkpoint(workdir_lib.load_config(run), run)
+  eval_lib.evaluate_checkpoint(workdir_lib.load_config(run), run)
   records = paths.read_json_lines(f'{run}/eval_records.jsonl')
   assert len(records) == 2 and records[0]['top1'] == records[1]['top1']
   assert records[0]['step'] == STEPS

@@ -1,8 +1,8 @@
 """The fused Pallas kernels beyond the per-layer reference tests in test_attention.py: the whole
 train step, what a TPU receives (lowered and compiled), the HBM traffic they declare, refusals.
 
-Compiling for a TPU needs libtpu (`bench/tpu_aot.LIBTPU_TARGET`, README step 1); CI installs it, and
-there a missing libtpu fails instead of skipping.
+Compiling for a TPU needs libtpu (`bench/tpu_aot.LIBTPU_TARGET`; the README says how); CI
+installs it, and there a missing libtpu fails instead of skipping.
 """
 
 import json
@@ -25,7 +25,7 @@ from halonet import attention
 from halonet import errors
 from halonet import model as model_lib
 from halonet import sharding
-from halonet import train_lib
+from halonet import train_step as train_step_lib
 from halonet.attention import pallas as attention_pallas
 from halonet.attention import pallas_kernels as attention_pallas_kernels
 from tests.test_data_parallel import _COLLECTIVES
@@ -59,7 +59,7 @@ def test_data_parallel_step_only_all_reduces_parameters():
   config = tiny.get_config()
   config.batch_size = 64
   config.model.attention_impl = 'pallas'
-  lowered, _ = train_lib.lower_train_step(config, sharding.create_mesh((8, 1)))
+  lowered, _ = train_step_lib.lower_train_step(config, sharding.create_mesh((8, 1)))
   collectives = hlo_ops(lowered.compile().as_text(), _COLLECTIVES)
   assert {op for op, _ in collectives} == {'all-reduce'}, collectives
 

@@ -19,7 +19,7 @@ from test_data_parallel import hlo_ops
 from configs import tiny
 from halonet import attention
 from halonet import sharding
-from halonet import train_lib
+from halonet import train_step as train_step_lib
 from halonet.attention import spatial as attention_spatial
 
 MESH = (4, 2)
@@ -120,7 +120,7 @@ def _compiled(impl: str, mesh_shape: tuple[int, int]):
   config = _spatial_config(impl.split('@')[0], batch=8)
   devices = math.prod(mesh_shape)
   mesh = sharding.create_mesh(mesh_shape, jax.devices()[:devices])
-  lowered, _ = train_lib.lower_train_step(config, mesh, backend=impl.split('@')[1])
+  lowered, _ = train_step_lib.lower_train_step(config, mesh, backend=impl.split('@')[1])
   return lowered.compile()
 
 

@@ -120,6 +120,19 @@ def test_wrong_weights_and_names_fail_in_one_line(references):
     )
 
 
+def test_an_image_size_timms_layers_cannot_take_is_refused():
+  config = convert.model_config('halonet50ts')
+  model_lib.validate_config(config)
+  config.image_size = 224  # 56 px after the stem, 28 in stage 2: not whole 8 x 8 blocks.
+  with pytest.raises(
+    ValueError, match='image_size=224 gives stage2_block3 of halonet50ts a 28 x 28'
+  ):
+    model_lib.validate_config(config)
+  config.model.arch = 'halonet51'
+  with pytest.raises(ValueError, match="model.arch='halonet51' is not one of"):
+    model_lib.validate_config(config)
+
+
 @pytest.mark.slow
 def test_the_command_writes_a_run_that_loads_as_any_run(references, tmp_path):
   name = 'halonet26t'

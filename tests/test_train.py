@@ -20,6 +20,7 @@ from halonet import model as model_lib
 from halonet import optim
 from halonet import sharding
 from halonet import train_lib
+from halonet import train_step as train_step_lib
 from halonet import workdir as workdir_lib
 
 
@@ -30,10 +31,12 @@ def _setup(config, mesh):
     config, steps_per_epoch=10, total_steps=config.num_train_steps
   )
   tx = optim.create_optimizer(config, schedule)
-  init, abstract = train_lib.abstract_train_state(config, model, tx, mesh)
-  state = jax.jit(init, out_shardings=train_lib.shardings_of(abstract))(jax.random.key(config.seed))
-  step = train_lib.make_train_step(
-    config, model, tx, schedule, mesh, train_lib.shardings_of(abstract)
+  init, abstract = train_step_lib.abstract_train_state(config, model, tx, mesh)
+  state = jax.jit(init, out_shardings=train_step_lib.shardings_of(abstract))(
+    jax.random.key(config.seed)
+  )
+  step = train_step_lib.make_train_step(
+    config, model, tx, schedule, mesh, train_step_lib.shardings_of(abstract)
   )
   return state, step
 
@@ -67,7 +70,9 @@ def test_sharded_step_matches_one_device(mesh_shape):
 
 
 def test_train_step_compiles_once(monkeypatch):
-  monkeypatch.setattr(train_lib, 'train_step', chex.assert_max_traces(train_lib.train_step, n=1))
+  monkeypatch.setattr(
+    train_step_lib, 'train_step', chex.assert_max_traces(train_step_lib.train_step, n=1)
+  )
   config = tiny.get_config()
   mesh = sharding.create_mesh(config.mesh_shape)
   state, step = _setup(config, mesh)

@@ -16,7 +16,7 @@ from halonet import input_pipeline
 from halonet import model as model_lib
 from halonet import optim
 from halonet import sharding
-from halonet import train_lib
+from halonet import train_step as train_step_lib
 
 
 def _step_and_state(config):
@@ -25,10 +25,10 @@ def _step_and_state(config):
   model = model_lib.create_model(config)
   schedule = optim.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
   tx = optim.create_optimizer(config, schedule)
-  init, abstract = train_lib.abstract_train_state(config, model, tx, mesh)
-  state = jax.jit(init, out_shardings=train_lib.shardings_of(abstract))(jax.random.key(0))
-  step = train_lib.make_train_step(
-    config, model, tx, schedule, mesh, train_lib.shardings_of(abstract)
+  init, abstract = train_step_lib.abstract_train_state(config, model, tx, mesh)
+  state = jax.jit(init, out_shardings=train_step_lib.shardings_of(abstract))(jax.random.key(0))
+  step = train_step_lib.make_train_step(
+    config, model, tx, schedule, mesh, train_step_lib.shardings_of(abstract)
   )
   return step, state, mesh
 
@@ -160,12 +160,12 @@ def test_label_smoothed_loss_of_a_hand_made_batch():
   hard = np.array([0, 1])
   want_hard = -((1 - ls) * log_p[[0, 1], hard] + ls / 3 * log_p.sum(-1))
   np.testing.assert_allclose(
-    train_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(hard), ls), want_hard, rtol=1e-6
+    train_step_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(hard), ls), want_hard, rtol=1e-6
   )
   soft = np.array([[0.25, 0.75, 0.0], [0.0, 0.4, 0.6]], np.float32)  # Mixed targets.
   want_soft = -(((1 - ls) * soft + ls / 3) * log_p).sum(-1)
   np.testing.assert_allclose(
-    train_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(soft), ls), want_soft, rtol=1e-6
+    train_step_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(soft), ls), want_soft, rtol=1e-6
   )
 
 
