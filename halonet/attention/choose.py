@@ -1,6 +1,6 @@
 """The one place that says which implementation of the attention runs where.
 
-`attention_impl` names one ('plain', 'rows', 'pallas') or is 'auto'. On TPU and GPU, 'auto' is
+`attention_impl` names one (IMPLEMENTATIONS) or is 'auto'. On TPU and GPU, 'auto' is
 what measure.py found fastest for each layer on the device itself (the run's `attention_choice`);
 without a measurement, the loop-free plain form. On CPU, the row loop with its hand-written
 backward pass, which keeps one row's logits in cache (bench/run.py).
@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import jax
 
 from halonet import errors
+from halonet.attention import dense
 from halonet.attention import pallas
 from halonet.attention import plain
 from halonet.attention import rows
@@ -19,6 +20,7 @@ IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
   'plain': plain.plain_attention,
   'rows': rows.rows_attention,
   'pallas': pallas.pallas_attention,
+  'dense': dense.dense_attention,
 }
 AUTO_IMPLEMENTATION = {'cpu': 'rows'}
 
