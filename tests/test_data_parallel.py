@@ -17,39 +17,10 @@ from configs import tiny
 from halonet import model as model_lib
 from halonet import sharding
 from halonet import train_step as train_step_lib
+from tests import hlo
 
 GLOBAL_BATCH = 64
 DEVICES = 8
-_OP = re.compile(r'=\s*(?P<shape>.+?)\s(?P<op>[a-z][a-z0-9-]*?)(?:-start)?\(')
-_COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'collective-permute', 'all-to-all')
-
-
-def hlo_ops(hlo: str, names: tuple[str, ...]) -> list[tuple[str, str]]:
-  """(op, result shape) of every instruction of an op in `names` in compiled HLO text."""
-  found = []
-  for line in hlo.splitlines():
-    match = _OP.search(line)
-    if match and match['op'] in names:
-      found.append((match['op'], match['shape']))
-  return found
-
-
-def array_dims(shape: str) -> list[list[int]]:
-  """Dimensions of each array in an HLO shape, e.g. '(f32[8,2]{1,0}, f32[])' -> [[8, 2], []]."""
-  return [
-    [int(d) for d in dims.split(',') if d]
-    for dims in re.findall(r'[a-z]+[0-9]*\[([0-9,]*)\]', shape)
-  ]
-
-
-def trip_counts(hlo: str) -> list[int]:
-  """Known trip count of every while loop (XLA records it in the loop's backend config)."""
-  return sorted(
-    int(n)
-    for line in hlo.splitlines()
-    if re.search(r'\swhile\(', line)
-    for n in re.findall(r'"known_trip_count":\{"n":"(\d+)"\}', line)
-  )
 
 
 @functools.cache
@@ -70,10 +41,9 @@ def compiled_train_step(impl: str, batch: int, devices: int):
 def test_train_step_only_all_reduces_parameter_sized_tensors(impl):
   """Data parallelism: gradients and BN statistics are all-reduced, nothing is gathered."""
   compiled, num_params, _ = compiled_train_step(impl, GLOBAL_BATCH, DEVICES)
-  hlo = compiled.as_text()
-  collectives = hlo_ops(hlo, _COLLECTIVES)
+  collectives = hlo.hlo_ops(compiled.as_text(), hlo.COLLECTIVES)
   assert {op for op, _ in collectives} == {'all-reduce'}, collectives
-  reduced = [dims for _, shape in collectives for dims in array_dims(shape)]
+  reduced = [dims for _, shape in collectives for dims in hlo.array_dims(shape)]
   # No NHWC activation led by a batch (the only 4-d parameter is the stem's [7, 7, 3, 64]).
   assert not any(
     len(dims) == 4 and dims[0] in (GLOBAL_BATCH, GLOBAL_BATCH // DEVICES) for dims in reduced
@@ -85,15 +55,15 @@ def test_train_step_only_all_reduces_parameter_sized_tensors(impl):
 def test_accelerator_train_step_has_no_loop():
   compiled, _, model = compiled_train_step('auto@tpu', GLOBAL_BATCH, DEVICES)
   assert model.attention_impl == 'plain'
-  assert trip_counts(compiled.as_text()) == []
-  assert not hlo_ops(compiled.as_text(), ('while',))
+  assert hlo.trip_counts(compiled.as_text()) == []
+  assert not hlo.hlo_ops(compiled.as_text(), ('while',))
 
 
 def test_cpu_row_loop_runs_over_this_devices_images_only():
   """The CPU path loops over (image, block row) pairs: 8 devices run the trip counts of one
   device on the per-device batch, not of the global batch."""
-  sharded = trip_counts(compiled_train_step('rows@cpu', GLOBAL_BATCH, DEVICES)[0].as_text())
-  single = trip_counts(compiled_train_step('rows@cpu', GLOBAL_BATCH // DEVICES, 1)[0].as_text())
+  sharded = hlo.trip_counts(compiled_train_step('rows@cpu', GLOBAL_BATCH, DEVICES)[0].as_text())
+  single = hlo.trip_counts(compiled_train_step('rows@cpu', GLOBAL_BATCH // DEVICES, 1)[0].as_text())
   assert sharded and sharded == single
   # configs/tiny.py: b = 4 on 8x8 and 4x4 maps: 2 and 1 rows of blocks per image.
   assert set(sharded) == {2 * GLOBAL_BATCH // DEVICES, GLOBAL_BATCH // DEVICES}

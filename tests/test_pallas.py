@@ -28,8 +28,7 @@ from halonet import sharding
 from halonet import train_step as train_step_lib
 from halonet.attention import pallas as attention_pallas
 from halonet.attention import pallas_kernels as attention_pallas_kernels
-from tests.test_data_parallel import _COLLECTIVES
-from tests.test_data_parallel import hlo_ops
+from tests import hlo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +59,7 @@ def test_data_parallel_step_only_all_reduces_parameters():
   config.batch_size = 64
   config.model.attention_impl = 'pallas'
   lowered, _ = train_step_lib.lower_train_step(config, sharding.create_mesh((8, 1)))
-  collectives = hlo_ops(lowered.compile().as_text(), _COLLECTIVES)
+  collectives = hlo.hlo_ops(lowered.compile().as_text(), hlo.COLLECTIVES)
   assert {op for op, _ in collectives} == {'all-reduce'}, collectives
 
 

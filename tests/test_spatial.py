@@ -12,15 +12,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from test_data_parallel import _COLLECTIVES
-from test_data_parallel import array_dims
-from test_data_parallel import hlo_ops
 
 from configs import tiny
 from halonet import attention
 from halonet import sharding
 from halonet import train_step as train_step_lib
 from halonet.attention import spatial as attention_spatial
+from tests import hlo
 
 MESH = (4, 2)
 
@@ -129,13 +127,18 @@ def _compiled(impl: str, mesh_shape: tuple[int, int]):
 def test_train_step_exchanges_only_border_rows(impl):
   """No all-gather: besides all-reduces of parameter-sized tensors, devices swap at most 3 rows
   (the 7x7 stride-2 stem's border; attention's h = 1; the max-pool's 1)."""
-  collectives = hlo_ops(_compiled(impl, MESH).as_text(), _COLLECTIVES)
+  collectives = hlo.hlo_ops(_compiled(impl, MESH).as_text(), hlo.COLLECTIVES)
   assert {op for op, _ in collectives} == {'all-reduce', 'collective-permute'}, collectives
   permuted = [
-    dims for op, shape in collectives if op == 'collective-permute' for dims in array_dims(shape)
+    dims
+    for op, shape in collectives
+    if op == 'collective-permute'
+    for dims in hlo.array_dims(shape)
   ]
   assert permuted and all(len(d) >= 4 and d[0] == 8 // MESH[0] and d[1] <= 3 for d in permuted)
-  reduced = [dims for op, shape in collectives if op == 'all-reduce' for dims in array_dims(shape)]
+  reduced = [
+    dims for op, shape in collectives if op == 'all-reduce' for dims in hlo.array_dims(shape)
+  ]
   assert not any(len(dims) == 4 and dims[0] == 8 // MESH[0] for dims in reduced), reduced
 
 
