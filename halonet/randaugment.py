@@ -14,8 +14,6 @@ from halonet.tensorflow_import import tf  # First: keras and tfds import TensorF
 
 # isort: split
 
-import functools
-
 import keras
 
 # RandAugment's magnitude scale: the paper tunes M up to ~30 on ImageNet (e.g. 28 for
@@ -79,23 +77,19 @@ class RandAugment:
     for op in self.ops:
       op.backend.set_backend('tensorflow')
 
-  @staticmethod
-  def _apply(op, batch: tf.Tensor, layer_seed: tf.Tensor, index: int) -> tf.Tensor:
-    seeds = _FoldInSeeds(tf.random.experimental.stateless_fold_in(layer_seed, index))
-    return op.transform_images(batch, op.get_random_transformation(batch, seed=seeds))
-
   def __call__(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """`image`: uint8 [H, W, 3]; `seed`: int [2] stateless seed. Returns uint8 [H, W, 3]."""
     batch = tf.cast(image, tf.float32)[None]  # Keras samples one set of parameters per row.
     op_seed, param_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     chosen = tf.random.stateless_uniform([self.num_layers], op_seed, 0, len(OPS), dtype=tf.int32)
+    seeds = _FoldInSeeds(param_seed)
     for i in range(self.num_layers):
-      # Only the chosen op draws its parameters and runs; each op's draws are seeded by (layer,
-      # op), so they are the same whichever op another layer chose.
-      layer_seed = tf.random.experimental.stateless_fold_in(param_seed, i)
+      # Every op's parameters are drawn (a fixed number of draws per layer, so the seeds do not
+      # depend on the choice); only the chosen op runs.
+      transformations = [op.get_random_transformation(batch, seed=seeds) for op in self.ops]
       branches = [
-        functools.partial(self._apply, op, batch, layer_seed, index)
-        for index, op in enumerate(self.ops)
+        lambda op=op, t=t, batch=batch: op.transform_images(batch, t)
+        for op, t in zip(self.ops, transformations)
       ]
       batch = tf.switch_case(chosen[i], branches)
     return tf.cast(tf.clip_by_value(tf.round(batch[0]), 0, 255), tf.uint8)

@@ -182,28 +182,29 @@ def test_randaugment_rotation_matches_reference_range():
   assert (lower * 360, upper * 360) == pytest.approx((-30.0, 30.0))
 
 
-def test_each_randaugment_layer_is_one_op_with_its_own_seeded_parameters():
-  """One layer of RandAugment equals one of the eleven Keras ops applied alone with the draws
-  seeded by (layer 0, that op), and over many seeds every op is chosen."""
+def test_each_randaugment_layer_is_one_op_applied_with_its_drawn_parameters():
+  """One layer of RandAugment equals one of the eleven Keras ops applied alone, with the
+  parameters it draws when every op draws in turn from the layer's seed (so the draws do not
+  depend on which op is chosen), and over many seeds every op is chosen."""
   from halonet import randaugment
   from halonet.tensorflow_import import tf
 
   augment = randaugment.RandAugment(1, 10)
   image = tf.constant(np.random.default_rng(0).integers(0, 256, (24, 24, 3)), tf.uint8)
   batch = tf.cast(image, tf.float32)[None]
-  fold = tf.random.experimental.stateless_fold_in
   chosen = set()
   for i in range(60):
     seed = tf.constant([7, i], tf.int64)
     _, param_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    layer_seed = fold(param_seed, 0)
+    draws = randaugment._FoldInSeeds(param_seed)  # pylint: disable=protected-access
+    transformations = [op.get_random_transformation(batch, seed=draws) for op in augment.ops]
     got = augment(image, seed).numpy()
     matches = []
-    for k, op in enumerate(augment.ops):
-      draws = randaugment._FoldInSeeds(fold(layer_seed, k))  # pylint: disable=protected-access
-      alone = op.transform_images(batch, op.get_random_transformation(batch, seed=draws))[0]
-      alone = tf.cast(tf.clip_by_value(tf.round(alone), 0, 255), tf.uint8).numpy()
-      if np.array_equal(alone, got):
+    for k, (op, t) in enumerate(zip(augment.ops, transformations)):
+      alone = tf.cast(
+        tf.clip_by_value(tf.round(op.transform_images(batch, t)[0]), 0, 255), tf.uint8
+      )
+      if np.array_equal(alone.numpy(), got):
         matches.append(k)
     assert matches, f'seed {i}: no single op gives the result'
     chosen.update(matches)
