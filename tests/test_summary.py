@@ -42,14 +42,15 @@ def test_flops_are_linear_in_pixel_count():
 
 
 def test_json_lists_all_variants_and_the_extra_config():
-  out = subprocess.run(
+  done = subprocess.run(
     [sys.executable, 'summary.py', '--json', '--config=configs/tiny.py'],
     cwd=ROOT,
     capture_output=True,
     text=True,
     check=True,
-  ).stdout
-  rows = json.loads(out)
+  )
+  assert done.stderr == ''  # No library chatter (e.g. JAX looking for a TPU).
+  rows = json.loads(done.stdout)
   assert [r['variant'] for r in rows] == [f'h{i}' for i in range(8)] + ['tiny']
   paper = {
     'h0': 5.5,
