@@ -244,10 +244,15 @@ def write_run(name: str, weights: str, workdir: str) -> str:
   return f'{name}: {model_lib.count_params(config):,} parameters from {weights} -> {workdir}'
 
 
-flags.DEFINE_string('model', None, f'One of {sorted(byob.ARCHS)} (timm names).')
-flags.DEFINE_string('weights', None, "timm's model.safetensors, or a folder holding one.")
-flags.DEFINE_string('workdir', None, 'A new workdir for the converted run.')
-flags.mark_flags_as_required(['model', 'weights', 'workdir'])
+def define_flags() -> None:
+  """The command's flags, defined only when it runs: modules that the library and other
+  commands import must not claim flag names (--workdir) in absl's global registry."""
+  flags.DEFINE_string('model', None, f'One of {sorted(byob.ARCHS)} (timm names).')
+  flags.DEFINE_string('weights', None, "timm's model.safetensors, or a folder holding one.")
+  flags.DEFINE_string('workdir', None, 'A new workdir for the converted run.')
+  flags.mark_flags_as_required(['model', 'weights', 'workdir'])
+
+
 FLAGS = flags.FLAGS
 
 
@@ -260,4 +265,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

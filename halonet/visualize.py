@@ -222,20 +222,25 @@ def _parse_queries(text: str) -> list[tuple[int, int]]:
     raise errors.ConfigError(f'--queries={text!r} must be "y,x;y,x;..." in pixels') from None
 
 
-flags.DEFINE_string('workdir', None, "The training run's workdir.")
-flags.DEFINE_string('image', None, 'An image file (any size, mode and format).')
-flags.DEFINE_string('out', 'attention.png', 'PNG written (never overwritten: .1.png, ...).')
-flags.DEFINE_string('layer', 'stage1_block0', 'Attention layer: stage<S>_block<I>.')
-flags.DEFINE_string(
-  'queries',
-  '',
-  '"y,x;y,x" query pixels of the (resized) image; default: '
-  'the centres of 3 query blocks spread over it.',
-)
-flags.DEFINE_integer('image_size', None, "Resize to this size (default: the run's).")
-flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
-flags.DEFINE_enum('weights', 'raw', trained.WEIGHTS, 'Raw parameters, or their EMA if kept.')
-flags.mark_flags_as_required(['workdir', 'image'])
+def define_flags() -> None:
+  """The command's flags, defined only when it runs: modules that the library and other
+  commands import must not claim flag names (--workdir) in absl's global registry."""
+  flags.DEFINE_string('workdir', None, "The training run's workdir.")
+  flags.DEFINE_string('image', None, 'An image file (any size, mode and format).')
+  flags.DEFINE_string('out', 'attention.png', 'PNG written (never overwritten: .1.png, ...).')
+  flags.DEFINE_string('layer', 'stage1_block0', 'Attention layer: stage<S>_block<I>.')
+  flags.DEFINE_string(
+    'queries',
+    '',
+    '"y,x;y,x" query pixels of the (resized) image; default: '
+    'the centres of 3 query blocks spread over it.',
+  )
+  flags.DEFINE_integer('image_size', None, "Resize to this size (default: the run's).")
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
+  flags.DEFINE_enum('weights', 'raw', trained.WEIGHTS, 'Raw parameters, or their EMA if kept.')
+  flags.mark_flags_as_required(['workdir', 'image'])
+
+
 FLAGS = flags.FLAGS
 
 
@@ -268,4 +273,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

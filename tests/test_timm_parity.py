@@ -120,6 +120,15 @@ def test_wrong_weights_and_names_fail_in_one_line(references):
     )
 
 
+def test_the_converter_and_other_commands_import_side_by_side():
+  """Neither halonet.convert nor halonet.visualize claims absl flags (e.g. --workdir) on import."""
+  code = 'import halonet.convert, halonet.visualize, halonet.launch'
+  done = subprocess.run(
+    [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_an_image_size_timms_layers_cannot_take_is_refused():
   config = convert.model_config('halonet50ts')
   model_lib.validate_config(config)
