@@ -91,6 +91,8 @@ def main() -> None:
     '--out', default=os.path.join(os.path.dirname(__file__), 'results_input.json')
   )
   args = parser.parse_args()
+  if args.images < BATCH:
+    parser.error(f'--images={args.images} is fewer than one batch of {BATCH}')
   cores = os.cpu_count() or 1
   with tempfile.TemporaryDirectory(prefix='halonet_input_bench_') as root:
     write_folder(root, args.images)

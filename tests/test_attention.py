@@ -297,6 +297,7 @@ def test_equivariant_to_shifts_of_one_block_only(stride, impl):
     (dict(mask_window=4), 'mask_window=4'),
     (dict(mask_window=5, halo_size=1), 'mask_window=5'),
     (dict(attention_impl='fast'), "attention_impl='fast'"),
+    (dict(position_indexing='timm'), "position_indexing='timm'"),
   ],
 )
 def test_bad_arguments_name_the_value(kwargs, message):

@@ -42,6 +42,7 @@ from halonet import errors
 from halonet.attention import choose
 from halonet.attention import plain
 from halonet.attention import spatial as attention_spatial
+from halonet.attention.common import POSITION_INDEXINGS
 from halonet.attention.common import check_attention_args
 from halonet.attention.common import key_bias
 from halonet.attention.common import num_relative_offsets
@@ -121,6 +122,10 @@ class HaloAttention(nn.Module):
   def setup(self):
     check_attention_args(self.block_size, self.halo_size, self.stride, self.mask_window)
     choose.check_impl(self.attention_impl)
+    if self.position_indexing not in POSITION_INDEXINGS:
+      raise errors.ConfigError(
+        f'position_indexing={self.position_indexing!r} is not one of {POSITION_INDEXINGS}'
+      )
     for name, width in (('qk_width', self.qk_width), ('value_width', self.value_width)):
       if width % self.num_heads:
         raise errors.ConfigError(f'num_heads={self.num_heads} does not divide {name}={width}')
