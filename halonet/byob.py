@@ -4,17 +4,21 @@ timm holds the only trained halo models (ImageNet-1k); `halonet/convert.py` load
 into these modules, and `tests/test_timm_parity.py` checks the logits and stage features against
 timm itself. What they have that H0-H7 lack, each as timm builds it:
   - stems: 'tiered' (3x3 convs of 3c/8, c/2, c channels, stride 2 then 1, 1; the last strides 2
-    when there is no max-pool) and '7x7'; symmetric conv padding (not 'SAME', which pads
-    stride-2 convs on the bottom/right only); BatchNorm epsilon 1e-5;
+    when there is no max-pool), '7x7' and RegNet's '3x3' (one stride-2 conv); symmetric conv
+    padding (not 'SAME', which pads stride-2 convs on the bottom/right only); BatchNorm eps 1e-5;
   - stages mixing conv bottlenecks ('bottle': 1x1, grouped 3x3, SE/ECA, 1x1) with halo blocks
     ('self_attn': 1x1, halo attention, BatchNorm + activation, 1x1), a 1x1 projection shortcut
     (strided conv) wherever the shape changes, SiLU or ReLU, an optional final 1x1 conv;
+  - RegNetZ's blocks (haloregnetz_b): widths from the block's input ('bottle_in', an inverted
+    bottleneck), no activation after the sum ('linear_out'), no shortcut where the shape changes;
   - timm's HaloAttn semantics: padded keys are zero and unmasked, relative positions are indexed
     in window coordinates (`attention.POSITION_INDEXINGS`), head widths from `dim_head` or
     `qk_ratio`. Its position logits are not scaled by 1/sqrt(d) while ours are: the converter
     scales the tables instead, so the layer is `attention.HaloAttention` unchanged;
+    a strided halo whose block size the stride does not divide attends at full resolution, then
+    average-pools;
   - BoTNet's global attention (timm's BottleneckAttn) as that layer with one block covering the
-    whole map and no halo.
+    whole map and no halo; the lambda layer (`halonet/lambda_layer.py`).
 """
 
 from collections.abc import Callable
@@ -29,6 +33,8 @@ import jax.numpy as jnp
 
 from halonet import attention
 from halonet import errors
+from halonet import lambda_layer
+from halonet import sharding
 from halonet.model_keys import CLASSIFIER
 from halonet.model_keys import FEATURES
 
@@ -54,13 +60,19 @@ class Arch:
   """A whole network as timm's ByoModelCfg describes it (fields of the same meaning)."""
 
   stages: tuple[Stage, ...]
-  stem_type: str
+  stem_type: str  # 'tiered', '7x7' or '3x3'.
   stem_pool: str
   stem_width: int = 64
   activation: str = 'relu'
   channel_attention: str = ''  # '', 'se' or 'eca', in every conv bottleneck after its 3x3.
+  se_ratio: float = 1 / 16  # SE's hidden width over its input's.
   num_features: int = 0  # Width of a final 1x1 conv; 0: none.
-  attention: tuple[tuple[str, Any], ...] = ()  # HaloAttn kwargs (block_size, halo_size, ...).
+  # timm's self_attn_kwargs: 'layer' ('halo', 'bottleneck' or 'lambda') and the layer's own
+  # (block_size, halo_size, num_heads, dim_head, qk_ratio; r for the lambda layer).
+  attention: tuple[tuple[str, Any], ...] = ()
+  bottle_in: bool = False  # Bottleneck width from the block's input width, not its output's.
+  linear_out: bool = False  # No activation after the residual sum.
+  shortcut_conv: bool = True  # A 1x1 conv shortcut where the shape changes; False: none there.
 
 
 def interleave(types: tuple[str, str], depth: int, every: int | list[int] = 1) -> tuple[str, ...]:
@@ -160,7 +172,42 @@ ARCHS = {
     stem_pool='',
     activation='silu',
   ),
+  'haloregnetz_b': Arch(
+    stages=(
+      Stage((_BOTTLE,) * 2, 48, 2, group_size=16, bottle_ratio=3),
+      Stage((_BOTTLE,) * 6, 96, 2, group_size=16, bottle_ratio=3),
+      Stage(interleave((_BOTTLE, _ATTN), 12, 3), 192, 2, group_size=16, bottle_ratio=3),
+      Stage((_ATTN,) * 2, 288, 2, group_size=16, bottle_ratio=3),
+    ),
+    stem_type='3x3',
+    stem_pool='',
+    stem_width=32,
+    activation='silu',
+    channel_attention='se',
+    se_ratio=0.25,
+    num_features=1536,
+    attention=(('block_size', 7), ('halo_size', 2), ('qk_ratio', 0.33)),
+    bottle_in=True,
+    linear_out=True,
+    shortcut_conv=False,
+  ),
+  'lamhalobotnet50ts_256': Arch(
+    stages=(
+      Stage((_BOTTLE,) * 3, 256, 1),
+      Stage(interleave((_BOTTLE, _ATTN), 4), 512, 2, attention=(('layer', 'lambda'), ('r', 13))),
+      Stage(interleave((_BOTTLE, _ATTN), 6), 1024, 2, attention=(('halo_size', 3),)),
+      Stage(interleave((_BOTTLE, _ATTN), 3), 2048, 2, attention=(('layer', 'bottleneck'),)),
+    ),
+    stem_type='tiered',
+    stem_pool='',
+    activation='silu',
+  ),
 }
+
+
+def stem_stride(spec: Arch) -> int:
+  """A stride-2 conv, then a max-pool or (the tiered stem) a second stride 2, or nothing more."""
+  return 4 if spec.stem_pool or spec.stem_type == 'tiered' else 2
 
 
 def check_config(arch: str, image_size: int) -> None:
@@ -169,21 +216,21 @@ def check_config(arch: str, image_size: int) -> None:
   if arch not in ARCHS:
     raise errors.ConfigError(f'model.arch={arch!r} is not one of {sorted(ARCHS)}')
   spec = ARCHS[arch]
-  size = -(-image_size // 4)  # The stem: a stride-2 conv, then a max-pool or a stride-2 conv.
+  size = -(-image_size // stem_stride(spec))
   for number, stage in enumerate(spec.stages, 1):
     out = -(-size // stage.stride)
     kwargs = dict(spec.attention if stage.attention is None else stage.attention)
-    block = kwargs.get('block_size', 8)
+    layer, block = kwargs.get('layer', 'halo'), kwargs.get('block_size', 8)
     for i, kind in enumerate(stage.blocks):
       side = size if i == 0 else out
-      if kind == _ATTN and kwargs.get('layer') == 'bottleneck' and side != BOTTLENECK_MAP:
+      if kind == _ATTN and layer == 'bottleneck' and side != BOTTLENECK_MAP:
         raise errors.ConfigError(
           f'{arch} takes {BOTTLENECK_MAP * image_size // side} px images only (its global '
           f'attention has a position table for {BOTTLENECK_MAP} x {BOTTLENECK_MAP} maps), '
           f'not image_size={image_size}'
         )
-      if kind == _ATTN and side % block:
-        multiple = 4 * block * 2 ** sum(s.stride == 2 for s in spec.stages)
+      if kind == _ATTN and layer == 'halo' and side % block:
+        multiple = stem_stride(spec) * math.prod(s.stride for s in spec.stages) * block
         raise errors.ConfigError(
           f'image_size={image_size} gives stage{number}_block{i} of {arch} a {side} x {side} map, '
           f'not whole {block} x {block} blocks; use a multiple of {multiple}'
@@ -212,10 +259,22 @@ class ConvNormAct(nn.Module):
       feature_group_count=self.groups,
       use_bias=False,
       dtype=self.dtype,
+      conv_general_dilated=_per_device_conv if self.groups > 1 else None,
       name='conv',
     )(x)
     x = _norm(train, self.dtype, 'bn')(x)
     return self.act(x) if self.act else x
+
+
+def _per_device_conv(lhs: jax.Array, rhs: jax.Array, strides, padding, **kwargs) -> jax.Array:
+  """A grouped convolution on each device's own images: with the batch split over devices,
+  XLA gathers the whole batch's activations for a grouped kernel's gradient. The kernel enters
+  in float32, so its gradient is summed over devices in float32 (XLA:CPU fails to compile
+  that sum in bfloat16)."""
+  conv = lambda x, w: jax.lax.conv_general_dilated(
+    x, w.astype(rhs.dtype), strides, padding, **kwargs
+  )
+  return sharding.per_device_images(conv, batched=1)(lhs, rhs.astype(jnp.float32))
 
 
 def _norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
@@ -225,15 +284,19 @@ def _norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
 
 
 class SqueezeExcite(nn.Module):
-  """timm's SEModule as byobnet uses it: 1/16 reduction (rounded to 8s), ReLU, biases, sigmoid."""
+  """timm's SEModule as byobnet uses it: hidden width `ratio` of the input's (rounded to 8s),
+  ReLU, biases, sigmoid."""
 
+  ratio: float = 1 / 16
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
     s = x.mean(axis=(1, 2), keepdims=True)
-    s = nn.relu(nn.Dense(make_divisible(channels / 16, 8, 0.0), dtype=self.dtype, name='fc1')(s))
+    s = nn.relu(
+      nn.Dense(make_divisible(channels * self.ratio, 8, 0.0), dtype=self.dtype, name='fc1')(s)
+    )
     return x * nn.sigmoid(nn.Dense(channels, dtype=self.dtype, name='fc2')(s))
 
 
@@ -261,15 +324,15 @@ class EfficientChannelAttention(nn.Module):
 
 
 class Block(nn.Module):
-  """timm's BottleneckBlock ('bottle') or SelfAttnBlock ('self_attn'), with its shortcut."""
+  """timm's BottleneckBlock ('bottle') or SelfAttnBlock ('self_attn'), with its shortcut; `spec`
+  gives the model-wide choices (activation, channel attention, RegNetZ's block form)."""
 
   kind: str
   width: int
   stride: int
   group_size: int
   bottle_ratio: float
-  act: Callable[[jax.Array], jax.Array]
-  channel_attention: str
+  spec: Arch
   attention_kwargs: tuple[tuple[str, Any], ...]
   attention_impl: str
   attention_choice: tuple[tuple[str, str], ...]
@@ -278,45 +341,64 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    spec = self.spec
+    act = _ACTIVATIONS[spec.activation]
     conv = functools.partial(ConvNormAct, dtype=self.dtype)
-    mid = make_divisible(self.width * self.bottle_ratio)
-    y = conv(mid, act=self.act, name='conv1_1x1')(x, train)
+    mid = make_divisible((x.shape[-1] if spec.bottle_in else self.width) * self.bottle_ratio)
+    y = conv(mid, act=act, name='conv1_1x1')(x, train)
     if self.kind == _BOTTLE:
       groups = mid // self.group_size if self.group_size else 1
-      y = conv(mid, 3, self.stride, groups, self.act, name='conv2_kxk')(y, train)
-      if self.channel_attention == 'se':
-        y = SqueezeExcite(self.dtype, name='attn')(y)
-      elif self.channel_attention == 'eca':
+      y = conv(mid, 3, self.stride, groups, act, name='conv2_kxk')(y, train)
+      if spec.channel_attention == 'se':
+        y = SqueezeExcite(spec.se_ratio, self.dtype, name='attn')(y)
+      elif spec.channel_attention == 'eca':
         y = EfficientChannelAttention(self.dtype, name='attn')(y)
     else:
-      kwargs = dict(self.attention_kwargs)
-      if kwargs.pop('layer', 'halo') == 'bottleneck':
-        # Global attention over the map = one block covering it, no halo (the same tables and
-        # window indexing). No arch strides it: timm would average-pool its output then.
-        kwargs = {'num_heads': 4, **kwargs, 'block_size': y.shape[1], 'halo_size': 0}
-      heads = kwargs.get('num_heads', 8)
-      head_qk = kwargs.get('dim_head') or make_divisible(mid * kwargs.get('qk_ratio', 1.0)) // heads
-      y = attention.HaloAttention(
-        qk_width=head_qk * heads,
-        value_width=mid,
-        num_heads=heads,
-        block_size=kwargs.get('block_size', 8),
-        halo_size=kwargs.get('halo_size', 3),
-        stride=self.stride,
-        attention_impl=self.attention_impl,
-        attention_choice=self.attention_choice,
-        mask_padding=False,
-        position_indexing='window',
-        dtype=self.dtype,
-        name='self_attn',
-      )(y)
-      y = self.act(_norm(train, self.dtype, 'post_attn')(y))
+      y = act(_norm(train, self.dtype, 'post_attn')(self._attention(y, mid, train)))
     y = conv(self.width, name='conv3_1x1')(y, train)
     y = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3))(y, deterministic=not train)
-    shortcut = x
-    if self.stride != 1 or x.shape[-1] != self.width:
-      shortcut = conv(self.width, 1, self.stride, name='shortcut')(x, train)
-    return self.act(y + shortcut)
+    if self.stride == 1 and x.shape[-1] == self.width:
+      y = y + x
+    elif spec.shortcut_conv:
+      y = y + conv(self.width, 1, self.stride, name='shortcut')(x, train)
+    return y if spec.linear_out else act(y)
+
+  def _attention(self, y: jax.Array, mid: int, train: bool) -> jax.Array:
+    """The block's spatial mixer: halo attention, BoTNet's global attention or a lambda layer."""
+    kwargs = dict(self.attention_kwargs)
+    layer = kwargs.pop('layer', 'halo')
+    if layer == 'lambda':
+      return lambda_layer.LambdaLayer(
+        num_heads=kwargs.get('num_heads', 4),
+        key_width=kwargs.get('dim_head', 16),
+        radius=kwargs.get('r', 9),
+        stride=self.stride,
+        dtype=self.dtype,
+        name='self_attn',
+      )(y, train)
+    if layer == 'bottleneck':
+      # Global attention over the map = one block covering it, no halo (the same tables and
+      # window indexing). No arch strides it: timm would average-pool its output then.
+      kwargs = {'num_heads': 4, **kwargs, 'block_size': y.shape[1], 'halo_size': 0}
+    heads, block = kwargs.get('num_heads', 8), kwargs.get('block_size', 8)
+    head_qk = kwargs.get('dim_head') or make_divisible(mid * kwargs.get('qk_ratio', 1.0)) // heads
+    # A stride that does not divide the block: attention at full resolution, then a 2 x 2 mean.
+    pooled = self.stride > 1 and block % self.stride != 0
+    y = attention.HaloAttention(
+      qk_width=head_qk * heads,
+      value_width=mid,
+      num_heads=heads,
+      block_size=block,
+      halo_size=kwargs.get('halo_size', 3),
+      stride=1 if pooled else self.stride,
+      attention_impl=self.attention_impl,
+      attention_choice=self.attention_choice,
+      mask_padding=False,
+      position_indexing='window',
+      dtype=self.dtype,
+      name='self_attn',
+    )(y)
+    return nn.avg_pool(y, (2, 2), strides=(2, 2)) if pooled else y
 
 
 class ByobNet(nn.Module):
@@ -344,8 +426,10 @@ class ByobNet(nn.Module):
       last_stride = 1 if spec.stem_pool else 2
       for i, (width, stride) in enumerate(((3 * c // 8, 2), (c // 2, 1), (c, last_stride)), 1):
         x = conv(width, 3, stride, name=f'stem_conv{i}')(x, train)
-    else:  # '7x7'
+    elif spec.stem_type == '7x7':
       x = conv(c, 7, 2, name='stem_conv1')(x, train)
+    else:  # '3x3'
+      x = conv(c, 3, 2, name='stem')(x, train)
     if spec.stem_pool:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     total = sum(len(s.blocks) for s in spec.stages)
@@ -358,8 +442,7 @@ class ByobNet(nn.Module):
           stride=stage.stride if i == 0 else 1,
           group_size=stage.group_size,
           bottle_ratio=stage.bottle_ratio,
-          act=act,
-          channel_attention=spec.channel_attention,
+          spec=spec,
           attention_kwargs=spec.attention if stage.attention is None else stage.attention,
           attention_impl=self.attention_impl,
           attention_choice=self.attention_choice,

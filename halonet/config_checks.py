@@ -91,6 +91,13 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(
       f'config.crop_area_range={tuple(config.crop_area_range)} must satisfy 0 < low <= high <= 1'
     )
+  for name, fits, rule in (
+    ('pixel_mean', lambda v: 0.0 <= v <= 1.0, 'in [0, 1]'),
+    ('pixel_std', lambda v: v > 0.0, '> 0'),
+  ):
+    values = tuple(config[name])
+    if len(values) != 3 or not all(fits(v) for v in values):
+      raise errors.ConfigError(f'config.{name}={values} must be 3 RGB values {rule} (0-1 units)')
   profile = tuple(config.profile_steps)
   if profile and not (len(profile) == 2 and 1 <= profile[0] <= profile[1]):
     raise errors.ConfigError(

@@ -5,16 +5,16 @@
 reads timm's weights (safetensors, with numpy: no torch) into `byob.ByobNet`, and writes an Orbax
 checkpoint and config.json into W, so `eval.py --workdir=W`, `predict.py --workdir=W`,
 `trained.load(W)`, `halonet.visualize --workdir=W` and `--config.init_from=W` take it like any
-run. The config carries the model's preprocessing (input size and crop fraction from timm's
-pretrained_cfg; all of these models use ImageNet's mean and std and bicubic resizing, as the
-input pipeline does). `--weights` may also be a Hugging Face cache folder holding one
-model.safetensors (nothing is downloaded).
+run. The config carries the model's preprocessing from timm's pretrained_cfg (input size, crop
+fraction, mean and std; all of them resize bicubically, as the input pipeline does).
+`--weights` may also be a Hugging Face cache folder holding one model.safetensors (nothing is
+downloaded).
 """
 
 import difflib
 import math
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import app
 from absl import flags
@@ -32,15 +32,29 @@ from halonet import defaults
 from halonet import errors
 from halonet import paths
 
-# timm's pretrained_cfg of each model: (input size, crop_pct), and its ImageNet-1k top-1 at that
-# size (timm's results-imagenet.csv) for the README's table. halonet_h1 has no trained weights.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class Pretrained(NamedTuple):
+  """timm's pretrained_cfg of a model, and its ImageNet-1k top-1 at that size (timm's
+  results-imagenet.csv) for the README's table; None: no trained weights (halonet_h1)."""
+
+  image_size: int
+  crop_fraction: float
+  top1: float | None
+  mean: tuple[float, float, float] = IMAGENET_MEAN
+  std: tuple[float, float, float] = IMAGENET_STD
+
+
 PRETRAINED = {
-  'halonet_h1': (256, 0.95, None),
-  'halonet26t': (256, 0.95, 79.13),
-  'sehalonet33ts': (256, 0.94, 80.98),
-  'halonet50ts': (256, 0.94, 81.64),
-  'eca_halonext26ts': (256, 0.94, 79.52),
-  'halo2botnet50ts_256': (256, 0.95, 82.08),
+  'halonet_h1': Pretrained(256, 0.95, None),
+  'halonet26t': Pretrained(256, 0.95, 79.13),
+  'sehalonet33ts': Pretrained(256, 0.94, 80.98),
+  'halonet50ts': Pretrained(256, 0.94, 81.64),
+  'eca_halonext26ts': Pretrained(256, 0.94, 79.52),
+  'haloregnetz_b': Pretrained(224, 0.94, 81.06, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+  'lamhalobotnet50ts_256': Pretrained(256, 0.95, 81.55),
+  'halo2botnet50ts_256': Pretrained(256, 0.95, 82.08),
 }
 
 
@@ -50,12 +64,13 @@ def model_config(name: str) -> ml_collections.ConfigDict:
     close = difflib.get_close_matches(name, list(byob.ARCHS), n=3, cutoff=0.5)
     hint = f'; did you mean {", ".join(close)}?' if close else ''
     raise errors.ConfigError(f'--model={name!r} is not one of {sorted(byob.ARCHS)}{hint}')
-  size, crop, _ = PRETRAINED[name]
+  pretrained = PRETRAINED[name]
   config = defaults.base_config()
   config.variant = name
   config.model.arch = name
-  config.image_size = size
-  config.crop_fraction = crop
+  config.image_size = pretrained.image_size
+  config.crop_fraction = pretrained.crop_fraction
+  config.pixel_mean, config.pixel_std = pretrained.mean, pretrained.std
   return config
 
 
@@ -92,7 +107,9 @@ def _to_flax(value: np.ndarray, target_shape: tuple[int, ...], path: tuple[str, 
   1x1 projections [out, in] -> [in, out], head projections split per head)."""
   leaf = path[-1]
   if leaf == 'kernel':
-    if value.ndim == 4 and len(target_shape) == 4:  # Conv: OIHW -> HWIO.
+    if value.ndim == 5:  # The lambda layer's Conv3d(1, k, (r, r, 1)): [k, 1, r, r, 1] -> HWIO.
+      value = value[..., 0].transpose(2, 3, 1, 0)
+    elif value.ndim == 4 and len(target_shape) == 4:  # Conv: OIHW -> HWIO.
       value = value.transpose(2, 3, 1, 0)
     elif value.ndim == 4:  # A 1x1 conv as a projection: [out, in, 1, 1] -> [in, out].
       value = value[:, :, 0, 0].T
@@ -121,6 +138,8 @@ def _split_qkv(state: dict[str, np.ndarray], planned: dict) -> dict[str, np.ndar
   state = dict(state)
   for key in [k for k in state if k.endswith('.self_attn.qkv.weight')]:
     prefix = key[: -len('qkv.weight')]
+    if prefix + 'q.weight' not in shapes:  # A lambda layer's: one conv in timm and here.
+      continue
     _, heads, qk = shapes[prefix + 'q.weight']
     value = shapes[prefix + 'kv.weight'][2] - qk
     weight = state.pop(key)

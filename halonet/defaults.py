@@ -65,6 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.train_split = 'train'  # split trained on.
   config.eval_splits = ('validation',)  # splits evaluated (raw and EMA params).
   config.crop_fraction = 0.875  # eval: resize to s / crop_fraction, centre crop s.
+  config.pixel_mean = (0.485, 0.456, 0.406)  # RGB mean (0-1 units) subtracted before the model.
+  config.pixel_std = (0.229, 0.224, 0.225)  # RGB std (0-1 units) divided by: timm's, per model.
   config.crop_area_range = (0.08, 1.0)  # train: Inception crop's share of the image area.
   config.random_flip = True  # train: horizontal flips (off for data such as digits).
   config.randaugment_layers = 2  # RandAugment ops per image; 0 = off.

@@ -29,10 +29,14 @@ PROGRESS_SECONDS = 30.0  # A longer evaluation prints how far it is this often.
 
 
 def eval_step(
-  variables: Any, batch: dict[str, jax.Array], *, model: nn.Module
+  variables: Any,
+  batch: dict[str, jax.Array],
+  *,
+  model: nn.Module,
+  config: ml_collections.ConfigDict,
 ) -> dict[str, jax.Array]:
   """Sums (not means) over the real rows of one batch, so batches add up exactly."""
-  images = input_pipeline.normalize_images(batch['image'], jnp.dtype(model.dtype))
+  images = input_pipeline.normalize_images(batch['image'], config, jnp.dtype(model.dtype))
   logits = model.apply(variables, images, train=False).astype(jnp.float32)
   labels, mask = batch['label'], batch['mask']
   loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
@@ -46,10 +50,10 @@ def eval_step(
   }
 
 
-def make_eval_step(model: nn.Module, mesh: Mesh):
+def make_eval_step(model: nn.Module, mesh: Mesh, config: ml_collections.ConfigDict):
   """Jitted eval step: variables replicated, batch as `batch_shardings`, sums replicated."""
   return jax.jit(
-    sharding.traced_within(mesh, functools.partial(eval_step, model=model)),
+    sharding.traced_within(mesh, functools.partial(eval_step, model=model, config=config)),
     in_shardings=(sharding.replicated(mesh), sharding.batch_shardings(mesh, EVAL_BATCH_KEYS)),
     out_shardings=sharding.replicated(mesh),
   )
@@ -68,7 +72,7 @@ def compile_eval_step(
     'mask': jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=on['mask']),
   }
   start = time.perf_counter()
-  compiled = make_eval_step(model, mesh).lower(abstract_variables, spec).compile()
+  compiled = make_eval_step(model, mesh, config).lower(abstract_variables, spec).compile()
   return compiled, time.perf_counter() - start
 
 

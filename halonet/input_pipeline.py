@@ -27,19 +27,19 @@ import tensorflow_datasets as tfds
 
 from halonet import digits
 from halonet import errors
+from halonet import imagenet_classes
 from halonet import paths
 from halonet import randaugment
 
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 FOLDER_DATASETS = ('image_folder', digits.NAME)  # Also digits.NAME/A-B.
 Batch = dict[str, np.ndarray]
 
 
-def normalize_images(images: jax.Array, dtype: Any) -> jax.Array:
-  """uint8 -> ImageNet-standardised `dtype`; on device, so only uint8 crosses the host link."""
-  mean = jnp.asarray(MEAN_RGB, jnp.float32)
-  std = jnp.asarray(STDDEV_RGB, jnp.float32)
+def normalize_images(images: jax.Array, config: ml_collections.ConfigDict, dtype: Any) -> jax.Array:
+  """uint8 -> `dtype` standardised by the run's pixel_mean and pixel_std; on device, so only
+  uint8 crosses the host link."""
+  mean = 255 * jnp.asarray(config.pixel_mean, jnp.float32)
+  std = 255 * jnp.asarray(config.pixel_std, jnp.float32)
   return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
 
 
@@ -64,14 +64,14 @@ def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
 
 
 def class_names(config: ml_collections.ConfigDict) -> list[str] | None:
-  """The dataset's class names (an image folder's sub-folder names), or None where the dataset
-  is not on this machine or has none."""
+  """The dataset's class names (an image folder's sub-folder names; ImageNet's WordNet IDs as
+  their lemmas), or None where the dataset is not on this machine or has none."""
   try:
     label = _builder(config, config.train_split).info.features['label']
   except (FileNotFoundError, errors.ConfigError, tfds.core.DatasetNotFoundError):
     return None
   names = getattr(label, 'names', None)
-  return list(names) if names else None
+  return imagenet_classes.readable(list(names) if names else None)
 
 
 def check_num_classes(config: ml_collections.ConfigDict, split: str) -> None:

@@ -70,33 +70,35 @@ def traced_within(mesh: Mesh, fn: Callable) -> Callable:
   return wrapped
 
 
-def per_device_images(attend: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-  """`attend(q, k, v, *shared)` run per device under the traced mesh's data axis.
+def per_device_images(fn: Callable[..., jax.Array], batched: int = 3) -> Callable[..., jax.Array]:
+  """`fn(*images, *shared)`, its first `batched` arguments led by the batch, run per device under
+  the traced mesh's data axis.
 
   Without varying-axis checks (`check_vma=False`: Pallas' CPU interpreter fails them), shard_map
   sums the gradients of the replicated `shared` inputs over the devices itself.
 
-  For attention forms XLA cannot partition (a loop over images, a custom kernel): under a mesh
-  with a data axis each device attends over its own images and the batch stays sharded (no
-  all-gather). Already inside a data-manual region, or without one, `attend` runs as is.
+  For what XLA cannot partition over the batch without gathering it (a loop over images, a
+  custom kernel, a grouped convolution's kernel gradient): under a mesh with a data axis each
+  device computes its own images and the batch stays sharded (no all-gather). Already inside a
+  data-manual region, or without one, `fn` runs as is.
   """
 
-  def wrapped(q: jax.Array, k: jax.Array, v: jax.Array, *shared: jax.Array) -> jax.Array:
+  def wrapped(*args: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     data = 1 if mesh.empty else mesh.shape.get(DATA_AXIS, 1)
-    if data == 1 or q.shape[0] % data or DATA_AXIS in mesh.manual_axes:
-      return attend(q, k, v, *shared)
+    if data == 1 or args[0].shape[0] % data or DATA_AXIS in mesh.manual_axes:
+      return fn(*args)
     images = P(DATA_AXIS)
     # Manual over the data axis only: the transpose sums the shared inputs' gradients over the
     # axes it is manual in, and nothing else.
     return jax.shard_map(
-      attend,
+      fn,
       mesh=mesh,
-      in_specs=(images,) * 3 + (P(),) * len(shared),
+      in_specs=(images,) * batched + (P(),) * (len(args) - batched),
       out_specs=images,
       axis_names={DATA_AXIS},
       check_vma=False,
-    )(q, k, v, *shared)
+    )(*args)
 
   return wrapped
 

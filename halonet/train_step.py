@@ -117,7 +117,7 @@ def train_step(
   """One update on the global batch; returns the new state and scalars for logging."""
   # Dropout noise is a function of (seed, step), so a resumed run replays it exactly.
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 1), state.step)
-  images = input_pipeline.normalize_images(batch['image'], jnp.dtype(model.dtype))
+  images = input_pipeline.normalize_images(batch['image'], config, jnp.dtype(model.dtype))
   labels = batch['label']
 
   def loss_fn(params):

@@ -59,7 +59,7 @@ def features(
   normalised as in training: 'stage1'..'stage4' at strides 4, 8, 16 and 32 (ceil(H / stride)
   rows), BatchNorm with its running statistics."""
   model = model_lib.create_model(config)
-  x = input_pipeline.normalize_images(jnp.asarray(images), jnp.dtype(model.dtype))
+  x = input_pipeline.normalize_images(jnp.asarray(images), config, jnp.dtype(model.dtype))
   _, sown = model.apply(variables, x, train=False, mutable=[model_lib.FEATURES])
   return {name: values[0] for name, values in sown[model_lib.FEATURES].items()}
 
@@ -107,7 +107,7 @@ def predict(
 
   @jax.jit
   def probabilities(batch):
-    x = input_pipeline.normalize_images(batch, jnp.dtype(model.dtype))
+    x = input_pipeline.normalize_images(batch, config, jnp.dtype(model.dtype))
     return jax.nn.softmax(model.apply(variables, x, train=False).astype(jnp.float32))
 
   out = []

@@ -128,7 +128,7 @@ def query_weights(
     if not (0 <= y < config.image_size and 0 <= x < config.image_size):
       raise errors.ConfigError(f'query ({y}, {x}) is outside the {config.image_size} px image')
   model = model_lib.create_model(config)
-  x = input_pipeline.normalize_images(jnp.asarray(image[None]), jnp.dtype(model.dtype))
+  x = input_pipeline.normalize_images(jnp.asarray(image[None]), config, jnp.dtype(model.dtype))
   apply = functools.partial(model.apply, train=False, mutable=[attention.ATTENTION_WEIGHTS])
   _, sown = jax.jit(apply)(variables, x)
   (weights,) = [

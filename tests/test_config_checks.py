@@ -55,6 +55,8 @@ GOOD_VALUES = [
   ('seed', 2**32 - 1),
   ('optimizer.warmup_epochs', 0.0),
   ('variant', 'my_halonet'),
+  ('pixel_mean', (0.0, 1.0, 0.5)),
+  ('pixel_std', (1e-3, 1.0, 2.0)),
 ]
 
 
@@ -83,6 +85,11 @@ def test_bad_value_fails_in_one_line_naming_it(field, value):
     ('model.stage_depths', (1, 1, 0, 1), 'model.stage_depths=(1, 1, 0, 1)'),
     ('model.block_sizes', (4, 4, 0, 4), 'model.block_sizes=(4, 4, 0, 4)'),
     ('crop_area_range', (0.0, 1.0), 'crop_area_range=(0.0, 1.0)'),
+    ('pixel_mean', (0.5, 0.5), 'pixel_mean=(0.5, 0.5)'),
+    ('pixel_mean', (0.5, 1.5, 0.5), 'pixel_mean=(0.5, 1.5, 0.5)'),
+    ('pixel_mean', (0.5, 0.5, -0.1), 'pixel_mean=(0.5, 0.5, -0.1)'),
+    ('pixel_std', (0.5, 0.0, 0.5), 'pixel_std=(0.5, 0.0, 0.5)'),
+    ('pixel_std', (0.5, float('nan'), 0.5), 'pixel_std=(0.5, nan, 0.5)'),
     ('variant', 'h8', "variant='h8'"),
     ('optimizer.name', 'lamb', "'lamb'"),
     ('profile_steps', (3, 2), 'profile_steps=(3, 2)'),

@@ -14,6 +14,7 @@ import pytest
 
 from configs import h1
 from configs import tiny
+from halonet import convert
 from halonet import model as model_lib
 from halonet import sharding
 from halonet import train_step as train_step_lib
@@ -24,9 +25,10 @@ DEVICES = 8
 
 
 @functools.cache
-def compiled_train_step(impl: str, batch: int, devices: int):
-  """The real train step of configs/tiny.py, compiled, as `impl` 'name@backend' builds it."""
-  config = tiny.get_config()
+def compiled_train_step(impl: str, batch: int, devices: int, model: str = 'tiny'):
+  """The real train step of configs/tiny.py (or of timm's `model`, converted ones' config),
+  compiled, as `impl` 'name@backend' builds it."""
+  config = tiny.get_config() if model == 'tiny' else convert.model_config(model)
   config.batch_size = batch
   impl, backend = impl.split('@')  # e.g. 'auto@tpu': attention_impl 'auto' as it resolves on TPU.
   config.model.attention_impl = impl
@@ -37,17 +39,22 @@ def compiled_train_step(impl: str, batch: int, devices: int):
 
 
 # 'auto@tpu' and 'auto@gpu' resolve to the same implementation; one is enough to compile.
-@pytest.mark.parametrize('impl', ['auto@tpu', 'rows@cpu'])
-def test_train_step_only_all_reduces_parameter_sized_tensors(impl):
+@pytest.mark.parametrize(
+  'impl, model',
+  # haloregnetz_b: timm's RegNetZ blocks and average-pooled strided halo, at 2 images a device.
+  [('auto@tpu', 'tiny'), ('rows@cpu', 'tiny'), ('auto@tpu', 'haloregnetz_b')],
+)
+def test_train_step_only_all_reduces_parameter_sized_tensors(impl, model):
   """Data parallelism: gradients and BN statistics are all-reduced, nothing is gathered."""
-  compiled, num_params, _ = compiled_train_step(impl, GLOBAL_BATCH, DEVICES)
+  batch = GLOBAL_BATCH if model == 'tiny' else 2 * DEVICES
+  compiled, num_params, _ = compiled_train_step(impl, batch, DEVICES, model)
   collectives = hlo.hlo_ops(compiled.as_text(), hlo.COLLECTIVES)
   assert {op for op, _ in collectives} == {'all-reduce'}, collectives
   reduced = [dims for _, shape in collectives for dims in hlo.array_dims(shape)]
   # No NHWC activation led by a batch (the only 4-d parameter is the stem's [7, 7, 3, 64]).
-  assert not any(
-    len(dims) == 4 and dims[0] in (GLOBAL_BATCH, GLOBAL_BATCH // DEVICES) for dims in reduced
-  ), reduced
+  assert not any(len(dims) == 4 and dims[0] in (batch, batch // DEVICES) for dims in reduced), (
+    reduced
+  )
   total = sum(math.prod(dims) for dims in reduced)
   assert total < 1.5 * num_params, (total, num_params)  # Gradients, BN statistics, metrics.
 
@@ -80,9 +87,18 @@ def test_per_device_cost_is_that_of_the_per_device_batch(impl):
   assert abs(temp[0] / temp[1] - 1) < 0.25, temp
 
 
-def test_h1_forward_backward_lowers_for_tpu_and_gpu_without_a_loop():
+@pytest.mark.parametrize(
+  'config',
+  # And two of timm's, which between them hold every layer kind the converted models add.
+  [
+    h1.get_config(),
+    convert.model_config('haloregnetz_b'),
+    convert.model_config('lamhalobotnet50ts_256'),
+  ],
+  ids=lambda config: config.variant,
+)
+def test_forward_backward_lowers_for_tpu_and_gpu_without_a_loop(config):
   """Cross-platform lowering needs no accelerator: the StableHLO a TPU or GPU would compile."""
-  config = h1.get_config()
   model = model_lib.create_model(config, backend='tpu')
   assert (model.attention_impl, model.dtype) == ('plain', 'bfloat16')
   size = config.image_size

@@ -11,6 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import tiny
+from halonet import defaults
 from halonet import input_pipeline
 
 NUM_CLASSES = 3
@@ -168,10 +169,17 @@ def test_missing_data_names_the_directory(tmp_path, dataset):
     assert 'tfds build imagenet2012' in str(error.value) and 'manual_dir' in str(error.value)
 
 
-def test_normalize_images_is_imagenet_standardisation():
-  images = np.array(input_pipeline.MEAN_RGB, np.float32).round().astype(np.uint8)[None]
-  out = input_pipeline.normalize_images(images, np.float32)
-  assert out.dtype == np.float32 and np.abs(out).max() < 0.02
+def test_normalize_images_standardises_by_the_configs_mean_and_std():
+  config = defaults.base_config()
+  images = np.array([[0, 128, 255], [124, 116, 104]], np.uint8)  # Two RGB pixels.
+  want = (images / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  out = input_pipeline.normalize_images(images, config, np.float32)
+  assert out.dtype == np.float32
+  np.testing.assert_allclose(out, want, rtol=1e-6)
+  config.pixel_mean, config.pixel_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # haloregnetz_b's.
+  np.testing.assert_allclose(
+    input_pipeline.normalize_images(images, config, np.float32), images / 127.5 - 1, rtol=1e-6
+  )
 
 
 def test_randaugment_rotation_matches_reference_range():

@@ -23,7 +23,6 @@ from halonet import trained
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'tests', 'scripts', 'timm_reference.py')
 MODELS = list(convert.PRETRAINED)
-SIZE = 256  # timm's halo layers need maps b divides: 8 x 8 at stage 4.
 TOLERANCE = 1e-4  # Of the largest reference magnitude.
 
 
@@ -39,7 +38,11 @@ def references(tmp_path_factory):
   out = tmp_path_factory.mktemp('timm')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   subprocess.run(
-    [sys.executable, SCRIPT, str(out), str(SIZE), *MODELS], check=True, timeout=900, env=env
+    [sys.executable, SCRIPT, str(out)]
+    + [f'{name}:{convert.PRETRAINED[name].image_size}' for name in MODELS],
+    check=True,
+    timeout=900,
+    env=env,
   )
   return out
 
@@ -80,16 +83,33 @@ def test_converted_model_gives_timms_logits_and_stage_features(references, name)
   assert model_lib.count_params(convert.model_config(name)) == timm_params
 
 
-def test_a_head_with_keys_and_values_swapped_is_caught(references):
-  name = 'halonet26t'
+def _swap_first_heads_keys_and_values(kv):  # Heads of 32 key and 32 value channels.
+  kv = kv.copy()
+  kv[:32], kv[32:64] = kv[32:64], kv[:32].copy()
+  return kv
+
+
+@pytest.mark.parametrize(
+  'name, key, plant, output',
+  [
+    ('halonet26t', 'stages.2.1.self_attn.kv.weight', _swap_first_heads_keys_and_values, 'logits'),
+    # The lambda layer's r x r position filters read transposed (rows for columns). Its stage's
+    # output shows it: a random deep network's logits barely depend on one layer's positions.
+    (
+      'lamhalobotnet50ts_256',
+      'stages.1.1.self_attn.conv_lambda.weight',
+      lambda w: w.swapaxes(2, 3),
+      'stage2',
+    ),
+  ],
+)
+def test_a_planted_conversion_error_is_caught(references, name, key, plant, output):
   reference = np.load(references / f'{name}.npz')
   state = dict(convert.read_safetensors(str(references / f'{name}.safetensors')))
-  kv = state['stages.2.1.self_attn.kv.weight'].copy()  # Heads of 32 key and 32 value channels.
-  kv[:32], kv[32:64] = state['stages.2.1.self_attn.kv.weight'][32:64], kv[:32].copy()
-  state['stages.2.1.self_attn.kv.weight'] = kv
-  logits, _ = _run(name, _converted(references, name, state), reference['images'])
+  state[key] = plant(state[key])
+  logits, features = _run(name, _converted(references, name, state), reference['images'])
   with pytest.raises(AssertionError, match='relative error'):
-    _close(logits, reference['logits'])
+    _close({'logits': logits, **features}[output], reference[output])
 
 
 def test_wrong_weights_and_names_fail_in_one_line(references):
@@ -137,6 +157,15 @@ def test_an_image_size_timms_layers_cannot_take_is_refused():
     ValueError, match='image_size=224 gives stage2_block3 of halonet50ts a 28 x 28'
   ):
     model_lib.validate_config(config)
+  config = convert.model_config('haloregnetz_b')  # 7 x 7 blocks, a 3x3 stem of stride 2.
+  model_lib.validate_config(config)
+  config.image_size = 256
+  with pytest.raises(
+    ValueError,
+    match=r'image_size=256 gives stage3_block3 of haloregnetz_b a 16 x 16 map, not whole 7 x 7 '
+    'blocks; use a multiple of 224',
+  ):
+    model_lib.validate_config(config)
   config.model.arch = 'halonet51'
   with pytest.raises(ValueError, match="model.arch='halonet51' is not one of"):
     model_lib.validate_config(config)
@@ -144,7 +173,7 @@ def test_an_image_size_timms_layers_cannot_take_is_refused():
 
 @pytest.mark.slow
 def test_the_command_writes_a_run_that_loads_as_any_run(references, tmp_path):
-  name = 'halonet26t'
+  name = 'haloregnetz_b'  # Its own mean and std, 0.5, stored with the run.
   workdir = tmp_path / 'converted'
   weights = references / f'{name}.safetensors'
   command = [sys.executable, '-m', 'halonet.convert', f'--model={name}', f'--workdir={workdir}']
@@ -152,9 +181,10 @@ def test_the_command_writes_a_run_that_loads_as_any_run(references, tmp_path):
     [*command, f'--weights={weights}'], cwd=ROOT, capture_output=True, text=True, timeout=600
   )
   assert done.returncode == 0, done.stderr[-2000:]
-  assert f'{name}: 12,480,288 parameters' in done.stdout
+  assert f'{name}: 11,680,072 parameters' in done.stdout
   config, variables, step = trained.load(str(workdir))
-  assert (config.model.arch, config.image_size, config.crop_fraction, step) == (name, 256, 0.95, 0)
+  assert (config.model.arch, config.image_size, config.crop_fraction, step) == (name, 224, 0.94, 0)
+  assert tuple(config.pixel_mean) == tuple(config.pixel_std) == (0.5, 0.5, 0.5)
   reference = np.load(references / f'{name}.npz')
   logits, _ = _run(name, variables, reference['images'])
   _close(logits, reference['logits'])

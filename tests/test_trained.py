@@ -1,11 +1,13 @@
 """Using a trained run: multi-scale features, predict.py, attention maps."""
 
 import functools
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 
 from configs import tiny
 from halonet import digits
+from halonet import imagenet_classes
 from halonet import input_pipeline
 from halonet import model as model_lib
 from halonet import train_lib
@@ -54,7 +57,7 @@ def test_features_have_strides_4_to_32_at_sizes_b_does_not_divide():
   }
   # stage4 is what the classifier reads: its pooled features give the model's own logits.
   head = variables['params']['head']
-  x = input_pipeline.normalize_images(jnp.asarray(images), jnp.float32)
+  x = input_pipeline.normalize_images(jnp.asarray(images), config, jnp.float32)
   np.testing.assert_allclose(
     maps['stage4'].mean(axis=(1, 2)) @ head['kernel'] + head['bias'],
     model.apply(variables, x, train=False),
@@ -208,3 +211,36 @@ def test_class_names_are_the_folder_names_of_the_dataset():
   assert input_pipeline.class_names(config) == ['6', '7', '8', '9']
   config.dataset, config.data_dir = 'image_folder', '/nonexistent/images'
   assert input_pipeline.class_names(config) is None
+
+
+def test_imagenet_classes_are_named_by_their_lemmas_in_tfds_and_timms_order(tmp_path):
+  """The shipped table against the two libraries that number ImageNet-1k (timm's files are read
+  without importing timm, which would bring torch into a process with TensorFlow)."""
+  tfds_ids = epath.resource_path('tensorflow_datasets') / 'datasets/imagenet2012/labels.txt'
+  ids = tfds_ids.read_text().split()
+  assert list(imagenet_classes.descriptions()) == ids and len(ids) == 1000
+  timm = importlib.util.find_spec('timm')
+  if timm is None:
+    if os.environ.get('CI') == 'true':
+      pytest.fail('timm missing in CI: pip install -r requirements-timm.txt')
+  else:
+    info = epath.Path(timm.submodule_search_locations[0]) / 'data' / '_info'
+    lemmas = dict(
+      line.split('\t') for line in (info / 'imagenet_synset_to_lemma.txt').read_text().splitlines()
+    )
+    assert (info / 'imagenet_synsets.txt').read_text().split() == ids
+    assert list(imagenet_classes.descriptions().values()) == [lemmas[i] for i in ids]
+  config = tiny.get_config()
+  config.dataset, config.num_classes = 'imagenet2012', 1000  # TFDS names it without the data.
+  config.data_dir = str(tmp_path / 'tfds')
+  names = input_pipeline.class_names(config)
+  assert (len(names), names[0], names[999]) == (
+    1000,
+    'tench, Tinca tinca',
+    'toilet tissue, toilet paper, bathroom tissue',
+  )
+  for wnid in ('n01443537', 'n99999999'):  # An ImageNet-style folder; an unknown ID stays.
+    (tmp_path / 'folder' / 'train' / wnid).mkdir(parents=True)
+    Image.new('RGB', (8, 8)).save(tmp_path / 'folder' / 'train' / wnid / 'a.png')
+  config.dataset, config.data_dir = 'image_folder', str(tmp_path / 'folder')
+  assert input_pipeline.class_names(config) == ['goldfish, Carassius auratus', 'n99999999']

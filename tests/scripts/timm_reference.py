@@ -6,7 +6,7 @@ own float64 ones by 5e-4), saved as safetensors, with its
 eval-mode logits and stage outputs on random inputs. Runs in its own process: torch and
 TensorFlow do not share one.
 
-Usage: timm_reference.py OUT_DIR IMAGE_SIZE MODEL...
+Usage: timm_reference.py OUT_DIR MODEL:IMAGE_SIZE...
 Writes OUT_DIR/MODEL.safetensors and OUT_DIR/MODEL.npz (inputs NHWC, logits, stage1..stage4 NHWC).
 """
 
@@ -18,9 +18,10 @@ from safetensors.torch import save_file
 import timm
 import torch
 
-out_dir, size, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+out_dir, models = sys.argv[1], sys.argv[2:]
 torch.manual_seed(0)
-for name in names:
+for name, size in (model.split(':') for model in models):
+  size = int(size)
   model = timm.create_model(name, pretrained=False).eval()
   with torch.no_grad():
     for module in model.modules():
