@@ -33,8 +33,8 @@ import jax.numpy as jnp
 
 from halonet import attention
 from halonet import errors
+from halonet import grouped_conv
 from halonet import lambda_layer
-from halonet import sharding
 from halonet.model_keys import CLASSIFIER
 from halonet.model_keys import FEATURES
 
@@ -259,22 +259,11 @@ class ConvNormAct(nn.Module):
       feature_group_count=self.groups,
       use_bias=False,
       dtype=self.dtype,
-      conv_general_dilated=_per_device_conv if self.groups > 1 else None,
+      conv_general_dilated=grouped_conv.grouped_conv if self.groups > 1 else None,
       name='conv',
     )(x)
     x = _norm(train, self.dtype, 'bn')(x)
     return self.act(x) if self.act else x
-
-
-def _per_device_conv(lhs: jax.Array, rhs: jax.Array, strides, padding, **kwargs) -> jax.Array:
-  """A grouped convolution on each device's own images: with the batch split over devices,
-  XLA gathers the whole batch's activations for a grouped kernel's gradient. The kernel enters
-  in float32, so its gradient is summed over devices in float32 (XLA:CPU fails to compile
-  that sum in bfloat16)."""
-  conv = lambda x, w: jax.lax.conv_general_dilated(
-    x, w.astype(rhs.dtype), strides, padding, **kwargs
-  )
-  return sharding.per_device_images(conv, batched=1)(lhs, rhs.astype(jnp.float32))
 
 
 def _norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
