@@ -373,7 +373,7 @@ def _train_preprocess(config: ml_collections.ConfigDict) -> Callable[..., dict[s
       image = rand_augment(image, ra_seed)
     return {'image': image, 'label': tf.cast(ex['label'], tf.int32)}
 
-  return preprocess
+  return tf.function(preprocess)  # Traced once; every epoch's pipeline calls the same graph.
 
 
 def _random_crop(data: tf.Tensor, seed: tf.Tensor, area_range: tuple[float, float]) -> tf.Tensor:

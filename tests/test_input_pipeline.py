@@ -190,6 +190,25 @@ def test_randaugment_rotation_matches_reference_range():
   assert (lower * 360, upper * 360) == pytest.approx((-30.0, 30.0))
 
 
+def test_randaugment_warps_move_whole_pixels_and_fill_grey():
+  """As the reference RandAugment (tensorflow/tpu autoaugment.py): shear, translation and
+  rotation sample the nearest pixel (no blend of neighbours) and fill what they uncover with 128."""
+  from halonet import randaugment
+  from halonet.tensorflow_import import tf
+
+  augment = randaugment.RandAugment(1, 10)
+  image = np.random.default_rng(0).choice([0.0, 255.0], (1, 32, 32, 3)).astype(np.float32)
+  for name in ('random_shear', 'random_translation', 'random_rotation'):
+    op = getattr(augment.layer, name)
+    filled = []
+    for i in range(6):
+      draws = randaugment._FoldInSeeds(tf.constant([3, i], tf.int64))  # pylint: disable=protected-access
+      out = op.transform_images(image, op.get_random_transformation(image, seed=draws)).numpy()
+      assert set(np.unique(out)) <= {0.0, 128.0, 255.0}, name
+      filled.append(128.0 in out)
+    assert any(filled), name
+
+
 def test_each_randaugment_layer_is_one_op_applied_with_its_drawn_parameters():
   """One layer of RandAugment equals one of the eleven Keras ops applied alone, with the
   parameters it draws when every op draws in turn from the layer's seed (so the draws do not
