@@ -32,8 +32,6 @@ from halonet import defaults
 from halonet import errors
 from halonet import paths
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
 
 class Pretrained(NamedTuple):
   """timm's pretrained_cfg of a model, and its ImageNet-1k top-1 at that size (timm's
@@ -42,8 +40,9 @@ class Pretrained(NamedTuple):
   image_size: int
   crop_fraction: float
   top1: float | None
-  mean: tuple[float, float, float] = IMAGENET_MEAN
-  std: tuple[float, float, float] = IMAGENET_STD
+  # Where timm's differ from the config's default (ImageNet's); None: that default.
+  mean: tuple[float, float, float] | None = None
+  std: tuple[float, float, float] | None = None
 
 
 PRETRAINED = {
@@ -70,7 +69,8 @@ def model_config(name: str) -> ml_collections.ConfigDict:
   config.model.arch = name
   config.image_size = pretrained.image_size
   config.crop_fraction = pretrained.crop_fraction
-  config.pixel_mean, config.pixel_std = pretrained.mean, pretrained.std
+  if pretrained.mean:
+    config.pixel_mean, config.pixel_std = pretrained.mean, pretrained.std
   return config
 
 

@@ -4,10 +4,10 @@ Two faults of XLA's own grouped convolution, both in its kernel gradient:
   - with the batch split over devices, XLA gathers the whole batch's activations for it, so each
     convolution runs per device (`sharding.per_device_images`) and only the kernel gradient is
     summed over devices (in float32: XLA:CPU fails to compile that sum in bfloat16);
-  - XLA:CPU computes it ~17x slower than a dense kernel gradient of the same size (haloregnetz_b
-    trains at 0.12 images/s on 2 cores), so on CPU it is a contraction of the input's k x k
-    shifted views with the output gradient instead. TPU and GPU keep XLA's convolution
-    (`jax.lax.platform_dependent` picks per platform when the step is lowered).
+  - XLA:CPU computes it ~17x slower than a dense kernel gradient of the same size, so on CPU it
+    is a contraction of the input's k x k shifted views with the output gradient instead
+    (haloregnetz_b's forward and backward: 10x faster, bench/grouped_conv.py). TPU and GPU keep
+    XLA's convolution (`jax.lax.platform_dependent` picks per platform when the step is lowered).
 """
 
 import functools
