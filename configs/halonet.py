@@ -4,6 +4,9 @@
   tiny         a few-thousand-parameter model on 32 px digits, for unit tests
   quickstart   a small all-attention model on the offline digits, 2 CPU cores
   digits_pretrain, digits_finetune   fine-tuning at a new size and on new classes, 2 CPU cores
+  sasa_resnet26, sasa_resnet38, sasa_resnet50   SASA's full-attention ResNets (its Table 1)
+  sasa_resnet26_conv_stem ...                   the same with the conv stem
+  resnet26, resnet38, resnet50                  their conv baselines
 
 Each is `base_config()` plus a few overrides written as data. configs/h0.py ... h7.py, tiny.py
 and quickstart.py name the same configs. Every field can be overridden on the command line, e.g.
@@ -103,7 +106,29 @@ CPU_CONFIGS['digits_finetune'] = {
   'optimizer.learning_rate': 1e-3 * 256 / 64,
 }
 
-NAMES = (*paper.VARIANTS, *CPU_CONFIGS)
+# SASA (Ramachandran et al. 2019): ResNets whose 3x3 convs are k = 7 window attention with 8
+# heads, with SASA's attention stem or the ResNet conv stem, at 224 px. The attention runs
+# block-wise (b = 8: HaloNet's efficient form of the same function; block_size=1 is SASA's
+# literal per-pixel form). Trained with the ResNet recipe: 90 epochs, no RandAugment.
+SASA_DEPTHS = {'resnet26': (1, 2, 4, 1), 'resnet38': (2, 3, 5, 2), 'resnet50': (3, 4, 6, 3)}
+RESNET = {
+  'image_size': 224,
+  'num_epochs': 90.0,
+  'randaugment_layers': 0,
+  'optimizer.weight_decay': 1e-4,
+  'model.widths': (64, 128, 256, 512),
+  'model.bottleneck_ratio': 4.0,
+  'model.num_heads': (8, 8, 8, 8),
+}
+RESNET_CONFIGS = {}
+for _name, _depths in SASA_DEPTHS.items():
+  _resnet = {**RESNET, 'model.stage_depths': _depths}
+  RESNET_CONFIGS[_name] = {**_resnet, 'model.mixers': ('conv',) * 4}
+  _sasa = {**_resnet, 'model.mixers': ('sasa',) * 4, 'model.sasa_window': 7, 'model.block_size': 8}
+  RESNET_CONFIGS[f'sasa_{_name}'] = {**_sasa, 'model.stem': 'sasa'}
+  RESNET_CONFIGS[f'sasa_{_name}_conv_stem'] = _sasa
+
+NAMES = (*paper.VARIANTS, *CPU_CONFIGS, *RESNET_CONFIGS)
 
 
 def get_config(name: str = 'h1') -> ml_collections.ConfigDict:
@@ -112,6 +137,8 @@ def get_config(name: str = 'h1') -> ml_collections.ConfigDict:
     overrides = paper_overrides(paper.VARIANTS[name])
   elif name in CPU_CONFIGS:
     overrides = CPU_CONFIGS[name]
+  elif name in RESNET_CONFIGS:
+    overrides = RESNET_CONFIGS[name]
   else:
     raise ValueError(f'unknown HaloNet config {name!r}; expected one of {list(NAMES)}')
   config = base_config()

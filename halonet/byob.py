@@ -32,11 +32,13 @@ import jax
 import jax.numpy as jnp
 
 from halonet import attention
+from halonet import channel_attention
 from halonet import errors
 from halonet import grouped_conv
 from halonet import lambda_layer
 from halonet.model_keys import CLASSIFIER
 from halonet.model_keys import FEATURES
+from halonet.rounding import make_divisible
 
 _ACTIVATIONS = {'relu': nn.relu, 'silu': nn.silu}
 
@@ -81,12 +83,6 @@ def interleave(types: tuple[str, str], depth: int, every: int | list[int] = 1) -
   if isinstance(every, int):
     every = list(range(every, depth, every + 1)) or [depth - 1]
   return tuple(types[1] if i in every else types[0] for i in range(depth))
-
-
-def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
-  """timm's channel rounding: the nearest multiple of `divisor`, never more than 10% down."""
-  rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-  return rounded + divisor if rounded < round_limit * value else rounded
 
 
 _BOTTLE, _ATTN = 'bottle', 'self_attn'
@@ -272,46 +268,6 @@ def _norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
   )
 
 
-class SqueezeExcite(nn.Module):
-  """timm's SEModule as byobnet uses it: hidden width `ratio` of the input's (rounded to 8s),
-  ReLU, biases, sigmoid."""
-
-  ratio: float = 1 / 16
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    channels = x.shape[-1]
-    s = x.mean(axis=(1, 2), keepdims=True)
-    s = nn.relu(
-      nn.Dense(make_divisible(channels * self.ratio, 8, 0.0), dtype=self.dtype, name='fc1')(s)
-    )
-    return x * nn.sigmoid(nn.Dense(channels, dtype=self.dtype, name='fc2')(s))
-
-
-class EfficientChannelAttention(nn.Module):
-  """timm's EcaModule (Wang et al.): a 1-D conv over the pooled channels, its odd kernel size
-  growing with log2(channels), no bias, sigmoid."""
-
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    channels = x.shape[-1]
-    t = int(abs(math.log(channels, 2) + 1) / 2)
-    size = max(t if t % 2 else t + 1, 3)
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (size, 1, 1))
-    pooled = x.mean(axis=(1, 2))[..., None]  # [batch, channels, 1]: channels as the length.
-    y = jax.lax.conv_general_dilated(
-      pooled.astype(self.dtype),
-      kernel.astype(self.dtype),
-      (1,),
-      [((size - 1) // 2, (size - 1) // 2)],
-      dimension_numbers=('NWC', 'WIO', 'NWC'),
-    )
-    return x * nn.sigmoid(y[..., 0])[:, None, None, :]
-
-
 class Block(nn.Module):
   """timm's BottleneckBlock ('bottle') or SelfAttnBlock ('self_attn'), with its shortcut; `spec`
   gives the model-wide choices (activation, channel attention, RegNetZ's block form)."""
@@ -339,9 +295,9 @@ class Block(nn.Module):
       groups = mid // self.group_size if self.group_size else 1
       y = conv(mid, 3, self.stride, groups, act, name='conv2_kxk')(y, train)
       if spec.channel_attention == 'se':
-        y = SqueezeExcite(spec.se_ratio, self.dtype, name='attn')(y)
+        y = channel_attention.SqueezeExcite(spec.se_ratio, dtype=self.dtype, name='attn')(y)
       elif spec.channel_attention == 'eca':
-        y = EfficientChannelAttention(self.dtype, name='attn')(y)
+        y = channel_attention.EfficientChannelAttention(dtype=self.dtype, name='attn')(y)
     else:
       y = act(_norm(train, self.dtype, 'post_attn')(self._attention(y, mid, train)))
     y = conv(self.width, name='conv3_1x1')(y, train)

@@ -29,13 +29,26 @@ def model_config() -> ml_collections.ConfigDict:
       num_heads=(4, 8, 8, 8),  # attention heads per stage.
       final_width=0,  # d_f: final 1x1 conv before pooling; 0 = none.
       conv_stages=(),  # stages (1-4) that use a 3x3 conv instead of attention.
+      # The spatial mixer of each stage (4 names, halonet/mixers): 'halo', 'conv', 'sasa',
+      # 'global' (BoTNet), 'sk', 'split' (ResNeSt), 'condconv' or 'dynamic'; empty = 'halo',
+      # or 'conv' in conv_stages.
+      mixers=(),
+      # Channel attention after each stage's blocks (4 names, halonet/channel_attention): '',
+      # 'se', 'eca', 'cbam', 'ge_minus', 'ge' or 'ge_plus'; empty = 'se' with use_se, else none.
+      channel_attention=(),
+      stage_attention='',  # 'bam': BAM after stages 1-3; '' = none.
+      stem='conv',  # 'conv' (7x7/2 conv, 3x3/2 max-pool) or 'sasa' (SASA's attention stem).
+      sasa_window=7,  # k: the window side of 'sasa' mixers (odd).
+      sk_kernels=(3, 5),  # kernel of each Selective Kernel path (odd; 5 = 3x3 dilated by 2).
+      radix=2,  # Split Attention's splits per channel.
+      num_experts=4,  # kernels mixed by 'condconv' and 'dynamic' mixers.
       mask_window=0,  # k > 0 restricts each query to a k x k window (masked attention).
       # 'plain' (loop-free, batch-parallel), 'rows' (row loop, hand-written backward: the CPU
       # fast path), 'pallas' (fused TPU kernels; interpreted on CPU, refused on GPU) or 'auto':
       # plain on TPU/GPU, rows on CPU (halonet/attention/choose.py).
       attention_impl='auto',
       remat=False,  # recompute each block's activations in the backward pass.
-      use_se=False,  # squeeze-excitation after each block's mixer.
+      use_se=False,  # squeeze-excitation in every block (channel_attention='se' per stage).
       activation='relu',  # 'relu' or 'silu'.
       stochastic_depth_rate=0.0,  # drop-path rate of the last block (linear from 0).
       dropout_rate=0.0,  # dropout before the classifier.

@@ -20,8 +20,9 @@ from halonet import sharding
 _LAYOUT = ('NHWC', 'HWIO', 'NHWC')
 
 
-def _shifted_views(x: jax.Array, kernel_shape, strides, padding, out_hw) -> jax.Array:
-  """[B, H', W', kh * kw, C]: the input under each kernel tap, at the output positions."""
+def shifted_views(x: jax.Array, kernel_shape, strides, padding, out_hw) -> jax.Array:
+  """[B, H', W', kh * kw, C]: the input under each kernel tap, at the output positions (a conv
+  as one contraction: also the per-example kernels of halonet/mixers/per_example_conv.py)."""
   kh, kw = kernel_shape[:2]
   x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
   (sh, sw), (h, w) = strides, out_hw
@@ -54,7 +55,7 @@ def _cpu_conv_backward(strides, padding, groups, residuals, d_out):
   (d_x,) = input_vjp(d_out)  # XLA's input gradient is as fast as its forward.
   kh, kw, per_group, out = kernel.shape
   b, h, w, _ = d_out.shape
-  views = _shifted_views(x, kernel.shape, strides, padding, (h, w))
+  views = shifted_views(x, kernel.shape, strides, padding, (h, w))
   d_kernel = jnp.einsum(
     'bhwtgc,bhwgo->tcgo',
     views.reshape(b, h, w, kh * kw, groups, per_group),

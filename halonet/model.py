@@ -26,7 +26,10 @@ import ml_collections
 
 from halonet import attention
 from halonet import byob
+from halonet import channel_attention
 from halonet import errors
+from halonet import mixers
+from halonet import sasa_stem
 from halonet.model_keys import CLASSIFIER
 from halonet.model_keys import FEATURES
 
@@ -48,6 +51,21 @@ def stage_windows(model_config: ml_collections.ConfigDict) -> list[tuple[int, in
       f'block_sizes={blocks} and halo_sizes={halos} need one entry per stage (4)'
     )
   return list(zip(blocks, halos))
+
+
+def stage_mixers(model_config: Any) -> list[str]:
+  """The mixer of each stage: `mixers`, or halo attention but in `conv_stages`."""
+  if tuple(model_config.mixers):
+    return list(model_config.mixers)
+  return ['conv' if stage in model_config.conv_stages else 'halo' for stage in (1, 2, 3, 4)]
+
+
+def stage_channel_attention(model_config: Any) -> list[str]:
+  """The channel attention of each stage's blocks ('' = none): `channel_attention`, or SE
+  everywhere with `use_se`."""
+  if tuple(model_config.channel_attention):
+    return list(model_config.channel_attention)
+  return ['se' if model_config.use_se else ''] * 4
 
 
 def resolve_backend_defaults(
@@ -85,60 +103,100 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(
       f'conv_stages={tuple(m.conv_stages)} may only name stages 1-4, got {bad_stages}'
     )
-  for stage, ((b, h), w, heads) in enumerate(zip(stage_windows(m), m.widths, m.num_heads), 1):
-    if stage in m.conv_stages:
-      continue
+  _check_modules(m)
+  side = -(-config.image_size // 4)  # Stage 1's map: the stem strides 4.
+  for stage, ((b, h), w, heads, mixer) in enumerate(
+    zip(stage_windows(m), m.widths, m.num_heads, stage_mixers(m)), 1
+  ):
     stride = 1 if stage == 1 else 2
-    try:
+    side = -(-side // stride)  # The map of the stage's blocks after its first.
+    _check_stage_mixer(m, stage, mixer, b, h, stride, w, heads, side)
+  if m.stem == 'sasa' and 64 % m.num_heads[0]:
+    raise errors.ConfigError(
+      f"stem='sasa': num_heads[0]={m.num_heads[0]} does not divide the stem's width 64"
+    )
+
+
+def _check_modules(m: ml_collections.ConfigDict) -> None:
+  """The names of mixers, channel attention, stage attention and stem, and their settings."""
+  if tuple(m.mixers) and tuple(m.conv_stages):
+    raise errors.ConfigError(
+      f'mixers={tuple(m.mixers)} and conv_stages={tuple(m.conv_stages)} both set the stages; '
+      "use mixers alone ('conv' for a conv stage)"
+    )
+  for name, names, known in (
+    ('mixers', m.mixers, mixers.NAMES),
+    ('channel_attention', m.channel_attention, ('', *channel_attention.BLOCK_MODULES)),
+  ):
+    if tuple(names) and len(names) != 4:
+      raise errors.ConfigError(f'{name}={tuple(names)} needs one entry per stage (4)')
+    bad = [n for n in names if n not in known]
+    if bad:
+      raise errors.ConfigError(f'{name}={tuple(names)}: {bad[0]!r} is not one of {list(known)}')
+  if m.stage_attention not in ('', *channel_attention.STAGE_MODULES):
+    known = ['', *channel_attention.STAGE_MODULES]
+    raise errors.ConfigError(f'stage_attention={m.stage_attention!r} is not one of {known}')
+  if m.stem not in ('conv', 'sasa'):
+    raise errors.ConfigError(f"stem={m.stem!r} is not one of ['conv', 'sasa']")
+  used = set(stage_mixers(m))
+  if 'sk' in used:
+    kernels = tuple(m.sk_kernels)
+    if not kernels or any(k < 3 or k % 2 == 0 for k in kernels):
+      raise errors.ConfigError(
+        f'sk_kernels={kernels} needs at least one kernel, each odd and at least 3'
+      )
+  if 'split' in used and m.radix < 1:
+    raise errors.ConfigError(f'radix={m.radix} needs to be at least 1')
+  if used & {'condconv', 'dynamic'} and m.num_experts < 1:
+    raise errors.ConfigError(f'num_experts={m.num_experts} needs to be at least 1')
+
+
+def _check_stage_mixer(
+  m: ml_collections.ConfigDict,
+  stage: int,
+  mixer: str,
+  b: int,
+  h: int,
+  stride: int,
+  w: int,
+  heads: int,
+  side: int,
+) -> None:
+  """One stage's mixer against its widths, heads and (at config.image_size) its input map."""
+  value_width = int(w * m.value_ratio)
+  if mixer == 'sk' and w % len(m.sk_kernels):
+    raise errors.ConfigError(
+      f'stage {stage}: sk_kernels={tuple(m.sk_kernels)} gives {len(m.sk_kernels)} paths, '
+      f'which do not split its width {w}'
+    )
+  if mixer not in mixers.ATTENTION:
+    return
+  try:
+    if mixer == 'halo':
       attention.check_attention_args(b, h, stride, m.mask_window)
-    except ValueError as e:
-      raise errors.ConfigError(f'stage {stage}: {e}') from None
-    value_width = int(w * m.value_ratio)
-    for name, width in (('width', w), ('value width', value_width)):
-      if heads <= 0 or width % heads:
-        raise errors.ConfigError(
-          f'stage {stage}: num_heads={heads} does not divide its {name} {width}'
-        )
-
-
-class SqueezeExcite(nn.Module):
-  """Channel gating from globally pooled features (Hu et al.); reduction 16, at least 8 units."""
-
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    channels = x.shape[-1]
-    s = x.mean(axis=(1, 2), keepdims=True)
-    s = nn.relu(nn.Dense(max(8, channels // 16), dtype=self.dtype, name='reduce')(s))
-    s = nn.sigmoid(nn.Dense(channels, dtype=self.dtype, name='expand')(s))
-    return x * s
-
-
-class Conv3x3(nn.Module):
-  """The ResNet 3x3 convolution, the spatial mixer of hybrid (conv_stages) stages."""
-
-  value_width: int
-  stride: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return nn.Conv(
-      self.value_width,
-      (3, 3),
-      strides=self.stride,
-      padding=((1, 1), (1, 1)),
-      use_bias=False,
-      dtype=self.dtype,
-    )(x)
+    elif mixer == 'sasa':
+      k = m.sasa_window
+      if k < 1 or k % 2 == 0:
+        raise ValueError(f'sasa_window={k} must be odd and positive')
+      if k > side:
+        raise ValueError(f'sasa_window={k} is larger than its {side} x {side} input map')
+      attention.check_attention_args(b, k // 2, 1, k)
+  except ValueError as e:
+    raise errors.ConfigError(f'stage {stage}: {e}') from None
+  for name, width in (('width', w), ('value width', value_width)):
+    if heads <= 0 or width % heads:
+      raise errors.ConfigError(
+        f'stage {stage}: num_heads={heads} does not divide its {name} {width}'
+      )
 
 
 class BottleneckBlock(nn.Module):
-  """1x1 conv -> spatial mixer (halo attention or 3x3 conv) -> 1x1 conv, plus a residual.
+  """1x1 conv -> spatial mixer -> 1x1 conv -> channel attention, plus a residual.
 
-  `mixer` builds the spatial mixer as mixer(value_width=..., stride=...): any module with those
-  two fields fits, so a new attention variant plugs in without touching the block.
+  `mixer` builds the spatial mixer as mixer(value_width=..., stride=...) (halonet/mixers): any
+  module with those two fields fits, so a new variant plugs in without touching the block.
+  BatchNorm and the activation follow it unless `mixer_normalizes` (SK, Split Attention end with
+  their own). `channel_attention` builds the gate after the last BatchNorm, or is None.
   """
 
   width: int
@@ -146,7 +204,8 @@ class BottleneckBlock(nn.Module):
   value_width: int
   stride: int
   mixer: Callable[..., nn.Module]
-  use_se: bool
+  mixer_normalizes: bool
+  channel_attention: Callable[..., nn.Module] | None
   drop_path_rate: float
   act: Callable[[jax.Array], jax.Array]
   norm: Callable[..., nn.Module]  # BatchNorm, built once by the network for train or eval.
@@ -160,12 +219,13 @@ class BottleneckBlock(nn.Module):
     norm = self.norm
     y = self.act(norm()(pointwise(self.width)(x)))
     y = self.mixer(value_width=self.value_width, stride=self.stride)(y)
-    y = self.act(norm()(y))
+    if not self.mixer_normalizes:
+      y = self.act(norm()(y))
     y = pointwise(self.out_width)(y)
     # Zero-init the last BN scale so every block starts as the identity (Goyal et al.).
     y = norm(scale_init=nn.initializers.zeros)(y)
-    if self.use_se:
-      y = SqueezeExcite(dtype=self.dtype)(y)
+    if self.channel_attention:
+      y = self.channel_attention(name='channel_attention')(y)
     # Stochastic depth: drop the residual branch per example.
     y = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3))(y, deterministic=not train)
     residual = x
@@ -176,9 +236,10 @@ class BottleneckBlock(nn.Module):
 
 
 class HaloNet(nn.Module):
-  """The HaloNet family. Fields are exactly those of `config.model` (halonet/defaults.py), where
+  """The HaloNet family and the backbones it is compared with (SASA, BoTNet, ResNets with the
+  survey's modules). Fields are exactly those of `config.model` (halonet/defaults.py), where
   each is documented; H0-H7 differ only in their values. `attention_cls` is the attention module
-  of the attention stages (HaloAttention's fields), for trying a new variant.
+  of 'halo' stages (HaloAttention's fields), for trying a new variant.
   """
 
   num_classes: int
@@ -193,6 +254,14 @@ class HaloNet(nn.Module):
   num_heads: Sequence[int]
   final_width: int
   conv_stages: Sequence[int]
+  mixers: Sequence[str]
+  channel_attention: Sequence[str]
+  stage_attention: str
+  stem: str
+  sasa_window: int
+  sk_kernels: Sequence[int]
+  radix: int
+  num_experts: int
   mask_window: int
   attention_impl: str
   remat: bool
@@ -205,6 +274,47 @@ class HaloNet(nn.Module):
   # The run's measured form per attention layer shape (attention/measure.py); () = the rule.
   attention_choice: tuple[tuple[str, str], ...] = ()
 
+  def _mixer(
+    self, name: str, width: int, heads: int, window: tuple[int, int], norm, act, dtype
+  ) -> Callable[..., nn.Module]:
+    """Stage's mixer constructor, (value_width, stride) left to the block."""
+    (b, h), attend = window, dict(attention_impl=self.attention_impl, dtype=dtype)
+    attend['attention_choice'] = self.attention_choice
+    if name == 'halo':
+      return functools.partial(
+        self.attention_cls,
+        qk_width=width,
+        num_heads=heads,
+        block_size=b,
+        halo_size=h,
+        mask_window=self.mask_window,
+        **attend,
+      )
+    if name == 'sasa':
+      return functools.partial(
+        mixers.LocalAttention,
+        qk_width=width,
+        num_heads=heads,
+        window=self.sasa_window,
+        block_size=b,
+        **attend,
+      )
+    if name == 'global':
+      return functools.partial(mixers.GlobalAttention, qk_width=width, num_heads=heads, **attend)
+    if name == 'sk':
+      return functools.partial(
+        mixers.SelectiveKernel, norm=norm, act=act, kernels=tuple(self.sk_kernels), dtype=dtype
+      )
+    if name == 'split':
+      return functools.partial(
+        mixers.SplitAttention, norm=norm, act=act, radix=self.radix, dtype=dtype
+      )
+    if name == 'condconv':
+      return functools.partial(mixers.CondConv, num_experts=self.num_experts, dtype=dtype)
+    if name == 'dynamic':
+      return functools.partial(mixers.DynamicConv, num_kernels=self.num_experts, dtype=dtype)
+    return functools.partial(mixers.Conv3x3, dtype=dtype)
+
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
     act = _ACTIVATIONS[self.activation]
@@ -213,36 +323,52 @@ class HaloNet(nn.Module):
       nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype
     )
     x = images.astype(dtype)
-    x = nn.Conv(
-      64, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False, dtype=dtype, name='stem_conv'
-    )(x)
-    x = norm(name='stem_bn')(x)
-    x = nn.relu(x)
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    if self.stem == 'sasa':
+      x = sasa_stem.AttentionStem(
+        width=64,
+        num_heads=self.num_heads[0],
+        norm=norm,
+        attention_impl=self.attention_impl,
+        attention_choice=self.attention_choice,
+        dtype=dtype,
+        name='stem_attention',
+      )(x)
+    else:
+      x = nn.Conv(
+        64,
+        (7, 7),
+        strides=2,
+        padding=((3, 3), (3, 3)),
+        use_bias=False,
+        dtype=dtype,
+        name='stem_conv',
+      )(x)
+      x = norm(name='stem_bn')(x)
+      x = nn.relu(x)
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
     # Rematerialisation recomputes each block's activations in the backward pass: only block
     # inputs are kept, for large images (H7 at 600 px) at a larger per-device batch.
     block_cls = nn.remat(BottleneckBlock, static_argnums=(2,)) if self.remat else BottleneckBlock
-    windows = stage_windows(self)
     total_blocks = sum(self.stage_depths)
     block_index = 0
-    for stage, (width, depth, heads, (b, h)) in enumerate(
-      zip(self.widths, self.stage_depths, self.num_heads, windows), 1
+    for stage, (width, depth, heads, window, mixer_name, gate_name) in enumerate(
+      zip(
+        self.widths,
+        self.stage_depths,
+        self.num_heads,
+        stage_windows(self),
+        stage_mixers(self),
+        stage_channel_attention(self),
+      ),
+      1,
     ):
-      if stage in self.conv_stages:
-        mixer = functools.partial(Conv3x3, dtype=dtype)
-      else:
-        mixer = functools.partial(
-          self.attention_cls,
-          qk_width=width,
-          num_heads=heads,
-          block_size=b,
-          halo_size=h,
-          mask_window=self.mask_window,
-          attention_impl=self.attention_impl,
-          dtype=dtype,
-          attention_choice=self.attention_choice,
-        )
+      mixer = self._mixer(mixer_name, width, heads, window, norm, act, dtype)
+      gate = None
+      if gate_name:
+        gate = functools.partial(channel_attention.BLOCK_MODULES[gate_name], dtype=dtype)
+        if channel_attention.takes_norm(gate):
+          gate = functools.partial(gate, norm=norm)
       for i in range(depth):
         x = block_cls(
           width=width,
@@ -250,7 +376,8 @@ class HaloNet(nn.Module):
           value_width=int(width * self.value_ratio),
           stride=2 if stage > 1 and i == 0 else 1,
           mixer=mixer,
-          use_se=self.use_se,
+          mixer_normalizes=mixer_name in mixers.NORMALIZED,
+          channel_attention=gate,
           drop_path_rate=self.stochastic_depth_rate * block_index / max(total_blocks - 1, 1),
           act=act,
           norm=norm,
@@ -258,6 +385,9 @@ class HaloNet(nn.Module):
           name=f'stage{stage}_block{i}',
         )(x, train)
         block_index += 1
+      if self.stage_attention and stage < 4:  # Where the map shrinks, as BAM is placed.
+        module = channel_attention.STAGE_MODULES[self.stage_attention]
+        x = module(norm=norm, dtype=dtype, name=f'stage{stage}_{self.stage_attention}')(x)
       # Multi-scale features (strides 4, 8, 16, 32) for dense tasks: see halonet/trained.py.
       if not self.is_initializing():
         self.sow(FEATURES, f'stage{stage}', x)

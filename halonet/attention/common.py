@@ -77,6 +77,9 @@ def check_attention_args(
 #             b/stride queries, as timm's HaloAttn indexes (the same as 'offset' at stride 1, up to
 #             a shift of 2h; at stride 2 the query's place counts subsampled positions).
 POSITION_INDEXINGS = ('offset', 'window')
+# How a relative offset's embedding is built (layer.HaloAttention.position_embedding): two d_k-wide
+# embeddings added, or SASA's halves concatenated.
+POSITION_EMBEDDINGS = ('factorized', 'split')
 
 
 def num_relative_offsets(block_size: int, halo_size: int, indexing: str = 'offset') -> int:

@@ -42,6 +42,7 @@ from halonet import errors
 from halonet.attention import choose
 from halonet.attention import plain
 from halonet.attention import spatial as attention_spatial
+from halonet.attention.common import POSITION_EMBEDDINGS
 from halonet.attention.common import POSITION_INDEXINGS
 from halonet.attention.common import check_attention_args
 from halonet.attention.common import key_bias
@@ -102,6 +103,8 @@ class HaloAttention(nn.Module):
     mask_padding: padded keys (beyond the map) get no weight; False keeps them as zero keys and
       values whose position logits still count, as timm's HaloAttn does (converted models).
     position_indexing: common.POSITION_INDEXINGS; 'window' for timm's models.
+    position_embedding: 'factorized' (BoTNet, HaloNet: row and column embeddings of d_k each,
+      added) or 'split' (SASA: a d_k/2 row embedding and a d_k - d_k/2 column one, concatenated).
     dtype: compute dtype of projections and attention products; params stay float32.
   """
 
@@ -118,6 +121,7 @@ class HaloAttention(nn.Module):
   attention_choice: tuple[tuple[str, str], ...] = ()
   mask_padding: bool = True
   position_indexing: str = 'offset'
+  position_embedding: str = 'factorized'
 
   def setup(self):
     check_attention_args(self.block_size, self.halo_size, self.stride, self.mask_window)
@@ -125,6 +129,10 @@ class HaloAttention(nn.Module):
     if self.position_indexing not in POSITION_INDEXINGS:
       raise errors.ConfigError(
         f'position_indexing={self.position_indexing!r} is not one of {POSITION_INDEXINGS}'
+      )
+    if self.position_embedding not in POSITION_EMBEDDINGS:
+      raise errors.ConfigError(
+        f'position_embedding={self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}'
       )
     for name, width in (('qk_width', self.qk_width), ('value_width', self.value_width)):
       if width % self.num_heads:
@@ -150,7 +158,7 @@ class HaloAttention(nn.Module):
     q = jnp.pad(q, ((0, 0), (0, nbh * bq - out_h), (0, nbw * bq - out_w), (0, 0)))
 
     # Keys and values: projected once, padded by h on every side (and up to whole blocks).
-    k, v = HeadProjection(n, dk + dv, parts=(dk, dv), dtype=self.dtype, name='key_value')(x)
+    k, v = self.keys_and_values(x, dk, dv)
     pad = ((0, 0), (halo_rows, nbh * b + halo_rows - height), (h, nbw * b + h - width), (0, 0))
     k, v = jnp.pad(k, pad), jnp.pad(v, pad)
 
@@ -158,8 +166,16 @@ class HaloAttention(nn.Module):
     init = nn.initializers.normal(dk**-0.5)
     index = relative_index(b, h, s, self.position_indexing)
     table_rows = num_relative_offsets(b, h, self.position_indexing)
-    rel_h = self.param('relative_height', init, (table_rows, dk))
-    rel_w = self.param('relative_width', init, (table_rows, dk))
+    if self.position_embedding == 'split':
+      # r_{a-i, b-j} = [r_row(a-i), r_col(b-j)]: q.r is the first half of q against the row
+      # embedding plus the second half against the column one.
+      rows = self.param('relative_height', init, (table_rows, dk // 2))
+      cols = self.param('relative_width', init, (table_rows, dk - dk // 2))
+      rel_h = jnp.pad(rows, ((0, 0), (0, dk - dk // 2)))
+      rel_w = jnp.pad(cols, ((0, 0), (dk // 2, 0)))
+    else:
+      rel_h = self.param('relative_height', init, (table_rows, dk))
+      rel_w = self.param('relative_width', init, (table_rows, dk))
     rel_h, rel_w = rel_h.astype(self.dtype)[index], rel_w.astype(self.dtype)[index]
 
     bias_h = jnp.asarray(key_bias(height, b, h, s, self.mask_window, nbh, self.mask_padding))
@@ -206,3 +222,12 @@ class HaloAttention(nn.Module):
     else:
       out = attend(q, k, v, rel_h, rel_w, bias_h, bias_w, block_size=b, halo_size=h, num_heads=n)
     return out[:, :out_h, :out_w]
+
+  def keys_and_values(self, x: jax.Array, dk: int, dv: int) -> tuple[jax.Array, jax.Array]:
+    """Keys and values of every pixel, heads side by side: one 1x1 projection. A subclass with
+    position-dependent values (the SASA stem) replaces this."""
+    projection = HeadProjection(
+      self.num_heads, dk + dv, parts=(dk, dv), dtype=self.dtype, name='key_value'
+    )
+    k, v = projection(x)
+    return k, v
