@@ -2,12 +2,10 @@
 initialised timm model (BatchNorm randomised), saved as safetensors, converted, gives timm's
 eval-mode logits and stage outputs; a planted conversion error does not; bad input is named.
 
-PyTorch runs in a subprocess (tests/scripts/timm_reference.py): it cannot share a process with
-TensorFlow. torch and timm come from requirements-timm.txt, which CI installs.
+PyTorch runs in a subprocess (tests/scripts/timm_reference.py, via tests/torch_side.py).
 """
 
 import functools
-import importlib.util
 import os
 import subprocess
 import sys
@@ -19,9 +17,9 @@ import pytest
 from halonet import convert
 from halonet import model as model_lib
 from halonet import trained
+from tests import torch_side
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, 'tests', 'scripts', 'timm_reference.py')
 MODELS = list(convert.PRETRAINED)
 TOLERANCE = 1e-4  # Of the largest reference magnitude.
 
@@ -29,21 +27,9 @@ TOLERANCE = 1e-4  # Of the largest reference magnitude.
 @pytest.fixture(scope='module')
 def references(tmp_path_factory):
   """Folder with MODEL.safetensors and MODEL.npz for every model (one torch process)."""
-  missing = [m for m in ('torch', 'timm', 'safetensors') if importlib.util.find_spec(m) is None]
-  if missing:
-    how = 'pip install -r requirements-timm.txt'
-    if os.environ.get('CI') == 'true':
-      pytest.fail(f'{missing} missing in CI: {how}')
-    pytest.skip(f'needs {missing}: {how}')
   out = tmp_path_factory.mktemp('timm')
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  subprocess.run(
-    [sys.executable, SCRIPT, str(out)]
-    + [f'{name}:{convert.PRETRAINED[name].image_size}' for name in MODELS],
-    check=True,
-    timeout=900,
-    env=env,
-  )
+  sizes = [f'{name}:{convert.PRETRAINED[name].image_size}' for name in MODELS]
+  torch_side.run_script('timm_reference.py', out, *sizes)
   return out
 
 

@@ -1,0 +1,94 @@
+"""The survey's attention modules against timm's own, on timm's randomly initialised weights
+(BatchNorm randomised, eval mode) converted by halonet/convert.py's name rules; and the ResNet-50
+variants timm has against this project's same networks, by parameter count.
+
+PyTorch runs in a subprocess (tests/scripts/timm_modules.py, via tests/torch_side.py).
+"""
+
+import functools
+import re
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from configs import halonet as configs
+from halonet import channel_attention
+from halonet import convert
+from halonet import mixers
+from halonet import model as model_lib
+from tests import torch_side
+
+TOLERANCE = 1e-5  # Of the largest reference magnitude.
+WIDTH = 32  # CHANNELS of the script.
+NORM = functools.partial(nn.BatchNorm, use_running_average=True, epsilon=1e-5)
+
+# Each case's Flax module, built as the network builds it (value_width, stride; norm, act).
+MODULES = {
+  'se': lambda: channel_attention.SqueezeExcite(),
+  'eca': lambda: channel_attention.EfficientChannelAttention(),
+  'cbam': lambda: channel_attention.Cbam(norm=NORM),
+  'ge_minus': lambda: channel_attention.BLOCK_MODULES['ge_minus'](norm=NORM),
+  'ge': lambda: channel_attention.BLOCK_MODULES['ge'](norm=NORM),
+  'ge_plus': lambda: channel_attention.BLOCK_MODULES['ge_plus'](norm=NORM),
+  'sk': lambda: mixers.SelectiveKernel(WIDTH, 1, NORM, nn.relu),
+  'sk_stride2': lambda: mixers.SelectiveKernel(WIDTH, 2, NORM, nn.relu),
+  'split': lambda: mixers.SplitAttention(WIDTH, 1, NORM, nn.relu),
+  'split_stride2': lambda: mixers.SplitAttention(WIDTH, 2, NORM, nn.relu),
+  'condconv': lambda: mixers.CondConv(WIDTH, 1),
+  'global': lambda: mixers.GlobalAttention(WIDTH, 1, qk_width=WIDTH, num_heads=4),
+  'global_stride2': lambda: mixers.GlobalAttention(WIDTH, 2, qk_width=WIDTH, num_heads=4),
+}
+
+
+@pytest.fixture(scope='module')
+def references(tmp_path_factory):
+  out = tmp_path_factory.mktemp('timm_modules')
+  torch_side.run_script('timm_modules.py', out)
+  return out
+
+
+def _converted_output(references, name):
+  """The Flax module's output on the case's input, with timm's weights converted into it."""
+  data = np.load(references / f'{name}.npz')
+  module, x = MODULES[name](), data['x']
+  abstract = jax.eval_shape(module.init, jax.random.key(0), x)
+  # Under a block, as in a network: the converter's rules name a block's attention layers
+  # ('self_attn', timm's BottleneckAttn's fused qkv) and gates ('attn').
+  inner = 'block' if name.startswith('global') else 'block.attn'
+  prefix = 'block.self_attn' if inner == 'block' else inner
+  state = {f'{prefix}.{k[len("state/") :]}': data[k] for k in data if k.startswith('state/')}
+  state = {re.sub(r'\.paths\.(\d+)\.', r'.paths_\1.', k): v for k, v in state.items()}
+  wrap = lambda tree: {'block': tree} if inner == 'block' else {'block': {'attn': tree}}
+  abstract = {c: wrap(abstract.get(c, {})) for c in ('params', 'batch_stats')}
+  variables = convert.convert(name, state, abstract)
+  unwrap = lambda tree: tree['block'] if inner == 'block' else tree['block']['attn']
+  variables = {c: unwrap(v) for c, v in variables.items() if v}
+  return module.apply(variables, x), data['y']
+
+
+@pytest.mark.parametrize('name', list(MODULES))
+def test_module_gives_timms_output_on_timms_weights(references, name):
+  got, want = _converted_output(references, name)
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape
+  error = float(np.abs(got - want).max() / np.abs(want).max())
+  assert error <= TOLERANCE, f'relative error {error:.2e}'
+
+
+# timm's ResNet-50 variants that share the ResNet-50 stem and shortcut (the 'd' and 't' ones,
+# ecaresnet50d, resnest50d, gcresnet50t, change the stem, so their counts measure that too).
+NETWORKS = {
+  'resnet50': {},
+  'seresnet50': {'model.channel_attention': ('se',) * 4},
+  'skresnet50': {'model.mixers': ('sk',) * 4},
+}
+
+
+@pytest.mark.parametrize('name', list(NETWORKS))
+def test_resnet50_variant_has_timms_parameter_count(references, name):
+  config = configs.get_config('resnet50')
+  config.update_from_flattened_dict(NETWORKS[name])
+  want = int(np.load(references / 'networks.npz')[name])
+  assert model_lib.count_params(config) == want
