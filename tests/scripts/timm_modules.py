@@ -11,6 +11,7 @@ import os
 import sys
 
 import numpy as np
+import timm
 from timm.layers import ConvMlp
 from timm.layers import create_conv2d
 from timm.layers import make_divisible
@@ -22,7 +23,6 @@ from timm.layers.gather_excite import GatherExcite
 from timm.layers.selective_kernel import SelectiveKernel
 from timm.layers.split_attn import SplitAttn
 from timm.layers.squeeze_excite import SEModule
-import timm
 import torch
 
 CHANNELS, SIZE = 32, 8
