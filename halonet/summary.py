@@ -17,15 +17,20 @@ from halonet import text_table
 
 
 def neighbourhood(config: ml_collections.ConfigDict) -> str:
-  """Attention neighbourhood of each attention stage, e.g. '14x14 (b=8, h=3)'."""
-  conv_stages = set(config.model.conv_stages)
-  windows = [
-    w for stage, w in enumerate(model.stage_windows(config.model), 1) if stage not in conv_stages
-  ]
-  if not windows:
+  """What each attending stage sees, e.g. '14x14 (b=8, h=3)', '7x7 window (SASA)', 'global'."""
+  described = []
+  for mixer, (b, h) in zip(model.stage_mixers(config.model), model.stage_windows(config.model)):
+    if mixer == 'halo':
+      described.append(f'{b + 2 * h}x{b + 2 * h} (b={b}, h={h})')
+    elif mixer == 'sasa':
+      k = config.model.sasa_window
+      described.append(f'{k}x{k} window (SASA)')
+    elif mixer == 'global':
+      described.append('global')
+  if not described:
     return 'none (all conv)'
-  described = [f'{b + 2 * h}x{b + 2 * h} (b={b}, h={h})' for b, h in dict.fromkeys(windows)]
-  if config.model.mask_window:
+  described = list(dict.fromkeys(described))
+  if config.model.mask_window and 'halo' in model.stage_mixers(config.model):
     k = config.model.mask_window
     described.append(f'masked to {k}x{k}')
   return ', '.join(described)
@@ -34,10 +39,17 @@ def neighbourhood(config: ml_collections.ConfigDict) -> str:
 def gflops_per_image(config: ml_collections.ConfigDict) -> float:
   """Forward GFLOPs for one image at config.image_size (a multiply-add counts as 2).
 
-  Counted on the loop-free plain attention: XLA's cost analysis counts a loop body once.
+  Counted on the loop-free plain attention: XLA's cost analysis counts a loop body once. SASA
+  stages are counted in their per-pixel form (b = 1), whose k^2 keys per query are the layer's
+  definition; the block-wise form computes the same with (b + k - 1)^2 keys per block.
   """
   config = config.copy_and_resolve_references()
   config.model.attention_impl = 'plain'
+  mixers = model.stage_mixers(config.model)
+  if 'sasa' in mixers:
+    windows = model.stage_windows(config.model)
+    config.model.block_sizes = tuple(1 if m == 'sasa' else b for m, (b, _) in zip(mixers, windows))
+    config.model.halo_sizes = tuple(h for _, h in windows)
   net = model.create_model(config)
   variables = model.abstract_variables(config)
   images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
