@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import h1
+from configs import halonet as named_configs
 from configs import tiny
 from halonet import convert
 from halonet import model as model_lib
@@ -22,13 +23,42 @@ from tests import hlo
 
 GLOBAL_BATCH = 64
 DEVICES = 8
+# configs/tiny.py with every mixer, channel attention, BAM and the SASA stem, over two models.
+MODULE_MODELS = {
+  'tiny_modules_a': {
+    'model.mixers': ('sasa', 'sk', 'split', 'global'),
+    'model.channel_attention': ('cbam', 'ge', 'ge_plus', 'eca'),
+    'model.stage_attention': 'bam',
+    'model.stem': 'sasa',
+  },
+  'tiny_modules_b': {
+    'model.mixers': ('condconv', 'dynamic', 'halo', 'conv'),
+    'model.channel_attention': ('se', 'ge_minus', '', 'se'),
+  },
+}
+
+
+def accelerator_config(model: str):
+  """A MODULE_MODELS config with 'auto' dtype (bfloat16 on TPU and GPU)."""
+  config = model_config(model)
+  config.variant, config.model.dtype = model, 'auto'
+  return config
+
+
+def model_config(model: str):
+  """configs/tiny.py, one of MODULE_MODELS, or a timm network's converted config."""
+  if model == 'tiny' or model in MODULE_MODELS:
+    config = tiny.get_config()
+    config.update_from_flattened_dict(MODULE_MODELS.get(model, {}))
+    return config
+  return convert.model_config(model)
 
 
 @functools.cache
 def compiled_train_step(impl: str, batch: int, devices: int, model: str = 'tiny'):
   """The real train step of configs/tiny.py (or of timm's `model`, converted ones' config),
   compiled, as `impl` 'name@backend' builds it."""
-  config = tiny.get_config() if model == 'tiny' else convert.model_config(model)
+  config = model_config(model)
   config.batch_size = batch
   impl, backend = impl.split('@')  # e.g. 'auto@tpu': attention_impl 'auto' as it resolves on TPU.
   config.model.attention_impl = impl
@@ -42,7 +72,12 @@ def compiled_train_step(impl: str, batch: int, devices: int, model: str = 'tiny'
 @pytest.mark.parametrize(
   'impl, model',
   # haloregnetz_b: timm's RegNetZ blocks and average-pooled strided halo, at 2 images a device.
-  [('auto@tpu', 'tiny'), ('rows@cpu', 'tiny'), ('auto@tpu', 'haloregnetz_b')],
+  [
+    ('auto@tpu', 'tiny'),
+    ('rows@cpu', 'tiny'),
+    ('auto@tpu', 'haloregnetz_b'),
+    *[('auto@tpu', name) for name in MODULE_MODELS],
+  ],
 )
 def test_train_step_only_all_reduces_parameter_sized_tensors(impl, model):
   """Data parallelism: gradients and BN statistics are all-reduced, nothing is gathered."""
@@ -94,6 +129,9 @@ def test_per_device_cost_is_that_of_the_per_device_batch(impl):
     h1.get_config(),
     convert.model_config('haloregnetz_b'),
     convert.model_config('lamhalobotnet50ts_256'),
+    # SASA's ResNet and every mixer, gate and stem, in bfloat16 as a TPU or GPU runs them.
+    named_configs.get_config('sasa_resnet26'),
+    *[accelerator_config(name) for name in MODULE_MODELS],
   ],
   ids=lambda config: config.variant,
 )
