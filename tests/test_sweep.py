@@ -13,6 +13,7 @@ import ml_collections
 from ml_collections import config_flags
 import pytest
 
+from halonet import model as model_lib
 from halonet import sweeps
 from halonet import train_lib
 
@@ -26,6 +27,10 @@ POINT_COUNTS = {
   ('masks', 'cpu'): 2,
   ('regularizers', 'paper'): 8,
   ('regularizers', 'cpu'): 8,
+  ('attention_modules', 'paper'): 15,
+  ('attention_modules', 'paper,resnet50'): 15,
+  ('attention_modules', 'cpu'): 15,
+  ('attention_modules', 'cpu,resnet'): 15,
 }
 
 
@@ -57,8 +62,10 @@ def test_shipped_sweeps_have_valid_points(name, scale):
   sweep = sweeps.load_config(f'configs/sweeps/{name}.py:{scale}')
   points = sweeps.build_points(sweep, '/sweep')
   assert len(points) == POINT_COUNTS[name, scale]
-  dataset = 'digits' if scale == 'cpu' else 'imagenet2012'
+  dataset = 'digits' if scale.startswith('cpu') else 'imagenet2012'
   assert all(p.config.dataset == dataset for p in points)
+  for point in points:  # Every point builds: its model settings pass the config's checks.
+    model_lib.validate_config(point.config)
 
 
 def test_points_cross_the_list_with_the_grid():
