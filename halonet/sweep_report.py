@@ -104,6 +104,10 @@ def _cell(value: Any) -> str:
   return str(value)
 
 
+# More points than this, some swept value not a number: one bar per point.
+MAX_LINES = 8
+
+
 def plot(
   rows: list[dict[str, Any]], keys: list[str], labels: list[str], metric: str, title: str, path: str
 ) -> None:
@@ -113,9 +117,30 @@ def plot(
   A bare Figure renders with Agg and leaves pyplot's global backend alone.
   """
   rows_labels = [(r, label) for r, label in zip(rows, labels) if r.get(metric) is not None]
-  fig = Figure(figsize=(4.5 * (len(keys) + 1), 4.2))
+  # Many named variants (e.g. one module each) read as one bar per point, not as lines per key.
+  as_bars = len(rows_labels) > MAX_LINES and any(
+    not isinstance(r[k], (int, float)) or isinstance(r[k], bool)
+    for r, _ in rows_labels
+    for k in keys
+  )
+  panels = 1 if as_bars else len(keys)
+  fig = Figure(figsize=(4.5 * (panels + 1), max(4.2, 0.3 * len(rows_labels)) if as_bars else 4.2))
   fig.suptitle(title, fontsize=10)
-  axes = fig.subplots(1, len(keys) + 1, squeeze=False)[0]
+  axes = fig.subplots(1, panels + 1, squeeze=False)[0]
+  if as_bars:
+    ys = range(len(rows_labels))
+    axes[0].barh(
+      ys,
+      [r[metric] for r, _ in rows_labels],
+      xerr=[r.get(f'{metric}_std', 0) for r, _ in rows_labels],
+      capsize=3,
+    )
+    axes[0].set_yticks(ys, [label for _, label in rows_labels], fontsize=7)
+    axes[0].invert_yaxis()
+    low = min(r[metric] for r, _ in rows_labels)
+    axes[0].set_xlim(max(0.0, low - 5), None)
+    axes[0].set_xlabel(f'{metric} (%)')
+    keys = []
   for ax, key in zip(axes, keys):
     values = [r[key] for r, _ in rows_labels]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
@@ -156,8 +181,9 @@ def plot(
   flops_ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
   flops_ax.ticklabel_format(axis='x', style='sci', scilimits=(-2, 4))
   flops_ax.set_xlabel('GFLOPs per image')
-  for ax in axes:
+  for ax in axes[1:] if as_bars else axes:
     ax.set_ylabel(f'{metric} (%)')
+  for ax in axes:
     ax.grid(alpha=0.3)
   fig.tight_layout()
   paths.save_figure(fig, path, dpi=120)
