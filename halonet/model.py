@@ -5,6 +5,9 @@ Stem: 7x7 conv 64 stride 2, BN, ReLU, 3x3 max-pool stride 2. Four stages of bott
 query/key width w and value width w * r_v (no output projection), 1x1 conv to w * r_b. A projection
 shortcut wherever the shape changes; the first block of stages 2-4 downsamples with strided
 attention. Optional final 1x1 conv to d_f, global average pool, dropout, linear classifier.
+The same network builds SASA's and BoTNet's backbones and ResNets with the survey's modules:
+each stage's mixer and channel attention, BAM and the stem are config fields
+(docs/attention_modules.md).
 
 Parameter counts. With relative tables shared by the heads (one d-dim embedding per offset, as in
 BoTNet and timm) this reproduces the paper's table to within 1% for H0-H2 and H4-H7. H3's row
