@@ -309,3 +309,20 @@ def test_bad_module_settings_fail_in_one_line_naming_the_value(overrides, messag
     model_lib.validate_config(config)
   text = str(raised.value)
   assert message in text and '\n' not in text, text
+
+
+def test_bam_follows_stages_1_to_3_and_gates_follow_every_block():
+  """BAM where the map shrinks (after stages 1-3, not after the last); a block's channel
+  attention in every block of the stages that name it."""
+  config = configs.get_config('tiny')
+  config.model.stage_attention = 'bam'
+  config.model.stage_depths = (2, 1, 1, 1)
+  config.model.channel_attention = ('cbam', '', 'se', '')
+  params = model_lib.abstract_variables(config)['params']
+  assert sorted(k for k in params if k.endswith('_bam')) == [
+    'stage1_bam',
+    'stage2_bam',
+    'stage3_bam',
+  ]
+  gated = sorted(k for k, v in params.items() if 'channel_attention' in v)
+  assert gated == ['stage1_block0', 'stage1_block1', 'stage3_block0']
