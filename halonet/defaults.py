@@ -37,7 +37,12 @@ def model_config() -> ml_collections.ConfigDict:
       # 'se', 'eca', 'cbam', 'ge_minus', 'ge' or 'ge_plus'; empty = 'se' with use_se, else none.
       channel_attention=(),
       stage_attention='',  # 'bam': BAM after stages 1-3; '' = none.
-      stem='conv',  # 'conv' (7x7/2 conv, 3x3/2 max-pool) or 'sasa' (SASA's attention stem).
+      # 'conv' (7x7/2 conv, 3x3/2 max-pool), 'sasa' (SASA's attention stem), or the 'deep'
+      # (3x3 convs of 32, 32, 64) and 'tiered' (24, 32, 64) stems of timm's 'd'/'t' ResNets.
+      stem='conv',
+      # Where a block downsamples: 'conv' (strided 1x1 conv) or 'avg_down' (2x2 average pool,
+      # then the 1x1 conv, as timm's 'd'/'t' ResNets).
+      shortcut='conv',
       sasa_window=7,  # k: the window side of 'sasa' mixers (odd).
       sk_kernels=(3, 5),  # kernel of each Selective Kernel path (odd; 5 = 3x3 dilated by 2).
       radix=2,  # Split Attention's splits per channel.

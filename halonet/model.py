@@ -30,9 +30,11 @@ import ml_collections
 from halonet import attention
 from halonet import byob
 from halonet import channel_attention
+from halonet import deep_stem
 from halonet import errors
 from halonet import mixers
 from halonet import sasa_stem
+from halonet.mixers import pooling
 from halonet.model_keys import CLASSIFIER
 from halonet.model_keys import FEATURES
 
@@ -43,6 +45,10 @@ _DTYPES = ('float32', 'bfloat16')
 # What dtype='auto' computes in on each backend: bfloat16 on TPU and GPU (matmul units built for
 # it); float32 on CPU, which has no bfloat16 matmul units (bench/run.py: bf16 is slower there).
 AUTO_DTYPE = {'cpu': 'float32'}
+STEMS = ('conv', 'sasa', *deep_stem.WIDTHS)
+# The projection shortcut where a block downsamples: a strided 1x1 conv, or (timm's avg_down, the
+# 'd' ResNets) a 2x2 average pool then the 1x1 conv, which sees every input pixel.
+SHORTCUTS = ('conv', 'avg_down')
 
 
 def stage_windows(model_config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
@@ -139,8 +145,10 @@ def _check_modules(m: ml_collections.ConfigDict) -> None:
   if m.stage_attention not in ('', *channel_attention.STAGE_MODULES):
     known = ['', *channel_attention.STAGE_MODULES]
     raise errors.ConfigError(f'stage_attention={m.stage_attention!r} is not one of {known}')
-  if m.stem not in ('conv', 'sasa'):
-    raise errors.ConfigError(f"stem={m.stem!r} is not one of ['conv', 'sasa']")
+  if m.stem not in STEMS:
+    raise errors.ConfigError(f'stem={m.stem!r} is not one of {list(STEMS)}')
+  if m.shortcut not in SHORTCUTS:
+    raise errors.ConfigError(f'shortcut={m.shortcut!r} is not one of {list(SHORTCUTS)}')
   used = set(stage_mixers(m))
   if 'sk' in used:
     kernels = tuple(m.sk_kernels)
@@ -200,6 +208,7 @@ class BottleneckBlock(nn.Module):
   module with those two fields fits, so a new variant plugs in without touching the block.
   BatchNorm and the activation follow it unless `mixer_normalizes` (SK, Split Attention end with
   their own). `channel_attention` builds the gate after the last BatchNorm, or is None.
+  `avg_down` average-pools the shortcut where it strides (model.shortcut='avg_down').
   """
 
   width: int
@@ -209,6 +218,7 @@ class BottleneckBlock(nn.Module):
   mixer: Callable[..., nn.Module]
   mixer_normalizes: bool
   channel_attention: Callable[..., nn.Module] | None
+  avg_down: bool
   drop_path_rate: float
   act: Callable[[jax.Array], jax.Array]
   norm: Callable[..., nn.Module]  # BatchNorm, built once by the network for train or eval.
@@ -233,7 +243,11 @@ class BottleneckBlock(nn.Module):
     y = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3))(y, deterministic=not train)
     residual = x
     if self.stride != 1 or x.shape[-1] != self.out_width:
-      residual = pointwise(self.out_width, name='proj')(x[:, :: self.stride, :: self.stride])
+      if self.avg_down:
+        residual = pooling.downsample(x, self.stride)
+      else:
+        residual = x[:, :: self.stride, :: self.stride]
+      residual = pointwise(self.out_width, name='proj')(residual)
       residual = norm(name='proj_bn')(residual)
     return self.act(y + residual)
 
@@ -261,6 +275,7 @@ class HaloNet(nn.Module):
   channel_attention: Sequence[str]
   stage_attention: str
   stem: str
+  shortcut: str
   sasa_window: int
   sk_kernels: Sequence[int]
   radix: int
@@ -336,6 +351,8 @@ class HaloNet(nn.Module):
         dtype=dtype,
         name='stem_attention',
       )(x)
+    elif self.stem in deep_stem.WIDTHS:
+      x = deep_stem.DeepStem(kind=self.stem, norm=norm, dtype=dtype, name='stem_deep')(x)
     else:
       x = nn.Conv(
         64,
@@ -381,6 +398,7 @@ class HaloNet(nn.Module):
           mixer=mixer,
           mixer_normalizes=mixer_name in mixers.NORMALIZED,
           channel_attention=gate,
+          avg_down=self.shortcut == 'avg_down',
           drop_path_rate=self.stochastic_depth_rate * block_index / max(total_blocks - 1, 1),
           act=act,
           norm=norm,

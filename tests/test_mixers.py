@@ -288,6 +288,7 @@ def test_sasa_resnets_have_table_1s_parameters_and_flops(name):
     ({'model.channel_attention': ('se', 'se', 'se', 'sse')}, "'sse' is not one of"),
     ({'model.stage_attention': 'cbam'}, "stage_attention='cbam' is not one of"),
     ({'model.stem': 'patch'}, "stem='patch' is not one of"),
+    ({'model.shortcut': 'pool'}, "shortcut='pool' is not one of"),
     ({'model.mixers': ('sk',) * 4, 'model.sk_kernels': ()}, 'sk_kernels=() needs at least one'),
     ({'model.mixers': ('sk',) * 4, 'model.sk_kernels': (3, 4)}, 'sk_kernels=(3, 4) needs'),
     ({'model.mixers': ('sk',) * 4, 'model.sk_kernels': (3, 5, 7)}, 'do not split its width 8'),

@@ -1,6 +1,7 @@
 """The survey's attention modules against timm's own, on timm's randomly initialised weights
 (BatchNorm randomised, eval mode) converted by halonet/convert.py's name rules; and the ResNet-50
-variants timm has against this project's same networks, by parameter count.
+variants timm has against this project's same networks, by parameter count, with the deep and
+tiered stems and the average-pooled shortcut of the 'd'/'t' ones against timm's on its weights.
 
 PyTorch runs in a subprocess (tests/scripts/timm_modules.py, via tests/torch_side.py).
 """
@@ -16,6 +17,7 @@ import pytest
 from configs import halonet as configs
 from halonet import channel_attention
 from halonet import convert
+from halonet import deep_stem
 from halonet import mixers
 from halonet import model as model_lib
 from tests import torch_side
@@ -77,12 +79,19 @@ def test_module_gives_timms_output_on_timms_weights(references, name):
   assert error <= TOLERANCE, f'relative error {error:.2e}'
 
 
-# timm's ResNet-50 variants that share the ResNet-50 stem and shortcut (the 'd' and 't' ones,
-# ecaresnet50d, resnest50d, gcresnet50t, change the stem, so their counts measure that too).
+# timm's ResNet-50 variants as overrides of resnet50. The 'd' and 't' ones have deep or tiered
+# stems and average-pooled shortcuts. Not here: gcresnet50t (Global Context, not one of the
+# survey's modules) and resnest50d's 3x3 average pool in place of a strided split conv (avd: no
+# parameters, so its count is still checked).
+_D = {'model.stem': 'deep', 'model.shortcut': 'avg_down'}
 NETWORKS = {
   'resnet50': {},
   'seresnet50': {'model.channel_attention': ('se',) * 4},
   'skresnet50': {'model.mixers': ('sk',) * 4},
+  'resnet50d': _D,
+  'ecaresnet50d': {**_D, 'model.channel_attention': ('eca',) * 4},
+  'ecaresnet50t': {**_D, 'model.stem': 'tiered', 'model.channel_attention': ('eca',) * 4},
+  'resnest50d': {**_D, 'model.mixers': ('split',) * 4},
 }
 
 
@@ -92,3 +101,63 @@ def test_resnet50_variant_has_timms_parameter_count(references, name):
   config.update_from_flattened_dict(NETWORKS[name])
   want = int(np.load(references / 'networks.npz')[name])
   assert model_lib.count_params(config) == want
+
+
+def _state(data):
+  """The case's torch state dict, by its own keys."""
+  return {k[len('state/') :]: v for k, v in data.items() if k.startswith('state/')}
+
+
+def _batch_norm(data, prefix):
+  """A torch BatchNorm2d's state as Flax (params, batch_stats)."""
+  params = {'scale': data[f'{prefix}.weight'], 'bias': data[f'{prefix}.bias']}
+  stats = {'mean': data[f'{prefix}.running_mean'], 'var': data[f'{prefix}.running_var']}
+  return params, stats
+
+
+def _assert_close(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape
+  error = float(np.abs(got - want).max() / np.abs(want).max())
+  assert error <= TOLERANCE, f'relative error {error:.2e}'
+
+
+@pytest.mark.parametrize('kind', list(deep_stem.WIDTHS))
+def test_deep_stem_gives_timms_output_on_timms_weights(references, kind):
+  """timm's stem is Sequential(conv1 = [conv, bn, act, conv, bn, act, conv], bn1, act1, maxpool)."""
+  data = np.load(references / f'{kind}_stem.npz')
+  state = _state(data)
+  params, stats = {}, {}
+  for i in (1, 2, 3):
+    params[f'conv{i}'] = {'kernel': state[f'0.{3 * (i - 1)}.weight'].transpose(2, 3, 1, 0)}
+    bn = f'0.{3 * (i - 1) + 1}' if i < 3 else '1'
+    params[f'bn{i}'], stats[f'bn{i}'] = _batch_norm(state, bn)
+  stem = deep_stem.DeepStem(kind=kind, norm=NORM)
+  _assert_close(stem.apply({'params': params, 'batch_stats': stats}, data['x']), data['y'])
+
+
+def test_avg_down_shortcut_gives_timms_output_on_timms_weights(references):
+  """A fresh block's branch is zero (its last BatchNorm scale starts at 0), so it returns
+  relu(shortcut(x)): with timm's downsample_avg weights, relu of timm's output on an odd map."""
+  data = np.load(references / 'avg_down.npz')
+  block = model_lib.BottleneckBlock(
+    width=8,
+    out_width=2 * WIDTH,
+    value_width=8,
+    stride=2,
+    mixer=mixers.Conv3x3,
+    mixer_normalizes=False,
+    channel_attention=None,
+    avg_down=True,
+    drop_path_rate=0.0,
+    act=nn.relu,
+    norm=NORM,
+    dtype=np.float32,
+  )
+  x = data['x']
+  variables = jax.tree.map(np.asarray, block.init(jax.random.key(0), x, False))
+  state = _state(data)
+  variables['params']['proj'] = {'kernel': state['1.weight'][:, :, 0, 0].T}
+  bn_params, bn_stats = _batch_norm(state, '2')
+  variables['params']['proj_bn'], variables['batch_stats']['proj_bn'] = bn_params, bn_stats
+  _assert_close(block.apply(variables, x, False), np.maximum(data['y'], 0))

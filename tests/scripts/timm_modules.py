@@ -3,6 +3,7 @@ timm implements them), randomly initialised with randomised BatchNorm (eval mode
 with its output on a random input. Runs in its own process: torch and TensorFlow do not share one.
 
 Usage: timm_modules.py OUT_DIR
+Also the deep and tiered stems of timm's 'd'/'t' ResNets and their average-pooled shortcut.
 Writes OUT_DIR/CASE.npz per case: x and y (NHWC) and the state dict as 'state/KEY'; and
 OUT_DIR/networks.npz: the parameter count of each timm network named in NETWORKS.
 """
@@ -23,10 +24,19 @@ from timm.layers.gather_excite import GatherExcite
 from timm.layers.selective_kernel import SelectiveKernel
 from timm.layers.split_attn import SplitAttn
 from timm.layers.squeeze_excite import SEModule
+from timm.models.resnet import downsample_avg
 import torch
 
 CHANNELS, SIZE = 32, 8
-NETWORKS = ('resnet50', 'seresnet50', 'skresnet50')
+NETWORKS = (
+  'resnet50',
+  'seresnet50',
+  'skresnet50',
+  'resnet50d',
+  'ecaresnet50d',
+  'ecaresnet50t',
+  'resnest50d',
+)
 
 
 class RoutedCondConv(torch.nn.Module):
@@ -60,6 +70,15 @@ def gather_excite(use_mlp):
   return module
 
 
+def resnet_stem(name):
+  """A 'd' or 't' ResNet's stem as timm runs it: conv1 (three convs), bn1, act1, maxpool."""
+  net = timm.create_model(name, pretrained=False)
+  return torch.nn.Sequential(net.conv1, net.bn1, net.act1, net.maxpool)
+
+
+# (channels, side) of a case's input where it is not (CHANNELS, SIZE): images for the stems; an
+# odd map for the shortcut, where the pool's ceil mode and uncounted padding show.
+INPUTS = {'deep_stem': (3, 16), 'tiered_stem': (3, 16), 'avg_down': (CHANNELS, 7)}
 CASES = {
   'se': lambda: SEModule(CHANNELS, rd_ratio=1 / 16),
   'eca': lambda: EcaModule(CHANNELS),
@@ -78,6 +97,11 @@ CASES = {
   'global_stride2': lambda: BottleneckAttn(
     CHANNELS, CHANNELS, feat_size=(SIZE, SIZE), stride=2, num_heads=4
   ),
+  'deep_stem': lambda: resnet_stem('resnet50d'),
+  'tiered_stem': lambda: resnet_stem('ecaresnet50t'),
+  'avg_down': lambda: downsample_avg(
+    CHANNELS, 2 * CHANNELS, 1, stride=2, norm_layer=torch.nn.BatchNorm2d
+  ),
 }
 
 out_dir = sys.argv[1]
@@ -94,7 +118,8 @@ for name, build in CASES.items():
     if name == 'global' or name == 'global_stride2':  # Non-zero position tables.
       module.pos_embed.height_rel.normal_(0.0, 0.5)
       module.pos_embed.width_rel.normal_(0.0, 0.5)
-    x = torch.randn(2, CHANNELS, SIZE, SIZE)
+    channels, side = INPUTS.get(name, (CHANNELS, SIZE))
+    x = torch.randn(2, channels, side, side)
     y = module(x)
   state = {f'state/{k}': v.numpy() for k, v in module.state_dict().items()}
   np.savez(
