@@ -34,6 +34,8 @@ MODULE_MODELS = {
   'tiny_modules_b': {
     'model.mixers': ('condconv', 'dynamic', 'halo', 'conv'),
     'model.channel_attention': ('se', 'ge_minus', '', 'se'),
+    'model.stem': 'deep',
+    'model.shortcut': 'avg_down',
   },
 }
 
