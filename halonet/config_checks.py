@@ -5,7 +5,6 @@ heads vs widths, the attention window vs the halo) follow it. `model.validate_co
 architecture's own rules and is called from here, so a run needs only `validate_config`.
 """
 
-import math
 import re
 
 import jax
@@ -71,7 +70,7 @@ def _inside(value: float, interval: str) -> bool:
   low, high = (float(bound) for bound in interval[1:-1].split(','))
   above = value >= low if interval[0] == '[' else value > low
   below = value <= high if interval[-1] == ']' else value < high
-  return not math.isnan(value) and above and below
+  return above and below  # Both False for NaN, as every comparison with it is.
 
 
 def check_ranges(config: ml_collections.ConfigDict) -> None:

@@ -57,6 +57,10 @@ GOOD_VALUES = [
   ('variant', 'my_halonet'),
   ('pixel_mean', (0.0, 1.0, 0.5)),
   ('pixel_std', (1e-3, 1.0, 2.0)),
+  ('profile_steps', (1, 1)),
+  ('crop_area_range', (0.5, 0.5)),
+  ('model.halo_sizes', (0, 0, 0, 0)),
+  ('variant', 'h7'),
 ]
 
 
@@ -85,6 +89,9 @@ def test_bad_value_fails_in_one_line_naming_it(field, value):
     ('model.stage_depths', (1, 1, 0, 1), 'model.stage_depths=(1, 1, 0, 1)'),
     ('model.block_sizes', (4, 4, 0, 4), 'model.block_sizes=(4, 4, 0, 4)'),
     ('crop_area_range', (0.0, 1.0), 'crop_area_range=(0.0, 1.0)'),
+    ('crop_area_range', (0.5, 1.5), 'crop_area_range=(0.5, 1.5)'),
+    ('model.halo_sizes', (1, 1, -1, 1), 'model.halo_sizes=(1, 1, -1, 1)'),
+    ('model.activation', 'gelu', "activation='gelu'"),
     ('pixel_mean', (0.5, 0.5), 'pixel_mean=(0.5, 0.5)'),
     ('pixel_mean', (0.5, 1.5, 0.5), 'pixel_mean=(0.5, 1.5, 0.5)'),
     ('pixel_mean', (0.5, 0.5, -0.1), 'pixel_mean=(0.5, 0.5, -0.1)'),
@@ -94,6 +101,7 @@ def test_bad_value_fails_in_one_line_naming_it(field, value):
     ('optimizer.name', 'lamb', "'lamb'"),
     ('profile_steps', (3, 2), 'profile_steps=(3, 2)'),
     ('profile_steps', (0, 2), 'profile_steps=(0, 2)'),
+    ('profile_steps', (1, 2, 3), 'profile_steps=(1, 2, 3)'),
     ('trainable', 'backbone', "trainable='backbone'"),
   ],
 )
@@ -106,3 +114,49 @@ def test_bad_sequence_or_name_fails_in_one_line_naming_it(field, value, named):
 @pytest.mark.parametrize('field, value', GOOD_VALUES)
 def test_boundary_values_are_accepted(field, value):
   config_checks.validate_config(_with(field, value), num_devices=1, process_count=1)
+
+
+@pytest.mark.parametrize(
+  'steps, epochs, ok', [(0, 0.0, False), (-1, 0.0, False), (1, 0.0, True), (0, 1.0, True)]
+)
+def test_a_run_needs_a_positive_step_count_or_epoch_count(steps, epochs, ok):
+  config = _with('num_train_steps', steps)
+  config.num_epochs = epochs
+  if ok:
+    config_checks.validate_config(config, num_devices=1, process_count=1)
+  else:
+    with pytest.raises(ValueError, match=f'num_epochs={epochs} must be > 0'):
+      config_checks.validate_config(config, num_devices=1, process_count=1)
+
+
+@pytest.mark.parametrize(
+  'overrides, devices, processes, named',
+  [
+    ({'batch_size': 0}, 1, 1, 'batch_size=0 is not a positive multiple of the 1 devices'),
+    ({'batch_size': 6}, 4, 1, 'batch_size=6 is not a positive multiple of the 4 devices'),
+    ({'eval_batch_size': 6}, 4, 1, 'eval_batch_size=6 is not a positive multiple of the 4'),
+    ({'batch_size': 4, 'eval_batch_size': 4}, 1, 3, 'batch_size=4 is not divisible by the 3'),
+    ({'batch_size': 6, 'eval_batch_size': 4}, 2, 3, 'eval_batch_size=4 is not divisible by the 3'),
+    ({'mesh_shape': (1, 3)}, 3, 1, 'image_size=32 does not split into 3 equal bands'),
+  ],
+)
+def test_batches_and_rows_must_split_over_the_given_devices(overrides, devices, processes, named):
+  """Against the device and process counts passed in (this process has 8 fake devices)."""
+  config = tiny.get_config()
+  config.update_from_flattened_dict(overrides)
+  with pytest.raises(ValueError, match=named):
+    config_checks.validate_config(config, num_devices=devices, process_count=processes)
+
+
+@pytest.mark.parametrize(
+  'overrides, devices, processes',
+  [
+    ({'batch_size': 1, 'eval_batch_size': 1}, 1, 1),
+    ({'batch_size': 3, 'eval_batch_size': 3}, 3, 3),
+    ({'mesh_shape': (2, 2), 'batch_size': 2, 'eval_batch_size': 2}, 4, 2),
+  ],
+)
+def test_batches_that_split_over_the_given_devices_are_accepted(overrides, devices, processes):
+  config = tiny.get_config()
+  config.update_from_flattened_dict(overrides)
+  config_checks.validate_config(config, num_devices=devices, process_count=processes)

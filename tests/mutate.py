@@ -1,0 +1,304 @@
+"""Mutation testing: plant one small bug at a time in a module, run the fast tests that cover it,
+and count the bugs they miss. A tool to run by hand, not part of CI (a module takes minutes).
+
+The bugs are those a developer writes: an operator or comparison swapped (+/-, * and /, < and
+<=, == and !=, in and not in, and/or), a negation dropped, a constant changed (n -> n + 1,
+x -> 2x, True <-> False), a condition dropped (`if c:` -> `if True:` / `if False:`), a keyword
+argument dropped (its default taken), two positional arguments swapped, a call statement or an
+augmented assignment deleted. Docstrings, f-strings, annotations and `raise` statements (error
+messages) are left alone. Each mutant runs in a copy of the repository, so the working tree is
+never touched.
+
+Usage: python tests/mutate.py [MODULE ...] [--jobs N] [--list]
+  MODULE: keys of COVERING (e.g. halonet/optim.py); none = all. --list prints the mutants only.
+Writes tests/mutation/MODULE.json (score and survivors) and prints a table. Survivors judged
+equivalent (no test could tell them apart) are listed with the reason in tests/mutation/
+equivalent.json and leave the score's denominator.
+"""
+
+import argparse
+import ast
+import concurrent.futures
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / 'tests' / 'mutation'
+# Each module's fast tests: the ones that exercise it without end-to-end runs.
+COVERING = {
+  'halonet/optim.py': ('tests/test_training_semantics.py',),
+  'halonet/config_checks.py': ('tests/test_config_checks.py',),
+}
+_SWAPS = {
+  ast.Add: ast.Sub,
+  ast.Sub: ast.Add,
+  ast.Mult: ast.Div,
+  ast.Div: ast.Mult,
+  ast.FloorDiv: ast.Div,
+  ast.Mod: ast.FloorDiv,
+  ast.Pow: ast.Mult,
+  ast.Lt: ast.LtE,
+  ast.LtE: ast.Lt,
+  ast.Gt: ast.GtE,
+  ast.GtE: ast.Gt,
+  ast.Eq: ast.NotEq,
+  ast.NotEq: ast.Eq,
+  ast.In: ast.NotIn,
+  ast.NotIn: ast.In,
+  ast.Is: ast.IsNot,
+  ast.IsNot: ast.Is,
+  ast.And: ast.Or,
+  ast.Or: ast.And,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+  index: int  # Its place in the module's walk: the same source gives the same mutants.
+  line: int
+  description: str
+
+  @property
+  def key(self) -> str:
+    return f'L{self.line} {self.description}'
+
+
+def _untouchable(tree: ast.Module) -> set[int]:
+  """ids of nodes no mutation enters: docstrings, f-strings, annotations, raise statements."""
+  skip = set()
+  for node in ast.walk(tree):
+    roots = []
+    if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+      body = node.body
+      if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        roots.append(body[0])
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      roots += [a.annotation for a in node.args.args + node.args.kwonlyargs if a.annotation]
+      roots += [node.returns] if node.returns else []
+    if isinstance(node, ast.AnnAssign):
+      roots.append(node.annotation)
+    if isinstance(node, (ast.JoinedStr, ast.Raise)):
+      roots.append(node)
+    for root in roots:
+      skip.update(id(n) for n in ast.walk(root))
+  return skip
+
+
+class _Mutator(ast.NodeTransformer):
+  """Walks a module, numbering each possible mutation; applies the one numbered `target`."""
+
+  def __init__(self, skip: set[int], target: int = -1):
+    self.skip, self.target, self.found = skip, target, []
+
+  def _site(self, node: ast.AST, description: str) -> bool:
+    """Records a site; True where it is the one to apply."""
+    self.found.append(Mutant(len(self.found), node.lineno, description))
+    return len(self.found) - 1 == self.target
+
+  def visit(self, node):
+    if id(node) in self.skip:
+      return node
+    return super().visit(node)
+
+  def _swap(self, node, op, replace):
+    swapped = _SWAPS.get(type(op))
+    if swapped and self._site(node, f'{type(op).__name__} -> {swapped.__name__}'):
+      replace(swapped())
+
+  def visit_BinOp(self, node):
+    self._swap(node, node.op, lambda new: setattr(node, 'op', new))
+    return self.generic_visit(node)
+
+  def visit_AugAssign(self, node):
+    self._swap(node, node.op, lambda new: setattr(node, 'op', new))
+    return self.generic_visit(node)
+
+  def visit_BoolOp(self, node):
+    self._swap(node, node.op, lambda new: setattr(node, 'op', new))
+    for i in range(len(node.values)):
+      if self._site(node, f'drop operand {i + 1} of {type(node.op).__name__}'):
+        rest = node.values[:i] + node.values[i + 1 :]
+        node = rest[0] if len(rest) == 1 else ast.copy_location(ast.BoolOp(node.op, rest), node)
+        break
+    return self.generic_visit(node)
+
+  def visit_Compare(self, node):
+    for i, op in enumerate(node.ops):
+      self._swap(node, op, lambda new, i=i: node.ops.__setitem__(i, new))
+    return self.generic_visit(node)
+
+  def visit_UnaryOp(self, node):
+    if isinstance(node.op, (ast.Not, ast.USub)) and self._site(
+      node, f'drop {type(node.op).__name__}'
+    ):
+      return self.generic_visit(node.operand)
+    return self.generic_visit(node)
+
+  def visit_Constant(self, node):
+    value = node.value
+    if isinstance(value, bool):
+      new = not value
+    elif isinstance(value, int):
+      new = value + 1
+    elif isinstance(value, float):
+      new = value * 2 if value else 1.0
+    else:
+      return node
+    if self._site(node, f'{value!r} -> {new!r}'):
+      return ast.copy_location(ast.Constant(new), node)
+    return node
+
+  def visit_If(self, node):
+    for value in (True, False):
+      if self._site(node, f'condition -> {value}'):
+        node.test = ast.copy_location(ast.Constant(value), node.test)
+        return self.generic_visit(node)
+    return self.generic_visit(node)
+
+  def visit_Call(self, node):
+    for i, keyword in enumerate(node.keywords):
+      if keyword.arg and self._site(node, f'drop keyword {keyword.arg}='):
+        del node.keywords[i]
+        return self.generic_visit(node)
+    if len(node.args) >= 2 and not any(isinstance(a, ast.Starred) for a in node.args[:2]):
+      if self._site(node, 'swap arguments 1 and 2'):
+        node.args[0], node.args[1] = node.args[1], node.args[0]
+    return self.generic_visit(node)
+
+  def visit_Expr(self, node):
+    if isinstance(node.value, ast.Call) and self._site(node, 'delete call statement'):
+      return ast.copy_location(ast.Pass(), node)
+    return self.generic_visit(node)
+
+
+def mutants(source: str) -> list[Mutant]:
+  tree = ast.parse(source)
+  mutator = _Mutator(_untouchable(tree))
+  mutator.visit(tree)
+  return mutator.found
+
+
+def mutated_source(source: str, mutant: Mutant) -> str:
+  tree = ast.parse(source)
+  mutator = _Mutator(_untouchable(tree), mutant.index)
+  tree = ast.fix_missing_locations(mutator.visit(tree))
+  return ast.unparse(tree)
+
+
+def _workspace(directory: pathlib.Path) -> pathlib.Path:
+  ignore = shutil.ignore_patterns('.git', '__pycache__', '.pytest_cache', 'mutation', '.ruff_cache')
+  shutil.copytree(ROOT, directory, ignore=ignore, symlinks=True)
+  return directory
+
+
+def _run_tests(workspace: pathlib.Path, tests: tuple[str, ...], timeout: float) -> str:
+  """'passed', 'failed' or 'timeout' for the tests in `workspace`."""
+  command = [sys.executable, '-m', 'pytest', '-x', '-q', '-n', '0', '-p', 'no:cacheprovider']
+  env = {**os.environ, 'PYTHONDONTWRITEBYTECODE': '1'}
+  try:
+    result = subprocess.run(
+      [*command, *tests], cwd=workspace, env=env, capture_output=True, timeout=timeout
+    )
+  except subprocess.TimeoutExpired:
+    return 'timeout'
+  return 'passed' if result.returncode == 0 else 'failed'
+
+
+def _run_module(module: str, jobs: int) -> dict:
+  source = (ROOT / module).read_text()
+  tests = COVERING[module]
+  found = mutants(source)
+  with tempfile.TemporaryDirectory(prefix='mutate-') as scratch:
+    workspaces = [_workspace(pathlib.Path(scratch) / str(j)) for j in range(jobs)]
+    start = time.monotonic()
+    if _run_tests(workspaces[0], tests, timeout=1800) != 'passed':
+      raise SystemExit(f'{module}: its tests {tests} fail before any mutation')
+    timeout = 3 * (time.monotonic() - start) + 30
+
+    def run(mutant: Mutant, workspace: pathlib.Path) -> str:
+      target = workspace / module
+      target.write_text(mutated_source(source, mutant))
+      try:
+        return _run_tests(workspace, tests, timeout)
+      finally:
+        target.write_text(source)
+
+    free = list(workspaces)
+    outcomes = {}
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+      pending = {}
+      for mutant in found:
+        if not free:
+          done, _ = concurrent.futures.wait(pending, return_when='FIRST_COMPLETED')
+          for future in done:
+            m, workspace = pending.pop(future)
+            outcomes[m] = future.result()
+            free.append(workspace)
+            print(f'  {module} {m.key}: {outcomes[m]}', flush=True)
+        workspace = free.pop()
+        pending[pool.submit(run, mutant, workspace)] = (mutant, workspace)
+      for future in concurrent.futures.as_completed(pending):
+        m, _ = pending[future]
+        outcomes[m] = future.result()
+        print(f'  {module} {m.key}: {outcomes[m]}', flush=True)
+  equivalent = _equivalent().get(module, {})
+  lines = source.splitlines()
+  survivors = [
+    {'mutant': m.key, 'code': lines[m.line - 1].strip(), 'equivalent': equivalent.get(m.key)}
+    for m in found
+    if outcomes[m] == 'passed'
+  ]
+  counted = len(found) - sum(1 for s in survivors if s['equivalent'])
+  killed = len(found) - len(survivors)
+  return {
+    'module': module,
+    'tests': list(tests),
+    'mutants': len(found),
+    'killed': killed,
+    'equivalent': len(found) - counted,
+    'score': killed / counted if counted else 1.0,
+    'survivors': survivors,
+  }
+
+
+def _equivalent() -> dict:
+  path = RESULTS / 'equivalent.json'
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('modules', nargs='*', default=list(COVERING))
+  parser.add_argument('--jobs', type=int, default=os.cpu_count() or 1)
+  parser.add_argument('--list', action='store_true')
+  args = parser.parse_args()
+  unknown = [m for m in args.modules if m not in COVERING]
+  if unknown:
+    raise SystemExit(f'{unknown[0]} has no covering tests in COVERING: {list(COVERING)}')
+  for module in args.modules:
+    if args.list:
+      for m in mutants((ROOT / module).read_text()):
+        print(f'{module} {m.key}')
+      continue
+    report = _run_module(module, args.jobs)
+    RESULTS.mkdir(exist_ok=True)
+    name = module.replace('/', '.').removesuffix('.py')
+    (RESULTS / f'{name}.json').write_text(json.dumps(report, indent=2) + '\n')
+    print(
+      f'{module}: {report["killed"]}/{report["mutants"] - report["equivalent"]} killed '
+      f'({100 * report["score"]:.0f}%), {report["equivalent"]} equivalent'
+    )
+    for s in report['survivors']:
+      mark = f'  [equivalent: {s["equivalent"]}]' if s['equivalent'] else ''
+      print(f'  survived {s["mutant"]}: {s["code"]}{mark}')
+
+
+if __name__ == '__main__':
+  main()
