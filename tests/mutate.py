@@ -33,7 +33,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / 'tests' / 'mutation'
 # Each module's fast tests: the ones that exercise it without end-to-end runs.
 COVERING = {
-  'halonet/optim.py': ('tests/test_training_semantics.py',),
+  'halonet/optim.py': (
+    'tests/test_optim.py',
+    'tests/test_training_semantics.py::test_learning_rate_schedule_values',
+    'tests/test_training_semantics.py::test_first_update_applies_the_peak_rate_and_decays_only_weights',
+  ),
   'halonet/config_checks.py': ('tests/test_config_checks.py',),
 }
 _SWAPS = {
