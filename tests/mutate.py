@@ -39,6 +39,7 @@ COVERING = {
     'tests/test_training_semantics.py::test_first_update_applies_the_peak_rate_and_decays_only_weights',
   ),
   'halonet/config_checks.py': ('tests/test_config_checks.py',),
+  'halonet/sharding.py': ('tests/test_sharding.py',),
 }
 _SWAPS = {
   ast.Add: ast.Sub,

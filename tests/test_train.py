@@ -219,23 +219,6 @@ def test_diverging_run_saves_only_finite_states_and_names_one(learning_rate, tmp
     assert 'not finite at step 1' in str(error.value) and steps == []
 
 
-def test_prefetch_to_device_keeps_order_and_reads_only_two_ahead():
-  mesh = sharding.create_mesh((4, 2))
-  read = []
-
-  def host_batches():
-    for i in range(5):
-      read.append(i)
-      yield {'image': np.full((8, 2), i, np.float32)}
-
-  batches = sharding.prefetch_to_device(host_batches(), mesh, size=2)
-  first = next(batches)
-  assert read == [0, 1, 2]  # The batch handed out plus two in flight.
-  assert first['image'].sharding == sharding.batch_shardings(mesh, ['image'])['image']
-  rest = [int(b['image'][0, 0]) for b in batches]
-  assert [int(first['image'][0, 0])] + rest == [0, 1, 2, 3, 4]
-
-
 @pytest.mark.parametrize(
   'script, args, named',
   [

@@ -136,23 +136,6 @@ def test_first_update_applies_the_peak_rate_and_decays_only_weights(name):
   )
 
 
-def test_batches_split_examples_over_data_and_image_rows_over_spatial():
-  mesh = sharding.create_mesh((4, 2))
-  batch = {
-    'image': np.arange(16 * 6 * 5 * 3, dtype=np.float32).reshape(16, 6, 5, 3),
-    'label': np.arange(16, dtype=np.int32),
-  }
-  placed = sharding.shard_batch(batch, mesh)
-  for key, x in placed.items():
-    assert len(x.addressable_shards) == 8
-    for shard in x.addressable_shards:
-      data_index, spatial_index = np.argwhere(mesh.device_ids == shard.device.id)[0]
-      want = batch[key][4 * data_index : 4 * data_index + 4]
-      if key == 'image':  # Rows 0-2 on the first spatial device, 3-5 on the second.
-        want = want[:, 3 * spatial_index : 3 * spatial_index + 3]
-      np.testing.assert_array_equal(shard.data, want)
-
-
 def test_label_smoothed_loss_of_a_hand_made_batch():
   logits = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]], np.float32)
   log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
