@@ -40,6 +40,7 @@ COVERING = {
   ),
   'halonet/config_checks.py': ('tests/test_config_checks.py',),
   'halonet/sharding.py': ('tests/test_sharding.py',),
+  'halonet/randaugment.py': ('tests/test_input_pipeline.py', '-k', 'randaugment'),
 }
 _SWAPS = {
   ast.Add: ast.Sub,

@@ -2,7 +2,10 @@
 
 import itertools
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -17,6 +20,8 @@ from halonet import input_pipeline
 NUM_CLASSES = 3
 COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)  # One per class.
 SPLIT_SIZES = {'train': 12, 'val': 7}
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope='module')
@@ -188,6 +193,53 @@ def test_randaugment_rotation_matches_reference_range():
 
   lower, upper = RandAugment(2, 10).layer.random_rotation.factor
   assert (lower * 360, upper * 360) == pytest.approx((-30.0, 30.0))
+
+
+@pytest.mark.parametrize('magnitude', [6, 15, 30])
+def test_randaugment_strength_is_magnitude_over_30_for_every_op_but_rotation(magnitude):
+  """Keras' strength f = M / 30 (the paper's M tops out near 30): shear and translation up to f
+  on both axes, the colour ops at strength f over pixel values 0-255; rotation +-30 deg * M / 10."""
+  from halonet.randaugment import RandAugment
+
+  augment, f = RandAugment(2, magnitude), magnitude / 30
+  strengths = {
+    'random_shear': ('x_factor', 'y_factor'),
+    'random_translation': ('height_factor', 'width_factor'),
+    'random_brightness': ('factor',),
+    'random_color_degeneration': ('factor',),
+    'random_contrast': ('factor',),
+    'random_sharpness': ('factor',),
+    'solarization': ('addition_factor', 'threshold_factor'),
+  }
+  for name, fields in strengths.items():
+    config = getattr(augment.layer, name).get_config()
+    for field in fields:
+      assert tuple(config[field]) == pytest.approx((0.0, f)), (name, field)
+  for name in ('random_brightness', 'random_contrast', 'random_posterization', 'equalization'):
+    assert tuple(getattr(augment.layer, name).get_config()['value_range']) == (0, 255), name
+  lower, upper = augment.layer.random_rotation.factor
+  assert (lower * 360, upper * 360) == pytest.approx((-3.0 * magnitude, 3.0 * magnitude))
+
+
+def test_randaugment_seeds_are_fold_ins_of_the_example_seed_counting_from_one():
+  from halonet import randaugment
+  from halonet.tensorflow_import import tf
+
+  seed = tf.constant([5, 9], tf.int64)
+  draws = randaugment._FoldInSeeds(seed)  # pylint: disable=protected-access
+  for count in (1, 2, 3):
+    want = tf.random.experimental.stateless_fold_in(seed, count)
+    np.testing.assert_array_equal(draws.next().numpy(), want.numpy())
+
+
+def test_randaugment_runs_in_tf_data_when_keras_runs_on_jax():
+  env = {**os.environ, 'KERAS_BACKEND': 'jax', 'PYTHONPATH': str(ROOT)}
+  script = ROOT / 'tests' / 'scripts' / 'randaugment_jax_backend.py'
+  result = subprocess.run(
+    [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == str([(16, 16, 3)] * 4)
 
 
 def test_randaugment_warps_move_whole_pixels_and_fill_grey():
