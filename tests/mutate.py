@@ -41,6 +41,7 @@ COVERING = {
   'halonet/config_checks.py': ('tests/test_config_checks.py',),
   'halonet/sharding.py': ('tests/test_sharding.py',),
   'halonet/randaugment.py': ('tests/test_input_pipeline.py', '-k', 'randaugment'),
+  'halonet/finetune.py': ('tests/test_finetune.py', '-m', 'not slow'),
 }
 _SWAPS = {
   ast.Add: ast.Sub,

@@ -17,6 +17,7 @@ from halonet import finetune
 from halonet import model as model_lib
 from halonet import optim
 from halonet import train_lib
+from halonet import workdir as workdir_lib
 
 
 def _params(**overrides):
@@ -154,3 +155,42 @@ def test_bad_sources_fail_naming_the_path_before_anything_compiles(tmp_path, mon
   config.init_from = str(tmp_path / 'run')
   with pytest.raises(errors.ConfigError, match="this run's own workdir"):
     train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+@pytest.fixture
+def source_workdir(tmp_path):
+  """A workdir as train.py leaves it, by hand: its config.json and checkpoints of steps 2 and 4."""
+  source = tmp_path / 'source'
+  config = _config('digits/0-5', 6, 32)
+  workdir_lib.check_and_store_config(config, str(source), allow_change=False, step=0)
+  manager = checkpointing.create_manager(str(source), 3)
+  for step in (2, 4):
+    checkpointing.save(manager, step, {'params': {'w': np.full(3, step, np.float32)}})
+  checkpointing.finish(manager)
+  return source
+
+
+@pytest.mark.parametrize('where, step', [('', None), ('checkpoints/2', 2), ('checkpoints/4', 4)])
+def test_source_is_a_workdir_or_one_of_its_checkpoints(source_workdir, tmp_path, where, step):
+  config = _config('digits/6-9', 4, 48, init_from=str(source_workdir / where))
+  source, got_step, source_config = finetune.source_run(config, str(tmp_path / 'new'))
+  assert (source, got_step) == (str(source_workdir), step)
+  assert (source_config.dataset, source_config.num_classes) == ('digits/0-5', 6)
+
+
+def test_a_missing_step_or_own_workdir_is_refused_naming_it(source_workdir, tmp_path):
+  config = _config('digits/6-9', 4, 48, init_from=str(source_workdir / 'checkpoints' / '3'))
+  with pytest.raises(FileNotFoundError, match='no such directory'):
+    finetune.source_run(config, str(tmp_path / 'new'))
+  config.init_from = str(source_workdir)
+  with pytest.raises(errors.ConfigError, match="this run's own workdir"):
+    finetune.source_run(config, str(source_workdir))
+
+
+def test_start_takes_every_source_parameter_but_the_changed_ones():
+  fresh = {'head': {'kernel': np.zeros((2, 4)), 'bias': np.zeros(4)}, 'stem': {'w': np.zeros(3)}}
+  source = {'head': {'kernel': np.ones((2, 6)), 'bias': np.ones(4)}, 'stem': {'w': np.ones(3)}}
+  got = finetune.start_from(fresh, source, {'head/kernel': ((2, 6), (2, 4))})
+  np.testing.assert_array_equal(got['head']['kernel'], np.zeros((2, 4)))
+  np.testing.assert_array_equal(got['head']['bias'], np.ones(4))
+  np.testing.assert_array_equal(got['stem']['w'], np.ones(3))
