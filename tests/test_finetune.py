@@ -157,10 +157,8 @@ def test_bad_sources_fail_naming_the_path_before_anything_compiles(tmp_path, mon
     train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
-@pytest.fixture
-def source_workdir(tmp_path):
+def _source_workdir(source):
   """A workdir as train.py leaves it, by hand: its config.json and checkpoints of steps 2 and 4."""
-  source = tmp_path / 'source'
   config = _config('digits/0-5', 6, 32)
   workdir_lib.check_and_store_config(config, str(source), allow_change=False, step=0)
   manager = checkpointing.create_manager(str(source), 3)
@@ -170,12 +168,25 @@ def source_workdir(tmp_path):
   return source
 
 
+@pytest.fixture
+def source_workdir(tmp_path):
+  return _source_workdir(tmp_path / 'source')
+
+
 @pytest.mark.parametrize('where, step', [('', None), ('checkpoints/2', 2), ('checkpoints/4', 4)])
 def test_source_is_a_workdir_or_one_of_its_checkpoints(source_workdir, tmp_path, where, step):
   config = _config('digits/6-9', 4, 48, init_from=str(source_workdir / where))
   source, got_step, source_config = finetune.source_run(config, str(tmp_path / 'new'))
   assert (source, got_step) == (str(source_workdir), step)
   assert (source_config.dataset, source_config.num_classes) == ('digits/0-5', 6)
+
+
+@pytest.mark.parametrize('name', ['2024', 'checkpoints/run'])
+def test_a_workdir_named_like_a_step_is_still_a_workdir(tmp_path, name):
+  """Only a number under a `checkpoints` folder names a step."""
+  source = _source_workdir(tmp_path / name)
+  config = _config('digits/6-9', 4, 48, init_from=str(source))
+  assert finetune.source_run(config, str(tmp_path / 'new'))[:2] == (str(source), None)
 
 
 def test_a_missing_step_or_own_workdir_is_refused_naming_it(source_workdir, tmp_path):
