@@ -42,6 +42,7 @@ COVERING = {
   'halonet/sharding.py': ('tests/test_sharding.py',),
   'halonet/randaugment.py': ('tests/test_input_pipeline.py', '-k', 'randaugment'),
   'halonet/finetune.py': ('tests/test_finetune.py', '-m', 'not slow'),
+  'halonet/workdir.py': ('tests/test_workdir.py',),
 }
 _SWAPS = {
   ast.Add: ast.Sub,
