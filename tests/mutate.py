@@ -43,6 +43,7 @@ COVERING = {
   'halonet/randaugment.py': ('tests/test_input_pipeline.py', '-k', 'randaugment'),
   'halonet/finetune.py': ('tests/test_finetune.py', '-m', 'not slow'),
   'halonet/workdir.py': ('tests/test_workdir.py',),
+  'halonet/checkpointing.py': ('tests/test_checkpointing.py',),
 }
 _SWAPS = {
   ast.Add: ast.Sub,
