@@ -72,11 +72,7 @@ def _converted_output(references, name):
 
 @pytest.mark.parametrize('name', list(MODULES))
 def test_module_gives_timms_output_on_timms_weights(references, name):
-  got, want = _converted_output(references, name)
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  assert got.shape == want.shape
-  error = float(np.abs(got - want).max() / np.abs(want).max())
-  assert error <= TOLERANCE, f'relative error {error:.2e}'
+  _assert_close(*_converted_output(references, name))
 
 
 # timm's ResNet-50 variants as overrides of resnet50. The 'd' and 't' ones have deep or tiered
