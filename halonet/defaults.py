@@ -49,8 +49,9 @@ def model_config() -> ml_collections.ConfigDict:
       num_experts=4,  # kernels mixed by 'condconv' and 'dynamic' mixers.
       mask_window=0,  # k > 0 restricts each query to a k x k window (masked attention).
       # 'plain' (loop-free, batch-parallel), 'rows' (row loop, hand-written backward: the CPU
-      # fast path), 'pallas' (fused TPU kernels; interpreted on CPU, refused on GPU) or 'auto':
-      # plain on TPU/GPU, rows on CPU (halonet/attention/choose.py).
+      # fast path), 'pallas' (fused TPU kernels), 'pallas_gpu' (fused GPU kernels; both
+      # interpreted on CPU), 'dense' (jax.nn.dot_product_attention per block) or 'auto': measured
+      # per layer on TPU/GPU, rows on CPU (halonet/attention/choose.py).
       attention_impl='auto',
       remat=False,  # recompute each block's activations in the backward pass.
       use_se=False,  # squeeze-excitation in every block (channel_attention='se' per stage).

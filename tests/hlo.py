@@ -1,6 +1,9 @@
-"""Reading compiled HLO text in tests: collectives, their shapes, loop trip counts."""
+"""Reading compiled HLO and lowered StableHLO text in tests: collectives, their shapes, loop trip
+counts, the largest array outside custom kernels."""
 
 import re
+
+import numpy as np
 
 OP = re.compile(r'=\s*(?P<shape>.+?)\s(?P<op>[a-z][a-z0-9-]*?)(?:-start)?\(')
 COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'collective-permute', 'all-to-all')
@@ -32,3 +35,16 @@ def trip_counts(hlo: str) -> list[int]:
     if re.search(r'\swhile\(', line)
     for n in re.findall(r'"known_trip_count":\{"n":"(\d+)"\}', line)
   )
+
+
+def largest_array_outside(module: str, kernel_marker: str) -> int:
+  """Elements of the largest tensor any op of lowered StableHLO text produces, except the
+  custom calls whose line holds `kernel_marker` (e.g. 'tpu_custom_call')."""
+  largest = 0
+  for line in module.splitlines():
+    if kernel_marker in line or '=' not in line:
+      continue
+    result = line.split('->')[-1] if '->' in line else line.split(':')[-1]
+    for dims in re.findall(r'tensor<((?:\d+x)+)[a-z]', result):
+      largest = max(largest, int(np.prod([int(d) for d in dims.rstrip('x').split('x')])))
+  return largest

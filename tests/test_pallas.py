@@ -16,7 +16,6 @@ import jax
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from bench import tpu_aot
@@ -28,6 +27,7 @@ from halonet import sharding
 from halonet import train_step as train_step_lib
 from halonet.attention import pallas as attention_pallas
 from halonet.attention import pallas_kernels as attention_pallas_kernels
+from tests import forms
 from tests import hlo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,23 +63,6 @@ def test_data_parallel_step_only_all_reduces_parameters():
   assert {op for op, _ in collectives} == {'all-reduce'}, collectives
 
 
-def _assert_matches_plain_form(input_shape, **layer_args):
-  """The layer's output and gradients (parameters and input) with the kernels equal plain's."""
-  x = jax.random.normal(jax.random.key(0), input_shape)
-  layers = {
-    impl: attention.HaloAttention(**layer_args, attention_impl=impl) for impl in ('plain', 'pallas')
-  }
-  variables = layers['plain'].init(jax.random.key(1), x)
-  cotangent = jax.random.normal(jax.random.key(2), layers['plain'].apply(variables, x).shape)
-  results = {
-    impl: jax.jit(
-      jax.value_and_grad(lambda v, x: (layer.apply(v, x) * cotangent).sum(), argnums=(0, 1))
-    )(variables, x)
-    for impl, layer in layers.items()
-  }
-  chex.assert_trees_all_close(results['pallas'], results['plain'], rtol=1e-5, atol=1e-5)
-
-
 # Block sizes of every alignment period (8 / gcd(b, 8) blocks per group: 8, 4, 2, 1), on maps
 # wide enough for a whole group of unaligned windows plus a partial one.
 @pytest.mark.parametrize(
@@ -87,7 +70,8 @@ def _assert_matches_plain_form(input_shape, **layer_args):
   [(3, 1, 1, 29), (6, 2, 2, 32), (10, 3, 1, 52), (12, 2, 2, 40), (8, 3, 1, 20)],
 )
 def test_every_window_alignment_matches_the_plain_form(block, halo, stride, width):
-  _assert_matches_plain_form(
+  forms.assert_matches_plain_form(
+    'pallas',
     (2, block + 3, width, 8),
     qk_width=8,
     value_width=8,
@@ -105,7 +89,8 @@ def test_every_window_alignment_matches_the_plain_form(block, halo, stride, widt
   'heads, qk_width, value_width', [(4, 256, 512), (8, 256, 128), (2, 256, 96)]
 )
 def test_head_groups_match_the_plain_form(heads, qk_width, value_width):
-  _assert_matches_plain_form(
+  forms.assert_matches_plain_form(
+    'pallas',
     (2, 8, 11, 16),
     qk_width=qk_width,
     value_width=value_width,
@@ -164,18 +149,6 @@ def _layer_fwd_bwd_exported(impl: str, batch: int = 2):
   return jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1))), platforms=('tpu',))(params, x)
 
 
-def _largest_array_outside_kernels(module: str) -> int:
-  """Elements of the largest tensor any op outside the Mosaic custom calls produces."""
-  largest = 0
-  for line in module.splitlines():
-    if 'tpu_custom_call' in line or '=' not in line:
-      continue
-    result = line.split('->')[-1] if '->' in line else line.split(':')[-1]
-    for dims in re.findall(r'tensor<((?:\d+x)+)[a-z]', result):
-      largest = max(largest, int(np.prod([int(d) for d in dims.rstrip('x').split('x')])))
-  return largest
-
-
 def test_lowers_for_tpu_with_logits_and_windows_only_in_the_kernels():
   """What a TPU compiles: two Mosaic kernels and no loop; outside them no array is much larger
   than a projected map (the plain form's logits are 12x that, its windows 3x)."""
@@ -184,9 +157,9 @@ def test_lowers_for_tpu_with_logits_and_windows_only_in_the_kernels():
   assert sorted(set(kernels)) == ['halo_attention_backward', 'halo_attention_forward'], kernels
   assert 'stablehlo.while' not in module
   one_map = 2 * 64 * 64 * 64  # batch x rows x columns x channels of q (and of k, v).
-  assert _largest_array_outside_kernels(module) <= 1.5 * one_map  # k, v padded by h.
+  assert hlo.largest_array_outside(module, 'tpu_custom_call') <= 1.5 * one_map  # k, v padded by h.
   plain = _layer_fwd_bwd_exported('plain').mlir_module()
-  assert _largest_array_outside_kernels(plain) >= 10 * one_map  # The check can fail.
+  assert hlo.largest_array_outside(plain, 'tpu_custom_call') >= 10 * one_map  # The check can fail.
 
 
 def test_hbm_bytes_counts_tiles_once_per_block_change():

@@ -6,6 +6,8 @@ plain.py           the loop-free form with autodiff: the reference
 rows.py            a row loop with a hand-written backward pass (the CPU fast path)
 spatial.py         any form with image rows split over devices (halo rows exchanged)
 pallas.py          fused TPU kernels (pallas_kernels.py holds their bodies)
+pallas_gpu.py      fused GPU (Triton) kernels
+dense.py           each block as one jax.nn.dot_product_attention call (cuDNN on GPU)
 choose.py          which form runs for `attention_impl` on this backend
 measure.py         'auto' on an accelerator: each layer's candidate forms timed, the fastest kept
 """

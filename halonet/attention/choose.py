@@ -13,6 +13,7 @@ import jax
 from halonet import errors
 from halonet.attention import dense
 from halonet.attention import pallas
+from halonet.attention import pallas_gpu
 from halonet.attention import plain
 from halonet.attention import rows
 
@@ -21,6 +22,7 @@ IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
   'rows': rows.rows_attention,
   'pallas': pallas.pallas_attention,
   'dense': dense.dense_attention,
+  'pallas_gpu': pallas_gpu.pallas_gpu_attention,
 }
 AUTO_IMPLEMENTATION = {'cpu': 'rows'}
 
@@ -44,6 +46,8 @@ def resolve_impl(attention_impl: str, backend: str | None = None) -> str:
     return AUTO_IMPLEMENTATION.get(backend, 'plain')
   if attention_impl == 'pallas':
     pallas.check_backend(backend)
+  if attention_impl == 'pallas_gpu':
+    pallas_gpu.check_backend(backend)
   return attention_impl
 
 

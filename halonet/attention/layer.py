@@ -23,7 +23,8 @@ of the stride-1 layer; the output is ceil(H/2) x ceil(W/2), like a strided convo
 
 This file is the layer: steps 1-2, the padding and position tables of steps 3-4, and the call to
 one implementation of steps 3-5 (common.Attend): plain.py, the reference; rows.py, the CPU fast
-path; pallas.py, one fused TPU kernel per direction that keeps logits and windows out of HBM.
+path; pallas.py and pallas_gpu.py, fused TPU and GPU kernels that keep logits and windows out
+of HBM; dense.py, each block as one fused attention call.
 choose.py picks one per `attention_impl` and backend.
 
 Under a mesh whose 'spatial' axis splits image rows, the map is padded to whole block rows per
@@ -98,7 +99,8 @@ class HaloAttention(nn.Module):
     stride: 1, or 2 for attention downsampling.
     mask_window: k > 0 restricts each query to the k x k keys centred on it (relaxed equivariance
       ablation); 0 lets it see the whole (b+2h)^2 neighbourhood.
-    attention_impl: 'plain', 'rows', 'pallas' (TPU), or 'auto' (by backend: choose.py).
+    attention_impl: 'plain', 'rows', 'pallas' (TPU), 'pallas_gpu' (GPU), 'dense', or 'auto'
+      (by backend and measured: choose.py).
     attention_choice: the run's measured form per layer shape, used with 'auto' (measure.py).
     mask_padding: padded keys (beyond the map) get no weight; False keeps them as zero keys and
       values whose position logits still count, as timm's HaloAttn does (converted models).

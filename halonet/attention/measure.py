@@ -33,7 +33,11 @@ from halonet.attention import choose
 from halonet.attention.layer import HaloAttention
 
 CHOICE_FILE = 'attention_choice.json'
-CANDIDATES = {'tpu': ('plain', 'pallas'), 'gpu': ('plain', 'dense'), 'cpu': ('plain', 'rows')}
+CANDIDATES = {
+  'tpu': ('plain', 'pallas'),
+  'gpu': ('plain', 'dense', 'pallas_gpu'),
+  'cpu': ('plain', 'rows'),
+}
 MEASURED_BACKENDS = ('tpu', 'gpu')
 # Largest |difference| / largest |plain value| accepted, output and every gradient.
 TOLERANCE = {'float32': 1e-3, 'bfloat16': 5e-2}

@@ -22,9 +22,8 @@ dense attention takes one key set per query block: it removes the logits' traffi
 windows'. Pallas' splash attention needs 128-multiple blocks and has no 2-D halo mask.
 
 On CPU the kernels run in Pallas' interpreter (the tests); on TPU Mosaic compiles them (checked
-without a TPU by compiling through libtpu: tests/test_pallas.py). On GPU the Mosaic kernels
-cannot run (Triton would need power-of-two blocks and atomics for the overlapping gradients), so
-`attention_impl='pallas'` there is refused in one line.
+without a TPU by compiling through libtpu: tests/test_pallas.py). Mosaic kernels do not run on
+GPU, so `attention_impl='pallas'` there is refused in one line; pallas_gpu.py is the GPU's.
 """
 
 import dataclasses
@@ -67,7 +66,7 @@ def check_backend(backend: str) -> None:
   if backend not in BACKENDS:
     raise errors.ConfigError(
       f"attention_impl='pallas' runs on TPU (and interpreted on CPU), not "
-      f"on {backend}; use attention_impl='plain' (or 'auto')"
+      f"on {backend}; use attention_impl='pallas_gpu' on GPU (or 'auto')"
     )
 
 
