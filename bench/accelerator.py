@@ -1,5 +1,10 @@
-"""On a GPU or TPU: images/s and model-FLOP utilisation (MFU) of the H1 and H7 train steps in
-bfloat16, next to timm's halonet_h1 under torch autocast bfloat16 on the same GPU.
+"""On a GPU or TPU: what 'auto' finds for each H1 and H7 attention layer, and images/s and
+model-FLOP utilisation (MFU) of the H1 and H7 train steps in bfloat16 with the plain form and with
+the forms 'auto' chose, next to timm's halonet_h1 under torch autocast bfloat16 on the same GPU.
+
+The attention: each distinct layer at the train step's per-device batch, forward + backward, with
+every form measure.py tries on this backend (measured afresh: the cache is neither read nor
+written), checked against plain; the fastest correct one is the choice.
 
 MFU counts model FLOPs only: 3x the forward FLOPs of XLA's cost analysis of the loop-free model
 (forward, and backward at twice the forward), so remat's recomputation is not credited. It is
@@ -8,13 +13,16 @@ against the measured rate of one large bfloat16 matmul in the same run. timm's M
 FLOP count: halonet_h1 is the same network.
 """
 
+import dataclasses
 from typing import Any
 
 import jax
 
 from bench import common
 from bench import cpu
+from halonet import model as model_lib
 from halonet import summary
+from halonet.attention import measure
 
 # Dense bfloat16 matmul peaks from the vendors' data sheets (no sparsity), FLOP/s, matched as
 # substrings of jax's device_kind. H100/H200: the SXM parts.
@@ -35,13 +43,34 @@ def nominal_peak(device_kind: str) -> float | None:
   return next((flops for name, flops in NOMINAL_BF16_FLOPS if name in device_kind), None)
 
 
-def step_config(variant: str, tiny: bool):
-  """The variant as a TPU/GPU user runs it: bfloat16, plain attention, remat for H7."""
+def step_config(variant: str, tiny: bool, attention_impl: str = 'plain'):
+  """The variant as a TPU/GPU user runs it: bfloat16, remat for H7."""
   return common.variant_config(
     variant,
     tiny=tiny,
-    **{'model.dtype': 'bfloat16', 'model.attention_impl': 'plain', 'model.remat': variant == 'h7'},
+    **{
+      'model.dtype': 'bfloat16',
+      'model.attention_impl': attention_impl,
+      'model.remat': variant == 'h7',
+    },
   )
+
+
+def attention_choices(tiny: bool, batches: dict[str, int]) -> dict[str, dict[str, Any]]:
+  """{variant: {layer key: measure.measure_layer's record}} on this device, one line per layer."""
+  candidates = measure.CANDIDATES[jax.default_backend()]
+  choices = {}
+  for variant, batch in batches.items():
+    config = step_config(variant, tiny, attention_impl='auto')
+    model = model_lib.create_model(config)
+    choices[variant] = {}
+    for layer in measure.model_layers(model, config.image_size, batch):
+      record = measure.measure_layer(layer, candidates)
+      choices[variant][layer.key()] = {**record, 'layer': dataclasses.asdict(layer)}
+      times = ', '.join(f'{impl} {s * 1e3:.3g} ms' for impl, s in record['seconds'].items())
+      skipped = ''.join(f'; {impl} skipped: {why}' for impl, why in record['skipped'].items())
+      print(f'  {variant} {layer.key()}: {times}{skipped} -> {record["choice"]}', flush=True)
+  return choices
 
 
 def timm_train_step(torch, timm, batch: int, image_size: int):
@@ -65,9 +94,14 @@ def timm_train_step(torch, timm, batch: int, image_size: int):
 
 
 def train_steps(
-  timm_or_reason, tiny: bool, repeats: int, batches: dict[str, int]
+  timm_or_reason,
+  tiny: bool,
+  repeats: int,
+  batches: dict[str, int],
+  choices: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-  """Timed bfloat16 train steps of H1 and H7 (and timm's H1 on CUDA), with MFU."""
+  """Timed bfloat16 train steps of H1 and H7 (and timm's H1 on CUDA), with MFU: `ours_VARIANT`
+  with the plain form, `ours_VARIANT_auto` with each layer's form from `choices`."""
   device_kind = jax.devices()[0].device_kind
   peak = cpu.matmul_peak(256 if tiny else 8192, repeats)['bfloat16']
   nominal = nominal_peak(device_kind)
@@ -76,6 +110,10 @@ def train_steps(
     config = step_config(variant, tiny)
     fns[f'ours_{variant}'] = common.timed_train_step(config, batch)
     model_flops[f'ours_{variant}'] = 3 * summary.gflops_per_image(config) * 1e9 * batch
+    chosen = measure.as_choice(choices[variant])
+    auto = step_config(variant, tiny, attention_impl='auto')
+    fns[f'ours_{variant}_auto'] = common.timed_train_step(auto, batch, chosen)
+    model_flops[f'ours_{variant}_auto'] = model_flops[f'ours_{variant}']
     image_size[variant] = config.image_size
   timm_skipped = None
   if isinstance(timm_or_reason, str):
@@ -105,11 +143,13 @@ def train_steps(
     'backend': jax.default_backend(),
     'matmul_peak_bf16_flops_per_s': peak,
     'nominal_peak_bf16_flops_per_s': nominal,
+    'attention': choices,
     'steps': rows,
     'timm_skipped': timm_skipped,
   }
   if 'timm_h1' in seconds:
     result['h1_speedup_vs_timm'] = seconds['timm_h1'] / seconds['ours_h1']
+    result['h1_auto_speedup_vs_timm'] = seconds['timm_h1'] / seconds['ours_h1_auto']
   return result
 
 
@@ -133,5 +173,8 @@ def format_results(result: dict[str, Any]) -> str:
   if result['timm_skipped']:
     lines.append(f'  timm skipped: {result["timm_skipped"]}')
   else:
-    lines.append(f'  H1 speedup vs timm: {result["h1_speedup_vs_timm"]:.2f}x')
+    lines.append(
+      f'  H1 speedup vs timm: {result["h1_speedup_vs_timm"]:.2f}x plain, '
+      f'{result["h1_auto_speedup_vs_timm"]:.2f}x auto'
+    )
   return '\n'.join(lines)

@@ -69,15 +69,18 @@ def variant_config(name: str, *, tiny: bool = False, **overrides: Any) -> ml_col
 
 
 @functools.cache
-def initialized_train_step(config_json: str, batch: int):
-  """A compiled SGD-momentum train step (forward, backward, update) and its initial arguments.
+def initialized_train_step(
+  config_json: str, batch: int, attention_choice: tuple[tuple[str, str], ...] = ()
+):
+  """A compiled SGD-momentum train step (forward, backward, update) and its initial arguments;
+  with 'auto' attention, each layer's form from `attention_choice` (measure.py).
 
   Cached on the config, so a later section can reuse the timed step's compilation.
   """
   import optax  # pylint: disable=import-outside-toplevel
 
   config = ml_collections.ConfigDict(json.loads(config_json))
-  model = model_lib.create_model(config)
+  model = model_lib.create_model(config, attention_choice=attention_choice)
   tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
   images = jnp.zeros((batch, config.image_size, config.image_size, 3), jnp.float32)
   labels = jnp.zeros((batch,), jnp.int32)
@@ -100,9 +103,11 @@ def initialized_train_step(config_json: str, batch: int):
   return jax.jit(step, donate_argnums=(0, 1, 2)).lower(*args).compile(), args
 
 
-def timed_train_step(config: ml_collections.ConfigDict, batch: int) -> Callable[[], None]:
+def timed_train_step(
+  config: ml_collections.ConfigDict, batch: int, attention_choice: tuple[tuple[str, str], ...] = ()
+) -> Callable[[], None]:
   """A callable running one train step of `config` (state carried across calls), blocking."""
-  step, args = initialized_train_step(config.to_json(), batch)
+  step, args = initialized_train_step(config.to_json(), batch, attention_choice)
   state = list(args)
 
   def run():

@@ -76,6 +76,7 @@ import jax  # noqa: E402
 from bench import accelerator  # noqa: E402
 from bench import costs  # noqa: E402
 from bench import cpu  # noqa: E402
+from halonet.attention import measure  # noqa: E402
 
 
 def machine_info(timm_or_reason) -> dict:
@@ -145,6 +146,10 @@ def headline(results: dict) -> dict:
       accelerator_images_per_s={k: r['images_per_s'] for k, r in a['steps'].items()},
       accelerator_mfu={k: r['mfu_vs_matmul_peak'] for k, r in a['steps'].items()},
       accelerator_h1_speedup_vs_timm=a.get('h1_speedup_vs_timm'),
+      accelerator_h1_auto_speedup_vs_timm=a.get('h1_auto_speedup_vs_timm'),
+      accelerator_attention_choice={
+        variant: dict(measure.as_choice(records)) for variant, records in a['attention'].items()
+      },
     )
   return figures
 
@@ -178,10 +183,12 @@ def main() -> None:
     }
     tables.append(cpu.format_results(results['cpu']))
   if 'accelerator' in sections:
-    print('accelerator: train steps...', flush=True)
     batches = {'h1': 2} if ARGS.tiny else {'h1': ARGS.h1_batch, 'h7': ARGS.h7_batch}
+    print("accelerator: each attention layer's forms...", flush=True)
+    choices = accelerator.attention_choices(ARGS.tiny, batches)
+    print('accelerator: train steps...', flush=True)
     results['accelerator'] = accelerator.train_steps(
-      timm_or_reason, ARGS.tiny, ARGS.repeats, batches
+      timm_or_reason, ARGS.tiny, ARGS.repeats, batches, choices
     )
     tables.append(accelerator.format_results(results['accelerator']))
   if 'costs' in sections:

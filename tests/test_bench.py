@@ -62,8 +62,19 @@ def test_tiny_benchmark_writes_results(tmp_path):
     assert all(f > 0 for f in fractions.values())
 
   steps = results['accelerator']['steps']
-  assert set(steps) == {'ours_h1'}
-  assert steps['ours_h1']['images_per_s'] > 0 and 0 < steps['ours_h1']['mfu_vs_matmul_peak']
+  assert set(steps) == {'ours_h1', 'ours_h1_auto'}
+  for step in steps.values():
+    assert step['images_per_s'] > 0 and 0 < step['mfu_vs_matmul_peak']
+  # Every distinct layer of tiny H1 (one block per stage: stride 1, then 2, 2, 2) with this
+  # backend's forms timed and the fastest kept.
+  layers = results['accelerator']['attention']['h1']
+  assert [record['layer']['stride'] for record in layers.values()] == [1, 2, 2, 2]
+  for record in layers.values():
+    assert set(record['seconds']) == {'plain', 'rows'} and record['skipped'] == {}
+    assert record['choice'] == min(record['seconds'], key=record['seconds'].get)
+  assert results['accelerator_attention_choice']['h1'] == {
+    key: record['choice'] for key, record in layers.items()
+  }
 
   intensity = results['attention_flops_per_byte']
   assert set(intensity) == {'h1'}  # --tiny: H1 only.
