@@ -305,3 +305,29 @@ def test_bad_arguments_name_the_value(kwargs, message):
   args.update(kwargs)
   with pytest.raises(ValueError, match=message):
     HaloAttention(**args).init(jax.random.key(0), jnp.zeros((1, 8, 8, 8)))
+
+
+def test_dense_form_folds_positions_and_masks_into_the_dot_product(monkeypatch):
+  """`dense` hands the fused attention no bias (a logits-sized array per block): the position
+  terms and masks ride in the queries' and keys' channels, and it still equals plain's output."""
+  from halonet.attention import dense  # pylint: disable=import-outside-toplevel
+
+  calls = []
+  real = jax.nn.dot_product_attention
+
+  def spy(query, key, value, *args, **kwargs):
+    calls.append((query.shape, key.shape, args, kwargs))
+    return real(query, key, value, *args, **kwargs)
+
+  case = dict(hw=(10, 10), c=8, qk=8, v=8, heads=2, block=4, halo=2, stride=1, mask=3)
+  x = jax.random.normal(jax.random.key(0), (2, *case['hw'], case['c']))
+  layer, params = _case_layer_and_params(case, x, 'dense')
+  monkeypatch.setattr(dense.jax.nn, 'dot_product_attention', spy)
+  got = layer.apply({'params': params}, x)
+  want = _case_layer_and_params(case, x, 'plain')[0].apply({'params': params}, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  ((query, key, args, kwargs),) = calls
+  window = case['block'] + 2 * case['halo']
+  # 3 x 3 blocks of 2 images; 16 queries, 64 keys; 4 channels a head + 8 row + 8 column places.
+  assert query == (18, 16, 2, 4 + 2 * window) and key == (18, window**2, 2, 4 + 2 * window)
+  assert not args and kwargs.get('bias') is None and kwargs.get('mask') is None

@@ -16,8 +16,8 @@ back: under 1 FLOP per byte for H1 on TPU, memory-bound. Here only inputs and ou
     they are; this file lays the inputs out for them, declares what each step moves
     (`hbm_bytes`, also XLA's cost estimate) and ties both directions into one custom VJP.
 
-The alternative the issue proposed first (fold the position terms and mask into the dot product
-and call `jax.nn.dot_product_attention`) still materialises the overlapping windows, because
+Folding the position terms and masks into the dot product and calling
+`jax.nn.dot_product_attention` (dense.py) still materialises the overlapping windows, because
 dense attention takes one key set per query block: it removes the logits' traffic but not the
 windows'. Pallas' splash attention needs 128-multiple blocks and has no 2-D halo mask.
 
