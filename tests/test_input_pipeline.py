@@ -362,3 +362,24 @@ def test_unknown_tfds_name_fails_in_one_line_with_close_matches():
   message = str(error.value)
   assert "dataset='imagenet2013'" in message and 'imagenet2012' in message
   assert '\n' not in message and len(message) < 300
+
+
+@pytest.mark.parametrize('height, width', [(96, 128), (150, 90)])
+def test_eval_image_is_the_central_crop_of_the_short_side_resized_to_size_over_fraction(
+  height, width
+):
+  """ImageNet's eval view, computed with PIL: the short side resized to 64 / 0.875 = 73.1
+  pixels (rounded; the long side in proportion, rounded), bicubic with antialiasing, then the
+  central 64 x 64. A noise image, so a crop one pixel off or a wrong scale differs everywhere."""
+  noise = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+  encoded = tf.io.encode_png(noise)
+  got = input_pipeline.eval_image(encoded, 64, 0.875).numpy()
+  scale = 64 / 0.875 / min(height, width)
+  h, w = round(height * scale), round(width * scale)
+  resized = np.asarray(Image.fromarray(noise).resize((w, h), Image.Resampling.BICUBIC), np.int32)
+  top, left = (h - 64) // 2, (w - 64) // 2
+  want = resized[top : top + 64, left : left + 64]
+  assert got.shape == (64, 64, 3) and got.dtype == np.uint8
+  assert np.abs(got.astype(np.int32) - want).mean() < 3  # Two bicubic filters' rounding.
+  shifted = resized[top + 1 : top + 65, left : left + 64]
+  assert np.abs(got.astype(np.int32) - shifted).mean() > 20  # What a wrong crop would give.

@@ -1,6 +1,6 @@
 """Training semantics against values computed here by hand, not against the code's own output:
-EMA, the learning rate the optimizer applies, weight decay, batch sharding, label smoothing, and
-mixup/cutmix targets."""
+EMA, BatchNorm statistics, the learning rate the optimizer applies, weight decay, batch sharding,
+label smoothing, and mixup/cutmix targets."""
 
 import math
 import os
@@ -55,6 +55,39 @@ def test_ema_after_one_step_is_decay_times_old_plus_complement_times_new():
     old,
     new,
     ema,
+  )
+
+
+def test_batchnorm_running_statistics_after_a_step_are_computed_from_the_batch():
+  """The stem BatchNorm's running mean and variance after one step: 0.9 x the old + 0.1 x the
+  batch's statistics (biased variance, over images and positions) of the stem convolution,
+  computed here with NumPy from the images as the step standardises them."""
+  config = tiny.get_config()
+  step, state, mesh = _step_and_state(config)
+  batch = _random_batch(config)
+  params, old = jax.device_get((state.params, state.batch_stats))
+  state, _ = step(state, sharding.shard_batch(batch, mesh))
+  new = jax.device_get(state.batch_stats)['stem_bn']
+  mean = 255 * np.asarray(config.pixel_mean)
+  images = (batch['image'].astype(np.float64) - mean) / (255 * np.asarray(config.pixel_std))
+  kernel = np.asarray(params['stem_conv']['kernel'], np.float64)  # [7, 7, 3, 64]
+  padded = np.pad(images, ((0, 0), (3, 3), (3, 3), (0, 0)))
+  side = -(-config.image_size // 2)
+  patches = np.stack(
+    [
+      padded[:, dy : dy + 2 * side : 2, dx : dx + 2 * side : 2]
+      for dy in range(7)
+      for dx in range(7)
+    ],
+    axis=3,
+  )  # [batch, side, side, 49, 3]
+  conv = np.einsum('bhwkc,kco->bhwo', patches, kernel.reshape(49, 3, -1))
+  batch_mean, batch_var = conv.mean(axis=(0, 1, 2)), conv.var(axis=(0, 1, 2))
+  np.testing.assert_allclose(
+    new['mean'], 0.9 * old['stem_bn']['mean'] + 0.1 * batch_mean, rtol=1e-4, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    new['var'], 0.9 * old['stem_bn']['var'] + 0.1 * batch_var, rtol=1e-4, atol=1e-5
   )
 
 
