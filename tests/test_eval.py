@@ -1,16 +1,24 @@
-"""eval.py reproduces the training run's final evaluation from the checkpoint alone."""
+"""eval.py reproduces the training run's final evaluation from the checkpoint alone; the EMA's
+evaluation is one of its parameters."""
 
 import json
 import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from configs import tiny
 from halonet import eval_lib
+from halonet import input_pipeline
+from halonet import model as model_lib
+from halonet import optim
 from halonet import paths
+from halonet import sharding
 from halonet import train_lib
+from halonet import train_step as train_step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,3 +85,44 @@ def test_quickstart_reaches_95_percent(tmp_path):
   # 60 epochs of full batches: the digits' train split is 1797 - 360 = 1437 images, 22 x 64.
   assert results['step'] == 60 * (1437 // 64)
   assert results['raw_eval']['test']['top1'] >= 95.0, results
+
+
+def test_ema_evaluation_is_an_evaluation_of_the_ema_parameters():
+  """evaluate_all's 'ema' figures against a hand evaluation of the EMA parameters (a plain loop
+  over the split's images: logits, argmax, cross-entropy), which differ from the raw ones."""
+  config = tiny.get_config()
+  config.ema_decay = 0.5
+  config.eval_splits = ('test',)
+  mesh = sharding.create_mesh(config.mesh_shape)
+  model = model_lib.create_model(config)
+  tx = optim.create_optimizer(config, optim.learning_rate_schedule(config, 10, 10))
+  init, abstract = train_step_lib.abstract_train_state(config, model, tx, mesh)
+  state = jax.jit(init, out_shardings=train_step_lib.shardings_of(abstract))(jax.random.key(0))
+  # Absolute noise: the zero-initialised head gets weights too, so predictions vary by image.
+  noise = lambda p, k: p + 0.3 * jax.random.normal(k, p.shape)
+  leaves, tree = jax.tree.flatten(state.params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  state = state.replace(ema_params=tree.unflatten(map(noise, leaves, keys)))
+  eval_fn, _ = eval_lib.compile_eval_step(
+    model, mesh, {'params': abstract.params, 'batch_stats': abstract.batch_stats}, config
+  )
+  sizes = train_step_lib.split_sizes(config, train=False)
+  with jax.set_mesh(mesh):
+    got = eval_lib.evaluate_all(eval_fn, state, config, sizes, mesh)
+
+  variables = jax.device_get({'params': state.ema_params, 'batch_stats': state.batch_stats})
+  apply = jax.jit(lambda images: model.apply(variables, images, train=False))
+  mean, std = 255 * np.asarray(config.pixel_mean), 255 * np.asarray(config.pixel_std)
+  correct, losses, predicted = 0, [], set()
+  for batch in input_pipeline.create_split(config, 'test', train=False, batch_size=40):
+    real = batch['mask']
+    logits = np.asarray(apply((batch['image'] - mean) / std), np.float64)[real]
+    labels = batch['label'][real]
+    correct += int((logits.argmax(-1) == labels).sum())
+    predicted.update(logits.argmax(-1).tolist())
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    losses += list(log_z - logits[np.arange(len(labels)), labels])
+  assert len(losses) == got['ema']['test']['count'] == 360 and len(predicted) > 3
+  assert got['ema']['test']['top1'] == pytest.approx(100 * correct / 360)
+  assert got['ema']['test']['loss'] == pytest.approx(np.mean(losses), rel=1e-4)
+  assert got['raw']['test']['loss'] != pytest.approx(got['ema']['test']['loss'], rel=1e-3)
