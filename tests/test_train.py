@@ -169,8 +169,20 @@ def test_resume_may_train_longer_and_keeps_every_replaced_config(tmp_path):
   assert read('config.step4.1.json')['num_train_steps'] == 8
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-  """Step 3 sees NaN targets: the run names step 3 and never saves a checkpoint after step 2."""
+@pytest.mark.parametrize(
+  'bad_step, save_every, log_every, steps, kept',
+  [
+    (3, 2, 1, 6, [2]),  # Tiny's spacing.
+    (5, 1, 4, 6, [2, 3, 4]),  # Logged in fours; the newest 3 kept (keep_checkpoints).
+    (6, 3, 5, 6, [3]),  # The last step: its final save is refused too.
+    (4, 4, 3, 7, []),  # A save due at the bad step itself.
+  ],
+)
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+  bad_step, save_every, log_every, steps, kept, tmp_path, monkeypatch
+):
+  """A step that sees NaN targets is named, and no checkpoint is saved from it on, whatever the
+  spacing of saves, progress lines and the last step."""
   create_split = input_pipeline.create_split
 
   def poisoned(config, split, *, train, **kwargs):
@@ -180,17 +192,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
     def soft(step, batch):
       labels = np.eye(config.num_classes, dtype=np.float32)[batch['label']]
-      return {**batch, 'label': labels * (np.nan if step == 3 else 1.0)}
+      return {**batch, 'label': labels * (np.nan if step == bad_step else 1.0)}
 
     return (soft(step, batch) for step, batch in enumerate(batches, 1))
 
   monkeypatch.setattr(input_pipeline, 'create_split', poisoned)
   config = tiny.get_config()
-  config.num_train_steps = 6
-  with pytest.raises(FloatingPointError, match='at step 3; .* last good checkpoint is step 2'):
+  config.num_train_steps, config.eval_every_steps = steps, steps
+  config.checkpoint_every_steps, config.log_every_steps = save_every, log_every
+  last_good = f'last good checkpoint is step {kept[-1]}' if kept else 'no checkpoint was saved'
+  with pytest.raises(FloatingPointError, match=f'at step {bad_step}; .*{last_good}'):
     train_lib.train_and_evaluate(config, str(tmp_path))
-  manager = checkpointing.create_manager(str(tmp_path), 3, read_only=True)
-  assert manager.all_steps() == [2]
+  manager = checkpointing.create_manager(str(tmp_path), 10, read_only=True)
+  assert manager.all_steps() == kept
   manager.close()
 
 
