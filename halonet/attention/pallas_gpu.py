@@ -1,19 +1,20 @@
-"""Halo attention as three fused Pallas GPU (Triton) kernels, FlashAttention style.
+"""Halo attention as four fused Pallas GPU (Triton) kernels, FlashAttention style.
 
 Same inputs and result as `plain.plain_attention`; `attention_impl='pallas_gpu'`, a candidate
 of 'auto' on GPU (measure.py times it against the others on the device). The plain form writes
 every block's (b+2h)^2 logits and its overlapping key/value windows to HBM; here they stay in
 registers and shared memory:
 
-  * Forward, one program per (image x head, query block): the block's queries walk the b+2h
-    key rows of their neighbourhood, each a tile read straight from the padded key and value
-    maps (windows are never materialised), with an online softmax. It writes the output and each
-    query's log-sum-exp.
-  * Backward, two kernels, neither with atomics. The query kernel recomputes each tile's
+  * Forward, one program per (image x head, query block, tile of value channels): the block's
+    queries walk the b+2h key rows of their neighbourhood, each a tile read straight from the
+    padded key and value maps (windows are never materialised), with an online softmax. It
+    writes the output and each query's log-sum-exp.
+  * Backward, three kernels, none with atomics. The query kernel recomputes each tile's
     probabilities from the log-sum-exp and writes the query gradient and the position terms'
-    gradients. The key kernel owns a b x b block of keys and visits the few query blocks whose
-    neighbourhoods contain it (((b+2h-1) // b + 1)^2 of them), so overlapping windows add their
-    gradients in registers and every key's gradient is written once.
+    gradients. The key kernel and the value kernel (one program per tile of value channels)
+    each own a b x b block of keys and visit the few query blocks whose neighbourhoods contain
+    it (((b+2h-1) // b + 1)^2 of them), so overlapping windows add their gradients in registers
+    and every gradient is written once.
   * Position terms and masks are folded in before the kernels: each query's row terms
     q.r_h + bias_h (one per key row) and column terms q.r_w + bias_w (one per key column), a
     1/(b+2h) fraction of the logits each, computed by XLA; autodiff carries their gradients
