@@ -61,6 +61,7 @@ def test_each_device_receives_the_rows_next_to_its_band(rows, band):
     ('plain', 15, 4, 2, 2, 0),  # 4 block rows of a map b does not divide.
     ('rows', 10, 2, 3, 1, 0),  # 5 block rows padded to 6; h = 3 reaches two devices away.
     ('pallas', 10, 2, 3, 2, 3),  # The kernels per device band: strided, masked, h = 3.
+    ('pallas_gpu', 10, 2, 3, 1, 3),  # The GPU kernels per band: h > b, masked.
   ],
 )
 def test_attention_layer_and_gradients_equal_the_unsharded_layer(
