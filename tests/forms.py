@@ -1,9 +1,13 @@
-"""Checks shared by the tests of the attention's fused forms (test_pallas, test_pallas_gpu)."""
+"""Checks and programs shared by the tests of the attention's fused forms (test_pallas,
+test_pallas_gpu)."""
 
 import chex
 import jax
+import jax.numpy as jnp
 
 from halonet import attention
+
+TRITON_CALL = '__gpu$xla.gpu.triton'  # The custom call of Pallas GPU kernels.
 
 
 def assert_matches_plain_form(impl: str, input_shape: tuple[int, ...], **layer_args) -> None:
@@ -22,3 +26,25 @@ def assert_matches_plain_form(impl: str, input_shape: tuple[int, ...], **layer_a
     for form, layer in layers.items()
   }
   chex.assert_trees_all_close(results[impl], results['plain'], rtol=1e-5, atol=1e-5)
+
+
+def h1_layer_fwd_bwd_lowered(impl: str, platform: str) -> str:
+  """H1's stage-1 attention layer, forward and backward, bfloat16, 2 images, lowered for
+  `platform` ('tpu' or 'cuda') with jax.export: the module text."""
+  layer = attention.HaloAttention(
+    qk_width=64,
+    value_width=64,
+    num_heads=4,
+    block_size=8,
+    halo_size=3,
+    attention_impl=impl,
+    dtype=jnp.bfloat16,
+  )
+  x = jax.ShapeDtypeStruct((2, 64, 64, 64), jnp.bfloat16)
+  params = jax.eval_shape(layer.init, jax.random.key(0), x)
+  loss = lambda p, x: layer.apply(p, x).astype(jnp.float32).sum()
+  return jax.export.export(
+    jax.jit(jax.grad(loss, argnums=(0, 1))),
+    platforms=(platform,),
+    disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+  )(params, x).mlir_module()

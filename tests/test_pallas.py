@@ -132,33 +132,16 @@ def test_refused_on_gpu_in_one_line():
   assert model_lib.create_model(config, backend='tpu').attention_impl == 'pallas'
 
 
-def _layer_fwd_bwd_exported(impl: str, batch: int = 2):
-  """H1's stage-1 attention layer, forward and backward, bfloat16, lowered for TPU."""
-  layer = attention.HaloAttention(
-    qk_width=64,
-    value_width=64,
-    num_heads=4,
-    block_size=8,
-    halo_size=3,
-    attention_impl=impl,
-    dtype=jnp.bfloat16,
-  )
-  x = jax.ShapeDtypeStruct((batch, 64, 64, 64), jnp.bfloat16)
-  params = jax.eval_shape(layer.init, jax.random.key(0), x)
-  loss = lambda p, x: layer.apply(p, x).astype(jnp.float32).sum()
-  return jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1))), platforms=('tpu',))(params, x)
-
-
 def test_lowers_for_tpu_with_logits_and_windows_only_in_the_kernels():
   """What a TPU compiles: two Mosaic kernels and no loop; outside them no array is much larger
   than a projected map (the plain form's logits are 12x that, its windows 3x)."""
-  module = _layer_fwd_bwd_exported('pallas').mlir_module()
+  module = forms.h1_layer_fwd_bwd_lowered('pallas', 'tpu')
   kernels = re.findall(r'kernel_name = "(halo_attention_\w+)"', module)
   assert sorted(set(kernels)) == ['halo_attention_backward', 'halo_attention_forward'], kernels
   assert 'stablehlo.while' not in module
   one_map = 2 * 64 * 64 * 64  # batch x rows x columns x channels of q (and of k, v).
   assert hlo.largest_array_outside(module, 'tpu_custom_call') <= 1.5 * one_map  # k, v padded by h.
-  plain = _layer_fwd_bwd_exported('plain').mlir_module()
+  plain = forms.h1_layer_fwd_bwd_lowered('plain', 'tpu')
   assert hlo.largest_array_outside(plain, 'tpu_custom_call') >= 10 * one_map  # The check can fail.
 
 

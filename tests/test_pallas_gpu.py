@@ -15,7 +15,6 @@ import sys
 
 import chex
 import jax
-import jax.numpy as jnp
 import pytest
 
 from configs import tiny
@@ -26,7 +25,7 @@ from tests import forms
 from tests import hlo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRITON_CALL = '__gpu$xla.gpu.triton'
+TRITON_CALL = forms.TRITON_CALL
 KERNELS = [
   'halo_attention_gpu_backward_keys',
   'halo_attention_gpu_backward_queries',
@@ -83,38 +82,17 @@ def test_data_parallel_train_step_equals_the_plain_path():
   chex.assert_trees_all_close(results['pallas_gpu'], results['plain'], rtol=1e-4, atol=1e-5)
 
 
-def _layer_fwd_bwd_for_gpu(impl: str) -> str:
-  """H1's stage-1 attention layer, forward and backward, bfloat16, 2 images, lowered for CUDA."""
-  layer = attention.HaloAttention(
-    qk_width=64,
-    value_width=64,
-    num_heads=4,
-    block_size=8,
-    halo_size=3,
-    attention_impl=impl,
-    dtype=jnp.bfloat16,
-  )
-  x = jax.ShapeDtypeStruct((2, 64, 64, 64), jnp.bfloat16)
-  params = jax.eval_shape(layer.init, jax.random.key(0), x)
-  loss = lambda p, x: layer.apply(p, x).astype(jnp.float32).sum()
-  return jax.export.export(
-    jax.jit(jax.grad(loss, argnums=(0, 1))),
-    platforms=('cuda',),
-    disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
-  )(params, x).mlir_module()
-
-
 def test_lowers_for_gpu_with_logits_and_windows_only_in_the_kernels():
   """What a GPU compiles: four Triton kernels and no loop; outside them no array is much larger
   than a projected map (the plain form's logits are 12x that)."""
-  module = _layer_fwd_bwd_for_gpu('pallas_gpu')
+  module = forms.h1_layer_fwd_bwd_lowered('pallas_gpu', 'cuda')
   kernels = re.findall(r'name = "(halo_attention_gpu_\w+)"', module)
   assert sorted(kernels) == KERNELS, kernels
   assert 'stablehlo.while' not in module
   one_map = 2 * 64 * 64 * 64  # batch x rows x columns x channels of q (and of k, v).
   # The column terms (24 per query, float32) and the padded head-major keys and values.
   assert hlo.largest_array_outside(module, TRITON_CALL) <= 1.5 * one_map
-  plain = _layer_fwd_bwd_for_gpu('plain')
+  plain = forms.h1_layer_fwd_bwd_lowered('plain', 'cuda')
   assert hlo.largest_array_outside(plain, TRITON_CALL) >= 10 * one_map  # The check can fail.
 
 
