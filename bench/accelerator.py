@@ -20,7 +20,7 @@ import jax
 
 from bench import common
 from bench import cpu
-from halonet import model as model_lib
+from halonet import networks
 from halonet import summary
 from halonet.attention import measure
 
@@ -62,7 +62,7 @@ def attention_choices(tiny: bool, batches: dict[str, int]) -> dict[str, dict[str
   choices = {}
   for variant, batch in batches.items():
     config = step_config(variant, tiny, attention_impl='auto')
-    model = model_lib.create_model(config)
+    model = networks.create_model(config)
     choices[variant] = {}
     for layer in measure.model_layers(model, config.image_size, batch):
       record = measure.measure_layer(layer, candidates)

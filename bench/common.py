@@ -19,6 +19,7 @@ import ml_collections
 from configs import halonet as named_configs
 from halonet import attention
 from halonet import model as model_lib
+from halonet import networks
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -80,7 +81,7 @@ def initialized_train_step(
   import optax  # pylint: disable=import-outside-toplevel
 
   config = ml_collections.ConfigDict(json.loads(config_json))
-  model = model_lib.create_model(config, attention_choice=attention_choice)
+  model = networks.create_model(config, attention_choice=attention_choice)
   tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
   images = jnp.zeros((batch, config.image_size, config.image_size, 3), jnp.float32)
   labels = jnp.zeros((batch,), jnp.int32)
@@ -127,7 +128,7 @@ def attention_layer_shapes(
   Read off the model itself (shapes only, via eval_shape): the input map and the layer's fields,
   named after the first block that makes the call, with how many blocks repeat it.
   """
-  net = model_lib.create_model(config)
+  net = networks.create_model(config)
   found: dict[tuple, dict[str, Any]] = {}
 
   def record(next_fun, args, kwargs, context):

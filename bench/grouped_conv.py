@@ -20,11 +20,11 @@ import jax.numpy as jnp  # noqa: E402
 
 from halonet import convert  # noqa: E402
 from halonet import grouped_conv  # noqa: E402
-from halonet import model as model_lib  # noqa: E402
+from halonet import networks
 
 config = convert.model_config('haloregnetz_b')
 config.model.dtype = 'float32'
-model = model_lib.create_model(config)
+model = networks.create_model(config)
 x = jnp.ones((4, 224, 224, 3))
 v = model.init(jax.random.key(0), x[:1], train=False)
 

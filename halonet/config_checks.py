@@ -1,7 +1,7 @@
 """Every config value with a valid range, checked in one line naming it before anything runs.
 
 `RANGES` is the table of scalar fields; the rules that tie fields together (batch vs devices,
-heads vs widths, the attention window vs the halo) follow it. `model.validate_config` holds the
+heads vs widths, the attention window vs the halo) follow it. halonet/model_checks.py holds the
 architecture's own rules and is called from here, so a run needs only `validate_config`.
 """
 
@@ -12,6 +12,7 @@ import ml_collections
 
 from halonet import errors
 from halonet import model as model_lib
+from halonet import model_checks
 from halonet import optim
 from halonet import paper
 from halonet import sharding
@@ -112,7 +113,7 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
 def validate_values(config: ml_collections.ConfigDict) -> None:
   """Everything that does not depend on the machine: what a sweep checks before launching."""
   check_ranges(config)
-  model_lib.validate_config(config)
+  model_checks.validate_config(config)
   if config.optimizer.name not in optim.OPTIMIZERS:
     raise errors.ConfigError(
       f'config.optimizer.name={config.optimizer.name!r} is not one of {optim.OPTIMIZERS}'

@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 
 from halonet import launch  # First: quiets TensorFlow.
+from halonet import networks
 
 # isort: split
 
@@ -236,7 +237,6 @@ def write_run(name: str, weights: str, workdir: str) -> str:
   import jax  # pylint: disable=g-import-not-at-top
 
   from halonet import checkpointing  # pylint: disable=g-import-not-at-top
-  from halonet import model as model_lib  # pylint: disable=g-import-not-at-top
   from halonet import sharding  # pylint: disable=g-import-not-at-top
   from halonet import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
   from halonet import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
@@ -246,7 +246,7 @@ def write_run(name: str, weights: str, workdir: str) -> str:
     raise errors.ConfigError(f'--workdir={workdir} already holds a run; convert into a new one')
   paths.check_writable(workdir, 'workdir')
   state = read_safetensors(weights_file(weights))
-  variables = convert(name, state, model_lib.abstract_variables(config))
+  variables = convert(name, state, networks.abstract_variables(config))
   mesh = sharding.create_mesh((-1, 1))
   model, tx, _, _ = train_step_lib.build(config, 1)
   init, _ = train_step_lib.abstract_train_state(config, model, tx, mesh)
@@ -260,7 +260,7 @@ def write_run(name: str, weights: str, workdir: str) -> str:
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
   checkpointing.save(manager, 0, run_state)
   checkpointing.finish(manager)
-  return f'{name}: {model_lib.count_params(config):,} parameters from {weights} -> {workdir}'
+  return f'{name}: {networks.count_params(config):,} parameters from {weights} -> {workdir}'
 
 
 def define_flags() -> None:

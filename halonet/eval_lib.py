@@ -18,7 +18,7 @@ from halonet import config_checks
 from halonet import console
 from halonet import errors
 from halonet import input_pipeline
-from halonet import model as model_lib
+from halonet import networks
 from halonet import paths
 from halonet import sharding
 from halonet import train_step as train_step_lib
@@ -201,6 +201,6 @@ def evaluate_checkpoint(
   workdir_lib.append_eval_records(workdir, records)
   return {
     'step': step,
-    'num_params': model_lib.count_params(config),
+    'num_params': networks.count_params(config),
     **{f'{name}_eval': v for name, v in evals.items()},
   }

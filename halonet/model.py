@@ -25,10 +25,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from halonet import attention
-from halonet import byob
 from halonet import channel_attention
 from halonet import deep_stem
 from halonet import errors
@@ -40,18 +38,14 @@ from halonet.model_keys import FEATURES
 
 # Total downsampling of the stem and stages 2-4: the smallest image that yields a 1x1 stage-4 map.
 MIN_IMAGE_SIZE = 32
-_ACTIVATIONS = {'relu': nn.relu, 'silu': nn.silu}
-_DTYPES = ('float32', 'bfloat16')
-# What dtype='auto' computes in on each backend: bfloat16 on TPU and GPU (matmul units built for
-# it); float32 on CPU, which has no bfloat16 matmul units (bench/run.py: bf16 is slower there).
-AUTO_DTYPE = {'cpu': 'float32'}
+ACTIVATIONS = {'relu': nn.relu, 'silu': nn.silu}
 STEMS = ('conv', 'sasa', *deep_stem.WIDTHS)
 # The projection shortcut where a block downsamples: a strided 1x1 conv, or (timm's avg_down, the
 # 'd' ResNets) a 2x2 average pool then the 1x1 conv, which sees every input pixel.
 SHORTCUTS = ('conv', 'avg_down')
 
 
-def stage_windows(model_config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
+def stage_windows(model_config: Any) -> list[tuple[int, int]]:
   """(b, h) of each of the four stages, from the per-stage overrides or the single b, h."""
   blocks = tuple(model_config.block_sizes) or (model_config.block_size,) * 4
   halos = tuple(model_config.halo_sizes) or (model_config.halo_size,) * 4
@@ -75,130 +69,6 @@ def stage_channel_attention(model_config: Any) -> list[str]:
   if tuple(model_config.channel_attention):
     return list(model_config.channel_attention)
   return ['se' if model_config.use_se else ''] * 4
-
-
-def resolve_backend_defaults(
-  model_config: ml_collections.ConfigDict, backend: str | None = None
-) -> dict[str, Any]:
-  """config.model as plain values, with each 'auto' (dtype, attention_impl) chosen for `backend`.
-
-  `backend` defaults to JAX's default backend ('cpu', 'gpu' or 'tpu'); pass one explicitly to
-  build the model a TPU or GPU would run, e.g. for cross-platform lowering.
-  """
-  backend = backend or jax.default_backend()
-  fields = model_config.to_dict()
-  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-  if fields['dtype'] == 'auto':
-    fields['dtype'] = AUTO_DTYPE.get(backend, 'bfloat16')
-  fields['attention_impl'] = attention.resolve_impl(fields['attention_impl'], backend)
-  return fields
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Fails with one line naming the first bad model value, before anything is built or compiled."""
-  m = config.model
-  if m.arch:
-    byob.check_config(m.arch, config.image_size)
-  if m.activation not in _ACTIVATIONS:
-    raise errors.ConfigError(f'activation={m.activation!r} is not one of {sorted(_ACTIVATIONS)}')
-  if m.dtype not in ('auto', *_DTYPES):
-    raise errors.ConfigError(f'dtype={m.dtype!r} is not one of {["auto", *_DTYPES]}')
-  for name in ('widths', 'stage_depths', 'num_heads'):
-    if len(m[name]) != 4:
-      raise errors.ConfigError(f'{name}={tuple(m[name])} needs one entry per stage (4)')
-  attention.choose.check_impl(m.attention_impl)
-  bad_stages = [s for s in m.conv_stages if s not in (1, 2, 3, 4)]
-  if bad_stages:
-    raise errors.ConfigError(
-      f'conv_stages={tuple(m.conv_stages)} may only name stages 1-4, got {bad_stages}'
-    )
-  _check_modules(m)
-  side = -(-config.image_size // 4)  # Stage 1's map: the stem strides 4.
-  for stage, ((b, h), w, heads, mixer) in enumerate(
-    zip(stage_windows(m), m.widths, m.num_heads, stage_mixers(m)), 1
-  ):
-    stride = 1 if stage == 1 else 2
-    side = -(-side // stride)  # The map of the stage's blocks after its first.
-    _check_stage_mixer(m, stage, mixer, b, h, stride, w, heads, side)
-  if m.stem == 'sasa' and 64 % m.num_heads[0]:
-    raise errors.ConfigError(
-      f"stem='sasa': num_heads[0]={m.num_heads[0]} does not divide the stem's width 64"
-    )
-
-
-def _check_modules(m: ml_collections.ConfigDict) -> None:
-  """The names of mixers, channel attention, stage attention and stem, and their settings."""
-  if tuple(m.mixers) and tuple(m.conv_stages):
-    raise errors.ConfigError(
-      f'mixers={tuple(m.mixers)} and conv_stages={tuple(m.conv_stages)} both set the stages; '
-      "use mixers alone ('conv' for a conv stage)"
-    )
-  for name, names, known in (
-    ('mixers', m.mixers, mixers.NAMES),
-    ('channel_attention', m.channel_attention, ('', *channel_attention.BLOCK_MODULES)),
-  ):
-    if tuple(names) and len(names) != 4:
-      raise errors.ConfigError(f'{name}={tuple(names)} needs one entry per stage (4)')
-    bad = [n for n in names if n not in known]
-    if bad:
-      raise errors.ConfigError(f'{name}={tuple(names)}: {bad[0]!r} is not one of {list(known)}')
-  if m.stage_attention not in ('', *channel_attention.STAGE_MODULES):
-    known = ['', *channel_attention.STAGE_MODULES]
-    raise errors.ConfigError(f'stage_attention={m.stage_attention!r} is not one of {known}')
-  if m.stem not in STEMS:
-    raise errors.ConfigError(f'stem={m.stem!r} is not one of {list(STEMS)}')
-  if m.shortcut not in SHORTCUTS:
-    raise errors.ConfigError(f'shortcut={m.shortcut!r} is not one of {list(SHORTCUTS)}')
-  used = set(stage_mixers(m))
-  if 'sk' in used:
-    kernels = tuple(m.sk_kernels)
-    if not kernels or any(k < 3 or k % 2 == 0 for k in kernels):
-      raise errors.ConfigError(
-        f'sk_kernels={kernels} needs at least one kernel, each odd and at least 3'
-      )
-  if 'split' in used and m.radix < 1:
-    raise errors.ConfigError(f'radix={m.radix} needs to be at least 1')
-  if used & {'condconv', 'dynamic'} and m.num_experts < 1:
-    raise errors.ConfigError(f'num_experts={m.num_experts} needs to be at least 1')
-
-
-def _check_stage_mixer(
-  m: ml_collections.ConfigDict,
-  stage: int,
-  mixer: str,
-  b: int,
-  h: int,
-  stride: int,
-  w: int,
-  heads: int,
-  side: int,
-) -> None:
-  """One stage's mixer against its widths, heads and (at config.image_size) its input map."""
-  value_width = int(w * m.value_ratio)
-  if mixer == 'sk' and w % len(m.sk_kernels):
-    raise errors.ConfigError(
-      f'stage {stage}: sk_kernels={tuple(m.sk_kernels)} gives {len(m.sk_kernels)} paths, '
-      f'which do not split its width {w}'
-    )
-  if mixer not in mixers.ATTENTION:
-    return
-  try:
-    if mixer == 'halo':
-      attention.check_attention_args(b, h, stride, m.mask_window)
-    elif mixer == 'sasa':
-      k = m.sasa_window
-      if k < 1 or k % 2 == 0:
-        raise ValueError(f'sasa_window={k} must be odd and positive')
-      if k > side:
-        raise ValueError(f'sasa_window={k} is larger than its {side} x {side} input map')
-      attention.check_attention_args(b, k // 2, 1, k)
-  except ValueError as e:
-    raise errors.ConfigError(f'stage {stage}: {e}') from None
-  for name, width in (('width', w), ('value width', value_width)):
-    if heads <= 0 or width % heads:
-      raise errors.ConfigError(
-        f'stage {stage}: num_heads={heads} does not divide its {name} {width}'
-      )
 
 
 class BottleneckBlock(nn.Module):
@@ -335,7 +205,7 @@ class HaloNet(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
-    act = _ACTIVATIONS[self.activation]
+    act = ACTIVATIONS[self.activation]
     dtype = jnp.dtype(self.dtype)
     norm = functools.partial(
       nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype
@@ -419,42 +289,3 @@ class HaloNet(nn.Module):
     x = x.mean(axis=(1, 2))
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     return nn.Dense(self.num_classes, dtype=jnp.float32, name=CLASSIFIER)(x.astype(jnp.float32))
-
-
-def create_model(
-  config: ml_collections.ConfigDict,
-  backend: str | None = None,
-  attention_choice: tuple[tuple[str, str], ...] = (),
-) -> HaloNet:
-  """The HaloNet of `config.model` (validated first), with 'auto' fields chosen for `backend`;
-  with a measured `attention_choice`, 'auto' attention takes each layer's form from it."""
-  validate_config(config)
-  fields = resolve_backend_defaults(config.model, backend)
-  if attention_choice:
-    fields['attention_impl'] = config.model.attention_impl
-  arch = fields.pop('arch')
-  if arch:  # One of timm's halo networks; the HaloNet fields do not apply.
-    return byob.ByobNet(
-      arch=arch,
-      num_classes=config.num_classes,
-      attention_impl=fields['attention_impl'],
-      stochastic_depth_rate=fields['stochastic_depth_rate'],
-      dropout_rate=fields['dropout_rate'],
-      dtype=fields['dtype'],
-      attention_choice=tuple(attention_choice),
-    )
-  return HaloNet(num_classes=config.num_classes, attention_choice=tuple(attention_choice), **fields)
-
-
-def abstract_variables(config: ml_collections.ConfigDict, batch_size: int = 1) -> Any:
-  """Shapes of all variables via jax.eval_shape: free even for H7 at 600 px."""
-  model = create_model(config)
-  images = jax.ShapeDtypeStruct((batch_size, config.image_size, config.image_size, 3), jnp.float32)
-  rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
-  return jax.eval_shape(functools.partial(model.init, train=False), rngs, images)
-
-
-def count_params(config: ml_collections.ConfigDict) -> int:
-  """Trainable parameters (BN running statistics excluded)."""
-  params = abstract_variables(config)['params']
-  return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))

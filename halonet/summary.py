@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from halonet import model
+from halonet import networks
 from halonet import paper
 from halonet import text_table
 
@@ -50,8 +51,8 @@ def gflops_per_image(config: ml_collections.ConfigDict) -> float:
     windows = model.stage_windows(config.model)
     config.model.block_sizes = tuple(1 if m == 'sasa' else b for m, (b, _) in zip(mixers, windows))
     config.model.halo_sizes = tuple(h for _, h in windows)
-  net = model.create_model(config)
-  variables = model.abstract_variables(config)
+  net = networks.create_model(config)
+  variables = networks.abstract_variables(config)
   images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
   lowered = jax.jit(functools.partial(net.apply, train=False)).lower(variables, images)
   return lowered.cost_analysis()['flops'] / 1e9
@@ -59,7 +60,7 @@ def gflops_per_image(config: ml_collections.ConfigDict) -> float:
 
 def summarize(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """One row of the summary table."""
-  params = model.count_params(config)
+  params = networks.count_params(config)
   row = paper.VARIANTS.get(config.variant)
   published = None if row is None else row.params_m
   return {

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from halonet import model
+from halonet import networks
 from halonet import paths
 from halonet import summary
 from halonet import workdir as workdir_lib
@@ -58,7 +59,7 @@ def collect_row(
   row = {
     'point': name,
     **{k: value(k) for k in keys},
-    'params_m': _significant(model.count_params(config) / 1e6),
+    'params_m': _significant(networks.count_params(config) / 1e6),
     'gflops': _significant(summary.gflops_per_image(config)),
     'neighbourhood': summary.neighbourhood(config),
     'window': window_size(config),

@@ -21,7 +21,7 @@ from halonet import eval_lib
 from halonet import event_writer
 from halonet import finetune
 from halonet import input_pipeline
-from halonet import model as model_lib
+from halonet import networks
 from halonet import paths
 from halonet import profiling
 from halonet import sharding
@@ -115,8 +115,8 @@ def train_and_evaluate(
   if config.init_from and not start_step:
     source_dir, source_step, source_config = finetune.source_run(config, workdir)
     changed = finetune.reinitialised(
-      model_lib.abstract_variables(config)['params'],
-      model_lib.abstract_variables(source_config)['params'],
+      networks.abstract_variables(config)['params'],
+      networks.abstract_variables(source_config)['params'],
     )
     source = (source_dir, source_step, source_config, changed)
   mesh = sharding.create_mesh(config.mesh_shape)
@@ -146,7 +146,7 @@ def train_and_evaluate(
     say=console.say,
   )
   if choice:
-    model = model_lib.create_model(config, attention_choice=choice)
+    model = networks.create_model(config, attention_choice=choice)
   forms = sorted({impl for _, impl in choice}) or [model.attention_impl]
   measured = f' (measured per layer, {measure.CHOICE_FILE})' if choice else ''
   console.say(f'attention: {", ".join(forms)}{measured}')
@@ -173,7 +173,7 @@ def train_and_evaluate(
     state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
   if source:
     state = _fine_tune_start(state, mesh, *source)
-  num_params = model_lib.count_params(config)
+  num_params = networks.count_params(config)
   console.say(f'{num_params:,} parameters, {num_steps} train steps')
   # Both steps are compiled here, timed apart, so images/s and the ETA measure training only.
   first_batch = next(batches)

@@ -17,7 +17,7 @@ import optax
 
 from halonet import checkpointing
 from halonet import input_pipeline
-from halonet import model as model_lib
+from halonet import networks
 from halonet import optim
 from halonet import sharding
 from halonet.attention import measure
@@ -180,7 +180,7 @@ def lower_train_step(
   dataset's), so `.compile()` gives XLA's per-device cost and buffer plan of H7 at 600 px on any
   machine. `backend` builds the model as that backend would ('auto' fields), e.g. 'tpu'.
   """
-  model = model_lib.create_model(config, backend=backend)
+  model = networks.create_model(config, backend=backend)
   schedule = optim.learning_rate_schedule(config, steps_per_epoch=10, total_steps=10)
   tx = optim.create_optimizer(config, schedule)
   _, abstract = abstract_train_state(config, model, tx, mesh)
@@ -204,7 +204,7 @@ def build(
     config, input_pipeline.steps_per_epoch(train_examples, config.batch_size), num_steps
   )
   return (
-    model_lib.create_model(config),
+    networks.create_model(config),
     optim.create_optimizer(config, schedule),
     schedule,
     num_steps,
@@ -216,7 +216,7 @@ def restore_run(
 ) -> tuple[TrainState, TrainState, nn.Module]:
   """A run's saved state at `step` (default: latest), replicated on `mesh`, read-only; with its
   abstract state and the model `config` builds (config must be the run's as to the model)."""
-  model = model_lib.create_model(config, attention_choice=measure.recorded_choice(workdir) or ())
+  model = networks.create_model(config, attention_choice=measure.recorded_choice(workdir) or ())
   # Only the optimizer state's structure matters for restoring, not the schedule's values.
   tx = optim.create_optimizer(config, optax.constant_schedule(0.0))
   _, abstract = abstract_train_state(config, model, tx, mesh)

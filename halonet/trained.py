@@ -21,6 +21,7 @@ import numpy as np
 from halonet import errors
 from halonet import input_pipeline
 from halonet import model as model_lib
+from halonet import networks
 from halonet import paths
 from halonet import sharding
 from halonet import train_step as train_step_lib
@@ -58,7 +59,7 @@ def features(
   """Each stage's output for images [B, H, W, 3] of pixel values 0-255 (uint8 or float),
   normalised as in training: 'stage1'..'stage4' at strides 4, 8, 16 and 32 (ceil(H / stride)
   rows), BatchNorm with its running statistics."""
-  model = model_lib.create_model(config)
+  model = networks.create_model(config)
   x = input_pipeline.normalize_images(jnp.asarray(images), config, jnp.dtype(model.dtype))
   _, sown = model.apply(variables, x, train=False, mutable=[model_lib.FEATURES])
   return {name: values[0] for name, values in sown[model_lib.FEATURES].items()}
@@ -103,7 +104,7 @@ def predict(
 ) -> np.ndarray:
   """Class probabilities [N, num_classes] of uint8 images [N, s, s, 3], in fixed-size batches
   (the last one padded) so that one compilation serves any N."""
-  model = model_lib.create_model(config)
+  model = networks.create_model(config)
 
   @jax.jit
   def probabilities(batch):

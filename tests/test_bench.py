@@ -1,11 +1,13 @@
 """Smoke test of bench/run.py on toy shapes: every section runs and writes its fields (no timing
-checks; the accelerator section is forced onto the CPU)."""
+checks; the accelerator section is forced onto the CPU); the reader of TPU schedules."""
 
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+from bench import tpu_aot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,3 +101,21 @@ def test_tiny_benchmark_writes_results(tmp_path):
     results['memory_growth_exponent_global_attention']
     > results['memory_growth_exponent_halo_attention']
   )
+
+
+def test_static_cycles_multiplies_bundles_by_enclosing_trip_counts():
+  listing = '\n'.join(
+    [
+      '     0   :  { %1 = sst [smem:[#a]] %s0 }',
+      '   0x1 LB: > { %2 = sadd.s32 1, %s1 }',
+      '   0x2 LB: >> { %3 = vadd.f32 %v1, %v2 }',
+      '   0x3   : >> { %p4 = scmp.ge.s32.totalorder %s5, 8 /* loop exit test */ }',
+      '   0x4   : > { %p6 = scmp.ge.s32.totalorder %s7, 66 /* loop exit test */ }',
+      '   0x5   :  { %8 = vsyncpa [#b], 0 }',
+    ]
+  )
+  assert tpu_aot.static_cycles(listing) == {
+    'bundles': 6,
+    'cycles': 1 + 66 * (2 + 8 * 2) + 1,
+    'loops': 2,
+  }

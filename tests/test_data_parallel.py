@@ -16,7 +16,7 @@ from configs import h1
 from configs import halonet as named_configs
 from configs import tiny
 from halonet import convert
-from halonet import model as model_lib
+from halonet import networks
 from halonet import sharding
 from halonet import train_step as train_step_lib
 from tests import hlo
@@ -66,7 +66,7 @@ def compiled_train_step(impl: str, batch: int, devices: int, model: str = 'tiny'
   config.model.attention_impl = impl
   mesh = sharding.create_mesh((-1, 1), jax.devices()[:devices])
   lowered, model = train_step_lib.lower_train_step(config, mesh, backend=backend)
-  num_params = model_lib.count_params(config)
+  num_params = networks.count_params(config)
   return lowered.compile(), num_params, model
 
 
@@ -139,10 +139,10 @@ def test_per_device_cost_is_that_of_the_per_device_batch(impl):
 )
 def test_forward_backward_lowers_for_tpu_and_gpu_without_a_loop(config):
   """Cross-platform lowering needs no accelerator: the StableHLO a TPU or GPU would compile."""
-  model = model_lib.create_model(config, backend='tpu')
+  model = networks.create_model(config, backend='tpu')
   assert (model.attention_impl, model.dtype) == ('plain', 'bfloat16')
   size = config.image_size
-  variables = model_lib.abstract_variables(config)
+  variables = networks.abstract_variables(config)
 
   def loss(params, batch_stats, images):
     logits, _ = model.apply(

@@ -13,7 +13,7 @@ import pytest
 from configs import tiny
 from halonet import eval_lib
 from halonet import input_pipeline
-from halonet import model as model_lib
+from halonet import networks
 from halonet import optim
 from halonet import paths
 from halonet import sharding
@@ -94,7 +94,7 @@ def test_ema_evaluation_is_an_evaluation_of_the_ema_parameters():
   config.ema_decay = 0.5
   config.eval_splits = ('test',)
   mesh = sharding.create_mesh(config.mesh_shape)
-  model = model_lib.create_model(config)
+  model = networks.create_model(config)
   tx = optim.create_optimizer(config, optim.learning_rate_schedule(config, 10, 10))
   init, abstract = train_step_lib.abstract_train_state(config, model, tx, mesh)
   state = jax.jit(init, out_shardings=train_step_lib.shardings_of(abstract))(jax.random.key(0))

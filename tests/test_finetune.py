@@ -14,7 +14,7 @@ from configs import tiny
 from halonet import checkpointing
 from halonet import errors
 from halonet import finetune
-from halonet import model as model_lib
+from halonet import networks
 from halonet import optim
 from halonet import train_lib
 from halonet import workdir as workdir_lib
@@ -23,7 +23,7 @@ from halonet import workdir as workdir_lib
 def _params(**overrides):
   config = tiny.get_config()
   config.update_from_flattened_dict(overrides)
-  return model_lib.abstract_variables(config)['params']
+  return networks.abstract_variables(config)['params']
 
 
 def test_only_a_classifier_of_another_shape_is_reinitialised():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from halonet import model as model_lib
+from halonet import networks
 from halonet import train_lib
 from halonet.attention import choose
 from halonet.attention import measure
@@ -37,7 +37,7 @@ def _timings(*seconds):
 
 
 def test_model_layers_are_its_distinct_attention_shapes():
-  model = model_lib.create_model(tiny.get_config())
+  model = networks.create_model(tiny.get_config())
   layers = measure.model_layers(model, image_size=32, batch=2)
   # 32 px: the stem leaves 8 x 8; stages 2-4 open with a strided block (tiny: one block each),
   # whose attention reads the block's 1x1 reduction to the stage width (8, 16, 16, 32).
@@ -107,7 +107,7 @@ def test_choice_is_cached_reused_on_resume_and_skipped_when_explicit(tmp_path, m
 
   monkeypatch.setattr(measure, 'measure_layer', fake_measure)
   config = tiny.get_config()
-  model = model_lib.create_model(config)
+  model = networks.create_model(config)
   lines = []
   run = lambda workdir, impl='auto': measure.for_run(
     model, impl, 32, 2, str(workdir), say=lines.append

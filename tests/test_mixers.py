@@ -15,7 +15,8 @@ from configs import halonet as configs
 from halonet import channel_attention
 from halonet import errors
 from halonet import mixers
-from halonet import model as model_lib
+from halonet import model_checks
+from halonet import networks
 from halonet import sasa_stem
 from halonet import summary
 from halonet.attention import IMPLEMENTATIONS
@@ -275,7 +276,7 @@ SASA_TABLE_1 = {
 def test_sasa_resnets_have_table_1s_parameters_and_flops(name):
   params_m, gflops = SASA_TABLE_1[name]
   config = configs.get_config(name)
-  assert abs(model_lib.count_params(config) / 1e6 - params_m) <= 0.01 * params_m
+  assert abs(networks.count_params(config) / 1e6 - params_m) <= 0.01 * params_m
   # XLA counts the convolutions and products (a multiply-add as 2), not BN or ReLU.
   assert abs(summary.gflops_per_image(config) - gflops) <= 0.04 * gflops
 
@@ -307,7 +308,7 @@ def test_bad_module_settings_fail_in_one_line_naming_the_value(overrides, messag
   config = configs.get_config('tiny')
   config.update_from_flattened_dict(overrides)
   with pytest.raises(errors.ConfigError) as raised:
-    model_lib.validate_config(config)
+    model_checks.validate_config(config)
   text = str(raised.value)
   assert message in text and '\n' not in text, text
 
@@ -319,7 +320,7 @@ def test_bam_follows_stages_1_to_3_and_gates_follow_every_block():
   config.model.stage_attention = 'bam'
   config.model.stage_depths = (2, 1, 1, 1)
   config.model.channel_attention = ('cbam', '', 'se', '')
-  params = model_lib.abstract_variables(config)['params']
+  params = networks.abstract_variables(config)['params']
   assert sorted(k for k in params if k.endswith('_bam')) == [
     'stage1_bam',
     'stage2_bam',

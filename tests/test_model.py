@@ -9,6 +9,7 @@ import pytest
 from configs import halonet as named_configs
 from configs import tiny
 from halonet import model
+from halonet import networks
 
 # Typed in from the paper's table of HaloNet variants (Params, M): independent of halonet/paper.py.
 PAPER_PARAMS_M = {
@@ -27,7 +28,7 @@ H3_COUNT = 11_834_728
 
 @pytest.mark.parametrize('variant', sorted(PAPER_PARAMS_M))
 def test_variant_params_match_paper(variant):
-  count = model.count_params(named_configs.get_config(variant))
+  count = networks.count_params(named_configs.get_config(variant))
   if variant == 'h3':
     assert count == H3_COUNT
   else:
@@ -51,7 +52,7 @@ def test_variant_rows_match_paper():
 def test_h7_stage_shapes_at_600px():
   """s=600 with b=10 gives 75x75 and 38x38 maps that b does not divide; they must work."""
   config = named_configs.get_config('h7')
-  net = model.create_model(config)
+  net = networks.create_model(config)
   shapes = {}
 
   def capture(next_fun, args, kwargs, context):
@@ -73,7 +74,7 @@ def test_tiny_forward_train_and_eval():
   config.model.activation = 'silu'
   config.model.stochastic_depth_rate = 0.2
   config.model.conv_stages = (1,)
-  net = model.create_model(config)
+  net = networks.create_model(config)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   variables = net.init(jax.random.key(0), x, train=False)
   logits, updates = net.apply(
@@ -88,19 +89,19 @@ def test_tiny_forward_train_and_eval():
 def test_bfloat16_compute_keeps_float32_params():
   config = tiny.get_config()
   config.model.dtype = 'bfloat16'
-  net = model.create_model(config)
+  net = networks.create_model(config)
   variables = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables['params']))
   assert net.apply(variables, jnp.zeros((1, 32, 32, 3)), train=False).dtype == jnp.float32
 
 
 def test_conv_stages_replace_attention():
-  all_attention = model.count_params(tiny.get_config())
+  all_attention = networks.count_params(tiny.get_config())
   config = tiny.get_config()
   config.model.conv_stages = (1, 2, 3, 4)
-  params = model.abstract_variables(config)['params']
+  params = networks.abstract_variables(config)['params']
   assert not any('HaloAttention' in k for k in params['stage1_block0'])
-  assert model.count_params(config) != all_attention
+  assert networks.count_params(config) != all_attention
 
 
 @pytest.mark.parametrize(
@@ -124,7 +125,7 @@ def test_bad_values_fail_with_one_line(field, value, message):
     node, key = config.model, field.split('.')[1]
   node[key] = value
   with pytest.raises(ValueError, match=message) as info:
-    model.create_model(config)
+    networks.create_model(config)
   assert '\n' not in str(info.value)
 
 
@@ -138,7 +139,7 @@ def test_unknown_config_name():
   [('tpu', 'bfloat16', 'plain'), ('gpu', 'bfloat16', 'plain'), ('cpu', 'float32', 'rows')],
 )
 def test_paper_configs_resolve_auto_per_backend(backend, dtype, impl):
-  net = model.create_model(named_configs.get_config('h7'), backend=backend)
+  net = networks.create_model(named_configs.get_config('h7'), backend=backend)
   assert (net.dtype, net.attention_impl) == (dtype, impl)
 
 
@@ -152,13 +153,13 @@ def test_large_variants_rematerialise_by_default():
 def test_explicit_choices_and_cpu_configs_are_kept_on_every_backend():
   config = named_configs.get_config('h1')
   config.model.dtype, config.model.attention_impl = 'float32', 'rows'
-  net = model.create_model(config, backend='tpu')
+  net = networks.create_model(config, backend='tpu')
   assert (net.dtype, net.attention_impl) == ('float32', 'rows')
-  assert model.create_model(tiny.get_config(), backend='tpu').dtype == 'float32'
+  assert networks.create_model(tiny.get_config(), backend='tpu').dtype == 'float32'
 
 
 def _loss_and_grads(config, x):
-  net = model.create_model(config)
+  net = networks.create_model(config)
   variables = jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(x)
 
   def loss(params):
@@ -194,7 +195,7 @@ def test_remat_recomputes_blocks_in_the_backward_pass():
     config.model.remat = remat
     config.model.widths, config.model.stage_depths = (32, 32, 32, 32), (4, 1, 1, 1)
     config.model.attention_impl = 'plain'  # Its residuals (logits) are what remat drops.
-    net = model.create_model(config)
+    net = networks.create_model(config)
     x = jnp.zeros((4, 64, 64, 3))
     variables = jax.eval_shape(lambda x: net.init(jax.random.key(0), x, train=False), x[:1])
     loss = lambda p, stats: net.apply(
@@ -212,7 +213,7 @@ def test_remat_recomputes_blocks_in_the_backward_pass():
 def _tiny_count(**model_fields) -> int:
   config = tiny.get_config()
   config.model.update(model_fields)
-  return model.count_params(config)
+  return networks.count_params(config)
 
 
 def test_options_add_the_parameters_counted_by_hand():
@@ -242,7 +243,7 @@ def _calls(config, x, module_type, train, unit_bn_scales=False):
 
   `unit_bn_scales`: every BN scale set to 1, so residual branches (zero at init) carry signal.
   """
-  net = model.create_model(config)
+  net = networks.create_model(config)
   variables = jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(x[:1])
   if unit_bn_scales:
     variables = {

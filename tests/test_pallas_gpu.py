@@ -23,6 +23,7 @@ from halonet import errors
 from halonet import sharding
 from tests import forms
 from tests import hlo
+from tests import steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRITON_CALL = forms.TRITON_CALL
@@ -63,16 +64,13 @@ def test_key_block_geometries_match_the_plain_form(block, halo, stride, width, v
 def test_data_parallel_train_step_equals_the_plain_path():
   """The real step on an 8-device data mesh: the kernels run per device under shard_map, only
   gradients and statistics are all-reduced, and the result is the plain form's."""
-  from tests.test_train import _random_batch  # pylint: disable=import-outside-toplevel
-  from tests.test_train import _setup  # pylint: disable=import-outside-toplevel
-
   results = {}
   mesh = sharding.create_mesh((8, 1))
   for impl in ('plain', 'pallas_gpu'):
     config = tiny.get_config()
     config.model.attention_impl = impl
-    state, step = _setup(config, mesh)
-    batch = sharding.shard_batch(_random_batch(config, 0), mesh)
+    state, step = steps.fresh_state_and_step(config, mesh)
+    batch = sharding.shard_batch(steps.random_batch(config, 0), mesh)
     collectives = hlo.hlo_ops(step.lower(state, batch).compile().as_text(), hlo.COLLECTIVES)
     assert {op for op, _ in collectives} == {'all-reduce'}, (impl, collectives)
     state, metrics = step(state, batch)

@@ -13,7 +13,7 @@ import ml_collections
 from ml_collections import config_flags
 import pytest
 
-from halonet import model as model_lib
+from halonet import model_checks
 from halonet import sweeps
 from halonet import train_lib
 
@@ -65,7 +65,7 @@ def test_shipped_sweeps_have_valid_points(name, scale):
   dataset = 'digits' if scale.startswith('cpu') else 'imagenet2012'
   assert all(p.config.dataset == dataset for p in points)
   for point in points:  # Every point builds: its model settings pass the config's checks.
-    model_lib.validate_config(point.config)
+    model_checks.validate_config(point.config)
 
 
 def test_points_cross_the_list_with_the_grid():

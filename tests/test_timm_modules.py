@@ -20,6 +20,7 @@ from halonet import convert
 from halonet import deep_stem
 from halonet import mixers
 from halonet import model as model_lib
+from halonet import networks
 from tests import torch_side
 
 TOLERANCE = 1e-5  # Of the largest reference magnitude.
@@ -96,7 +97,7 @@ def test_resnet50_variant_has_timms_parameter_count(references, name):
   config = configs.get_config('resnet50')
   config.update_from_flattened_dict(NETWORKS[name])
   want = int(np.load(references / 'networks.npz')[name])
-  assert model_lib.count_params(config) == want
+  assert networks.count_params(config) == want
 
 
 def _state(data):

@@ -16,6 +16,8 @@ import pytest
 
 from halonet import convert
 from halonet import model as model_lib
+from halonet import model_checks
+from halonet import networks
 from halonet import trained
 from tests import torch_side
 
@@ -41,7 +43,7 @@ def _close(got, want):
 
 
 def _run(name, variables, images):
-  model = model_lib.create_model(convert.model_config(name))
+  model = networks.create_model(convert.model_config(name))
   apply = jax.jit(functools.partial(model.apply, train=False, mutable=[model_lib.FEATURES]))
   logits, sown = apply(variables, images)
   return logits, {stage: values[0] for stage, values in sown[model_lib.FEATURES].items()}
@@ -50,7 +52,7 @@ def _run(name, variables, images):
 def _converted(references, name, state=None):
   state = state or convert.read_safetensors(str(references / f'{name}.safetensors'))
   config = convert.model_config(name)
-  return convert.convert(name, state, model_lib.abstract_variables(config))
+  return convert.convert(name, state, networks.abstract_variables(config))
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -66,7 +68,7 @@ def test_converted_model_gives_timms_logits_and_stage_features(references, name)
   timm_params = sum(
     v.size for k, v in state.items() if not k.endswith(('running_mean', 'running_var', 'tracked'))
   )
-  assert model_lib.count_params(convert.model_config(name)) == timm_params
+  assert networks.count_params(convert.model_config(name)) == timm_params
 
 
 def _swap_first_heads_keys_and_values(kv):  # Heads of 32 key and 32 value channels.
@@ -110,19 +112,19 @@ def test_wrong_weights_and_names_fail_in_one_line(references):
     convert.convert(
       'eca_halonext26ts',
       state,
-      model_lib.abstract_variables(convert.model_config('eca_halonext26ts')),
+      networks.abstract_variables(convert.model_config('eca_halonext26ts')),
     )
   with pytest.raises(
     ValueError,
     match=r"stem\.conv1\.bn\.bias \(24,\) converts to \(24,\), but halonet_h1's .* is \(64,\)",
   ):
     convert.convert(
-      'halonet_h1', state, model_lib.abstract_variables(convert.model_config('halonet_h1'))
+      'halonet_h1', state, networks.abstract_variables(convert.model_config('halonet_h1'))
     )
   del state['stages.3.1.post_attn.running_var']
   with pytest.raises(ValueError, match='the weights have no stages.3.1.post_attn.running_var'):
     convert.convert(
-      'halonet26t', state, model_lib.abstract_variables(convert.model_config('halonet26t'))
+      'halonet26t', state, networks.abstract_variables(convert.model_config('halonet26t'))
     )
 
 
@@ -137,24 +139,24 @@ def test_the_converter_and_other_commands_import_side_by_side():
 
 def test_an_image_size_timms_layers_cannot_take_is_refused():
   config = convert.model_config('halonet50ts')
-  model_lib.validate_config(config)
+  model_checks.validate_config(config)
   config.image_size = 224  # 56 px after the stem, 28 in stage 2: not whole 8 x 8 blocks.
   with pytest.raises(
     ValueError, match='image_size=224 gives stage2_block3 of halonet50ts a 28 x 28'
   ):
-    model_lib.validate_config(config)
+    model_checks.validate_config(config)
   config = convert.model_config('haloregnetz_b')  # 7 x 7 blocks, a 3x3 stem of stride 2.
-  model_lib.validate_config(config)
+  model_checks.validate_config(config)
   config.image_size = 256
   with pytest.raises(
     ValueError,
     match=r'image_size=256 gives stage3_block3 of haloregnetz_b a 16 x 16 map, not whole 7 x 7 '
     'blocks; use a multiple of 224',
   ):
-    model_lib.validate_config(config)
+    model_checks.validate_config(config)
   config.model.arch = 'halonet51'
   with pytest.raises(ValueError, match="model.arch='halonet51' is not one of"):
-    model_lib.validate_config(config)
+    model_checks.validate_config(config)
 
 
 @pytest.mark.slow

@@ -16,38 +16,11 @@ from configs import tiny
 from halonet import checkpointing
 from halonet import config_checks
 from halonet import input_pipeline
-from halonet import model as model_lib
-from halonet import optim
 from halonet import sharding
 from halonet import train_lib
 from halonet import train_step as train_step_lib
 from halonet import workdir as workdir_lib
-
-
-def _setup(config, mesh):
-  """A fresh state and the jitted step, with a fixed schedule so no data is read."""
-  model = model_lib.create_model(config)
-  schedule = optim.learning_rate_schedule(
-    config, steps_per_epoch=10, total_steps=config.num_train_steps
-  )
-  tx = optim.create_optimizer(config, schedule)
-  init, abstract = train_step_lib.abstract_train_state(config, model, tx, mesh)
-  state = jax.jit(init, out_shardings=train_step_lib.shardings_of(abstract))(
-    jax.random.key(config.seed)
-  )
-  step = train_step_lib.make_train_step(
-    config, model, tx, schedule, mesh, train_step_lib.shardings_of(abstract)
-  )
-  return state, step
-
-
-def _random_batch(config, seed):
-  rng = np.random.default_rng(seed)
-  s = config.image_size
-  return {
-    'image': rng.integers(0, 256, (config.batch_size, s, s, 3), dtype=np.uint8),
-    'label': rng.integers(0, config.num_classes, config.batch_size, dtype=np.int32),
-  }
+from tests import steps
 
 
 @functools.cache
@@ -55,8 +28,8 @@ def _one_step(mesh_shape, num_devices):
   config = tiny.get_config()
   config.ema_decay = 0.5  # Covers the EMA update as well.
   mesh = sharding.create_mesh(mesh_shape, jax.devices()[:num_devices])
-  state, step = _setup(config, mesh)
-  state, metrics = step(state, sharding.shard_batch(_random_batch(config, 0), mesh))
+  state, step = steps.fresh_state_and_step(config, mesh)
+  state, metrics = step(state, sharding.shard_batch(steps.random_batch(config, 0), mesh))
   return jax.device_get(
     (metrics['loss'], metrics['grad_norm'], state.params, state.batch_stats, state.ema_params)
   )
@@ -75,9 +48,9 @@ def test_train_step_compiles_once(monkeypatch):
   )
   config = tiny.get_config()
   mesh = sharding.create_mesh(config.mesh_shape)
-  state, step = _setup(config, mesh)
+  state, step = steps.fresh_state_and_step(config, mesh)
   for seed in range(3):
-    state, _ = step(state, sharding.shard_batch(_random_batch(config, seed), mesh))
+    state, _ = step(state, sharding.shard_batch(steps.random_batch(config, seed), mesh))
   assert int(state.step) == 3
 
 
@@ -87,7 +60,7 @@ def test_loss_falls_on_digits():
   config.optimizer.name = 'adamw'
   config.optimizer.learning_rate = 0.1
   mesh = sharding.create_mesh(config.mesh_shape)
-  state, step = _setup(config, mesh)
+  state, step = steps.fresh_state_and_step(config, mesh)
   # The un-augmented view of the train split: this checks the step learns, not the augmentation.
   batches = input_pipeline.create_split(
     config, config.train_split, train=False, batch_size=config.batch_size
@@ -160,9 +133,9 @@ def test_changed_config_is_refused_then_allowed(tmp_path, monkeypatch):
 def test_resume_may_train_longer_and_keeps_every_replaced_config(tmp_path):
   workdir, read = str(tmp_path), lambda name: json.loads((tmp_path / name).read_text())
   workdir_lib.check_and_store_config(tiny.get_config(), workdir, allow_change=False, step=0)
-  for steps in (8, 12):  # Extended twice, both times resumed at step 4: neither is refused.
+  for total in (8, 12):  # Extended twice, both times resumed at step 4: neither is refused.
     longer = tiny.get_config()
-    longer.num_train_steps = steps
+    longer.num_train_steps = total
     workdir_lib.check_and_store_config(longer, workdir, allow_change=False, step=4)
   assert read('config.json')['num_train_steps'] == 12
   assert read('config.step4.json')['num_train_steps'] == 4  # Not overwritten by the second.

@@ -18,7 +18,7 @@ from configs import tiny
 from halonet import digits
 from halonet import imagenet_classes
 from halonet import input_pipeline
-from halonet import model as model_lib
+from halonet import networks
 from halonet import train_lib
 from halonet import trained
 from halonet import visualize
@@ -38,7 +38,7 @@ def run(tmp_path_factory):
 
 def _fresh(config, size):
   images = np.random.default_rng(0).integers(0, 256, (2, size[0], size[1], 3)).astype(np.uint8)
-  model = model_lib.create_model(config)
+  model = networks.create_model(config)
   init = jax.jit(functools.partial(model.init, train=False))
   variables = init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   return model, variables, images

@@ -13,33 +13,18 @@ import pytest
 
 from configs import tiny
 from halonet import input_pipeline
-from halonet import model as model_lib
+from halonet import networks
 from halonet import optim
 from halonet import sharding
 from halonet import train_step as train_step_lib
+from tests import steps
 
 
 def _step_and_state(config):
-  """A fresh state (on host) and the jitted train step on one device."""
+  """A fresh state and the jitted train step on one device (a 100-step schedule)."""
   mesh = sharding.create_mesh((1, 1), jax.devices()[:1])
-  model = model_lib.create_model(config)
-  schedule = optim.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
-  tx = optim.create_optimizer(config, schedule)
-  init, abstract = train_step_lib.abstract_train_state(config, model, tx, mesh)
-  state = jax.jit(init, out_shardings=train_step_lib.shardings_of(abstract))(jax.random.key(0))
-  step = train_step_lib.make_train_step(
-    config, model, tx, schedule, mesh, train_step_lib.shardings_of(abstract)
-  )
+  state, step = steps.fresh_state_and_step(config, mesh, total_steps=100)
   return step, state, mesh
-
-
-def _random_batch(config, seed=0):
-  rng = np.random.default_rng(seed)
-  s = config.image_size
-  return {
-    'image': rng.integers(0, 256, (config.batch_size, s, s, 3), dtype=np.uint8),
-    'label': rng.integers(0, config.num_classes, config.batch_size, dtype=np.int32),
-  }
 
 
 def test_ema_after_one_step_is_decay_times_old_plus_complement_times_new():
@@ -47,7 +32,7 @@ def test_ema_after_one_step_is_decay_times_old_plus_complement_times_new():
   config.ema_decay = 0.9  # 1 - 0.9 != 0.9: swapping the two weights is caught.
   step, state, mesh = _step_and_state(config)
   old = jax.device_get(state.params)
-  state, _ = step(state, sharding.shard_batch(_random_batch(config), mesh))
+  state, _ = step(state, sharding.shard_batch(steps.random_batch(config), mesh))
   new, ema = jax.device_get((state.params, state.ema_params))
   assert any(np.abs(a - b).max() > 1e-4 for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)))
   jax.tree.map(
@@ -64,7 +49,7 @@ def test_batchnorm_running_statistics_after_a_step_are_computed_from_the_batch()
   computed here with NumPy from the images as the step standardises them."""
   config = tiny.get_config()
   step, state, mesh = _step_and_state(config)
-  batch = _random_batch(config)
+  batch = steps.random_batch(config)
   params, old = jax.device_get((state.params, state.batch_stats))
   state, _ = step(state, sharding.shard_batch(batch, mesh))
   new = jax.device_get(state.batch_stats)['stem_bn']
@@ -130,7 +115,7 @@ def test_first_update_applies_the_peak_rate_and_decays_only_weights(name):
   config.optimizer.warmup_epochs, config.optimizer.weight_decay = 0.0, 0.01
   config.batch_size = 512
   lr, wd, m = 0.2, 0.01, config.optimizer.momentum
-  params = model_lib.abstract_variables(config)['params']
+  params = networks.abstract_variables(config)['params']
   params = jax.tree.map(
     lambda p: np.random.default_rng(p.size).normal(size=p.shape).astype(np.float32), params
   )
