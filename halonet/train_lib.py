@@ -1,6 +1,7 @@
 """Training loop: one jitted step over a ('data', 'spatial') mesh, periodic exact evaluation,
 async Orbax checkpoints, and a clean stop on preemption or a non-finite loss."""
 
+from collections.abc import Callable
 import itertools
 import signal
 import threading
@@ -23,7 +24,7 @@ from halonet import finetune
 from halonet import input_pipeline
 from halonet import networks
 from halonet import paths
-from halonet import profiling
+from halonet import progress
 from halonet import sharding
 from halonet import train_step as train_step_lib
 from halonet import workdir as workdir_lib
@@ -34,9 +35,41 @@ def _spec(x: jax.Array) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
 
-def _format_seconds(seconds: float) -> str:
-  minutes, seconds = divmod(int(seconds), 60)
-  return f'{minutes // 60}:{minutes % 60:02d}:{seconds:02d}'
+class _TrainMetrics:
+  """The steps' device metrics, fetched only when needed (every step would stall dispatch). Each
+  fetch checks that the loss and the updated state are finite, and every save waits for it, so
+  every saved step is known finite."""
+
+  def __init__(self, last_good: Callable[[], str]):
+    self._last_good = last_good
+    self._pending: list[tuple[int, dict[str, jax.Array]]] = []
+    self._fetched: list[dict[str, np.ndarray]] = []
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self._pending.append((step, metrics))
+
+  def check(self) -> None:
+    """Fetches the pending steps' metrics; raises at the first non-finite one."""
+    fetched = jax.device_get([m for _, m in self._pending])
+    for (step, _), m in zip(self._pending, fetched):
+      if not (np.isfinite(m['loss']) and m['state_finite']):
+        what = (
+          f'loss is {m["loss"]}'
+          if not np.isfinite(m['loss'])
+          else 'the updated parameters or optimizer state are not finite'
+        )
+        raise FloatingPointError(
+          f'{what} at step {step}; stopped without saving it, {self._last_good()}'
+        )
+    self._fetched += fetched
+    self._pending.clear()
+
+  def window(self) -> dict[str, float]:
+    """Means over the steps since the previous window (the last step's learning rate)."""
+    self.check()
+    fetched, self._fetched = self._fetched, []
+    means = {k: float(np.mean([m[k] for m in fetched])) for k in ('loss', 'top1', 'grad_norm')}
+    return {**means, 'lr': float(fetched[-1]['lr'])}
 
 
 class _Preemption:
@@ -194,18 +227,8 @@ def train_and_evaluate(
   )
   writer = event_writer.create(workdir, just_logging=jax.process_index() > 0)
   preemption = _Preemption()
-  trace = profiling.StepTrace(config.profile_steps, workdir)
-  pending = []  # (step, device metrics) not yet fetched: fetching every step would stall dispatch.
-  results = {
-    'step': start_step,
-    'num_params': num_params,
-    'compile_seconds': compile_seconds,
-    'train_images_per_sec': previous.get('train_images_per_sec'),
-  }
-  window_start = time.perf_counter()
 
   def last_good() -> str:
-    # Every save waits for this check of its step, so every saved step is known finite.
     latest = manager.latest_step()
     return (
       'no checkpoint was saved'
@@ -213,37 +236,25 @@ def train_and_evaluate(
       else f'last good checkpoint is step {latest} (all parameters finite)'
     )
 
-  def flush_metrics(step: int) -> None:
-    nonlocal window_start
-    if not pending:
-      return
-    fetched = jax.device_get([m for _, m in pending])
-    for (s, _), m in zip(pending, fetched):
-      if not (np.isfinite(m['loss']) and m['state_finite']):
-        what = (
-          f'loss is {m["loss"]}'
-          if not np.isfinite(m['loss'])
-          else 'the updated parameters or optimizer state are not finite'
-        )
-        raise FloatingPointError(f'{what} at step {s}; stopped without saving it, {last_good()}')
-    elapsed = time.perf_counter() - window_start
-    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in ('loss', 'top1', 'grad_norm')}
-    scalars['lr'] = float(fetched[-1]['lr'])
-    scalars['images_per_sec'] = len(fetched) * config.batch_size / elapsed
-    results['train_images_per_sec'] = scalars['images_per_sec']
-    writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
-    eta = (num_steps - step) * elapsed / len(fetched)
-    console.say(
-      f'step {step}/{num_steps} loss {scalars["loss"]:.4f} top1 {scalars["top1"]:.2f} '
-      f'lr {scalars["lr"]:.3g} img/s {scalars["images_per_sec"]:.1f} '
-      f'ETA {_format_seconds(eta)}'
-    )
-    pending.clear()
-    window_start = time.perf_counter()
+  metrics_of_steps = _TrainMetrics(last_good)
+  report = progress.ProgressReport(
+    num_steps=num_steps,
+    batch_size=config.batch_size,
+    every_steps=config.log_every_steps,
+    writer=writer,
+    window=metrics_of_steps.window,
+  )
+  profile = progress.StepProfile(config.profile_steps, workdir) if config.profile_steps else None
+  results = {
+    'step': start_step,
+    'num_params': num_params,
+    'compile_seconds': compile_seconds,
+    'train_images_per_sec': previous.get('train_images_per_sec'),
+  }
 
   def run_eval(step: int) -> None:
-    nonlocal window_start
-    evals = eval_lib.evaluate_all(eval_fn, state, config, sizes, mesh)
+    with report.apart('eval'):
+      evals = eval_lib.evaluate_all(eval_fn, state, config, sizes, mesh)
     results.update(step=step, **{f'{name}_eval': v for name, v in evals.items()})
     for name, splits in evals.items():
       writer.write_scalars(
@@ -256,33 +267,35 @@ def train_and_evaluate(
             f'{split} top-1 {r["top1"]:.2f}% top-5 {r["top5"]:.2f}%' for split, r in splits.items()
           )
         )
+    results['train_images_per_sec'] = report.images_per_sec or results['train_images_per_sec']
     workdir_lib.write_results(workdir, results)
     if paths.is_url(workdir):
       writer.flush()
-    window_start = time.perf_counter()
 
   step = start_step
+  hooks = [report, profile] if profile else [report]
+  for hook in hooks:
+    hook(step)
   try:
     with jax.set_mesh(mesh):
       while step < num_steps:
-        trace.before(step + 1)
         state, metrics = step_fn(state, next(batches))
         step += 1
-        trace.after(step, metrics)
-        pending.append((step, metrics))
+        metrics_of_steps.add(step, metrics)
+        report(step)
+        if profile:
+          profile(step, metrics)
         preempted = preemption.reached(manager, step)
-        save = step % config.checkpoint_every_steps == 0 or step == num_steps or preempted
-        eval_now = step % config.eval_every_steps == 0 and step < num_steps
-        if step % config.log_every_steps == 0 or save or eval_now:
-          flush_metrics(step)  # Also the finite-state check that guards every save.
-        if save:
-          checkpointing.save(manager, step, state)
-          if paths.is_url(workdir):  # A bucket gets whole events files: the metrics up to a
-            writer.flush()  # checkpoint then outlive a kill, as the state does.
+        if step % config.checkpoint_every_steps == 0 or step == num_steps or preempted:
+          metrics_of_steps.check()  # Never saves a step that is not known finite.
+          with report.apart('checkpoint'):
+            checkpointing.save(manager, step, state)
+            if paths.is_url(workdir):  # A bucket gets whole events files: the metrics up to a
+              writer.flush()  # checkpoint then outlive a kill, as the state does.
         if preempted:
           logging.warning('preempted at step %d: checkpoint saved, stopping', step)
           return {**results, 'step': step, 'preempted': True}
-        if eval_now:
+        if step % config.eval_every_steps == 0 and step < num_steps:
           run_eval(step)
       run_eval(step)
     for name in ('raw', 'ema'):
@@ -293,7 +306,8 @@ def train_and_evaluate(
         )
     return results
   finally:
-    trace.stop()
+    if profile:
+      profile.close()
     preemption.close()
     writer.close()
     checkpointing.finish(manager)
