@@ -1,8 +1,8 @@
 """Evaluates a checkpoint: `python eval.py --workdir=W [--step=N] [--config.field=value ...]`.
 
 Without --config it evaluates the run as W/config.json stored it (configs/stored.py). Reports
-raw and (when trained with one) EMA params on config.eval_splits of config.dataset and appends
-one record per (step, dataset, split, weights) to W/eval_records.jsonl.
+raw and (when trained with one) EMA params on config.input.eval_splits of config.input.dataset
+and appends one record per (step, dataset, split, weights) to W/eval_records.jsonl.
 """
 
 from collections.abc import Sequence

@@ -15,7 +15,7 @@ import sys
 from absl import app
 from absl import flags
 
-from halonet import input_pipeline
+from halonet import data_sources
 from halonet import launch  # pylint: disable=g-bad-import-order  # First: quiets TensorFlow.
 from halonet import paths
 from halonet import trained
@@ -41,7 +41,7 @@ def main(argv):
     for path, why in problems.items():
       print(f'ERROR {path}: {why}', file=sys.stderr)
     probabilities = trained.predict(config, variables, images)
-    names = input_pipeline.class_names(config) or []
+    names = data_sources.class_names(config.input) or []
     names += [str(c) for c in range(len(names), config.num_classes)]  # Unnamed classes: ids.
     predictions = []
     for path, p in zip(files, probabilities):

@@ -46,13 +46,20 @@ def write_folder(root: str, count: int) -> str:
 
 def pipeline(root: str, size: int, count: int, randaugment: bool):
   config = defaults.base_config()
-  config.dataset, config.data_dir = 'image_folder', root
+  config.input.dataset, config.input.data_dir = 'image_folder', root
   config.image_size, config.num_classes = size, 2
-  config.batch_size, config.shuffle_buffer = BATCH, 64
-  config.randaugment_layers = 2 if randaugment else 0
-  config.randaugment_magnitude = 10 if randaugment else 0
+  config.batch_size, config.input.shuffle_buffer = BATCH, 64
+  config.input.randaugment_layers = 2 if randaugment else 0
+  config.input.randaugment_magnitude = 10 if randaugment else 0
   return input_pipeline.create_split(
-    config, 'train', train=True, batch_size=BATCH, split_size=count
+    config.input,
+    'train',
+    image_size=size,
+    num_classes=2,
+    seed=config.seed,
+    train=True,
+    batch_size=BATCH,
+    split_size=count,
   )
 
 
@@ -67,7 +74,7 @@ def bare(root: str, size: int):
     return tf.cast(tf.image.resize(image, [size, size]), tf.uint8)
 
   ds = files.repeat().map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(BATCH)
-  return iter(input_pipeline._with_options(ds.prefetch(tf.data.AUTOTUNE)).as_numpy_iterator())  # pylint: disable=protected-access
+  return iter(input_pipeline.with_options(ds.prefetch(tf.data.AUTOTUNE)).as_numpy_iterator())
 
 
 def images_per_second(batches, seconds_budget: float) -> float:

@@ -40,13 +40,13 @@ def paper_overrides(row: paper.Variant) -> dict:
 DIGITS = {
   'image_size': 32,
   'num_classes': 10,
-  'dataset': 'digits',
-  'eval_splits': ('test',),
-  'crop_area_range': (0.4, 1.0),
-  'random_flip': False,
-  'crop_fraction': 1.0,
-  'randaugment_layers': 0,
-  'randaugment_magnitude': 0,
+  'input.dataset': 'digits',
+  'input.eval_splits': ('test',),
+  'input.crop_area_range': (0.4, 1.0),
+  'input.random_flip': False,
+  'input.crop_fraction': 1.0,
+  'input.randaugment_layers': 0,
+  'input.randaugment_magnitude': 0,
   'model.stage_depths': (1, 1, 1, 1),
   'model.dtype': 'float32',  # CPU-sized: float32 wherever it runs.
 }
@@ -61,7 +61,7 @@ CPU_CONFIGS = {
     'batch_size': 16,
     'eval_batch_size': 16,
     'num_train_steps': 4,
-    'shuffle_buffer': 256,
+    'input.shuffle_buffer': 256,
     'optimizer.warmup_epochs': 0.0,
     'log_every_steps': 1,
     'eval_every_steps': 4,
@@ -76,7 +76,7 @@ CPU_CONFIGS = {
     'batch_size': 64,
     'eval_batch_size': 200,
     'num_epochs': 60.0,
-    'shuffle_buffer': 2048,
+    'input.shuffle_buffer': 2048,
     'label_smoothing': 0.0,
     # 4e-3 per 256 images: 1e-3 at batch 64.
     'optimizer.name': 'adamw',
@@ -93,13 +93,13 @@ CPU_CONFIGS = {
 # classifier is re-initialised: 4 classes, not 6). Without init_from: the same run from scratch.
 CPU_CONFIGS['digits_pretrain'] = {
   **CPU_CONFIGS['quickstart'],
-  'dataset': 'digits/0-5',
+  'input.dataset': 'digits/0-5',
   'num_classes': 6,
   'num_epochs': 40.0,
 }
 CPU_CONFIGS['digits_finetune'] = {
   **CPU_CONFIGS['quickstart'],
-  'dataset': 'digits/6-9',
+  'input.dataset': 'digits/6-9',
   'num_classes': 4,
   'image_size': 48,
   'num_epochs': 15.0,
@@ -114,7 +114,7 @@ SASA_DEPTHS = {'resnet26': (1, 2, 4, 1), 'resnet38': (2, 3, 5, 2), 'resnet50': (
 RESNET = {
   'image_size': 224,
   'num_epochs': 90.0,
-  'randaugment_layers': 0,
+  'input.randaugment_layers': 0,
   'optimizer.weight_decay': 1e-4,
   'model.widths': (64, 128, 256, 512),
   'model.bottleneck_ratio': 4.0,

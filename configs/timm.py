@@ -14,20 +14,20 @@ import ml_collections
 from halonet import convert
 
 DIGITS_FINETUNE = {
-  'dataset': 'digits/6-9',
+  'input.dataset': 'digits/6-9',
   'num_classes': 4,
-  'eval_splits': ('test',),
+  'input.eval_splits': ('test',),
   # Digits fill their frame and are not mirror-symmetric: mild crops, no flips, no eval crop.
-  'crop_area_range': (0.4, 1.0),
-  'random_flip': False,
-  'crop_fraction': 1.0,
-  'randaugment_layers': 0,
+  'input.crop_area_range': (0.4, 1.0),
+  'input.random_flip': False,
+  'input.crop_fraction': 1.0,
+  'input.randaugment_layers': 0,
   'label_smoothing': 0.0,
   'model.dtype': 'float32',
   'batch_size': 16,
   'eval_batch_size': 48,
   'num_train_steps': 40,
-  'shuffle_buffer': 1024,
+  'input.shuffle_buffer': 1024,
   'optimizer.name': 'adamw',
   'optimizer.learning_rate': 8e-3,  # Per 256 images: 5e-4 at batch 16.
   'optimizer.weight_decay': 0.05,

@@ -29,12 +29,12 @@ RANGES = {
   'model.mask_window': '[0, inf)',
   'model.stochastic_depth_rate': '[0, 1)',
   'model.dropout_rate': '[0, 1)',
-  'crop_fraction': '(0, 1]',
-  'randaugment_layers': '[0, inf)',
-  'randaugment_magnitude': '[0, 30]',
-  'mixup_alpha': '[0, inf)',
-  'cutmix_alpha': '[0, inf)',
-  'shuffle_buffer': '[1, inf)',
+  'input.crop_fraction': '(0, 1]',
+  'input.randaugment_layers': '[0, inf)',
+  'input.randaugment_magnitude': '[0, 30]',
+  'input.mixup_alpha': '[0, inf)',
+  'input.cutmix_alpha': '[0, inf)',
+  'input.shuffle_buffer': '[1, inf)',
   'num_epochs': '[0, inf)',
   'optimizer.learning_rate': '(0, inf)',
   'optimizer.warmup_epochs': '[0, inf)',
@@ -86,16 +86,16 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
     smallest = 0 if name == 'model.halo_sizes' else 1
     if any(v < smallest for v in values):
       raise errors.ConfigError(f'config.{name}={values}: every entry must be >= {smallest}')
-  low, high = config.crop_area_range
+  low, high = config.input.crop_area_range
   if not 0.0 < low <= high <= 1.0:
     raise errors.ConfigError(
-      f'config.crop_area_range={tuple(config.crop_area_range)} must satisfy 0 < low <= high <= 1'
+      f'config.input.crop_area_range={(low, high)} must satisfy 0 < low <= high <= 1'
     )
   for name, fits, rule in (
-    ('pixel_mean', lambda v: 0.0 <= v <= 1.0, 'in [0, 1]'),
-    ('pixel_std', lambda v: v > 0.0, '> 0'),
+    ('input.pixel_mean', lambda v: 0.0 <= v <= 1.0, 'in [0, 1]'),
+    ('input.pixel_std', lambda v: v > 0.0, '> 0'),
   ):
-    values = tuple(config[name])
+    values = tuple(_get(config, name))
     if len(values) != 3 or not all(fits(v) for v in values):
       raise errors.ConfigError(f'config.{name}={values} must be 3 RGB values {rule} (0-1 units)')
   profile = tuple(config.profile_steps)

@@ -69,9 +69,9 @@ def model_config(name: str) -> ml_collections.ConfigDict:
   config.variant = name
   config.model.arch = name
   config.image_size = pretrained.image_size
-  config.crop_fraction = pretrained.crop_fraction
+  config.input.crop_fraction = pretrained.crop_fraction
   if pretrained.mean:
-    config.pixel_mean, config.pixel_std = pretrained.mean, pretrained.std
+    config.input.pixel_mean, config.input.pixel_std = pretrained.mean, pretrained.std
   return config
 
 

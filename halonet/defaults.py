@@ -68,6 +68,41 @@ def model_config() -> ml_collections.ConfigDict:
   )
 
 
+def input_config() -> ml_collections.ConfigDict:
+  """What the input pipeline reads (halonet/input_pipeline.py): the data, its splits, the
+  preprocessing and the augmentation."""
+  return ml_collections.ConfigDict(
+    dict(
+      # A TFDS name ('imagenet2012', 'imagenet_v2/matched-frequency', ...), 'image_folder'
+      # (class per sub-folder under data_dir) or 'digits' (offline quick-start).
+      dataset='imagenet2012',
+      data_dir='',  # TFDS data_dir, or the root of an image folder.
+      manual_dir='',  # where the ImageNet tars were downloaded by hand.
+      train_split='train',  # split trained on.
+      eval_splits=('validation',),  # splits evaluated (raw and EMA params).
+      crop_fraction=0.875,  # eval: resize to s / crop_fraction, centre crop s.
+      pixel_mean=(0.485, 0.456, 0.406),  # RGB mean (0-1 units) subtracted before the model.
+      pixel_std=(0.229, 0.224, 0.225),  # RGB std (0-1 units) divided by: timm's, per model.
+      crop_area_range=(0.08, 1.0),  # train: Inception crop's share of the image area.
+      random_flip=True,  # train: horizontal flips (off for data such as digits).
+      randaugment_layers=2,  # RandAugment ops per image; 0 = off.
+      randaugment_magnitude=10,  # RandAugment magnitude (0-30).
+      mixup_alpha=0.0,  # mixup Beta(alpha, alpha); 0 = off.
+      cutmix_alpha=0.0,  # cutmix Beta(alpha, alpha); 0 = off.
+      shuffle_buffer=16_384,  # examples in the train shuffle buffer.
+      cache=False,  # keep the still-encoded train examples in memory once read.
+      # An image folder is decoded once at start-up: undecodable files stop the run naming
+      # them, or with True are left out, each named in a warning.
+      skip_bad_images=False,
+    )
+  )
+
+
+# Fields that moved into config.input: a run stored before the move reads them there, and an
+# old --config.FIELD override is told its new name.
+MOVED_FIELDS = {name: f'input.{name}' for name in input_config()}
+
+
 def base_config() -> ml_collections.ConfigDict:
   """ImageNet training defaults shared by every config."""
   config = ml_collections.ConfigDict()
@@ -76,27 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.image_size = 256  # s: train and eval image side in pixels.
   config.num_classes = 1000  # classifier outputs (checked against the dataset).
 
-  # Data: a TFDS name ('imagenet2012', 'imagenet_v2/matched-frequency', ...),
-  # 'image_folder' (class per sub-folder under data_dir) or 'digits' (offline quick-start).
-  config.dataset = 'imagenet2012'
-  config.data_dir = ''  # TFDS data_dir, or the root of an image folder.
-  config.manual_dir = ''  # where the ImageNet tars were downloaded by hand.
-  config.train_split = 'train'  # split trained on.
-  config.eval_splits = ('validation',)  # splits evaluated (raw and EMA params).
-  config.crop_fraction = 0.875  # eval: resize to s / crop_fraction, centre crop s.
-  config.pixel_mean = (0.485, 0.456, 0.406)  # RGB mean (0-1 units) subtracted before the model.
-  config.pixel_std = (0.229, 0.224, 0.225)  # RGB std (0-1 units) divided by: timm's, per model.
-  config.crop_area_range = (0.08, 1.0)  # train: Inception crop's share of the image area.
-  config.random_flip = True  # train: horizontal flips (off for data such as digits).
-  config.randaugment_layers = 2  # RandAugment ops per image; 0 = off.
-  config.randaugment_magnitude = 10  # RandAugment magnitude (0-30).
-  config.mixup_alpha = 0.0  # mixup Beta(alpha, alpha); 0 = off.
-  config.cutmix_alpha = 0.0  # cutmix Beta(alpha, alpha); 0 = off.
-  config.shuffle_buffer = 16_384  # examples in the train shuffle buffer.
-  config.cache = False  # keep the still-encoded train examples in memory once read.
-  # An image folder is decoded once at start-up: undecodable files stop the run naming them,
-  # or with True are left out, each named in a warning.
-  config.skip_bad_images = False
+  config.input = input_config()
 
   config.batch_size = 1024  # global, across all devices and hosts.
   config.eval_batch_size = 1024  # global eval batch (padded, every example counted once).
@@ -144,9 +159,10 @@ def field_help() -> list[tuple[str, Any, str]]:
   meanings, pending, prefix = {}, [], ''
   for line in inspect.getsource(sys.modules[__name__]).splitlines():
     text = line.strip()
-    if text.startswith('def model_config'):
-      prefix = 'model.'
-    elif text.startswith('def base_config') or text in ('))', ')'):  # A nested group ends.
+    group = re.match(r'def (\w+)_config\(', text)
+    if group:  # model_config() holds config.model's fields, input_config() config.input's.
+      prefix = '' if group.group(1) == 'base' else f'{group.group(1)}.'
+    elif text in ('))', ')'):  # A nested group ends.
       prefix = ''
     field = re.match(r'(?:config\.)?(\w+(?:\.\w+)?)\s*=\s*[^=].*?(?:#\s*(.*))?$', text)
     if text.startswith('#'):

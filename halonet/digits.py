@@ -38,7 +38,7 @@ def classes_of(dataset: str) -> tuple[int, ...] | None:
 
 
 def default_root(dataset: str) -> str:
-  """Where a digits dataset is written unless config.data_dir says otherwise."""
+  """Where a digits dataset is written unless config.input.data_dir says otherwise."""
   classes = classes_of(dataset)
   if classes == tuple(range(10)):
     return DEFAULT_ROOT
@@ -58,7 +58,7 @@ def prepare_digits(root: str, classes: tuple[int, ...] = tuple(range(10))) -> st
   if found and found != sorted(map(str, classes)):  # Another digits subset, or not digits.
     raise errors.ConfigError(
       f'{root} holds the classes {found}, not the digits {list(classes)}; give another '
-      f'--config.data_dir (or none) for this dataset'
+      f'--config.input.data_dir (or none) for this dataset'
     )
   parent = os.path.dirname(root)
   os.makedirs(parent, exist_ok=True)

@@ -20,6 +20,7 @@ from halonet import errors
 from halonet import input_pipeline
 from halonet import networks
 from halonet import paths
+from halonet import preprocessing
 from halonet import sharding
 from halonet import train_step as train_step_lib
 from halonet import workdir as workdir_lib
@@ -36,7 +37,7 @@ def eval_step(
   config: ml_collections.ConfigDict,
 ) -> dict[str, jax.Array]:
   """Sums (not means) over the real rows of one batch, so batches add up exactly."""
-  images = input_pipeline.normalize_images(batch['image'], config, jnp.dtype(model.dtype))
+  images = preprocessing.normalize_images(batch['image'], config.input, jnp.dtype(model.dtype))
   logits = model.apply(variables, images, train=False).astype(jnp.float32)
   labels, mask = batch['label'], batch['mask']
   loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
@@ -90,8 +91,11 @@ def evaluate(
   """
   batch_size = config.eval_batch_size // jax.process_count()
   batches = input_pipeline.create_split(
-    config,
+    config.input,
     split,
+    image_size=config.image_size,
+    num_classes=config.num_classes,
+    seed=config.seed,
     train=False,
     batch_size=batch_size,
     split_size=num_examples,
@@ -144,7 +148,7 @@ def evaluate_all(
         sizes[split],
         mesh,
       )
-      for split in config.eval_splits
+      for split in config.input.eval_splits
     }
     for name, params in weights.items()
   }
@@ -181,11 +185,11 @@ def evaluate_checkpoint(
   records = [
     {
       'step': step,
-      'dataset': config.dataset,
+      'dataset': config.input.dataset,
       'split': split,
       'weights': name,
       'image_size': config.image_size,
-      'crop_fraction': config.crop_fraction,
+      'crop_fraction': config.input.crop_fraction,
       'evaluated_at': when,
       **r,
     }

@@ -87,11 +87,22 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     sys.exit(f'FATAL Flags parsing error: {" ".join(lines)}')
   except (AttributeError, KeyError) as e:  # ml_collections: no such field in the locked config.
     message = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').replace("'", '').split())
-    sys.exit(f'FATAL Flags parsing error: unknown config field: {message}')
+    sys.exit(f'FATAL Flags parsing error: unknown config field: {message}{_moved_hint(argv)}')
   except OSError as e:  # The config file is missing or unreadable.
     while e.__cause__ is not None:
       e = e.__cause__
     sys.exit(f'FATAL --config: {" ".join(str(e).split())}')
+
+
+def _moved_hint(argv: Sequence[str]) -> str:
+  """Where an override of a field that moved into a group now goes (defaults.MOVED_FIELDS)."""
+  from halonet import defaults  # pylint: disable=g-import-not-at-top
+
+  for arg in argv[1:]:
+    field = arg.removeprefix('--config.').split('=')[0]
+    if arg.startswith('--config.') and field in defaults.MOVED_FIELDS:
+      return f'; config.{field} is now config.{defaults.MOVED_FIELDS[field]}'
+  return ''
 
 
 def start(argv: Sequence[str]) -> None:

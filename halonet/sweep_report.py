@@ -30,7 +30,7 @@ AXIS_LABELS = {
   'model.use_se': 'squeeze-excite',
   'model.activation': 'activation',
   'label_smoothing': 'label smoothing',
-  'randaugment_magnitude': 'RandAugment M',
+  'input.randaugment_magnitude': 'RandAugment M',
 }
 
 

@@ -27,8 +27,8 @@ import ml_collections
 
 from halonet import config_checks
 from halonet import console
+from halonet import data_sources
 from halonet import errors
-from halonet import input_pipeline
 from halonet import paths
 from halonet import point_log
 from halonet import sweep_report
@@ -46,8 +46,8 @@ _SHORT_KEYS = {
   'model.use_se': 'SE',
   'model.activation': 'act',
   'label_smoothing': 'LS',
-  'randaugment_layers': 'RA_n',
-  'randaugment_magnitude': 'RA_m',
+  'input.randaugment_layers': 'RA_n',
+  'input.randaugment_magnitude': 'RA_m',
 }
 POINT_LOG = 'train.log'  # Each point's training output, in its sub-workdir.
 _UNSAFE = re.compile(r'[^A-Za-z0-9._=,+-]')
@@ -171,7 +171,9 @@ def is_finished(point: Point) -> bool:
   results = workdir_lib.read_results(point.workdir)
   if not results:
     return False
-  train_examples = input_pipeline.num_examples(point.config, point.config.train_split)
+  train_examples = data_sources.num_examples(
+    point.config.input, point.config.input.train_split, point.config.num_classes
+  )
   return results['step'] >= train_step_lib.total_train_steps(point.config, train_examples)
 
 

@@ -139,7 +139,7 @@ def train_and_evaluate(
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
   start_step = manager.latest_step() or 0
   previous = workdir_lib.read_results(workdir)
-  if _is_finished(config, workdir, start_step, sizes[config.train_split], previous):
+  if _is_finished(config, workdir, start_step, sizes[config.input.train_split], previous):
     manager.close()  # The same command on a finished run: nothing to do, nothing rewritten.
     console.say(f'{workdir} already finished at step {start_step}; its results.json is unchanged')
     return previous
@@ -153,7 +153,7 @@ def train_and_evaluate(
     )
     source = (source_dir, source_step, source_config, changed)
   mesh = sharding.create_mesh(config.mesh_shape)
-  model, tx, schedule, num_steps = train_step_lib.build(config, sizes[config.train_split])
+  model, tx, schedule, num_steps = train_step_lib.build(config, sizes[config.input.train_split])
   init, abstract = train_step_lib.abstract_train_state(config, model, tx, mesh)
   if start_step:  # From shapes alone: no flag can resume a checkpoint into another state.
     mismatch = checkpointing.shape_mismatch(manager, start_step, abstract)
@@ -186,11 +186,14 @@ def train_and_evaluate(
   # The iterator is a pure function of (seed, process, step): resuming replays the same batches.
   batches = sharding.prefetch_to_device(
     input_pipeline.create_split(
-      config,
-      config.train_split,
+      config.input,
+      config.input.train_split,
+      image_size=config.image_size,
+      num_classes=config.num_classes,
+      seed=config.seed,
       train=True,
       batch_size=config.batch_size // jax.process_count(),
-      split_size=sizes[config.train_split],
+      split_size=sizes[config.input.train_split],
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       start_step=start_step,

@@ -16,9 +16,11 @@ import ml_collections
 import optax
 
 from halonet import checkpointing
+from halonet import data_sources
 from halonet import input_pipeline
 from halonet import networks
 from halonet import optim
+from halonet import preprocessing
 from halonet import sharding
 from halonet.attention import measure
 
@@ -41,10 +43,16 @@ def split_sizes(config: ml_collections.ConfigDict, train: bool = True) -> dict[s
 
   The one place a run touches its data before compiling, so a missing dataset fails first.
   """
-  splits = (config.train_split, *config.eval_splits) if train else tuple(config.eval_splits)
+  splits = (
+    (config.input.train_split, *config.input.eval_splits)
+    if train
+    else tuple(config.input.eval_splits)
+  )
   splits = tuple(dict.fromkeys(splits))
-  input_pipeline.check_num_classes(config, splits[0])
-  return {split: input_pipeline.num_examples(config, split) for split in splits}
+  data_sources.check_num_classes(config.input, splits[0], config.num_classes)
+  return {
+    split: data_sources.num_examples(config.input, split, config.num_classes) for split in splits
+  }
 
 
 def total_train_steps(config: ml_collections.ConfigDict, train_examples: int) -> int:
@@ -117,7 +125,7 @@ def train_step(
   """One update on the global batch; returns the new state and scalars for logging."""
   # Dropout noise is a function of (seed, step), so a resumed run replays it exactly.
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 1), state.step)
-  images = input_pipeline.normalize_images(batch['image'], config, jnp.dtype(model.dtype))
+  images = preprocessing.normalize_images(batch['image'], config.input, jnp.dtype(model.dtype))
   labels = batch['label']
 
   def loss_fn(params):

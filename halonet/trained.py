@@ -19,10 +19,10 @@ import ml_collections
 import numpy as np
 
 from halonet import errors
-from halonet import input_pipeline
 from halonet import model as model_lib
 from halonet import networks
 from halonet import paths
+from halonet import preprocessing
 from halonet import sharding
 from halonet import train_step as train_step_lib
 from halonet import workdir as workdir_lib
@@ -60,7 +60,7 @@ def features(
   normalised as in training: 'stage1'..'stage4' at strides 4, 8, 16 and 32 (ceil(H / stride)
   rows), BatchNorm with its running statistics."""
   model = networks.create_model(config)
-  x = input_pipeline.normalize_images(jnp.asarray(images), config, jnp.dtype(model.dtype))
+  x = preprocessing.normalize_images(jnp.asarray(images), config.input, jnp.dtype(model.dtype))
   _, sown = model.apply(variables, x, train=False, mutable=[model_lib.FEATURES])
   return {name: values[0] for name, values in sown[model_lib.FEATURES].items()}
 
@@ -84,7 +84,7 @@ def read_images(
   for path in files:
     try:
       data = tf.constant(paths.path(path).read_bytes())
-      images.append(input_pipeline.eval_image(data, config.image_size, config.crop_fraction))
+      images.append(preprocessing.eval_image(data, config.image_size, config.input.crop_fraction))
       good.append(path)
     except tf.errors.OpError as e:  # TF's message, without its op and device prefix.
       reason = re.sub(r'^\{\{.*?\}\}\s*|\s*\[Op:.*$', '', e.message.splitlines()[0])
@@ -108,7 +108,7 @@ def predict(
 
   @jax.jit
   def probabilities(batch):
-    x = input_pipeline.normalize_images(batch, config, jnp.dtype(model.dtype))
+    x = preprocessing.normalize_images(batch, config.input, jnp.dtype(model.dtype))
     return jax.nn.softmax(model.apply(variables, x, train=False).astype(jnp.float32))
 
   out = []

@@ -26,11 +26,11 @@ import numpy as np
 
 from halonet import attention
 from halonet import errors
-from halonet import input_pipeline
 from halonet import launch  # pylint: disable=g-bad-import-order  # First: quiets TensorFlow.
 from halonet import model as model_lib
 from halonet import networks
 from halonet import paths
+from halonet import preprocessing
 from halonet import trained
 
 # Where the default queries go, as fractions of the layer's grid of query blocks: one near a
@@ -129,7 +129,7 @@ def query_weights(
     if not (0 <= y < config.image_size and 0 <= x < config.image_size):
       raise errors.ConfigError(f'query ({y}, {x}) is outside the {config.image_size} px image')
   model = networks.create_model(config)
-  x = input_pipeline.normalize_images(jnp.asarray(image[None]), config, jnp.dtype(model.dtype))
+  x = preprocessing.normalize_images(jnp.asarray(image[None]), config.input, jnp.dtype(model.dtype))
   apply = functools.partial(model.apply, train=False, mutable=[attention.ATTENTION_WEIGHTS])
   _, sown = jax.jit(apply)(variables, x)
   (weights,) = [

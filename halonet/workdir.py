@@ -25,12 +25,12 @@ RESUMABLE_FIELDS = (
   'eval_every_steps',
   'checkpoint_every_steps',
   'keep_checkpoints',
-  'eval_splits',
+  'input.eval_splits',
   'eval_batch_size',
   'mesh_shape',
-  'data_dir',
-  'manual_dir',
-  'cache',
+  'input.data_dir',
+  'input.manual_dir',
+  'input.cache',
   'num_epochs',
   'num_train_steps',
   'profile_steps',
@@ -54,18 +54,30 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
   return sorted(k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k) != new_flat.get(k))
 
 
+def _within(field: str, groups: tuple[str, ...]) -> bool:
+  """Whether dotted `field` is one of `groups` or inside one of them."""
+  return any(field == g or field.startswith(f'{g}.') for g in groups)
+
+
 def refused_on_resume(fields: list[str]) -> list[str]:
-  return [f for f in fields if f.split('.')[0] not in RESUMABLE_FIELDS]
+  return [f for f in fields if not _within(f, RESUMABLE_FIELDS)]
 
 
 def refused_for_eval(fields: list[str]) -> list[str]:
-  return [f for f in fields if f.split('.')[0] in CHECKPOINT_FIELDS]
+  return [f for f in fields if _within(f, CHECKPOINT_FIELDS)]
 
 
 def stored_config(workdir: paths.PathLike) -> dict[str, Any] | None:
-  """The run's config.json as a dict, or None before its first start."""
+  """The run's config.json as a dict, or None before its first start; a run stored before the
+  input fields moved into config.input reads them there (defaults.MOVED_FIELDS)."""
   target = paths.path(workdir) / CONFIG
-  return paths.read_json(target) if target.exists() else None
+  if not target.exists():
+    return None
+  stored = paths.read_json(target)
+  moved = {old: stored.pop(old) for old in defaults.MOVED_FIELDS if old in stored}
+  if moved:
+    stored['input'] = {**stored.get('input', {}), **moved}
+  return stored
 
 
 def load_config(workdir: paths.PathLike) -> ml_collections.ConfigDict:

@@ -17,6 +17,7 @@ from halonet import errors
 from halonet import input_pipeline
 from halonet import sharding
 from halonet import train_lib
+from tests import inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 16
@@ -145,8 +146,8 @@ def test_training_reads_the_stream_from_its_start_and_resumes_at_its_checkpoint(
     batch['image'][0].tobytes()
     for _, batch in zip(
       range(4),
-      input_pipeline.create_split(
-        config, config.train_split, train=True, batch_size=config.batch_size
+      inputs.create_split(
+        config, config.input.train_split, train=True, batch_size=config.batch_size
       ),
     )
   ]

@@ -12,13 +12,13 @@ import pytest
 
 from configs import tiny
 from halonet import eval_lib
-from halonet import input_pipeline
 from halonet import networks
 from halonet import optim
 from halonet import paths
 from halonet import sharding
 from halonet import train_lib
 from halonet import train_step as train_step_lib
+from tests import inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +46,7 @@ def test_eval_py_matches_training_run_and_appends_records(tmp_path):
   # An earlier step and another split, in process: appended beside step 6's, which stay as they
   # were (records are never replaced, whatever their keys).
   eval_lib.evaluate_checkpoint(config, workdir, step=4)
-  config.eval_splits = ('train',)
+  config.input.eval_splits = ('train',)
   eval_lib.evaluate_checkpoint(config, workdir, step=6)
   assert records_path.read_text().startswith(first)
   records = paths.read_json_lines(str(records_path))
@@ -92,7 +92,7 @@ def test_ema_evaluation_is_an_evaluation_of_the_ema_parameters():
   over the split's images: logits, argmax, cross-entropy), which differ from the raw ones."""
   config = tiny.get_config()
   config.ema_decay = 0.5
-  config.eval_splits = ('test',)
+  config.input.eval_splits = ('test',)
   mesh = sharding.create_mesh(config.mesh_shape)
   model = networks.create_model(config)
   tx = optim.create_optimizer(config, optim.learning_rate_schedule(config, 10, 10))
@@ -112,9 +112,9 @@ def test_ema_evaluation_is_an_evaluation_of_the_ema_parameters():
 
   variables = jax.device_get({'params': state.ema_params, 'batch_stats': state.batch_stats})
   apply = jax.jit(lambda images: model.apply(variables, images, train=False))
-  mean, std = 255 * np.asarray(config.pixel_mean), 255 * np.asarray(config.pixel_std)
+  mean, std = 255 * np.asarray(config.input.pixel_mean), 255 * np.asarray(config.input.pixel_std)
   correct, losses, predicted = 0, [], set()
-  for batch in input_pipeline.create_split(config, 'test', train=False, batch_size=40):
+  for batch in inputs.create_split(config, 'test', train=False, batch_size=40):
     real = batch['mask']
     logits = np.asarray(apply((batch['image'] - mean) / std), np.float64)[real]
     labels = batch['label'][real]

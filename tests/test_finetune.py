@@ -68,7 +68,7 @@ def _config(dataset, num_classes, image_size, **overrides):
   config = tiny.get_config()
   config.update_from_flattened_dict(
     {
-      'dataset': dataset,
+      'input.dataset': dataset,
       'num_classes': num_classes,
       'image_size': image_size,
       'num_train_steps': 2,
@@ -178,7 +178,7 @@ def test_source_is_a_workdir_or_one_of_its_checkpoints(source_workdir, tmp_path,
   config = _config('digits/6-9', 4, 48, init_from=str(source_workdir / where))
   source, got_step, source_config = finetune.source_run(config, str(tmp_path / 'new'))
   assert (source, got_step) == (str(source_workdir), step)
-  assert (source_config.dataset, source_config.num_classes) == ('digits/0-5', 6)
+  assert (source_config.input.dataset, source_config.num_classes) == ('digits/0-5', 6)
 
 
 @pytest.mark.parametrize('name', ['2024', 'checkpoints/run'])

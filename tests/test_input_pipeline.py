@@ -14,8 +14,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import tiny
+from halonet import data_sources
 from halonet import defaults
 from halonet import input_pipeline
+from halonet import preprocessing
+from tests import inputs
 
 NUM_CLASSES = 3
 COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)  # One per class.
@@ -40,15 +43,18 @@ def folder(tmp_path_factory) -> str:
 
 
 def folder_config(folder, **overrides):
+  """The tiny config reading `folder`; overrides of config.input's fields or top-level ones."""
   config = tiny.get_config()
-  config.dataset = 'image_folder'
-  config.data_dir = folder
+  config.input.dataset = 'image_folder'
+  config.input.data_dir = folder
   config.image_size = 16
   config.num_classes = NUM_CLASSES
-  config.eval_splits = ('val',)
-  config.shuffle_buffer = 16
+  config.input.eval_splits = ('val',)
+  config.input.shuffle_buffer = 16
   config.batch_size = 4
-  config.update(overrides)
+  config.update_from_flattened_dict(
+    {(f'input.{k}' if k in config.input else k): v for k, v in overrides.items()}
+  )
   return config
 
 
@@ -58,7 +64,7 @@ def take(iterator, n):
 
 def test_train_batches_are_uint8_crops_with_labels_matching_pixels(folder):
   config = folder_config(folder)
-  for batch in take(input_pipeline.create_split(config, 'train', train=True, batch_size=4), 4):
+  for batch in take(inputs.create_split(config, 'train', train=True, batch_size=4), 4):
     assert batch['image'].shape == (4, 16, 16, 3) and batch['image'].dtype == np.uint8
     assert batch['label'].dtype == np.int32
     # A solid colour stays solid under crop/flip: the dominant channel is the class.
@@ -69,16 +75,16 @@ def test_train_batches_are_uint8_crops_with_labels_matching_pixels(folder):
 def test_eval_is_deterministic_and_padded_batches_count_each_example_once(folder):
   config = folder_config(folder)
   first, second = (
-    list(input_pipeline.create_split(config, 'val', train=False, batch_size=4)) for _ in range(2)
+    list(inputs.create_split(config, 'val', train=False, batch_size=4)) for _ in range(2)
   )
   assert len(first) == 2
   for a, b in zip(first, second):
     for key in ('image', 'label', 'mask'):
       np.testing.assert_array_equal(a[key], b[key])
   masks = np.concatenate([b['mask'] for b in first])
-  assert masks.dtype == np.bool_ and masks.sum() == SPLIT_SIZES[
-    'val'
-  ] == input_pipeline.num_examples(config, 'val')
+  assert masks.dtype == np.bool_ and masks.sum() == SPLIT_SIZES['val'] == data_sources.num_examples(
+    config.input, 'val', config.num_classes
+  )
   images = np.concatenate([b['image'] for b in first])[masks]
   labels = np.concatenate([b['label'] for b in first])[masks]
   np.testing.assert_array_equal(images.reshape(len(images), -1, 3).mean(1).argmax(-1), labels)
@@ -89,7 +95,7 @@ def test_eval_shards_of_two_processes_are_disjoint_and_complete(folder):
   seen = []
   for index in range(2):
     batches = list(
-      input_pipeline.create_split(
+      inputs.create_split(
         config, 'val', train=False, batch_size=2, process_index=index, process_count=2
       )
     )
@@ -109,13 +115,13 @@ def test_start_step_resumes_the_exact_stream_across_epochs(folder):
     folder, randaugment_layers=2, randaugment_magnitude=10, mixup_alpha=0.2, cutmix_alpha=1.0
   )
   assert (
-    input_pipeline.steps_per_epoch(input_pipeline.num_examples(config, 'train'), config.batch_size)
+    input_pipeline.steps_per_epoch(
+      data_sources.num_examples(config.input, 'train', config.num_classes), config.batch_size
+    )
     == 3
   )
-  unbroken = take(input_pipeline.create_split(config, 'train', train=True, batch_size=4), 7)
-  resumed = take(
-    input_pipeline.create_split(config, 'train', train=True, batch_size=4, start_step=4), 3
-  )
+  unbroken = take(inputs.create_split(config, 'train', train=True, batch_size=4), 7)
+  resumed = take(inputs.create_split(config, 'train', train=True, batch_size=4, start_step=4), 3)
   assert unbroken[4]['label'].shape == (4, NUM_CLASSES)  # Soft labels under mixup/cutmix.
   np.testing.assert_allclose(unbroken[4]['label'].sum(-1), 1.0, rtol=1e-6)
   for a, b in zip(unbroken[4:], resumed):
@@ -128,7 +134,7 @@ def test_start_step_resumes_the_exact_stream_across_epochs(folder):
 def test_randaugment_off_is_crop_flip_only_and_high_magnitude_changes_images(folder):
   def first_batch(layers, magnitude):
     config = folder_config(folder, randaugment_layers=layers, randaugment_magnitude=magnitude)
-    return next(input_pipeline.create_split(config, 'train', train=True, batch_size=4))['image']
+    return next(inputs.create_split(config, 'train', train=True, batch_size=4))['image']
 
   plain = first_batch(0, 0)
   np.testing.assert_array_equal(first_batch(2, 0), plain)
@@ -138,27 +144,30 @@ def test_randaugment_off_is_crop_flip_only_and_high_magnitude_changes_images(fol
 
 def test_mock_imagenet_train_and_eval():
   config = tiny.get_config()
-  config.dataset = 'imagenet2012'
+  config.input.dataset = 'imagenet2012'
   config.num_classes = 1000
   config.image_size = 16
-  config.eval_splits = ('validation',)
+  config.input.eval_splits = ('validation',)
   config.batch_size = 4
   with tfds.testing.mock_data(num_examples=6):
-    assert input_pipeline.num_examples(config, 'validation') == 6  # Counted: no metadata.
-    batch = next(input_pipeline.create_split(config, 'train', train=True, batch_size=4))
+    assert (
+      data_sources.num_examples(config.input, 'validation', config.num_classes) == 6
+    )  # Counted: no metadata.
+    batch = next(inputs.create_split(config, 'train', train=True, batch_size=4))
     assert batch['image'].shape == (4, 16, 16, 3) and batch['image'].dtype == np.uint8
     assert ((batch['label'] >= 0) & (batch['label'] < 1000)).all()
-    evals = list(input_pipeline.create_split(config, 'validation', train=False, batch_size=4))
+    evals = list(inputs.create_split(config, 'validation', train=False, batch_size=4))
   assert sum(b['mask'].sum() for b in evals) == 6 and evals[-1]['mask'].tolist() == [1, 1, 0, 0]
 
 
 def test_digits_upscale_from_8x8(tmp_path):
   config = tiny.get_config()
-  config.data_dir = str(tmp_path / 'digits')
-  batch = next(input_pipeline.create_split(config, 'test', train=False, batch_size=8))
+  config.input.data_dir = str(tmp_path / 'digits')
+  batch = next(inputs.create_split(config, 'test', train=False, batch_size=8))
   assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].max() > 200
   assert (
-    input_pipeline.num_examples(config, 'train') + input_pipeline.num_examples(config, 'test')
+    data_sources.num_examples(config.input, 'train', config.num_classes)
+    + data_sources.num_examples(config.input, 'test', config.num_classes)
     == 1797
   )
 
@@ -166,10 +175,10 @@ def test_digits_upscale_from_8x8(tmp_path):
 @pytest.mark.parametrize('dataset', ['imagenet2012', 'image_folder'])
 def test_missing_data_names_the_directory(tmp_path, dataset):
   config = tiny.get_config()
-  config.dataset = dataset
-  config.data_dir = str(tmp_path / 'nowhere')
+  config.input.dataset = dataset
+  config.input.data_dir = str(tmp_path / 'nowhere')
   with pytest.raises(FileNotFoundError, match='nowhere') as error:
-    input_pipeline.create_split(config, 'train', train=True, batch_size=4)
+    inputs.create_split(config, 'train', train=True, batch_size=4)
   if dataset == 'imagenet2012':
     assert 'tfds build imagenet2012' in str(error.value) and 'manual_dir' in str(error.value)
 
@@ -178,12 +187,15 @@ def test_normalize_images_standardises_by_the_configs_mean_and_std():
   config = defaults.base_config()
   images = np.array([[0, 128, 255], [124, 116, 104]], np.uint8)  # Two RGB pixels.
   want = (images / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-  out = input_pipeline.normalize_images(images, config, np.float32)
+  out = preprocessing.normalize_images(images, config.input, np.float32)
   assert out.dtype == np.float32
   np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)  # float32 of values near 0.
-  config.pixel_mean, config.pixel_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # haloregnetz_b's.
+  config.input.pixel_mean, config.input.pixel_std = (
+    (0.5, 0.5, 0.5),
+    (0.5, 0.5, 0.5),
+  )  # haloregnetz_b's.
   np.testing.assert_allclose(
-    input_pipeline.normalize_images(images, config, np.float32), images / 127.5 - 1, atol=1e-6
+    preprocessing.normalize_images(images, config.input, np.float32), images / 127.5 - 1, atol=1e-6
   )
 
 
@@ -300,7 +312,7 @@ def test_crop_area_and_flip_follow_the_config(tmp_path):
 
   def left_minus_right(**overrides):
     config = folder_config(str(tmp_path), num_classes=1, batch_size=8, **overrides)
-    images = next(input_pipeline.create_split(config, 'train', train=True, batch_size=8))['image']
+    images = next(inputs.create_split(config, 'train', train=True, batch_size=8))['image']
     images = images.astype(np.float32)  # 16 x 16: compare the outer 6 columns of each side.
     return images[:, :, :6].mean(axis=(1, 2, 3)) - images[:, :, -6:].mean(axis=(1, 2, 3))
 
@@ -325,7 +337,7 @@ def folder_with_bad_files(folder, tmp_path) -> str:
 def test_undecodable_files_are_named_in_one_line(folder_with_bad_files):
   config = folder_config(folder_with_bad_files)
   with pytest.raises(ValueError) as error:
-    input_pipeline.num_examples(config, 'train')
+    data_sources.num_examples(config.input, 'train', config.num_classes)
   message = str(error.value)
   assert '2 file(s)' in message and '\n' not in message
   assert os.path.join('c0', '0.jpg') in message and os.path.join('c1', 'notes.png') in message
@@ -334,13 +346,15 @@ def test_undecodable_files_are_named_in_one_line(folder_with_bad_files):
 
 def test_undecodable_files_are_skipped_when_asked_and_each_named(folder_with_bad_files, caplog):
   config = folder_config(folder_with_bad_files, skip_bad_images=True)
-  assert input_pipeline.num_examples(config, 'train') == SPLIT_SIZES['train'] - 1  # 12 - 1 + 1 - 2.
+  assert (
+    data_sources.num_examples(config.input, 'train', config.num_classes) == SPLIT_SIZES['train'] - 1
+  )  # 12 - 1 + 1 - 2.
   assert 'notes.png' in caplog.text and os.path.join('c0', '0.jpg') in caplog.text
   # One epoch reads each good file once and never the bad ones: eval-style pass, every image.
-  batches = list(input_pipeline.create_split(config, 'train', train=False, batch_size=4))
+  batches = list(inputs.create_split(config, 'train', train=False, batch_size=4))
   seen = sum(int(b['mask'].sum()) for b in batches)
   assert seen == SPLIT_SIZES['train'] - 1
-  assert len(take(input_pipeline.create_split(config, 'train', train=True, batch_size=4), 6)) == 6
+  assert len(take(inputs.create_split(config, 'train', train=True, batch_size=4), 6)) == 6
 
 
 def test_num_classes_below_the_datasets_is_refused_and_labels_are_checked(folder):
@@ -348,17 +362,17 @@ def test_num_classes_below_the_datasets_is_refused_and_labels_are_checked(folder
   with pytest.raises(
     ValueError, match=f'num_classes={NUM_CLASSES - 1} is smaller than the {NUM_CLASSES} classes'
   ):
-    input_pipeline.check_num_classes(config, 'train')
+    data_sources.check_num_classes(config.input, 'train', config.num_classes)
   # Read anyway, the first label beyond the model's classes stops the stream naming it.
   with pytest.raises(tf.errors.InvalidArgumentError, match=f'num_classes={NUM_CLASSES - 1}'):
-    list(input_pipeline.create_split(config, 'val', train=False, batch_size=4))
+    list(inputs.create_split(config, 'val', train=False, batch_size=4))
 
 
 def test_unknown_tfds_name_fails_in_one_line_with_close_matches():
   config = tiny.get_config()
-  config.dataset = 'imagenet2013'
+  config.input.dataset = 'imagenet2013'
   with pytest.raises(ValueError) as error:
-    input_pipeline.num_examples(config, 'train')
+    data_sources.num_examples(config.input, 'train', config.num_classes)
   message = str(error.value)
   assert "dataset='imagenet2013'" in message and 'imagenet2012' in message
   assert '\n' not in message and len(message) < 300
@@ -373,7 +387,7 @@ def test_eval_image_is_the_central_crop_of_the_short_side_resized_to_size_over_f
   central 64 x 64. A noise image, so a crop one pixel off or a wrong scale differs everywhere."""
   noise = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
   encoded = tf.io.encode_png(noise)
-  got = input_pipeline.eval_image(encoded, 64, 0.875).numpy()
+  got = preprocessing.eval_image(encoded, 64, 0.875).numpy()
   scale = 64 / 0.875 / min(height, width)
   h, w = round(height * scale), round(width * scale)
   resized = np.asarray(Image.fromarray(noise).resize((w, h), Image.Resampling.BICUBIC), np.int32)

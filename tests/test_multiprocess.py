@@ -13,10 +13,10 @@ import pytest
 
 from configs import tiny
 from halonet import checkpointing
-from halonet import input_pipeline
 from halonet import paths
 from halonet import sharding
 from halonet import train_step as train_step_lib
+from tests import inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
@@ -88,7 +88,7 @@ def _one_process_run(config):
   """The same training in this process on a mesh of the same size, fed the global batches the
   two processes assemble: process 0's examples first, then process 1's."""
   sizes = train_step_lib.split_sizes(config)
-  model, tx, schedule, num_steps = train_step_lib.build(config, sizes[config.train_split])
+  model, tx, schedule, num_steps = train_step_lib.build(config, sizes[config.input.train_split])
   mesh = sharding.create_mesh(config.mesh_shape, jax.devices()[: PROCESSES * DEVICES_PER_PROCESS])
   init, abstract = train_step_lib.abstract_train_state(config, model, tx, mesh)
   shardings = train_step_lib.shardings_of(abstract)
@@ -96,12 +96,12 @@ def _one_process_run(config):
   initial = jax.device_get(state)
   step = train_step_lib.make_train_step(config, model, tx, schedule, mesh, shardings)
   streams = [
-    input_pipeline.create_split(
+    inputs.create_split(
       config,
-      config.train_split,
+      config.input.train_split,
       train=True,
       batch_size=config.batch_size // PROCESSES,
-      split_size=sizes[config.train_split],
+      split_size=sizes[config.input.train_split],
       process_index=i,
       process_count=PROCESSES,
     )

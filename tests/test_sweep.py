@@ -63,7 +63,7 @@ def test_shipped_sweeps_have_valid_points(name, scale):
   points = sweeps.build_points(sweep, '/sweep')
   assert len(points) == POINT_COUNTS[name, scale]
   dataset = 'digits' if scale.startswith('cpu') else 'imagenet2012'
-  assert all(p.config.dataset == dataset for p in points)
+  assert all(p.config.input.dataset == dataset for p in points)
   for point in points:  # Every point builds: its model settings pass the config's checks.
     model_checks.validate_config(point.config)
 
@@ -128,7 +128,7 @@ def test_dry_run_prints_one_train_command_per_point(tmp_path):
       '--sweep=configs/sweeps/hybrids.py:cpu',
       f'--workdir={workdir}',
       '--dry_run',
-      '--sweep.base_overrides.data_dir=/data/digits',
+      '--sweep.base_overrides.input.data_dir=/data/digits',
     ],
     capture_output=True,
     text=True,
@@ -136,9 +136,9 @@ def test_dry_run_prints_one_train_command_per_point(tmp_path):
   ).stdout
   commands = out.strip().splitlines()
   sweep = sweeps.load_config('configs/sweeps/hybrids.py:cpu')
-  sweep.base_overrides.data_dir = '/data/digits'
+  sweep.base_overrides.input.data_dir = '/data/digits'
   points = sweeps.build_points(sweep, str(workdir))
-  assert all(p.config.data_dir == '/data/digits' for p in points)
+  assert all(p.config.input.data_dir == '/data/digits' for p in points)
   assert len(commands) == len(points) == 4
   assert not workdir.exists()
   for command, point in zip(commands, points):

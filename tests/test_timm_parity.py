@@ -171,8 +171,13 @@ def test_the_command_writes_a_run_that_loads_as_any_run(references, tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   assert f'{name}: 11,680,072 parameters' in done.stdout
   config, variables, step = trained.load(str(workdir))
-  assert (config.model.arch, config.image_size, config.crop_fraction, step) == (name, 224, 0.94, 0)
-  assert tuple(config.pixel_mean) == tuple(config.pixel_std) == (0.5, 0.5, 0.5)
+  assert (config.model.arch, config.image_size, config.input.crop_fraction, step) == (
+    name,
+    224,
+    0.94,
+    0,
+  )
+  assert tuple(config.input.pixel_mean) == tuple(config.input.pixel_std) == (0.5, 0.5, 0.5)
   reference = np.load(references / f'{name}.npz')
   logits, _ = _run(name, variables, reference['images'])
   _close(logits, reference['logits'])

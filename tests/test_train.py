@@ -20,6 +20,7 @@ from halonet import sharding
 from halonet import train_lib
 from halonet import train_step as train_step_lib
 from halonet import workdir as workdir_lib
+from tests import inputs
 from tests import steps
 
 
@@ -62,8 +63,8 @@ def test_loss_falls_on_digits():
   mesh = sharding.create_mesh(config.mesh_shape)
   state, step = steps.fresh_state_and_step(config, mesh)
   # The un-augmented view of the train split: this checks the step learns, not the augmentation.
-  batches = input_pipeline.create_split(
-    config, config.train_split, train=False, batch_size=config.batch_size
+  batches = inputs.create_split(
+    config, config.input.train_split, train=False, batch_size=config.batch_size
   )
   losses = []
   for _, batch in zip(range(config.num_train_steps), batches):
@@ -89,9 +90,12 @@ def _no_compile(*args, **kwargs):
     ({'image_size': 16}, 'image_size=16'),
     ({'optimizer.name': 'lamb'}, "'lamb'"),
     ({'ema_decay': 1.5}, 'ema_decay=1.5'),
-    ({'crop_fraction': 0.0}, 'crop_fraction=0.0'),
-    ({'crop_area_range': (0.5, 0.2)}, 'crop_area_range=(0.5, 0.2)'),
-    ({'dataset': 'image_folder', 'data_dir': '/nonexistent/images'}, '/nonexistent/images'),
+    ({'input.crop_fraction': 0.0}, 'crop_fraction=0.0'),
+    ({'input.crop_area_range': (0.5, 0.2)}, 'crop_area_range=(0.5, 0.2)'),
+    (
+      {'input.dataset': 'image_folder', 'input.data_dir': '/nonexistent/images'},
+      '/nonexistent/images',
+    ),
   ],
 )
 def test_bad_input_fails_in_one_line_before_compile(overrides, named, tmp_path, monkeypatch):
@@ -158,13 +162,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
   spacing of saves, progress lines and the last step."""
   create_split = input_pipeline.create_split
 
-  def poisoned(config, split, *, train, **kwargs):
-    batches = create_split(config, split, train=train, **kwargs)
+  def poisoned(data, split, *, train, num_classes, **kwargs):
+    batches = create_split(data, split, train=train, num_classes=num_classes, **kwargs)
     if not train:
       return batches
 
     def soft(step, batch):
-      labels = np.eye(config.num_classes, dtype=np.float32)[batch['label']]
+      labels = np.eye(num_classes, dtype=np.float32)[batch['label']]
       return {**batch, 'label': labels * (np.nan if step == bad_step else 1.0)}
 
     return (soft(step, batch) for step, batch in enumerate(batches, 1))
@@ -212,7 +216,8 @@ def test_diverging_run_saves_only_finite_states_and_names_one(learning_rate, tmp
     ('train.py', ['--config.batch_sz=3'], 'unknown config field: batch_sz'),
     ('train.py', ['--config.batch_size=abc'], '--config.batch_size=abc'),
     ('train.py', ['--config.optimizer.learning_rate=-1'], 'optimizer.learning_rate=-1.0'),
-    ('train.py', ['--config.dataset=imagenet2013'], 'did you mean imagenet2012'),
+    ('train.py', ['--config.input.dataset=imagenet2013'], 'did you mean imagenet2012'),
+    ('train.py', ['--config.crop_fraction=0.9'], 'config.crop_fraction is now config.input.crop'),
     ('train.py', ['--config=configs/halonet.py:h8'], "unknown HaloNet config 'h8'"),
     ('train.py', ['--config=configs/h9.py'], "No such file or directory: 'configs/h9.py'"),
     ('eval.py', [], 'no complete checkpoint'),
@@ -287,7 +292,11 @@ def test_help_lists_the_main_flags():
   assert fields['optimizer.name'] == ("'sgd'", "'sgd' (Nesterov momentum) or 'adamw'.")
   assert len(fields) == len(tiny.get_config().to_dict()['model']) + sum(
     1 for k, v in tiny.get_config().to_dict().items() if not isinstance(v, dict)
-  ) + len(tiny.get_config().optimizer)
+  ) + len(tiny.get_config().optimizer) + len(tiny.get_config().input)
+  assert fields['input.crop_fraction'] == (
+    '0.875',
+    'eval: resize to s / crop_fraction, centre crop s.',
+  )
 
 
 def test_evaluations_during_training_print_their_accuracy(tmp_path, capsys):

@@ -15,10 +15,11 @@ from PIL import Image
 import pytest
 
 from configs import tiny
+from halonet import data_sources
 from halonet import digits
 from halonet import imagenet_classes
-from halonet import input_pipeline
 from halonet import networks
+from halonet import preprocessing
 from halonet import train_lib
 from halonet import trained
 from halonet import visualize
@@ -57,7 +58,7 @@ def test_features_have_strides_4_to_32_at_sizes_b_does_not_divide():
   }
   # stage4 is what the classifier reads: its pooled features give the model's own logits.
   head = variables['params']['head']
-  x = input_pipeline.normalize_images(jnp.asarray(images), config, jnp.float32)
+  x = preprocessing.normalize_images(jnp.asarray(images), config.input, jnp.float32)
   np.testing.assert_allclose(
     maps['stage4'].mean(axis=(1, 2)) @ head['kernel'] + head['bias'],
     model.apply(variables, x, train=False),
@@ -207,10 +208,10 @@ def test_attention_maps_are_the_models_weights_and_are_drawn(run, tmp_path):
 
 def test_class_names_are_the_folder_names_of_the_dataset():
   config = tiny.get_config()
-  config.dataset = 'digits/6-9'
-  assert input_pipeline.class_names(config) == ['6', '7', '8', '9']
-  config.dataset, config.data_dir = 'image_folder', '/nonexistent/images'
-  assert input_pipeline.class_names(config) is None
+  config.input.dataset = 'digits/6-9'
+  assert data_sources.class_names(config.input) == ['6', '7', '8', '9']
+  config.input.dataset, config.input.data_dir = 'image_folder', '/nonexistent/images'
+  assert data_sources.class_names(config.input) is None
 
 
 def test_imagenet_classes_are_named_by_their_lemmas_in_tfds_and_timms_order(tmp_path):
@@ -231,9 +232,9 @@ def test_imagenet_classes_are_named_by_their_lemmas_in_tfds_and_timms_order(tmp_
     assert (info / 'imagenet_synsets.txt').read_text().split() == ids
     assert list(imagenet_classes.descriptions().values()) == [lemmas[i] for i in ids]
   config = tiny.get_config()
-  config.dataset, config.num_classes = 'imagenet2012', 1000  # TFDS names it without the data.
-  config.data_dir = str(tmp_path / 'tfds')
-  names = input_pipeline.class_names(config)
+  config.input.dataset, config.num_classes = 'imagenet2012', 1000  # TFDS names it without the data.
+  config.input.data_dir = str(tmp_path / 'tfds')
+  names = data_sources.class_names(config.input)
   assert (len(names), names[0], names[999]) == (
     1000,
     'tench, Tinca tinca',
@@ -242,5 +243,5 @@ def test_imagenet_classes_are_named_by_their_lemmas_in_tfds_and_timms_order(tmp_
   for wnid in ('n01443537', 'n99999999'):  # An ImageNet-style folder; an unknown ID stays.
     (tmp_path / 'folder' / 'train' / wnid).mkdir(parents=True)
     Image.new('RGB', (8, 8)).save(tmp_path / 'folder' / 'train' / wnid / 'a.png')
-  config.dataset, config.data_dir = 'image_folder', str(tmp_path / 'folder')
-  assert input_pipeline.class_names(config) == ['goldfish, Carassius auratus', 'n99999999']
+  config.input.dataset, config.input.data_dir = 'image_folder', str(tmp_path / 'folder')
+  assert data_sources.class_names(config.input) == ['goldfish, Carassius auratus', 'n99999999']

@@ -12,11 +12,11 @@ from PIL import Image
 import pytest
 
 from configs import tiny
-from halonet import input_pipeline
 from halonet import networks
 from halonet import optim
 from halonet import sharding
 from halonet import train_step as train_step_lib
+from tests import inputs
 from tests import steps
 
 
@@ -53,8 +53,8 @@ def test_batchnorm_running_statistics_after_a_step_are_computed_from_the_batch()
   params, old = jax.device_get((state.params, state.batch_stats))
   state, _ = step(state, sharding.shard_batch(batch, mesh))
   new = jax.device_get(state.batch_stats)['stem_bn']
-  mean = 255 * np.asarray(config.pixel_mean)
-  images = (batch['image'].astype(np.float64) - mean) / (255 * np.asarray(config.pixel_std))
+  mean = 255 * np.asarray(config.input.pixel_mean)
+  images = (batch['image'].astype(np.float64) - mean) / (255 * np.asarray(config.input.pixel_std))
   kernel = np.asarray(params['stem_conv']['kernel'], np.float64)  # [7, 7, 3, 64]
   padded = np.pad(images, ((0, 0), (3, 3), (3, 3), (0, 0)))
   side = -(-config.image_size // 2)
@@ -181,9 +181,9 @@ def test_mixed_targets_weigh_the_two_images_as_the_pixels_do(mix, tmp_path):
       for i in range(4):
         Image.new('RGB', (32, 32), (value,) * 3).save(tmp_path / split / label / f'{i}.png')
   config = tiny.get_config()
-  config.dataset, config.data_dir, config.num_classes = 'image_folder', str(tmp_path), 2
-  config.mixup_alpha, config.cutmix_alpha = (1.0, 0.0) if mix == 'mixup' else (0.0, 1.0)
-  batches = input_pipeline.create_split(config, 'train', train=True, batch_size=8)
+  config.input.dataset, config.input.data_dir, config.num_classes = 'image_folder', str(tmp_path), 2
+  config.input.mixup_alpha, config.input.cutmix_alpha = (1.0, 0.0) if mix == 'mixup' else (0.0, 1.0)
+  batches = inputs.create_split(config, 'train', train=True, batch_size=8)
   checked = 0
   for _, batch in zip(range(4), batches):
     images = batch['image'].astype(np.float64)

@@ -32,6 +32,10 @@ def test_first_start_records_the_config_and_an_unchanged_restart_writes_nothing(
     ('batch_size', 8, True),
     ('optimizer.learning_rate', 0.5, True),
     ('model.block_size', 2, True),
+    ('input.data_dir', '/elsewhere', False),
+    ('input.eval_splits', ('train',), False),
+    ('input.dataset', 'digits/0-5', True),
+    ('input.randaugment_magnitude', 5, True),
   ],
 )
 def test_a_restart_may_change_how_a_run_is_run_but_not_what_it_is(tmp_path, field, value, refused):
@@ -85,6 +89,27 @@ def test_stored_config_loads_back_with_tuples_and_new_fields_defaulted(tmp_path)
   loaded = workdir_lib.load_config(tmp_path)
   assert loaded.model.widths == tuple(config.model.widths)
   assert loaded.model.shortcut == 'conv' and loaded.batch_size == config.batch_size
+
+
+def _flat_layout(config_json: dict) -> dict:
+  """A config.json as runs wrote it before the input fields moved into config.input."""
+  return {**{k: v for k, v in config_json.items() if k != 'input'}, **config_json['input']}
+
+
+def test_a_run_stored_before_the_input_group_loads_and_resumes_unchanged(tmp_path):
+  config = tiny.get_config()
+  config.input.crop_fraction, config.input.data_dir = 0.9, '/data'
+  old = _flat_layout(workdir_lib.as_json(config))
+  assert old['crop_fraction'] == 0.9 and 'input' not in old
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  loaded = workdir_lib.load_config(tmp_path)
+  assert loaded.input.crop_fraction == 0.9 and loaded.input.dataset == 'digits'
+  assert loaded.input.eval_splits == ('test',) and loaded.input.data_dir == '/data'
+  workdir_lib.check_and_store_config(config, tmp_path, allow_change=False, step=4)
+  assert _stored(tmp_path) == old  # The same run: nothing refused, nothing rewritten.
+  config.input.dataset = 'digits/0-5'
+  with pytest.raises(errors.ConfigError, match=r'fields: input.dataset\)'):
+    workdir_lib.check_and_store_config(config, tmp_path, allow_change=False, step=4)
 
 
 def test_missing_config_is_named(tmp_path):

@@ -18,14 +18,14 @@ def sweep_config(scale: str) -> ml_collections.ConfigDict:
     raise ValueError(f'sweep scale {scale!r} is not one of {SCALES}')
   config = ml_collections.ConfigDict()
   config.base = PAPER_BASE
-  # data_dir is here so a launch can set it: --sweep.base_overrides.data_dir=gs://BUCKET/tfds.
-  config.base_overrides = {'data_dir': ''}
+  # data_dir is here so a launch can set it: --sweep.base_overrides.input.data_dir=gs://B/tfds.
+  config.base_overrides = {'input': {'data_dir': ''}}
   # e.g. --sweep.seeds="(0, 1, 2)": each point once per seed, reported as mean and std.
   config.seeds = ()
   if scale == 'cpu':
     config.base = CPU_BASE
     config.base_overrides = dict(
-      data_dir='',
+      input=dict(data_dir=''),
       num_train_steps=200,
       batch_size=64,
       eval_batch_size=120,

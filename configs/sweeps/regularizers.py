@@ -10,7 +10,7 @@ import ml_collections
 from configs.sweeps import common
 
 _LS = {'label_smoothing': 0.1}
-_RA = {'randaugment_magnitude': 10}
+_RA = {'input.randaugment_magnitude': 10}
 _SE = {'model.use_se': True}
 _SILU = {'model.activation': 'silu'}
 
@@ -20,8 +20,7 @@ def get_config(scale: str = 'paper') -> ml_collections.ConfigDict:
   config.base_overrides.update(
     {
       'label_smoothing': 0.0,
-      'randaugment_layers': 2,
-      'randaugment_magnitude': 0,
+      'input': {'randaugment_layers': 2, 'randaugment_magnitude': 0},
       'model': {'use_se': False, 'activation': 'relu'},
     }
   )
