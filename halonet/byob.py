@@ -33,8 +33,8 @@ import jax.numpy as jnp
 
 from halonet import attention
 from halonet import channel_attention
+from halonet import conv_norm
 from halonet import errors
-from halonet import grouped_conv
 from halonet import lambda_layer
 from halonet.model_keys import CLASSIFIER
 from halonet.model_keys import FEATURES
@@ -234,40 +234,6 @@ def check_config(arch: str, image_size: int) -> None:
     size = out
 
 
-class ConvNormAct(nn.Module):
-  """timm's ConvNormAct: conv without bias, symmetric padding, BatchNorm, optional activation."""
-
-  features: int
-  kernel: int = 1
-  stride: int = 1
-  groups: int = 1
-  act: Callable[[jax.Array], jax.Array] | None = None
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    pad = ((self.stride - 1) + (self.kernel - 1)) // 2
-    x = nn.Conv(
-      self.features,
-      (self.kernel, self.kernel),
-      strides=self.stride,
-      padding=((pad, pad), (pad, pad)),
-      feature_group_count=self.groups,
-      use_bias=False,
-      dtype=self.dtype,
-      conv_general_dilated=grouped_conv.grouped_conv if self.groups > 1 else None,
-      name='conv',
-    )(x)
-    x = _norm(train, self.dtype, 'bn')(x)
-    return self.act(x) if self.act else x
-
-
-def _norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(
-    use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
-  )
-
-
 class Block(nn.Module):
   """timm's BottleneckBlock ('bottle') or SelfAttnBlock ('self_attn'), with its shortcut; `spec`
   gives the model-wide choices (activation, channel attention, RegNetZ's block form)."""
@@ -282,30 +248,31 @@ class Block(nn.Module):
   attention_impl: str
   attention_choice: tuple[tuple[str, str], ...]
   drop_path_rate: float
+  norm: Callable[..., nn.Module]  # BatchNorm, built once by the network for train or eval.
   dtype: Any
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     spec = self.spec
     act = _ACTIVATIONS[spec.activation]
-    conv = functools.partial(ConvNormAct, dtype=self.dtype)
+    conv = functools.partial(conv_norm.ConvNormAct, kernel=1, norm=self.norm, dtype=self.dtype)
     mid = make_divisible((x.shape[-1] if spec.bottle_in else self.width) * self.bottle_ratio)
-    y = conv(mid, act=act, name='conv1_1x1')(x, train)
+    y = conv(mid, act=act, name='conv1_1x1')(x)
     if self.kind == _BOTTLE:
       groups = mid // self.group_size if self.group_size else 1
-      y = conv(mid, 3, self.stride, groups, act, name='conv2_kxk')(y, train)
+      y = conv(mid, kernel=3, stride=self.stride, groups=groups, act=act, name='conv2_kxk')(y)
       if spec.channel_attention == 'se':
         y = channel_attention.SqueezeExcite(spec.se_ratio, dtype=self.dtype, name='attn')(y)
       elif spec.channel_attention == 'eca':
         y = channel_attention.EfficientChannelAttention(dtype=self.dtype, name='attn')(y)
     else:
-      y = act(_norm(train, self.dtype, 'post_attn')(self._attention(y, mid, train)))
-    y = conv(self.width, name='conv3_1x1')(y, train)
+      y = act(self.norm(name='post_attn')(self._attention(y, mid, train)))
+    y = conv(self.width, name='conv3_1x1')(y)
     y = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3))(y, deterministic=not train)
     if self.stride == 1 and x.shape[-1] == self.width:
       y = y + x
     elif spec.shortcut_conv:
-      y = y + conv(self.width, 1, self.stride, name='shortcut')(x, train)
+      y = y + conv(self.width, stride=self.stride, name='shortcut')(x)
     return y if spec.linear_out else act(y)
 
   def _attention(self, y: jax.Array, mid: int, train: bool) -> jax.Array:
@@ -364,17 +331,18 @@ class ByobNet(nn.Module):
     spec = ARCHS[self.arch]
     act = _ACTIVATIONS[spec.activation]
     dtype = jnp.dtype(self.dtype)
-    conv = functools.partial(ConvNormAct, act=act, dtype=dtype)
+    norm = conv_norm.batch_norm(train, dtype)
+    conv = functools.partial(conv_norm.ConvNormAct, norm=norm, act=act, dtype=dtype)
     x = images.astype(dtype)
     c = spec.stem_width
     if spec.stem_type == 'tiered':
       last_stride = 1 if spec.stem_pool else 2
       for i, (width, stride) in enumerate(((3 * c // 8, 2), (c // 2, 1), (c, last_stride)), 1):
-        x = conv(width, 3, stride, name=f'stem_conv{i}')(x, train)
+        x = conv(width, 3, stride=stride, name=f'stem_conv{i}')(x)
     elif spec.stem_type == '7x7':
-      x = conv(c, 7, 2, name='stem_conv1')(x, train)
+      x = conv(c, 7, stride=2, name='stem_conv1')(x)
     else:  # '3x3'
-      x = conv(c, 3, 2, name='stem')(x, train)
+      x = conv(c, 3, stride=2, name='stem')(x)
     if spec.stem_pool:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     total = sum(len(s.blocks) for s in spec.stages)
@@ -392,6 +360,7 @@ class ByobNet(nn.Module):
           attention_impl=self.attention_impl,
           attention_choice=self.attention_choice,
           drop_path_rate=self.stochastic_depth_rate * index / max(total - 1, 1),
+          norm=norm,
           dtype=dtype,
           name=f'stage{number}_block{i}',
         )(x, train)
@@ -399,7 +368,7 @@ class ByobNet(nn.Module):
       if not self.is_initializing():
         self.sow(FEATURES, f'stage{number}', x)
     if spec.num_features:
-      x = conv(spec.num_features, name='final_conv')(x, train)
+      x = conv(spec.num_features, 1, name='final_conv')(x)
     x = x.mean(axis=(1, 2))
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     return nn.Dense(self.num_classes, dtype=jnp.float32, name=CLASSIFIER)(x.astype(jnp.float32))

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from halonet import conv_norm
+
 
 class LambdaLayer(nn.Module):
   """[B, H, W, C] -> [B, H/stride, W/stride, C]; BatchNorm on queries and values, as timm's."""
@@ -33,12 +35,10 @@ class LambdaLayer(nn.Module):
       heads * keys + keys + values, (1, 1), use_bias=False, dtype=self.dtype, name='qkv'
     )(x)
     q, k, v = jnp.split(qkv, [heads * keys, heads * keys + keys], axis=-1)
-    norm = lambda name: nn.BatchNorm(
-      use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=name
-    )
+    norm = conv_norm.batch_norm(train, self.dtype)
     positions = height * width
-    q = norm('norm_q')(q).reshape(batch, positions, heads, keys)
-    v = norm('norm_v')(v)
+    q = norm(name='norm_q')(q).reshape(batch, positions, heads, keys)
+    v = norm(name='norm_v')(v)
     k = jax.nn.softmax(k.reshape(batch, positions, keys).astype(jnp.float32), axis=1)
     content_lambda = jnp.einsum(
       'bmk,bmv->bkv', k.astype(self.dtype), v.reshape(batch, positions, values)

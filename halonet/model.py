@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from halonet import attention
 from halonet import channel_attention
+from halonet import conv_norm
 from halonet import deep_stem
 from halonet import errors
 from halonet import mixers
@@ -207,9 +208,7 @@ class HaloNet(nn.Module):
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
     act = ACTIVATIONS[self.activation]
     dtype = jnp.dtype(self.dtype)
-    norm = functools.partial(
-      nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype
-    )
+    norm = conv_norm.batch_norm(train, dtype)
     x = images.astype(dtype)
     if self.stem == 'sasa':
       x = sasa_stem.AttentionStem(

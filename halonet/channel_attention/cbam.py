@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from halonet import conv_norm
 from halonet.rounding import make_divisible
 
 
@@ -31,24 +32,6 @@ class ChannelGate(nn.Module):
     )
 
 
-class ConvNorm(nn.Module):
-  """A k x k conv without bias (symmetric padding), then BatchNorm: timm's ConvNormAct without
-  its activation."""
-
-  features: int
-  kernel: int
-  norm: Callable[..., nn.Module]
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    pad = ((self.kernel // 2,) * 2,) * 2
-    x = nn.Conv(
-      self.features, (self.kernel,) * 2, padding=pad, use_bias=False, dtype=self.dtype, name='conv'
-    )(x)
-    return self.norm(name='bn')(x)
-
-
 class SpatialGate(nn.Module):
   """Per-pixel gate: the channels' mean and max, a k x k conv to one map, BatchNorm, sigmoid."""
 
@@ -59,7 +42,8 @@ class SpatialGate(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     pooled = jnp.concatenate([x.mean(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)], -1)
-    return x * nn.sigmoid(ConvNorm(1, self.kernel, self.norm, self.dtype, name='conv')(pooled))
+    gate = conv_norm.ConvNormAct(1, self.kernel, self.norm, dtype=self.dtype, name='conv')
+    return x * nn.sigmoid(gate(pooled))
 
 
 class Cbam(nn.Module):

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from halonet import conv_norm
 from halonet.rounding import make_divisible
 
 
@@ -30,32 +31,6 @@ class SelectKernelAttention(nn.Module):
     return jax.nn.softmax(s.reshape(-1, num_paths, 1, 1, channels).astype(jnp.float32), axis=1)
 
 
-class ConvNormAct(nn.Module):
-  """A 3x3 conv (dilated, strided, no bias), BatchNorm, activation: one SK path."""
-
-  features: int
-  dilation: int
-  stride: int
-  norm: Callable[..., nn.Module]
-  act: Callable[[jax.Array], jax.Array]
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    pad = ((self.stride - 1) + 2 * self.dilation) // 2
-    x = nn.Conv(
-      self.features,
-      (3, 3),
-      strides=self.stride,
-      padding=((pad, pad), (pad, pad)),
-      kernel_dilation=self.dilation,
-      use_bias=False,
-      dtype=self.dtype,
-      name='conv',
-    )(x)
-    return self.act(self.norm(name='bn')(x))
-
-
 class SelectiveKernel(nn.Module):
   """Ends with its own BatchNorm and activation (per path), as in timm's SK bottleneck."""
 
@@ -72,13 +47,15 @@ class SelectiveKernel(nn.Module):
     splits = jnp.split(x, len(self.kernels), axis=-1)  # timm's split_input: a share per path.
     paths = jnp.stack(
       [
-        ConvNormAct(
+        # A 3x3 conv dilated by (k - 1) // 2 covers k x k, as SKNet's paths do.
+        conv_norm.ConvNormAct(
           self.value_width,
-          (k - 1) // 2,
-          self.stride,
+          3,
           self.norm,
-          self.act,
-          self.dtype,
+          stride=self.stride,
+          dilation=(k - 1) // 2,
+          act=self.act,
+          dtype=self.dtype,
           name=f'paths_{i}',
         )(part)
         for i, (k, part) in enumerate(zip(self.kernels, splits))
