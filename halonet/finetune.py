@@ -13,12 +13,15 @@ only read. Once the new run has a checkpoint of its own, a rerun resumes from th
 from typing import Any
 
 from flax import traverse_util
+from jax.sharding import Mesh
 import ml_collections
 
 from halonet import checkpointing
+from halonet import console
 from halonet import errors
 from halonet import model as model_lib
 from halonet import paths
+from halonet import train_step as train_step_lib
 from halonet import workdir as workdir_lib
 
 
@@ -87,3 +90,29 @@ def start_from(params: Any, source_params: Any, changed: dict[str, Any]) -> Any:
   new, old = (traverse_util.flatten_dict(p, sep='/') for p in (params, source_params))
   merged = {name: new[name] if name in changed else old[name] for name in new}
   return traverse_util.unflatten_dict(merged, sep='/')
+
+
+def start_state(
+  state: train_step_lib.TrainState,
+  mesh: Mesh,
+  source_dir: str,
+  source_step: int | None,
+  source_config: ml_collections.ConfigDict,
+  changed: dict[str, tuple[tuple, tuple]],
+) -> train_step_lib.TrainState:
+  """The fresh `state` with the source run's parameters (but the `changed` ones) and BatchNorm
+  statistics; the optimizer state (zeros and a zero count for SGD and AdamW) and the step stay as
+  initialised, and an EMA starts at the new parameters."""
+  source, _, _ = train_step_lib.restore_run(source_config, source_dir, mesh, source_step)
+  params = start_from(state.params, source.params, changed)
+  fresh = ', '.join(f'{name} {was}->{now}' for name, (was, now) in changed.items())
+  console.say(
+    f'initialised from {source_dir} step {int(source.step)}'
+    + (f'; re-initialised {fresh}' if fresh else '')
+  )
+  # The classifier has no BatchNorm statistics: all of the source's carry over.
+  return state.replace(
+    params=params,
+    batch_stats=source.batch_stats,
+    ema_params=params if state.ema_params is not None else None,
+  )

@@ -10,7 +10,6 @@ from typing import Any
 
 from absl import logging
 import jax
-from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
@@ -87,31 +86,6 @@ class _Preemption:
   def close(self):
     if self.previous is not None:
       signal.signal(signal.SIGTERM, self.previous)
-
-
-def _fine_tune_start(
-  state: train_step_lib.TrainState,
-  mesh: Mesh,
-  source_dir: str,
-  source_step: int | None,
-  source_config: ml_collections.ConfigDict,
-  changed: dict[str, tuple[tuple, tuple]],
-) -> train_step_lib.TrainState:
-  """The fresh state with the source run's parameters and BN statistics (halonet/finetune.py);
-  the optimizer state (zeros and a zero count for SGD and AdamW) stays as initialised."""
-  source, _, _ = train_step_lib.restore_run(source_config, source_dir, mesh, source_step)
-  params = finetune.start_from(state.params, source.params, changed)
-  fresh = ', '.join(f'{name} {was}->{now}' for name, (was, now) in changed.items())
-  console.say(
-    f'initialised from {source_dir} step {int(source.step)}'
-    + (f'; re-initialised {fresh}' if fresh else '')
-  )
-  # The classifier has no BatchNorm statistics: all of the source's carry over.
-  return state.replace(
-    params=params,
-    batch_stats=source.batch_stats,
-    ema_params=params if state.ema_params is not None else None,
-  )
 
 
 def _is_finished(
@@ -208,7 +182,7 @@ def train_and_evaluate(
   else:
     state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
   if source:
-    state = _fine_tune_start(state, mesh, *source)
+    state = finetune.start_state(state, mesh, *source)
   num_params = networks.count_params(config)
   console.say(f'{num_params:,} parameters, {num_steps} train steps')
   # Both steps are compiled here, timed apart, so images/s and the ETA measure training only.

@@ -9,8 +9,11 @@ augmented assignment deleted. Docstrings, f-strings, annotations and `raise` sta
 messages) are left alone. Each mutant runs in a copy of the repository, so the working tree is
 never touched.
 
-Usage: python tests/mutate.py [MODULE ...] [--jobs N] [--list]
+Usage: python tests/mutate.py [MODULE ...] [--jobs N] [--list] [--survivors] [--sample K]
   MODULE: keys of COVERING (e.g. halonet/optim.py); none = all. --list prints the mutants only.
+  --survivors reruns only the mutants that survived the module's last run (after new tests);
+  the others keep their outcome. --sample K runs K mutants drawn at random (seed 0) where a
+  module's tests are too slow for all: the score is then an estimate, and the report says so.
 Writes tests/mutation/MODULE.json (score and survivors) and prints a table. Survivors judged
 equivalent (no test could tell them apart) are listed with the reason in tests/mutation/
 equivalent.json and leave the score's denominator.
@@ -23,6 +26,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import random
 import shutil
 import subprocess
 import sys
@@ -31,6 +35,16 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / 'tests' / 'mutation'
+# The input pipeline's tests that read data (RandAugment's own are randaugment.py's).
+_PIPELINE_TESTS = ('tests/test_input_pipeline.py', '-k', 'not randaugment or off_is_crop_flip')
+_MODEL_TESTS = (
+  'tests/test_model.py::test_variant_params_match_paper',
+  'tests/test_model.py::test_paper_configs_resolve_auto_per_backend',
+  'tests/test_model.py::test_explicit_choices_and_cpu_configs_are_kept_on_every_backend',
+  'tests/test_model.py::test_bfloat16_compute_keeps_float32_params',
+  'tests/test_model.py::test_bad_values_fail_with_one_line',
+  'tests/test_pallas.py::test_refused_on_gpu_in_one_line',
+)
 # Each module's fast tests: the ones that exercise it without end-to-end runs.
 COVERING = {
   'halonet/optim.py': (
@@ -44,6 +58,40 @@ COVERING = {
   'halonet/finetune.py': ('tests/test_finetune.py', '-m', 'not slow'),
   'halonet/workdir.py': ('tests/test_workdir.py',),
   'halonet/checkpointing.py': ('tests/test_checkpointing.py',),
+  'halonet/progress.py': ('tests/test_progress.py',),
+  'halonet/input_pipeline.py': _PIPELINE_TESTS,
+  'halonet/data_sources.py': (
+    *_PIPELINE_TESTS,
+    'tests/test_trained.py::test_class_names_are_the_folder_names_of_the_dataset',
+    'tests/test_trained.py::test_imagenet_classes_are_named_by_their_lemmas_in_tfds_and_timms_order',
+  ),
+  'halonet/preprocessing.py': (
+    *_PIPELINE_TESTS,
+    'tests/test_training_semantics.py::test_mixed_targets_weigh_the_two_images_as_the_pixels_do',
+  ),
+  'halonet/train_step.py': (
+    'tests/test_training_semantics.py',
+    'tests/test_train.py::test_sharded_step_matches_one_device',
+    'tests/test_train.py::test_train_step_compiles_once',
+    'tests/test_train.py::test_batch_must_split_over_processes',
+  ),
+  'halonet/eval_lib.py': (
+    'tests/test_eval.py::test_ema_evaluation_is_an_evaluation_of_the_ema_parameters',
+    'tests/test_eval.py::test_eval_py_matches_training_run_and_appends_records',
+  ),
+  'halonet/trained.py': ('tests/test_trained.py',),
+  'halonet/networks.py': _MODEL_TESTS,
+  'halonet/model_checks.py': (
+    'tests/test_model.py::test_bad_values_fail_with_one_line',
+    'tests/test_model.py::test_unknown_config_name',
+    'tests/test_mixers.py',
+    '-k',
+    'not timm',
+  ),
+  'halonet/conv_norm.py': (
+    'tests/test_timm_modules.py',
+    'tests/test_timm_parity.py::test_converted_model_gives_timms_logits_and_stage_features',
+  ),
 }
 _SWAPS = {
   ast.Add: ast.Sub,
@@ -207,10 +255,16 @@ def _workspace(directory: pathlib.Path) -> pathlib.Path:
   return directory
 
 
-def _run_tests(workspace: pathlib.Path, tests: tuple[str, ...], timeout: float) -> str:
-  """'passed', 'failed' or 'timeout' for the tests in `workspace`."""
+def _run_tests(
+  workspace: pathlib.Path, tests: tuple[str, ...], timeout: float, jax_cache: pathlib.Path
+) -> str:
+  """'passed', 'failed' or 'timeout' for the tests in `workspace`.
+
+  Every run of a module shares one JAX compilation cache: a mutant that leaves a program as it
+  was loads it instead of compiling it again (the cache is keyed by the program).
+  """
   command = [sys.executable, '-m', 'pytest', '-x', '-q', '-n', '0', '-p', 'no:cacheprovider']
-  env = {**os.environ, 'PYTHONDONTWRITEBYTECODE': '1'}
+  env = {**os.environ, 'PYTHONDONTWRITEBYTECODE': '1', 'HALONET_TESTS_JAX_CACHE': str(jax_cache)}
   try:
     result = subprocess.run(
       [*command, *tests], cwd=workspace, env=env, capture_output=True, timeout=timeout
@@ -220,14 +274,32 @@ def _run_tests(workspace: pathlib.Path, tests: tuple[str, ...], timeout: float) 
   return 'passed' if result.returncode == 0 else 'failed'
 
 
-def _run_module(module: str, jobs: int) -> dict:
+def _report_path(module: str) -> pathlib.Path:
+  return RESULTS / f'{module.replace("/", ".").removesuffix(".py")}.json'
+
+
+def _run_module(module: str, jobs: int, only_survivors: bool, sample: int | None) -> dict:
   source = (ROOT / module).read_text()
   tests = COVERING[module]
   found = mutants(source)
+  total = len(found)
+  if only_survivors:
+    last = json.loads(_report_path(module).read_text())
+    if last.get('sampled'):
+      found = [m for m in found if m.key in set(last['sampled'])]
+  elif sample is not None and sample < len(found):
+    found = sorted(random.Random(0).sample(found, sample), key=lambda m: m.index)
+  outcomes = {}
+  to_run = found
+  if only_survivors:
+    survived = {s['mutant'] for s in last['survivors']}
+    outcomes = {m: 'failed' for m in found if m.key not in survived}
+    to_run = [m for m in found if m.key in survived]
   with tempfile.TemporaryDirectory(prefix='mutate-') as scratch:
+    jax_cache = pathlib.Path(scratch) / 'jax_cache'
     workspaces = [_workspace(pathlib.Path(scratch) / str(j)) for j in range(jobs)]
     start = time.monotonic()
-    if _run_tests(workspaces[0], tests, timeout=1800) != 'passed':
+    if _run_tests(workspaces[0], tests, 1800, jax_cache) != 'passed':
       raise SystemExit(f'{module}: its tests {tests} fail before any mutation')
     timeout = 3 * (time.monotonic() - start) + 30
 
@@ -235,15 +307,14 @@ def _run_module(module: str, jobs: int) -> dict:
       target = workspace / module
       target.write_text(mutated_source(source, mutant))
       try:
-        return _run_tests(workspace, tests, timeout)
+        return _run_tests(workspace, tests, timeout, jax_cache)
       finally:
         target.write_text(source)
 
     free = list(workspaces)
-    outcomes = {}
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
       pending = {}
-      for mutant in found:
+      for mutant in to_run:
         if not free:
           done, _ = concurrent.futures.wait(pending, return_when='FIRST_COMPLETED')
           for future in done:
@@ -269,6 +340,7 @@ def _run_module(module: str, jobs: int) -> dict:
   return {
     'module': module,
     'tests': list(tests),
+    **({'sampled': [m.key for m in found], 'of': total} if len(found) < total else {}),
     'mutants': len(found),
     'killed': killed,
     'equivalent': len(found) - counted,
@@ -287,6 +359,8 @@ def main() -> None:
   parser.add_argument('modules', nargs='*', default=list(COVERING))
   parser.add_argument('--jobs', type=int, default=os.cpu_count() or 1)
   parser.add_argument('--list', action='store_true')
+  parser.add_argument('--survivors', action='store_true')
+  parser.add_argument('--sample', type=int)
   args = parser.parse_args()
   unknown = [m for m in args.modules if m not in COVERING]
   if unknown:
@@ -296,12 +370,12 @@ def main() -> None:
       for m in mutants((ROOT / module).read_text()):
         print(f'{module} {m.key}')
       continue
-    report = _run_module(module, args.jobs)
+    report = _run_module(module, args.jobs, args.survivors, args.sample)
     RESULTS.mkdir(exist_ok=True)
-    name = module.replace('/', '.').removesuffix('.py')
-    (RESULTS / f'{name}.json').write_text(json.dumps(report, indent=2) + '\n')
+    _report_path(module).write_text(json.dumps(report, indent=2) + '\n')
+    sampled = f' (a sample of {report["of"]})' if 'of' in report else ''
     print(
-      f'{module}: {report["killed"]}/{report["mutants"] - report["equivalent"]} killed '
+      f'{module}: {report["killed"]}/{report["mutants"] - report["equivalent"]} killed{sampled} '
       f'({100 * report["score"]:.0f}%), {report["equivalent"]} equivalent'
     )
     for s in report['survivors']:

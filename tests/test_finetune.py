@@ -16,8 +16,10 @@ from halonet import errors
 from halonet import finetune
 from halonet import networks
 from halonet import optim
+from halonet import sharding
 from halonet import train_lib
 from halonet import workdir as workdir_lib
+from tests import steps
 
 
 def _params(**overrides):
@@ -77,6 +79,61 @@ def _config(dataset, num_classes, image_size, **overrides):
     }
   )
   return config
+
+
+def _perturbed(tree, rng):
+  """Every floating array moved by a distinct random amount, so no value is a fresh one."""
+  return jax.tree.map(
+    lambda a: (
+      np.asarray(a) + rng.normal(1.0, 0.5, np.shape(a)).astype(np.asarray(a).dtype)
+      if np.issubdtype(np.asarray(a).dtype, np.floating)
+      else np.asarray(a) + 3
+    ),
+    tree,
+  )
+
+
+def test_the_whole_state_a_fine_tune_starts_from(tmp_path, capsys):
+  """Every part of a fine-tune's first state against the source state saved here: parameters
+  but the re-shaped classifier and all BatchNorm statistics are the source's; the classifier,
+  the optimizer state (not the source's momentum) and the step are the fresh run's; an EMA
+  starts at the new parameters."""
+  mesh = sharding.create_mesh((1, 1), jax.devices()[:1])
+  source_dir, target_dir = tmp_path / 'source', tmp_path / 'target'
+  source_config = _config('digits/0-5', 6, 32)
+  fresh_source, _ = steps.fresh_state_and_step(source_config, mesh)
+  rng = np.random.default_rng(0)
+  saved = jax.device_get(fresh_source).replace(step=np.asarray(7, np.int32))
+  saved = saved.replace(
+    params=_perturbed(saved.params, rng),
+    batch_stats=_perturbed(saved.batch_stats, rng),
+    opt_state=_perturbed(saved.opt_state, rng),
+  )
+  manager = checkpointing.create_manager(str(source_dir), 3)
+  on_device = fresh_source.params['head']['bias'].sharding
+  checkpointing.save(manager, 7, jax.device_put(saved, on_device))
+  checkpointing.finish(manager)
+  workdir_lib.check_and_store_config(source_config, str(source_dir), False, 0)
+
+  config = _config('digits/6-9', 4, 48, init_from=str(source_dir), ema_decay=0.9)
+  fresh, _ = steps.fresh_state_and_step(config, mesh)
+  source = finetune.source_run(config, str(target_dir))
+  changed = finetune.reinitialised(fresh.params, networks.abstract_variables(source[2])['params'])
+  start = jax.device_get(finetune.start_state(fresh, mesh, *source, changed))
+  fresh = jax.device_get(fresh)
+
+  said = capsys.readouterr().out
+  assert f'initialised from {source_dir} step 7; re-initialised head/bias' in said
+  got = traverse_util.flatten_dict(start.params, sep='/')
+  want = traverse_util.flatten_dict(saved.params, sep='/')
+  new = traverse_util.flatten_dict(fresh.params, sep='/')
+  assert sorted(got) == sorted(new)
+  for name, value in got.items():
+    np.testing.assert_array_equal(value, new[name] if name.startswith('head/') else want[name])
+  jax.tree.map(np.testing.assert_array_equal, start.batch_stats, saved.batch_stats)
+  jax.tree.map(np.testing.assert_array_equal, start.opt_state, fresh.opt_state)
+  assert int(start.step) == 0
+  jax.tree.map(np.testing.assert_array_equal, start.ema_params, start.params)
 
 
 def _files(root):

@@ -1,5 +1,6 @@
 """Two real JAX processes x 2 CPU devices on 127.0.0.1, as a multi-host run is launched."""
 
+import json
 import os
 import re
 import signal
@@ -13,9 +14,12 @@ import pytest
 
 from configs import tiny
 from halonet import checkpointing
+from halonet import eval_lib
+from halonet import networks
 from halonet import paths
 from halonet import sharding
 from halonet import train_step as train_step_lib
+from halonet.attention import measure
 from tests import inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,6 +117,23 @@ def _one_process_run(config):
   return initial, jax.device_get(state), abstract, num_steps
 
 
+def _one_process_eval(config, state, abstract, workdir):
+  """The checkpoint's evaluation by this one process on a mesh of the same size, with the
+  attention forms the run recorded: every split's top-1, top-5, loss and count."""
+  mesh = sharding.create_mesh(config.mesh_shape, jax.devices()[: PROCESSES * DEVICES_PER_PROCESS])
+  model = networks.create_model(config, attention_choice=measure.recorded_choice(workdir) or ())
+  shapes = {'params': abstract.params, 'batch_stats': abstract.batch_stats}
+  eval_fn, _ = eval_lib.compile_eval_step(model, mesh, shapes, config)
+  variables = jax.device_put(
+    {'params': state.params, 'batch_stats': state.batch_stats}, sharding.replicated(mesh)
+  )
+  sizes = train_step_lib.split_sizes(config, train=False)
+  return {
+    split: eval_lib.evaluate(eval_fn, variables, config, split, sizes[split], mesh)
+    for split in config.input.eval_splits
+  }
+
+
 def _norm(tree) -> float:
   return float(np.sqrt(sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree.leaves(tree))))
 
@@ -143,6 +164,16 @@ def test_two_processes_train_like_one_and_only_process_0_writes(tmp_path, storag
     difference = _norm(jax.tree.map(np.subtract, getattr(got, key), getattr(want, key)))
     change = _norm(jax.tree.map(np.subtract, getattr(want, key), getattr(initial, key)))
     assert difference < 1e-2 * change, (key, difference, change)
+
+  # The run's final evaluation, each process reading its own share of the eval split, against
+  # this one process evaluating the same checkpoint: the same examples, each counted once.
+  two = json.loads((runs[0] / 'results.json').read_text())['raw_eval']
+  one = _one_process_eval(config, got, abstract, runs[0])
+  assert sorted(one) == sorted(two) == sorted(config.input.eval_splits)
+  for split, result in one.items():
+    for key in ('count', 'top1', 'top5'):
+      assert result[key] == two[split][key], (split, key, result, two[split])
+    np.testing.assert_allclose(result['loss'], two[split]['loss'], rtol=1e-5)
 
   pids, _ = _run_processes(runs[1], cache)
   again = _restored(runs[1], abstract, steps)

@@ -1,5 +1,8 @@
 """The progress line's figures on a clock the test moves: images/s and the ETA over training time
-only, measured once the window's steps are fetched; clu's scalars beside ours."""
+only, measured once the window's steps are fetched; clu's scalars beside ours. The profile's
+steps and where its trace lands, with the profiler's start and stop recorded."""
+
+import pathlib
 
 from clu import metric_writers
 import pytest
@@ -95,3 +98,61 @@ def test_the_last_step_reports_whatever_the_spacing(clock, capsys):
 @pytest.mark.parametrize('seconds, text', [(0, '0:00:00'), (59.9, '0:00:59'), (3725, '1:02:05')])
 def test_eta_is_hours_minutes_seconds(seconds, text):
   assert progress.format_seconds(seconds) == text
+
+
+class _FakeProfiler:
+  """jax.profiler's start_trace/stop_trace, noting the step each is called after and writing a
+  trace file into the log folder as the profiler would."""
+
+  def __init__(self):
+    self.step, self.calls = 0, []
+
+  def start_trace(self, logdir):
+    self.calls.append(('start', self.step))
+    self.logdir = pathlib.Path(logdir) / 'plugins' / 'profile' / 'run'
+    self.logdir.mkdir(parents=True)
+
+  def stop_trace(self):
+    self.calls.append(('stop', self.step))
+    (self.logdir / 'host.xplane.pb').write_bytes(b'trace of steps')
+
+
+@pytest.fixture
+def profiler(monkeypatch):
+  fake = _FakeProfiler()
+  monkeypatch.setattr(progress.jax.profiler, 'start_trace', fake.start_trace)
+  monkeypatch.setattr(progress.jax.profiler, 'stop_trace', fake.stop_trace)
+  return fake
+
+
+@pytest.mark.parametrize('first, last', [(1, 1), (2, 3), (3, 5)])
+def test_profile_traces_steps_first_to_last_into_the_workdir(
+  first, last, profiler, tmp_path, monkeypatch
+):
+  waited = []  # The outputs the profile waits for before it stops.
+  monkeypatch.setattr(progress.jax, 'block_until_ready', waited.append)
+  profile = progress.StepProfile((first, last), tmp_path)
+  local = pathlib.Path(profile._local)  # pylint: disable=protected-access
+  profile(0)
+  for step in range(1, 7):
+    profiler.step = step  # Step `step` has been dispatched; its outputs are `step`.
+    profile(step, step)
+  profile.close()
+  # Started once step first - 1 was dispatched, so step `first` runs inside; stopped after `last`.
+  assert profiler.calls == [('start', first - 1), ('stop', last)]
+  assert waited == [last]
+  assert (tmp_path / 'plugins' / 'profile' / 'run' / 'host.xplane.pb').read_bytes() == (
+    b'trace of steps'
+  )
+  assert not local.exists()
+
+
+def test_a_run_stopped_inside_the_profile_still_keeps_its_trace(profiler, tmp_path):
+  profile = progress.StepProfile((2, 9), tmp_path)
+  profile(0)
+  for step in (1, 2, 3):
+    profiler.step = step
+    profile(step)
+  profile.close()
+  assert profiler.calls == [('start', 1), ('stop', 3)]
+  assert (tmp_path / 'plugins' / 'profile' / 'run' / 'host.xplane.pb').exists()
