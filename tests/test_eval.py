@@ -89,7 +89,8 @@ def test_quickstart_reaches_95_percent(tmp_path):
 
 def test_ema_evaluation_is_an_evaluation_of_the_ema_parameters():
   """evaluate_all's 'ema' figures against a hand evaluation of the EMA parameters (a plain loop
-  over the split's images: logits, argmax, cross-entropy), which differ from the raw ones."""
+  over the split's images: logits, argmax, the five largest, cross-entropy), which differ from
+  the raw ones."""
   config = tiny.get_config()
   config.ema_decay = 0.5
   config.input.eval_splits = ('test',)
@@ -113,16 +114,19 @@ def test_ema_evaluation_is_an_evaluation_of_the_ema_parameters():
   variables = jax.device_get({'params': state.ema_params, 'batch_stats': state.batch_stats})
   apply = jax.jit(lambda images: model.apply(variables, images, train=False))
   mean, std = 255 * np.asarray(config.input.pixel_mean), 255 * np.asarray(config.input.pixel_std)
-  correct, losses, predicted = 0, [], set()
+  correct, in_top5, losses, predicted = 0, 0, [], set()
   for batch in inputs.create_split(config, 'test', train=False, batch_size=40):
     real = batch['mask']
     logits = np.asarray(apply((batch['image'] - mean) / std), np.float64)[real]
     labels = batch['label'][real]
     correct += int((logits.argmax(-1) == labels).sum())
+    in_top5 += int((np.argsort(-logits, -1)[:, :5] == labels[:, None]).any(-1).sum())
     predicted.update(logits.argmax(-1).tolist())
     log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     losses += list(log_z - logits[np.arange(len(labels)), labels])
   assert len(losses) == got['ema']['test']['count'] == 360 and len(predicted) > 3
   assert got['ema']['test']['top1'] == pytest.approx(100 * correct / 360)
+  assert got['ema']['test']['top5'] == pytest.approx(100 * in_top5 / 360)
+  assert correct < in_top5 < 360
   assert got['ema']['test']['loss'] == pytest.approx(np.mean(losses), rel=1e-4)
   assert got['raw']['test']['loss'] != pytest.approx(got['ema']['test']['loss'], rel=1e-3)

@@ -89,7 +89,7 @@ def test_the_last_step_reports_whatever_the_spacing(clock, capsys):
   )
   report(0)
   for step in range(1, 6):
-    clock.now += 1.0
+    clock.now += 100.0  # Slow steps: still a line every 2 steps, not every minute.
     report(step)
     lines += capsys.readouterr().out.splitlines()
   assert [line.split()[1] for line in lines] == ['2/5', '4/5', '5/5']
@@ -127,7 +127,7 @@ def profiler(monkeypatch):
 
 @pytest.mark.parametrize('first, last', [(1, 1), (2, 3), (3, 5)])
 def test_profile_traces_steps_first_to_last_into_the_workdir(
-  first, last, profiler, tmp_path, monkeypatch
+  first, last, profiler, tmp_path, monkeypatch, clock, caplog
 ):
   waited = []  # The outputs the profile waits for before it stops.
   monkeypatch.setattr(progress.jax, 'block_until_ready', waited.append)
@@ -135,9 +135,11 @@ def test_profile_traces_steps_first_to_last_into_the_workdir(
   local = pathlib.Path(profile._local)  # pylint: disable=protected-access
   profile(0)
   for step in range(1, 7):
+    clock.now += 4000.0  # Hours apart: still one trace, of those steps only.
     profiler.step = step  # Step `step` has been dispatched; its outputs are `step`.
     profile(step, step)
   profile.close()
+  assert f'profiled steps {first}-{last} into {tmp_path}/plugins/profile' in caplog.text
   # Started once step first - 1 was dispatched, so step `first` runs inside; stopped after `last`.
   assert profiler.calls == [('start', first - 1), ('stop', last)]
   assert waited == [last]
@@ -156,3 +158,18 @@ def test_a_run_stopped_inside_the_profile_still_keeps_its_trace(profiler, tmp_pa
   profile.close()
   assert profiler.calls == [('start', 1), ('stop', 3)]
   assert (tmp_path / 'plugins' / 'profile' / 'run' / 'host.xplane.pb').exists()
+
+
+def test_a_run_resumed_past_the_first_profiled_step_neither_traces_nor_waits(
+  profiler, tmp_path, monkeypatch
+):
+  waited = []
+  monkeypatch.setattr(progress.jax, 'block_until_ready', waited.append)
+  profile = progress.StepProfile((2, 3), tmp_path)
+  profile(2)  # Resumed at step 2.
+  for step in (3, 4):
+    profiler.step = step
+    profile(step, step)
+  profile.close()
+  assert profiler.calls == [] and waited == []
+  assert not (tmp_path / 'plugins').exists()
