@@ -131,6 +131,38 @@ def test_start_step_resumes_the_exact_stream_across_epochs(folder):
   assert not np.array_equal(unbroken[0]['image'], unbroken[3]['image'])
 
 
+def test_cache_reads_the_files_once_and_yields_the_same_stream(folder, monkeypatch):
+  """config.input.cache keeps the encoded examples after the first read: an image folder's
+  stream is the same (its order comes from the shuffle, not the files), but read once."""
+  reads = []
+  read = data_sources.read
+
+  def counted(data, split, *args, **kwargs):
+    reads.append(split)
+    return read(data, split, *args, **kwargs)
+
+  monkeypatch.setattr(data_sources, 'read', counted)
+  streams = {}
+  for cache in (False, True):
+    reads.clear()
+    config = folder_config(folder, cache=cache)
+    streams[cache] = take(inputs.create_split(config, 'train', train=True, batch_size=4), 7)
+    assert reads == (['train'] if cache else ['train'] * 3), cache  # 7 steps: 3 epochs.
+  for a, b in zip(streams[False], streams[True]):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def test_a_split_smaller_than_one_global_batch_and_training_on_imagenet_v2_are_refused(folder):
+  config = folder_config(folder)
+  with pytest.raises(ValueError, match=r'train of image_folder has 12 examples, fewer than one '):
+    inputs.create_split(config, 'train', train=True, batch_size=4, process_count=4)
+  take(inputs.create_split(config, 'train', train=True, batch_size=4, process_count=3), 1)
+  config.input.dataset = 'imagenet_v2/matched-frequency'
+  with pytest.raises(ValueError, match='imagenet_v2/matched-frequency has only a test split'):
+    inputs.create_split(config, 'test', train=True, batch_size=4)
+
+
 def test_randaugment_off_is_crop_flip_only_and_high_magnitude_changes_images(folder):
   def first_batch(layers, magnitude):
     config = folder_config(folder, randaugment_layers=layers, randaugment_magnitude=magnitude)
