@@ -355,6 +355,37 @@ def test_crop_area_and_flip_follow_the_config(tmp_path):
   assert (left_minus_right(crop_area_range=(1.0, 1.0), random_flip=True) < -100).any()  # Flipped.
 
 
+@pytest.mark.parametrize('suffix', ['png', 'jpg'])
+def test_inception_crops_cover_the_area_range_at_three_quarters_to_four_thirds_aspect(
+  tmp_path, suffix
+):
+  """Pixels that encode their own coordinates (red: column, green: row) give each crop's box
+  back from its corners: every box's share of the area lies in crop_area_range, its aspect in
+  [3/4, 4/3], and boxes below a fifth of the image occur (the sampler needs a tenth covered)."""
+  height, width = 160, 200
+  rows, cols = np.mgrid[0:height, 0:width]
+  image = np.stack([cols * 255 / (width - 1), rows * 255 / (height - 1), 0 * rows], -1)
+  os.makedirs(tmp_path / 'train' / 'c0')
+  for i in range(8):
+    Image.fromarray(image.round().astype(np.uint8)).save(
+      tmp_path / 'train' / 'c0' / f'{i}.{suffix}', quality=95
+    )
+  config = folder_config(str(tmp_path), num_classes=1, crop_area_range=(0.08, 0.5))
+  config.image_size, config.input.random_flip = 32, False
+  crops = np.concatenate(
+    [b['image'] for b in take(inputs.create_split(config, 'train', train=True, batch_size=8), 4)]
+  ).astype(np.float64)
+  # Output pixels sample the box at (i + 0.5) / 32 of its side: first to last spans 31 / 32.
+  box_width = (crops[:, 4:-4, -1, 0] - crops[:, 4:-4, 0, 0]).mean(1) * (width - 1) / 255 * 32 / 31
+  box_height = (crops[:, -1, 4:-4, 1] - crops[:, 0, 4:-4, 1]).mean(1) * (height - 1) / 255 * 32 / 31
+  area = box_width * box_height / (width * height)
+  aspect = box_width / box_height
+  assert ((area > 0.08 - 0.02) & (area < 0.5 + 0.03)).all(), area
+  assert ((aspect > 3 / 4 - 0.06) & (aspect < 4 / 3 + 0.08)).all(), aspect
+  assert (area < 0.2).sum() >= 3 and (area > 0.35).sum() >= 3, area
+  assert (aspect < 0.9).any() and (aspect > 1.1).any(), aspect
+
+
 @pytest.fixture
 def folder_with_bad_files(folder, tmp_path) -> str:
   """A copy of `folder` with a truncated JPEG and a text file named .png in its train split."""
