@@ -64,8 +64,8 @@ def create_split(
   """
   if train and data.dataset.startswith('imagenet_v2'):
     raise errors.ConfigError(f'{data.dataset} has only a test split; use it for eval only.')
-  read = lambda seed: data_sources.read(
-    data, split, num_classes, process_index, process_count, seed
+  read = lambda file_seed: data_sources.read(
+    data, split, num_classes, process_index, process_count, file_seed
   )
   total = data_sources.num_examples(data, split, num_classes) if split_size is None else split_size
   if not train:
@@ -80,7 +80,7 @@ def create_split(
     )
   if data.cache:
     cached = read(None).cache()
-    read = lambda seed: cached
+    read = lambda file_seed: cached
   make_epoch = functools.partial(
     _epoch,
     data,
