@@ -9,10 +9,12 @@ augmented assignment deleted. Docstrings, f-strings, annotations and `raise` sta
 messages) are left alone. Each mutant runs in a copy of the repository, so the working tree is
 never touched.
 
-Usage: python tests/mutate.py [MODULE ...] [--jobs N] [--list] [--survivors] [--sample K]
+Usage: python tests/mutate.py [MODULE ...] [--jobs N] [--list] [--survivors] [--rescore]
+                              [--sample K]
   MODULE: keys of COVERING (e.g. halonet/optim.py); none = all. --list prints the mutants only.
   --survivors reruns only the mutants that survived the module's last run (after new tests);
-  the others keep their outcome. --sample K runs K mutants drawn at random (seed 0) where a
+  the others keep their outcome. --rescore only reapplies equivalent.json to the last report.
+  --sample K runs K mutants drawn at random (seed 0) where a
   module's tests are too slow for all: the score is then an estimate, and the report says so.
 Writes tests/mutation/MODULE.json (score and survivors) and prints a table. Survivors judged
 equivalent (no test could tell them apart) are listed with the reason in tests/mutation/
@@ -351,24 +353,33 @@ def _run_module(module: str, jobs: int, only_survivors: bool, sample: int | None
         m, _ = pending[future]
         outcomes[m] = future.result()
         print(f'  {module} {m.key}: {outcomes[m]}', flush=True)
-  equivalent = _equivalent().get(module, {})
   lines = source.splitlines()
   survivors = [
-    {'mutant': m.key, 'code': lines[m.line - 1].strip(), 'equivalent': equivalent.get(m.key)}
-    for m in found
-    if outcomes[m] == 'passed'
+    {'mutant': m.key, 'code': lines[m.line - 1].strip()} for m in found if outcomes[m] == 'passed'
   ]
-  counted = len(found) - sum(1 for s in survivors if s['equivalent'])
-  killed = len(found) - len(survivors)
-  return {
+  report = {
     'module': module,
     'tests': list(tests),
     **({'sampled': [m.key for m in found], 'of': total} if len(found) < total else {}),
     'mutants': len(found),
-    'killed': killed,
-    'equivalent': len(found) - counted,
-    'score': killed / counted if counted else 1.0,
     'survivors': survivors,
+  }
+  return _scored(report)
+
+
+def _scored(report: dict) -> dict:
+  """The report with each survivor's equivalence (equivalent.json) and the score."""
+  equivalent = _equivalent().get(report['module'], {})
+  for survivor in report['survivors']:
+    survivor['equivalent'] = equivalent.get(survivor['mutant'])
+  found = report['mutants']
+  counted = found - sum(1 for s in report['survivors'] if s['equivalent'])
+  killed = found - len(report['survivors'])
+  return {
+    **report,
+    'killed': killed,
+    'equivalent': found - counted,
+    'score': killed / counted if counted else 1.0,
   }
 
 
@@ -383,6 +394,7 @@ def main() -> None:
   parser.add_argument('--jobs', type=int, default=os.cpu_count() or 1)
   parser.add_argument('--list', action='store_true')
   parser.add_argument('--survivors', action='store_true')
+  parser.add_argument('--rescore', action='store_true')
   parser.add_argument('--sample', type=int)
   args = parser.parse_args()
   unknown = [m for m in args.modules if m not in COVERING]
@@ -393,7 +405,10 @@ def main() -> None:
       for m in mutants((ROOT / module).read_text()):
         print(f'{module} {m.key}')
       continue
-    report = _run_module(module, args.jobs, args.survivors, args.sample)
+    if args.rescore:
+      report = _scored(json.loads(_report_path(module).read_text()))
+    else:
+      report = _run_module(module, args.jobs, args.survivors, args.sample)
     RESULTS.mkdir(exist_ok=True)
     _report_path(module).write_text(json.dumps(report, indent=2) + '\n')
     sampled = f' (a sample of {report["of"]})' if 'of' in report else ''
