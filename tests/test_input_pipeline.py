@@ -121,12 +121,15 @@ def test_start_step_resumes_the_exact_stream_across_epochs(folder):
     == 3
   )
   unbroken = take(inputs.create_split(config, 'train', train=True, batch_size=4), 7)
-  resumed = take(inputs.create_split(config, 'train', train=True, batch_size=4, start_step=4), 3)
   assert unbroken[4]['label'].shape == (4, NUM_CLASSES)  # Soft labels under mixup/cutmix.
   np.testing.assert_allclose(unbroken[4]['label'].sum(-1), 1.0, rtol=1e-6)
-  for a, b in zip(unbroken[4:], resumed):
-    np.testing.assert_array_equal(a['image'], b['image'])
-    np.testing.assert_array_equal(a['label'], b['label'])
+  for start in (4, 5):  # Epoch 1, its step 1 and its step 2.
+    resumed = take(
+      inputs.create_split(config, 'train', train=True, batch_size=4, start_step=start), 7 - start
+    )
+    for a, b in zip(unbroken[start:], resumed, strict=True):
+      np.testing.assert_array_equal(a['image'], b['image'])
+      np.testing.assert_array_equal(a['label'], b['label'])
   # A new epoch is a new shuffle, not a replay.
   assert not np.array_equal(unbroken[0]['image'], unbroken[3]['image'])
 
@@ -161,6 +164,10 @@ def test_a_split_smaller_than_one_global_batch_and_training_on_imagenet_v2_are_r
   config.input.dataset = 'imagenet_v2/matched-frequency'
   with pytest.raises(ValueError, match='imagenet_v2/matched-frequency has only a test split'):
     inputs.create_split(config, 'test', train=True, batch_size=4)
+  config.num_classes, config.image_size = 1000, 16
+  with tfds.testing.mock_data(num_examples=5):  # Evaluating on it is what it is for.
+    evals = list(inputs.create_split(config, 'test', train=False, batch_size=4))
+  assert [b['mask'].sum() for b in evals] == [4, 1]
 
 
 def test_randaugment_off_is_crop_flip_only_and_high_magnitude_changes_images(folder):
