@@ -46,6 +46,8 @@ _MODEL_TESTS = (
   'tests/test_model.py::test_bfloat16_compute_keeps_float32_params',
   'tests/test_model.py::test_bad_values_fail_with_one_line',
   'tests/test_pallas.py::test_refused_on_gpu_in_one_line',
+  'tests/test_model.py::test_a_timm_arch_is_built_as_timms_network_with_the_runs_settings',
+  'tests/test_model.py::test_a_measured_choice_keeps_auto_for_each_layer_to_look_up',
 )
 # Each module's fast tests: the ones that exercise it without end-to-end runs.
 COVERING = {
@@ -61,7 +63,10 @@ COVERING = {
   'halonet/workdir.py': ('tests/test_workdir.py',),
   'halonet/checkpointing.py': ('tests/test_checkpointing.py',),
   'halonet/progress.py': ('tests/test_progress.py',),
-  'halonet/input_pipeline.py': _PIPELINE_TESTS,
+  'halonet/input_pipeline.py': (
+    *_PIPELINE_TESTS,
+    'tests/test_training_semantics.py::test_mixed_targets_weigh_the_two_images_as_the_pixels_do',
+  ),
   'halonet/data_sources.py': (
     *_PIPELINE_TESTS,
     'tests/test_trained.py::test_class_names_are_the_folder_names_of_the_dataset',

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from configs import halonet as named_configs
+from configs import timm as timm_configs
 from configs import tiny
+from halonet import byob
 from halonet import model
 from halonet import networks
 
@@ -156,6 +158,29 @@ def test_explicit_choices_and_cpu_configs_are_kept_on_every_backend():
   net = networks.create_model(config, backend='tpu')
   assert (net.dtype, net.attention_impl) == ('float32', 'rows')
   assert networks.create_model(tiny.get_config(), backend='tpu').dtype == 'float32'
+
+
+def test_a_timm_arch_is_built_as_timms_network_with_the_runs_settings():
+  config = timm_configs.get_config('halonet26t')
+  config.num_classes = 7
+  config.model.stochastic_depth_rate, config.model.dropout_rate = 0.1, 0.2
+  for backend, dtype, impl in (('cpu', 'float32', 'rows'), ('tpu', 'bfloat16', 'plain')):
+    net = networks.create_model(config, backend=backend)
+    assert isinstance(net, byob.ByobNet) and net.arch == 'halonet26t'
+    assert (net.num_classes, net.dtype, net.attention_impl) == (7, dtype, impl)
+    assert (net.stochastic_depth_rate, net.dropout_rate) == (0.1, 0.2)
+  assert networks.abstract_variables(config)['params']['head']['kernel'].shape[-1] == 7
+
+
+@pytest.mark.parametrize('config', [tiny.get_config(), timm_configs.get_config('halonet26t')])
+def test_a_measured_choice_keeps_auto_for_each_layer_to_look_up(config):
+  """Given the forms measured per layer, 'auto' reaches the layers (each looks its form up);
+  without them it is resolved for this host by the rule (rows on CPU)."""
+  choice = (('some layer key', 'plain'),)
+  measured = networks.create_model(config, attention_choice=choice)
+  assert (measured.attention_impl, measured.attention_choice) == ('auto', choice)
+  assert networks.create_model(config).attention_impl == 'rows'
+  assert networks.create_model(config).dtype == 'float32'  # 'auto' on this CPU host.
 
 
 def _loss_and_grads(config, x):
