@@ -11,10 +11,12 @@ from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
 from configs import tiny
+from halonet import checkpointing
 from halonet import data_sources
 from halonet import digits
 from halonet import imagenet_classes
@@ -79,6 +81,36 @@ def test_features_can_be_differentiated_under_jit():
   for name, g in grads.items():
     moved = any(bool(jnp.any(leaf != 0)) for leaf in jax.tree.leaves(g))
     assert moved == name.startswith(('stem', 'stage1', 'stage2')), name
+
+
+def test_predict_is_the_softmax_of_the_models_logits_in_padded_batches():
+  """3 images in batches of 2 (the last padded): each row is the softmax of the model's logits
+  for that image alone, computed here from the standardised pixels."""
+  config = tiny.get_config()
+  model, variables, _ = _fresh(config, (32, 32))
+  images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+  got = trained.predict(config, variables, images, batch_size=2)
+  mean, std = 255 * np.asarray(config.input.pixel_mean), 255 * np.asarray(config.input.pixel_std)
+  for image, row in zip(images, got, strict=True):
+    logits = np.asarray(model.apply(variables, (image[None] - mean) / std, train=False))[0]
+    want = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    np.testing.assert_allclose(row, want, rtol=1e-5, atol=1e-6)
+  assert trained.predict(config, variables, images[:0]).shape == (0, config.num_classes)
+
+
+def test_load_gives_the_checkpoints_weights_and_refuses_what_the_run_lacks(run, tmp_path):
+  workdir, config = run
+  loaded_config, variables, step = trained.load(workdir)
+  assert step == 2 and loaded_config.to_dict() == config.to_dict()
+  manager = checkpointing.create_manager(workdir, 3, read_only=True)
+  saved = manager.restore(2, args=ocp.args.StandardRestore())
+  manager.close()
+  jax.tree.map(np.testing.assert_array_equal, variables['params'], saved['params'])
+  jax.tree.map(np.testing.assert_array_equal, variables['batch_stats'], saved['batch_stats'])
+  with pytest.raises(ValueError, match=r"weights='best' is not one of \('raw', 'ema'\)"):
+    trained.load(workdir, weights='best')
+  with pytest.raises(ValueError, match='trained without an EMA'):
+    trained.load(workdir, weights='ema')
 
 
 def _write_images(folder):
