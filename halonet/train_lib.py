@@ -263,8 +263,11 @@ def train_and_evaluate(
         if profile:
           profile(step, metrics)
         preempted = preemption.reached(manager, step)
-        if step % config.checkpoint_every_steps == 0 or step == num_steps or preempted:
-          metrics_of_steps.check()  # Never saves a step that is not known finite.
+        save = step % config.checkpoint_every_steps == 0 or step == num_steps or preempted
+        eval_now = step % config.eval_every_steps == 0 and step < num_steps
+        if save or eval_now:
+          metrics_of_steps.check()  # Never saves or evaluates a step not known finite.
+        if save:
           with report.apart('checkpoint'):
             checkpointing.save(manager, step, state)
             if paths.is_url(workdir):  # A bucket gets whole events files: the metrics up to a
@@ -272,7 +275,7 @@ def train_and_evaluate(
         if preempted:
           logging.warning('preempted at step %d: checkpoint saved, stopping', step)
           return {**results, 'step': step, 'preempted': True}
-        if step % config.eval_every_steps == 0 and step < num_steps:
+        if eval_now:
           run_eval(step)
       run_eval(step)
     for name in ('raw', 'ema'):

@@ -146,20 +146,8 @@ def test_resume_may_train_longer_and_keeps_every_replaced_config(tmp_path):
   assert read('config.step4.1.json')['num_train_steps'] == 8
 
 
-@pytest.mark.parametrize(
-  'bad_step, save_every, log_every, steps, kept',
-  [
-    (3, 2, 1, 6, [2]),  # Tiny's spacing.
-    (5, 1, 4, 6, [2, 3, 4]),  # Logged in fours; the newest 3 kept (keep_checkpoints).
-    (6, 3, 5, 6, [3]),  # The last step: its final save is refused too.
-    (4, 4, 3, 7, []),  # A save due at the bad step itself.
-  ],
-)
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(
-  bad_step, save_every, log_every, steps, kept, tmp_path, monkeypatch
-):
-  """A step that sees NaN targets is named, and no checkpoint is saved from it on, whatever the
-  spacing of saves, progress lines and the last step."""
+def _poison_targets_at(monkeypatch, bad_step):
+  """The train stream with NaN targets at `bad_step` (counting from 1)."""
   create_split = input_pipeline.create_split
 
   def poisoned(data, split, *, train, num_classes, **kwargs):
@@ -174,6 +162,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     return (soft(step, batch) for step, batch in enumerate(batches, 1))
 
   monkeypatch.setattr(input_pipeline, 'create_split', poisoned)
+
+
+@pytest.mark.parametrize(
+  'bad_step, save_every, log_every, steps, kept',
+  [
+    (3, 2, 1, 6, [2]),  # Tiny's spacing.
+    (5, 1, 4, 6, [2, 3, 4]),  # Logged in fours; the newest 3 kept (keep_checkpoints).
+    (6, 3, 5, 6, [3]),  # The last step: its final save is refused too.
+    (4, 4, 3, 7, []),  # A save due at the bad step itself.
+  ],
+)
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+  bad_step, save_every, log_every, steps, kept, tmp_path, monkeypatch
+):
+  """A step that sees NaN targets is named, and no checkpoint is saved from it on, whatever the
+  spacing of saves, progress lines and the last step."""
+  _poison_targets_at(monkeypatch, bad_step)
   config = tiny.get_config()
   config.num_train_steps, config.eval_every_steps = steps, steps
   config.checkpoint_every_steps, config.log_every_steps = save_every, log_every
@@ -183,6 +188,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
   manager = checkpointing.create_manager(str(tmp_path), 10, read_only=True)
   assert manager.all_steps() == kept
   manager.close()
+
+
+def test_a_non_finite_step_is_never_evaluated(tmp_path, monkeypatch, capsys):
+  """An evaluation due at the bad step (neither a save nor a progress line) does not run: the
+  run stops naming the step, before any eval line or results.json."""
+  _poison_targets_at(monkeypatch, 3)
+  config = tiny.get_config()
+  config.num_train_steps, config.eval_every_steps = 6, 3
+  config.checkpoint_every_steps, config.log_every_steps = 5, 5
+  with pytest.raises(FloatingPointError, match='at step 3; .*no checkpoint was saved'):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  assert 'eval step 3' not in capsys.readouterr().out
+  assert not (tmp_path / 'results.json').exists()
 
 
 @pytest.mark.filterwarnings('ignore:overflow encountered:RuntimeWarning')
