@@ -22,9 +22,12 @@ from halonet import digits
 from halonet import imagenet_classes
 from halonet import networks
 from halonet import preprocessing
+from halonet import sharding
 from halonet import train_lib
 from halonet import trained
 from halonet import visualize
+from halonet import workdir as workdir_lib
+from tests import steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,13 +86,24 @@ def test_features_can_be_differentiated_under_jit():
     assert moved == name.startswith(('stem', 'stage1', 'stage2')), name
 
 
-def test_predict_is_the_softmax_of_the_models_logits_in_padded_batches():
+def test_predict_is_the_softmax_of_the_models_logits_in_padded_batches(monkeypatch):
   """3 images in batches of 2 (the last padded): each row is the softmax of the model's logits
   for that image alone, computed here from the standardised pixels."""
   config = tiny.get_config()
   model, variables, _ = _fresh(config, (32, 32))
   images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+  traces, jit = [], jax.jit
+
+  def traced(f):  # jax.jit, noting the batch shape each time it traces.
+    def noted(batch):
+      traces.append(batch.shape)
+      return f(batch)
+
+    return jit(noted)
+
+  monkeypatch.setattr(trained.jax, 'jit', traced)
   got = trained.predict(config, variables, images, batch_size=2)
+  assert traces == [(2, 32, 32, 3)]  # One compilation serves both batches.
   mean, std = 255 * np.asarray(config.input.pixel_mean), 255 * np.asarray(config.input.pixel_std)
   for image, row in zip(images, got, strict=True):
     logits = np.asarray(model.apply(variables, (image[None] - mean) / std, train=False))[0]
@@ -111,6 +125,39 @@ def test_load_gives_the_checkpoints_weights_and_refuses_what_the_run_lacks(run, 
     trained.load(workdir, weights='best')
   with pytest.raises(ValueError, match='trained without an EMA'):
     trained.load(workdir, weights='ema')
+  other = config.copy_and_resolve_references()
+  other.input.crop_fraction = 0.5  # A config given is the one used, not the stored one.
+  assert trained.load(workdir, config=other)[0] is other
+
+
+def test_ema_weights_are_the_checkpoints_ema_parameters(tmp_path):
+  config = tiny.get_config()
+  config.ema_decay = 0.5
+  mesh = sharding.create_mesh((1, 1), jax.devices()[:1])
+  state, _ = steps.fresh_state_and_step(config, mesh)
+  ema = jax.tree.map(lambda a: np.asarray(a) + 1.0, jax.device_get(state.params))
+  state = state.replace(ema_params=jax.device_put(ema, state.params['head']['bias'].sharding))
+  manager = checkpointing.create_manager(str(tmp_path), 3)
+  checkpointing.save(manager, 5, state)
+  checkpointing.finish(manager)
+  workdir_lib.check_and_store_config(config, str(tmp_path), False, 0)
+  _, variables, step = trained.load(str(tmp_path), weights='ema')
+  assert step == 0  # The state's own step: a fresh one saved as checkpoint 5.
+  jax.tree.map(np.testing.assert_array_equal, variables['params'], ema)
+  _, raw, _ = trained.load(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, raw['params'], jax.device_get(state.params))
+
+
+def test_images_are_read_from_files_and_folders_and_missing_ones_named(tmp_path):
+  config = tiny.get_config()
+  folder = _write_images(tmp_path / 'images')
+  given = [str(folder / 'seven.jpg'), str(tmp_path / 'missing.png'), str(folder / 'notes.png')]
+  files, images, problems = trained.read_images(given, config)
+  assert files == [str(folder / 'seven.jpg')] and images.shape == (1, 32, 32, 3)
+  assert problems[str(tmp_path / 'missing.png')] == 'no such file or directory'
+  assert problems[str(folder / 'notes.png')].startswith('not a decodable image (')
+  files, images, problems = trained.read_images([str(tmp_path / 'missing.png')], config)
+  assert files == [] and images.shape == (0, 32, 32, 3) and images.dtype == np.uint8
 
 
 def _write_images(folder):
