@@ -130,3 +130,33 @@ def test_ema_evaluation_is_an_evaluation_of_the_ema_parameters():
   assert correct < in_top5 < 360
   assert got['ema']['test']['loss'] == pytest.approx(np.mean(losses), rel=1e-4)
   assert got['raw']['test']['loss'] != pytest.approx(got['ema']['test']['loss'], rel=1e-3)
+
+
+class _Clock:
+  """time.perf_counter, moved on by the test: each batch of the evaluation takes 20 s."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self) -> float:
+    return self.now
+
+
+def test_a_long_evaluation_says_how_far_it_is_and_counts_each_example_once(monkeypatch, capsys):
+  config = tiny.get_config()
+  config.eval_batch_size = 120  # The 360 test digits in 3 batches.
+  clock = _Clock()
+  monkeypatch.setattr(eval_lib.time, 'perf_counter', clock)
+
+  def eval_fn(variables, batch):  # Every image right and top-5, loss 1: sums as the step's.
+    clock.now += 20.0
+    mask = batch['mask']
+    return {'count': mask.sum(), 'loss': mask.sum() * 1.0, 'top1': mask.sum(), 'top5': mask.sum()}
+
+  mesh = sharding.create_mesh((1, 1), jax.devices()[:1])
+  result = eval_lib.evaluate(eval_fn, {}, config, 'test', 360, mesh)
+  assert capsys.readouterr().out == 'eval test: batch 2/3, 40 s\n'  # Every 30 s, not sooner.
+  assert (result['count'], result['top1'], result['top5'], result['loss']) == (360, 100, 100, 1)
+  assert result['images_per_sec'] == 360 / 60
+  with pytest.raises(RuntimeError, match="evaluated 360 examples of split 'test' but it has 361"):
+    eval_lib.evaluate(eval_fn, {}, config, 'test', 361, mesh)
