@@ -160,3 +160,42 @@ def test_a_long_evaluation_says_how_far_it_is_and_counts_each_example_once(monke
   assert result['images_per_sec'] == 360 / 60
   with pytest.raises(RuntimeError, match="evaluated 360 examples of split 'test' but it has 361"):
     eval_lib.evaluate(eval_fn, {}, config, 'test', 361, mesh)
+
+
+class _GivenLogits:
+  """A model whose logits are given: what eval_step makes of them is the test."""
+
+  dtype = 'float32'
+
+  def __init__(self, logits):
+    self.logits = logits
+
+  def apply(self, variables, images, train):
+    assert not train and images.dtype == np.float32
+    return self.logits
+
+
+@pytest.mark.parametrize('classes', [10, 3])
+def test_eval_step_sums_top1_top5_and_loss_over_the_real_rows(classes):
+  """Against NumPy on random logits: a row's label among the 5 largest (all classes when fewer),
+  its cross-entropy, masked rows left out; counts exact."""
+  rng = np.random.default_rng(classes)
+  logits = rng.normal(size=(12, classes)).astype(np.float32)
+  labels = rng.integers(0, classes, 12).astype(np.int32)
+  mask = np.arange(12) < 9
+  batch = {'image': np.zeros((12, 4, 4, 3), np.uint8), 'label': labels, 'mask': mask}
+  sums = jax.device_get(
+    eval_lib.eval_step({}, batch, model=_GivenLogits(logits), config=tiny.get_config())
+  )
+  ranks = (logits > logits[np.arange(12), labels][:, None]).sum(-1)  # Classes scoring higher.
+  log_z = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+  assert int(sums['count']) == 9
+  assert int(sums['top1']) == int(((ranks == 0) & mask).sum())
+  assert int(sums['top5']) == int(((ranks < 5) & mask).sum())
+  np.testing.assert_allclose(
+    sums['loss'], ((log_z - logits[np.arange(12), labels]) * mask).sum(), rtol=1e-5
+  )
+  if classes <= 5:  # Every label is among the largest five.
+    assert int(sums['top5']) == 9
+  else:  # The random logits tell the three figures apart.
+    assert int(sums['top1']) < int(sums['top5']) < 9
