@@ -83,10 +83,12 @@ COVERING = {
     'tests/test_train.py::test_batch_must_split_over_processes',
   ),
   'halonet/eval_lib.py': (
+    'tests/test_eval.py::test_eval_step_sums_top1_top5_and_loss_over_the_real_rows',
+    'tests/test_eval.py::test_a_long_evaluation_says_how_far_it_is_and_counts_each_example_once',
     'tests/test_eval.py::test_ema_evaluation_is_an_evaluation_of_the_ema_parameters',
     'tests/test_eval.py::test_eval_py_matches_training_run_and_appends_records',
   ),
-  'halonet/trained.py': ('tests/test_trained.py',),
+  'halonet/trained.py': ('tests/test_trained.py', '-k', 'not attention_maps'),
   'halonet/networks.py': _MODEL_TESTS,
   'halonet/model_checks.py': (
     'tests/test_model.py::test_bad_values_fail_with_one_line',
