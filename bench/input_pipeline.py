@@ -60,6 +60,8 @@ def pipeline(root: str, size: int, count: int, randaugment: bool):
     train=True,
     batch_size=BATCH,
     split_size=count,
+    process_index=0,
+    process_count=1,
   )
 
 

@@ -66,11 +66,10 @@ def compile_eval_step(
   """The eval step compiled ahead for global batches of config.eval_batch_size, and the seconds
   that took: no evaluation's images/s then includes compilation."""
   size, batch = config.image_size, config.eval_batch_size
-  on = sharding.batch_shardings(mesh, EVAL_BATCH_KEYS)
-  spec = {
-    'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=on['image']),
-    'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=on['label']),
-    'mask': jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=on['mask']),
+  spec = {  # Placed by make_eval_step's in_shardings.
+    'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
+    'label': jax.ShapeDtypeStruct((batch,), jnp.int32),
+    'mask': jax.ShapeDtypeStruct((batch,), jnp.bool_),
   }
   start = time.perf_counter()
   compiled = make_eval_step(model, mesh, config).lower(abstract_variables, spec).compile()
@@ -123,7 +122,6 @@ def evaluate(
     'count': count,
     'images_per_sec': count / seconds,
   }
-  logging.info('eval %s: %s', split, result)
   return result
 
 

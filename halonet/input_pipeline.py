@@ -47,15 +47,16 @@ def create_split(
   seed: int,
   train: bool,
   batch_size: int,
-  split_size: int | None = None,
-  process_index: int = 0,
-  process_count: int = 1,
+  split_size: int | None,
+  process_index: int,
+  process_count: int,
   start_step: int = 0,
 ) -> Iterator[Batch]:
   """Numpy batches of this process's shard of `split` of config.input (`data`); `batch_size` is
   per process; `seed` is the run's (config.seed).
 
-  `split_size`: the split's example count when the caller has it (a run reads it once).
+  `split_size`: the split's example count when the caller has it (a run reads it once), else
+  None. Every caller names the shard it reads (`process_index` of `process_count`).
 
   Yields `image` uint8 [B, s, s, 3] and `label`: int32 [B], or float32 [B, num_classes] mixed
   soft labels when mixup/cutmix is on. Train repeats forever. Eval makes one pass that adds a

@@ -12,12 +12,14 @@ from halonet import input_pipeline
 def create_split(
   config: ml_collections.ConfigDict, split: str, **kwargs: Any
 ) -> Iterator[input_pipeline.Batch]:
-  """input_pipeline.create_split of config.input, with the run's image size, classes and seed."""
+  """input_pipeline.create_split of config.input, with the run's image size, classes and seed;
+  one process reading the whole split unless `kwargs` say otherwise."""
+  shard = {'split_size': None, 'process_index': 0, 'process_count': 1}
   return input_pipeline.create_split(
     config.input,
     split,
     image_size=config.image_size,
     num_classes=config.num_classes,
     seed=config.seed,
-    **kwargs,
+    **{**shard, **kwargs},
   )

@@ -5,12 +5,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from configs import tiny
+from halonet import errors
 from halonet import eval_lib
 from halonet import networks
 from halonet import optim
@@ -65,6 +67,46 @@ def test_eval_py_matches_training_run_and_appends_records(tmp_path):
       assert evaluated[key] == final[key]
     assert evaluated['loss'] == pytest.approx(final['loss'], rel=1e-6)
   assert records[-1]['count'] == 1437
+
+  # A changed architecture is refused before anything is restored or written.
+  config.model.activation = 'silu'
+  with pytest.raises(errors.ConfigError, match=r'different model \(fields: model.activation\)'):
+    eval_lib.evaluate_checkpoint(config, workdir)
+  assert len(paths.read_json_lines(str(records_path))) == len(records)
+
+
+def test_an_eval_whose_records_cannot_be_written_fails_before_compiling(tmp_path, monkeypatch):
+  config = tiny.get_config()
+  config.num_train_steps = 1
+  workdir = str(tmp_path)
+  train_lib.train_and_evaluate(config, workdir)
+  # A directory where the write probe's file would go: the workdir takes no new file.
+  (tmp_path / f'.write_check_0_{os.getpid()}').mkdir()
+
+  def compile_eval_step(*args):
+    raise AssertionError('compiled for a workdir that cannot take the records')
+
+  monkeypatch.setattr(eval_lib, 'compile_eval_step', compile_eval_step)
+  with pytest.raises(errors.ConfigError, match=f'workdir {workdir} cannot be written'):
+    eval_lib.evaluate_checkpoint(config, workdir)
+
+
+def test_compile_seconds_are_the_time_compilation_took():
+  config = tiny.get_config()
+  mesh = sharding.create_mesh((1, 1), jax.devices()[:1])
+  model = networks.create_model(config)
+  variables = networks.abstract_variables(config)
+  before = time.perf_counter()
+  eval_fn, seconds = eval_lib.compile_eval_step(model, mesh, variables, config)
+  assert 0 < seconds <= time.perf_counter() - before
+  images = np.zeros((config.eval_batch_size, config.image_size, config.image_size, 3), np.uint8)
+  labels = np.zeros(config.eval_batch_size, np.int32)
+  mask = np.arange(config.eval_batch_size) < 3
+  sums = eval_fn(
+    jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), variables),
+    {'image': images, 'label': labels, 'mask': mask},
+  )
+  assert int(sums['count']) == 3
 
 
 @pytest.mark.slow
@@ -136,7 +178,7 @@ class _Clock:
   """time.perf_counter, moved on by the test: each batch of the evaluation takes 20 s."""
 
   def __init__(self):
-    self.now = 0.0
+    self.now = 1000.0  # A clock read from an arbitrary start, as perf_counter's.
 
   def __call__(self) -> float:
     return self.now
