@@ -197,3 +197,20 @@ def test_mixed_targets_weigh_the_two_images_as_the_pixels_do(mix, tmp_path):
     np.testing.assert_allclose(batch['label'][:, 1], white, atol=atol)
     checked += int(((white > 0.05) & (white < 0.95)).sum())
   assert checked > 0  # Some images really were mixed.
+
+
+@pytest.mark.parametrize(
+  ('num_train_steps', 'num_epochs', 'expected'),
+  [
+    (7, 90.0, 7),  # Set steps win over epochs.
+    (1, 90.0, 1),
+    (0, 2.5, 55),  # 1437 // 64 = 22 full batches an epoch; 2.5 epochs are 55 steps.
+    (0, 0.1, 3),  # 2.2 steps: a started step is run.
+  ],
+)
+def test_total_train_steps_are_the_set_count_or_epochs_of_full_batches(
+  num_train_steps, num_epochs, expected
+):
+  config = tiny.get_config()
+  config.num_train_steps, config.num_epochs, config.batch_size = num_train_steps, num_epochs, 64
+  assert train_step_lib.total_train_steps(config, 1437) == expected
