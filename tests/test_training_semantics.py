@@ -214,3 +214,19 @@ def test_total_train_steps_are_the_set_count_or_epochs_of_full_batches(
   config = tiny.get_config()
   config.num_train_steps, config.num_epochs, config.batch_size = num_train_steps, num_epochs, 64
   assert train_step_lib.total_train_steps(config, 1437) == expected
+
+
+@pytest.mark.parametrize(('ema_decay', 'has_ema'), [(0.0, False), (1e-4, True), (0.9999, True)])
+def test_the_state_holds_an_ema_copy_of_the_parameters_only_when_ema_decay_is_set(
+  ema_decay, has_ema
+):
+  config = tiny.get_config()
+  config.ema_decay = ema_decay
+  model = networks.create_model(config)
+  tx = optim.create_optimizer(config, optim.learning_rate_schedule(config, 10, 100))
+  mesh = sharding.create_mesh((1, 1), jax.devices()[:1])
+  _, abstract = train_step_lib.abstract_train_state(config, model, tx, mesh)
+  if has_ema:
+    assert jax.tree.structure(abstract.ema_params) == jax.tree.structure(abstract.params)
+  else:
+    assert abstract.ema_params is None
