@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from PIL import Image
 import pytest
 
@@ -230,3 +231,64 @@ def test_the_state_holds_an_ema_copy_of_the_parameters_only_when_ema_decay_is_se
     assert jax.tree.structure(abstract.ema_params) == jax.tree.structure(abstract.params)
   else:
     assert abstract.ema_params is None
+
+
+class _ScaledLogits:
+  """A model whose logits are `scale` x given logits: what the step makes of them is the test."""
+
+  dtype = 'float32'
+
+  def __init__(self, logits):
+    self.logits = logits
+
+  def apply(self, variables, images, train, mutable, rngs):
+    assert train and mutable == ['batch_stats'] and images.dtype == np.float32
+    return variables['params']['scale'] * self.logits, {}
+
+
+@pytest.mark.parametrize('soft', [False, True])
+def test_step_metrics_are_the_loss_top1_grad_norm_and_rate_of_its_batch(soft):
+  """Loss (label-smoothed cross-entropy), top-1 against the hard labels (argmax of mixed ones),
+  gradient norm and learning rate of one step, computed here with NumPy."""
+  rng = np.random.default_rng(0)
+  batch, classes, smoothing = 6, 4, 0.1
+  logits = rng.normal(size=(batch, classes)).astype(np.float32) * 3
+  hard = rng.integers(0, classes, batch)
+  hard[:2] = logits[:2].argmax(-1)  # At least two rows right.
+  if soft:  # Mixed targets: 0.7 of the labelled class, 0.3 of another.
+    labels = 0.7 * np.eye(classes)[hard] + 0.3 * np.eye(classes)[(hard + 1) % classes]
+    labels = labels.astype(np.float32)
+  else:
+    labels = hard.astype(np.int32)
+  config = tiny.get_config()
+  config.label_smoothing = smoothing
+  params = {'scale': jnp.ones((), jnp.float32)}
+  tx = optax.sgd(0.5)
+  state = train_step_lib.TrainState(
+    step=jnp.array(2, jnp.int32),
+    params=params,
+    batch_stats={},
+    opt_state=tx.init(params),
+    ema_params=None,
+  )
+  images = np.zeros((batch, 8, 8, 3), np.uint8)
+  new, metrics = train_step_lib.train_step(
+    state,
+    {'image': images, 'label': labels},
+    model=_ScaledLogits(logits),
+    tx=tx,
+    schedule=lambda step: 0.25 + step,
+    config=config,
+  )
+
+  targets = (np.eye(classes)[hard] if not soft else labels) * (1 - smoothing) + smoothing / classes
+  shifted = logits - logits.max(-1, keepdims=True)
+  probs = np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)
+  loss = -(targets * np.log(probs)).sum(-1).mean()
+  grad = ((probs - targets) * logits).sum(-1).mean()  # d loss / d scale at scale 1.
+  np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-5)
+  np.testing.assert_allclose(metrics['top1'], 100 * np.mean(logits.argmax(-1) == hard), rtol=1e-6)
+  np.testing.assert_allclose(metrics['grad_norm'], abs(grad), rtol=1e-4)
+  assert float(metrics['lr']) == 2.25 and bool(metrics['state_finite'])
+  assert int(new.step) == 3
+  np.testing.assert_allclose(new.params['scale'], 1 - 0.5 * grad, rtol=1e-5)
