@@ -193,12 +193,10 @@ def lower_train_step(
   tx = optim.create_optimizer(config, schedule)
   _, abstract = abstract_train_state(config, model, tx, mesh)
   step = make_train_step(config, model, tx, schedule, mesh, shardings_of(abstract))
-  size, on = config.image_size, sharding.batch_shardings(mesh, TRAIN_BATCH_KEYS)
-  batch = {
-    'image': jax.ShapeDtypeStruct(
-      (config.batch_size, size, size, 3), jnp.uint8, sharding=on['image']
-    ),
-    'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=on['label']),
+  size = config.image_size
+  batch = {  # Placed by make_train_step's in_shardings.
+    'image': jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8),
+    'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
   }
   return step.lower(abstract, batch), model
 

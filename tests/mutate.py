@@ -82,6 +82,7 @@ COVERING = {
     'tests/test_train.py::test_train_step_compiles_once',
     'tests/test_train.py::test_batch_must_split_over_processes',
     'tests/test_data_parallel.py::test_accelerator_train_step_has_no_loop',
+    'tests/test_measure.py::test_training_measures_records_and_uses_the_chosen_forms',
   ),
   'halonet/eval_lib.py': (
     'tests/test_eval.py::test_eval_step_sums_top1_top5_and_loss_over_the_real_rows',

@@ -9,7 +9,9 @@ import pytest
 
 from configs import tiny
 from halonet import networks
+from halonet import sharding
 from halonet import train_lib
+from halonet import train_step as train_step_lib
 from halonet.attention import choose
 from halonet.attention import measure
 from halonet.attention import plain
@@ -139,3 +141,8 @@ def test_training_measures_records_and_uses_the_chosen_forms(tmp_path, monkeypat
     assert set(layer['seconds']) == {'plain', 'rows'} and layer['choice'] in layer['seconds']
   out = capsys.readouterr().out
   assert out.count('(measured)') == 4 and 'measured per layer' in out
+  # The saved run is restored with the recorded forms (eval.py, predict.py).
+  mesh = sharding.create_mesh((1, 1), jax.devices()[:1])
+  state, _, model = train_step_lib.restore_run(config, str(workdir), mesh)
+  assert int(state.step) == 2
+  assert dict(model.attention_choice) == {k: v['choice'] for k, v in record['layers'].items()}

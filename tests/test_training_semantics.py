@@ -292,3 +292,19 @@ def test_step_metrics_are_the_loss_top1_grad_norm_and_rate_of_its_batch(soft):
   assert float(metrics['lr']) == 2.25 and bool(metrics['state_finite'])
   assert int(new.step) == 3
   np.testing.assert_allclose(new.params['scale'], 1 - 0.5 * grad, rtol=1e-5)
+
+
+def test_build_schedules_the_runs_epochs_of_its_train_split():
+  """1437 examples in global batches of 64: 22 steps an epoch, 3 epochs of 66 steps, a warmup of
+  one epoch to 0.1 x 64 / 256, then a cosine to zero."""
+  config = tiny.get_config()
+  config.num_train_steps, config.num_epochs, config.batch_size = 0, 3.0, 64
+  config.optimizer.learning_rate, config.optimizer.warmup_epochs = 0.1, 1.0
+  model, tx, schedule, num_steps = train_step_lib.build(config, 1437)
+  assert num_steps == 66 and model.num_classes == config.num_classes
+  peak = 0.1 * 64 / 256
+  for step, lr in {0: 0.0, 11: peak / 2, 22: peak, 44: peak / 2, 66: 0.0}.items():
+    assert float(schedule(step)) == pytest.approx(lr, abs=1e-8), step
+  params = {'w': jnp.ones(3)}
+  updates, _ = tx.update({'w': jnp.ones(3)}, tx.init(params), params)
+  assert updates['w'].shape == (3,)
