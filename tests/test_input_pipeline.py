@@ -18,6 +18,7 @@ from halonet import data_sources
 from halonet import defaults
 from halonet import input_pipeline
 from halonet import preprocessing
+from halonet import randaugment
 from tests import inputs
 
 NUM_CLASSES = 3
@@ -391,6 +392,43 @@ def test_inception_crops_cover_the_area_range_at_three_quarters_to_four_thirds_a
   assert ((aspect > 3 / 4 - 0.06) & (aspect < 4 / 3 + 0.08)).all(), aspect
   assert (area < 0.2).sum() >= 3 and (area > 0.35).sum() >= 3, area
   assert (aspect < 0.9).any() and (aspect > 1.1).any(), aspect
+  # Each box lies inside the image, at places that vary in both directions.
+  left = crops[:, 4:-4, 0, 0].mean(1) * (width - 1) / 255 - box_width / 64
+  top = crops[:, 0, 4:-4, 1].mean(1) * (height - 1) / 255 - box_height / 64
+  assert ((left > -2) & (left + box_width < width + 2)).all(), left
+  assert ((top > -2) & (top + box_height < height + 2)).all(), top
+  assert (left > 8).sum() >= 3 and (top > 8).sum() >= 3, (left, top)
+
+
+def test_grey_images_train_as_three_equal_channels(tmp_path):
+  os.makedirs(tmp_path / 'train' / 'c0')
+  grey = np.random.default_rng(0).integers(0, 256, (20, 24), dtype=np.uint8)
+  for i, suffix in enumerate(['jpg', 'png'] * 2):
+    Image.fromarray(grey, mode='L').save(tmp_path / 'train' / 'c0' / f'{i}.{suffix}')
+  config = folder_config(str(tmp_path), num_classes=1)
+  images = next(inputs.create_split(config, 'train', train=True, batch_size=4))['image']
+  assert images.shape == (4, 16, 16, 3)
+  assert (images[..., 0] == images[..., 1]).all() and (images[..., 1] == images[..., 2]).all()
+  assert images.std() > 10  # The picture, not a blank.
+
+
+def test_the_configs_randaugment_layers_and_magnitude_reach_randaugment(monkeypatch):
+  made = []
+
+  class Recorded(randaugment.RandAugment):
+    def __init__(self, num_layers, magnitude):
+      made.append((num_layers, magnitude))
+      super().__init__(num_layers, magnitude)
+
+  monkeypatch.setattr(preprocessing.randaugment, 'RandAugment', Recorded)
+  config = tiny.get_config()
+  config.input.randaugment_layers, config.input.randaugment_magnitude = 3, 7
+  preprocessing.train_preprocess(config.input, 16)
+  assert made == [(3, 7)]
+  for layers, magnitude in ((0, 7), (3, 0)):  # Either at 0: no RandAugment.
+    config.input.randaugment_layers, config.input.randaugment_magnitude = layers, magnitude
+    preprocessing.train_preprocess(config.input, 16)
+  assert made == [(3, 7)]
 
 
 @pytest.fixture
