@@ -505,3 +505,23 @@ def test_eval_image_is_the_central_crop_of_the_short_side_resized_to_size_over_f
   assert np.abs(got.astype(np.int32) - want).mean() < 3  # Two bicubic filters' rounding.
   shifted = resized[top + 1 : top + 65, left : left + 64]
   assert np.abs(got.astype(np.int32) - shifted).mean() > 20  # What a wrong crop would give.
+
+
+def test_with_mixup_and_cutmix_both_on_each_batch_flips_a_coin_between_them():
+  """A black and a bright image: cutmix pastes (only the two values), mixup blends (one value
+  between them). Over 40 batches both occur, each near half the time."""
+  config = tiny.get_config()
+  config.input.mixup_alpha, config.input.cutmix_alpha = 1.0, 1.0
+  batch = {
+    'image': tf.constant(np.stack([np.zeros((8, 8, 3)), np.full((8, 8, 3), 200)]), tf.uint8),
+    'label': tf.constant([0, 1]),
+  }
+  kinds = []
+  for i in range(40):
+    image = preprocessing.mix(config.input, batch, tf.constant([7, i], tf.int64), 2)['image']
+    values = set(np.unique(image[0].numpy()))
+    if values <= {0, 200}:
+      kinds.append('cutmix')
+    elif len(values) == 1:
+      kinds.append('mixup')
+  assert len(kinds) >= 36 and 10 <= kinds.count('cutmix') <= 30, kinds
