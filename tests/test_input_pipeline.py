@@ -525,3 +525,36 @@ def test_with_mixup_and_cutmix_both_on_each_batch_flips_a_coin_between_them():
     elif len(values) == 1:
       kinds.append('mixup')
   assert len(kinds) >= 36 and 10 <= kinds.count('cutmix') <= 30, kinds
+
+
+def test_cutmix_pastes_clipped_squares_of_side_root_one_minus_lambda():
+  """CutMix (Yun et al. 2019) at alpha 1: lambda ~ U(0, 1), a box of side s sqrt(1 - lambda)
+  centred uniformly and clipped to the image. Each paste is a rectangle, square unless clipped,
+  and the mean pasted share over 300 batches is the rule's (simulated here with NumPy)."""
+  s, draws = 16, 300
+  config = tiny.get_config()
+  config.input.mixup_alpha, config.input.cutmix_alpha = 0.0, 1.0
+  batch = {
+    'image': tf.constant(np.stack([np.zeros((s, s, 3)), np.full((s, s, 3), 200)]), tf.uint8),
+    'label': tf.constant([0, 1]),
+  }
+  shares = []
+  for i in range(draws):
+    mixed = preprocessing.mix(config.input, batch, tf.constant([11, i], tf.int64), 2)
+    pasted = mixed['image'][0, :, :, 0].numpy() == 200
+    shares.append(pasted.mean())
+    np.testing.assert_allclose(mixed['label'][0, 1], pasted.mean(), atol=1e-6)
+    if not pasted.any():
+      continue
+    rows, cols = np.flatnonzero(pasted.any(1)), np.flatnonzero(pasted.any(0))
+    assert pasted.sum() == len(rows) * len(cols)  # One filled rectangle.
+    if rows[0] > 0 and cols[0] > 0 and rows[-1] < s - 1 and cols[-1] < s - 1:
+      assert len(rows) == len(cols), (rows, cols)
+
+  rng = np.random.default_rng(0)
+  lam = rng.uniform(size=200_000)
+  cut = np.round(s * np.sqrt(1 - lam)).astype(int)
+  centre = rng.integers(0, s, (2, lam.size))
+  lo, hi = np.maximum(centre - cut // 2, 0), np.minimum(centre + cut - cut // 2, s)
+  expected = ((hi - lo).prod(0) / s**2).mean()
+  assert abs(np.mean(shares) - expected) < 0.05, (np.mean(shares), expected)
