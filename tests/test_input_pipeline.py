@@ -471,6 +471,8 @@ def test_num_classes_below_the_datasets_is_refused_and_labels_are_checked(folder
     ValueError, match=f'num_classes={NUM_CLASSES - 1} is smaller than the {NUM_CLASSES} classes'
   ):
     data_sources.check_num_classes(config.input, 'train', config.num_classes)
+  for enough in (NUM_CLASSES, NUM_CLASSES + 5):  # As many classes or more (a larger head): fine.
+    data_sources.check_num_classes(config.input, 'train', enough)
   # Read anyway, the first label beyond the model's classes stops the stream naming it.
   with pytest.raises(tf.errors.InvalidArgumentError, match=f'num_classes={NUM_CLASSES - 1}'):
     list(inputs.create_split(config, 'val', train=False, batch_size=4))
