@@ -3,6 +3,7 @@
 import itertools
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -486,6 +487,26 @@ def test_unknown_tfds_name_fails_in_one_line_with_close_matches():
   message = str(error.value)
   assert "dataset='imagenet2013'" in message and 'imagenet2012' in message
   assert '\n' not in message and len(message) < 300
+  assert message.split('did you mean ')[1].count(' or ') == 2  # The three closest names.
+
+
+def test_digits_are_prepared_in_the_given_data_dir(tmp_path):
+  config = tiny.get_config()
+  config.input.data_dir = str(tmp_path / 'digits')
+  assert data_sources.num_examples(config.input, 'test', config.num_classes) == 360
+  assert len(list((tmp_path / 'digits').rglob('*.png'))) == 1797  # Every digit, in its split.
+
+
+def test_many_undecodable_files_are_counted_and_the_first_five_named(folder, tmp_path):
+  root = tmp_path / 'many_bad'
+  shutil.copytree(folder, root)
+  for i in range(6):
+    (root / 'train' / 'c0' / f'bad{i}.png').write_text('not an image')
+  with pytest.raises(ValueError) as error:
+    data_sources.num_examples(folder_config(str(root)).input, 'train', NUM_CLASSES)
+  message = str(error.value)
+  assert '6 file(s)' in message and 'and 1 more' in message
+  assert len(re.findall(r'bad\d\.png', message)) == 5
 
 
 @pytest.mark.parametrize('height, width', [(96, 128), (150, 90)])
