@@ -581,3 +581,13 @@ def test_cutmix_pastes_clipped_squares_of_side_root_one_minus_lambda():
   lo, hi = np.maximum(centre - cut // 2, 0), np.minimum(centre + cut - cut // 2, s)
   expected = ((hi - lo).prod(0) / s**2).mean()
   assert abs(np.mean(shares) - expected) < 0.05, (np.mean(shares), expected)
+
+
+def test_an_image_folder_without_data_dir_is_refused_even_beside_a_split_folder(
+  tmp_path, monkeypatch
+):
+  os.makedirs(tmp_path / 'train' / 'c0')
+  monkeypatch.chdir(tmp_path)  # A train/ folder in the working directory is not the dataset.
+  config = folder_config('')
+  with pytest.raises(FileNotFoundError, match='set --config.input.data_dir'):
+    data_sources.num_examples(config.input, 'train', config.num_classes)
