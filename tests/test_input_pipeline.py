@@ -220,8 +220,14 @@ def test_missing_data_names_the_directory(tmp_path, dataset):
   config.input.data_dir = str(tmp_path / 'nowhere')
   with pytest.raises(FileNotFoundError, match='nowhere') as error:
     inputs.create_split(config, 'train', train=True, batch_size=4)
-  if dataset == 'imagenet2012':
-    assert 'tfds build imagenet2012' in str(error.value) and 'manual_dir' in str(error.value)
+  if dataset == 'imagenet2012':  # Looked for where asked, with the manual download's place.
+    nowhere = tmp_path / 'nowhere'
+    assert str(error.value).startswith(f'imagenet2012: no prepared data in {nowhere}')
+    assert f'into {nowhere}/downloads/manual, then run `tfds build imagenet2012' in str(error.value)
+    config.input.manual_dir = str(tmp_path / 'tars')
+    with pytest.raises(FileNotFoundError, match=f'into {tmp_path}/tars, then') as error:
+      inputs.create_split(config, 'train', train=True, batch_size=4)
+    assert f'--data_dir={nowhere} --manual_dir={tmp_path}/tars`' in str(error.value)
 
 
 def test_normalize_images_standardises_by_the_configs_mean_and_std():
