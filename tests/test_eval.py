@@ -25,7 +25,7 @@ from tests import inputs
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_eval_py_matches_training_run_and_appends_records(tmp_path):
+def test_eval_py_matches_training_run_and_appends_records(tmp_path, monkeypatch):
   config = tiny.get_config()
   config.num_train_steps = 6
   config.ema_decay = 0.5
@@ -74,13 +74,9 @@ def test_eval_py_matches_training_run_and_appends_records(tmp_path):
     eval_lib.evaluate_checkpoint(config, workdir)
   assert len(paths.read_json_lines(str(records_path))) == len(records)
 
-
-def test_an_eval_whose_records_cannot_be_written_fails_before_compiling(tmp_path, monkeypatch):
-  config = tiny.get_config()
-  config.num_train_steps = 1
-  workdir = str(tmp_path)
-  train_lib.train_and_evaluate(config, workdir)
-  # A directory where the write probe's file would go: the workdir takes no new file.
+  # A workdir that takes no new file (a directory where the write probe's file would go) is
+  # refused before the eval step compiles.
+  config.model.activation = tiny.get_config().model.activation
   (tmp_path / f'.write_check_0_{os.getpid()}').mkdir()
 
   def compile_eval_step(*args):
