@@ -116,6 +116,8 @@ COVERING = {
     'tests/test_train.py::test_changed_config_is_refused_then_allowed',
     'tests/test_train.py::test_finished_run_compile_time_profile_then_rerun_changes_nothing',
     'tests/test_train.py::test_bad_input_fails_in_one_line_before_compile',
+    'tests/test_finetune.py::test_bad_sources_fail_naming_the_path_before_anything_compiles',
+    'tests/test_measure.py::test_training_measures_records_and_uses_the_chosen_forms',
     'tests/test_checkpoint_resume.py',
     '-m',
     'not slow',

@@ -15,6 +15,7 @@ import pytest
 from configs import tiny
 from halonet import checkpointing
 from halonet import config_checks
+from halonet import errors
 from halonet import input_pipeline
 from halonet import sharding
 from halonet import train_lib
@@ -293,6 +294,10 @@ def test_finished_run_compile_time_profile_then_rerun_changes_nothing(
   assert {
     p: (p.read_bytes(), p.stat().st_mtime_ns) for p in workdir.rglob('*') if p.is_file()
   } == written
+  # A changed model is not that finished run: refused, as on any resume.
+  config.model.activation = 'silu'
+  with pytest.raises(errors.ConfigError, match='model.activation'):
+    train_lib.train_and_evaluate(config, str(workdir))
 
 
 def test_help_lists_the_main_flags():
@@ -322,6 +327,10 @@ def test_evaluations_during_training_print_their_accuracy(tmp_path, capsys):
   config.eval_every_steps = 2
   results = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
   out = capsys.readouterr().out
+  devices = (
+    f"{jax.device_count()} cpu devices in 1 process(es), mesh {{'data': {jax.device_count()}"
+  )
+  assert devices in out and 'compute dtype float32' in out, out
   line = re.search(
     r'^eval step 2 \(raw params\): test top-1 ([\d.]+)% top-5 ([\d.]+)%$', out, re.MULTILINE
   )
