@@ -11,6 +11,8 @@ import chex
 import jax
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
 
 from configs import tiny
 from halonet import checkpointing
@@ -336,6 +338,16 @@ def test_evaluations_during_training_print_their_accuracy(tmp_path, capsys):
   )
   assert line, out
   assert 'eval step 4' not in out  # The final evaluation prints as the final results.
+  # TensorBoard holds every step's train scalars and each evaluation as printed.
+  events = event_accumulator.EventAccumulator(str(tmp_path / 'run'))
+  events.Reload()
+  assert [e.step for e in events.Tensors('train/loss')] == [1, 2, 3, 4]
+  top1 = {
+    e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+    for e in events.Tensors('eval/raw/test/top1')
+  }
+  assert sorted(top1) == [2, 4] and f'{top1[2]:.2f}' == line.group(1)
+  assert top1[4] == pytest.approx(results['raw_eval']['test']['top1'])
   assert float(results['raw_eval']['test']['top1']) >= 0 and float(line.group(2)) >= float(
     line.group(1)
   )
