@@ -1,5 +1,6 @@
 """Interrupted runs: SIGTERM saves and stops, SIGKILL resumes, and the result is bit-identical."""
 
+import logging
 import os
 import shutil
 import signal
@@ -61,6 +62,34 @@ def _final_state(workdir):
   return state
 
 
+def _sigterm_before_step(step: int, monkeypatch) -> None:
+  """The train stream sends this process a SIGTERM as the batch of `step` is read."""
+  create_split = input_pipeline.create_split
+
+  def terminating(config, split, *, train, **kwargs):
+    batches = create_split(config, split, train=train, **kwargs)
+    for i, batch in enumerate(batches, 1):
+      if train and i == step + AHEAD:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, 'create_split', terminating)
+
+
+def test_sigterm_saves_the_step_it_reaches_and_stops_cleanly(tmp_path, monkeypatch, caplog):
+  config = tiny.get_config()
+  config.num_train_steps, config.checkpoint_every_steps = 6, 100  # Step 3 is no save step.
+  workdir = str(tmp_path / 'run')
+  before = signal.getsignal(signal.SIGTERM)
+  _sigterm_before_step(3, monkeypatch)
+  with caplog.at_level(logging.WARNING):
+    result = train_lib.train_and_evaluate(config, workdir)
+  assert result['preempted'] and result['step'] == 3
+  assert _complete_steps(workdir) == [3]
+  assert 'preempted at step 3: checkpoint saved, stopping' in caplog.text
+  assert signal.getsignal(signal.SIGTERM) == before  # The caller's handler is back.
+
+
 @pytest.mark.slow
 def test_sigterm_then_sigkill_soak_then_resume_equals_unbroken_run(tmp_path, monkeypatch):
   """A SIGTERM, then KILLS SIGKILLs at random steps, each while saves are being written (one is
@@ -73,16 +102,7 @@ def test_sigterm_then_sigkill_soak_then_resume_equals_unbroken_run(tmp_path, mon
 
   # SIGTERM just before step 3: step 3 runs, is saved, and the run returns cleanly.
   workdir = str(tmp_path / 'interrupted')
-  create_split = input_pipeline.create_split
-
-  def terminating(config, split, *, train, **kwargs):
-    batches = create_split(config, split, train=train, **kwargs)
-    for step, batch in enumerate(batches, 1):
-      if train and step == 3 + AHEAD:
-        os.kill(os.getpid(), signal.SIGTERM)
-      yield batch
-
-  monkeypatch.setattr(input_pipeline, 'create_split', terminating)
+  _sigterm_before_step(3, monkeypatch)
   assert train_lib.train_and_evaluate(config, workdir)['preempted']
   monkeypatch.undo()
   assert max(_complete_steps(workdir)) == 3
