@@ -419,7 +419,7 @@ def test_grey_images_train_as_three_equal_channels(tmp_path):
   assert images.std() > 10  # The picture, not a blank.
 
 
-def test_the_configs_randaugment_layers_and_magnitude_reach_randaugment(monkeypatch):
+def test_the_configs_layers_and_magnitude_reach_rand_augment(monkeypatch):
   made = []
 
   class Recorded(randaugment.RandAugment):
