@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -277,3 +278,21 @@ def test_real_full_disk_then_resume_after_space_is_freed(tmp_path):
       assert f'resumed from checkpoint at step {max(complete)}' in resumed.stdout
   finally:
     subprocess.run(['umount', str(disk)], capture_output=True)
+
+
+def test_a_run_off_the_main_thread_leaves_signal_handlers_alone():
+  """Python sets signal handlers on the main thread only: a run started from another thread (a
+  notebook's, a launcher's) relies on Orbax's preemption check instead of failing."""
+  failures = []
+
+  def start_and_stop():
+    try:
+      train_lib._Preemption().close()  # pylint: disable=protected-access
+    except Exception as e:  # pylint: disable=broad-except
+      failures.append(e)
+
+  before = signal.getsignal(signal.SIGTERM)
+  thread = threading.Thread(target=start_and_stop)
+  thread.start()
+  thread.join(timeout=60)
+  assert not failures and signal.getsignal(signal.SIGTERM) == before
