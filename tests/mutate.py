@@ -108,6 +108,8 @@ COVERING = {
     'tests/test_model.py::test_dropout_before_the_head_drops_units_at_the_given_rate',
     'tests/test_model.py::test_conv_stages_replace_attention',
     'tests/test_training_semantics.py::test_batchnorm_running_statistics_after_a_step_are_computed_from_the_batch',
+    'tests/test_model.py::test_every_attention_layer_runs_the_form_the_config_names',
+    'tests/test_mixers.py::test_sasa_resnets_have_table_1s_parameters_and_flops',
   ),
   'halonet/train_lib.py': (
     'tests/test_train.py::test_evaluations_during_training_print_their_accuracy',

@@ -12,6 +12,7 @@ from configs import tiny
 from halonet import byob
 from halonet import model
 from halonet import networks
+from halonet.attention import choose
 
 # Typed in from the paper's table of HaloNet variants (Params, M): independent of halonet/paper.py.
 PAPER_PARAMS_M = {
@@ -335,3 +336,18 @@ def test_dropout_before_the_head_drops_units_at_the_given_rate():
   np.testing.assert_allclose(out[~zeroed], inputs[~zeroed] / 0.75, rtol=1e-5, atol=1e-6)
   assert live.sum() > 500
   assert 0.18 < zeroed.sum() / live.sum() < 0.32  # Binomial: sd < 0.02.
+
+
+@pytest.mark.parametrize('impl', ['plain', 'rows'])
+def test_every_attention_layer_runs_the_form_the_config_names(impl, monkeypatch):
+  used = []
+  for name in ('plain', 'rows'):
+    form = choose.IMPLEMENTATIONS[name]
+    spy = lambda *a, _form=form, _name=name, **k: used.append(_name) or _form(*a, **k)
+    monkeypatch.setitem(choose.IMPLEMENTATIONS, name, spy)
+  config = tiny.get_config()
+  config.model.attention_impl = impl
+  network = networks.create_model(config)
+  images = jnp.zeros((1, config.image_size, config.image_size, 3))
+  jax.eval_shape(lambda x: network.init(jax.random.key(0), x, train=False), images)
+  assert len(used) == 4 and set(used) == {impl}  # The four stages' attention layers.
