@@ -23,6 +23,7 @@ equivalent.json and leave the score's denominator.
 
 import argparse
 import ast
+import collections
 import concurrent.futures
 import dataclasses
 import json
@@ -324,8 +325,13 @@ def _run_module(module: str, jobs: int, only_survivors: bool, sample: int | None
   total = len(found)
   if only_survivors:
     last = json.loads(_report_path(module).read_text())
-    if last.get('sampled'):
-      found = [m for m in found if m.key in set(last['sampled'])]
+    if last.get('sampled'):  # As many of each key as were sampled (a key can recur on a line).
+      wanted, kept = collections.Counter(last['sampled']), []
+      for m in found:
+        if wanted[m.key] > 0:
+          wanted[m.key] -= 1
+          kept.append(m)
+      found = kept
   elif sample is not None and sample < len(found):
     found = sorted(random.Random(0).sample(found, sample), key=lambda m: m.index)
   outcomes = {}
