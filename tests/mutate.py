@@ -38,8 +38,8 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / 'tests' / 'mutation'
-# The input pipeline's tests that read data (RandAugment's own are randaugment.py's).
-_PIPELINE_TESTS = ('tests/test_input_pipeline.py', '-k', 'not randaugment or off_is_crop_flip')
+# The input pipeline's tests (RandAugment's own are tests/test_randaugment.py).
+_PIPELINE_TESTS = ('tests/test_input_pipeline.py',)
 _MODEL_TESTS = (
   'tests/test_model.py::test_variant_params_match_paper',
   'tests/test_model.py::test_paper_configs_resolve_auto_per_backend',
@@ -59,7 +59,10 @@ COVERING = {
   ),
   'halonet/config_checks.py': ('tests/test_config_checks.py',),
   'halonet/sharding.py': ('tests/test_sharding.py',),
-  'halonet/randaugment.py': ('tests/test_input_pipeline.py', '-k', 'randaugment'),
+  'halonet/randaugment.py': (
+    'tests/test_randaugment.py',
+    'tests/test_input_pipeline.py::test_randaugment_off_is_crop_flip_only_and_high_magnitude_changes_images',
+  ),
   'halonet/finetune.py': ('tests/test_finetune.py', '-m', 'not slow'),
   'halonet/workdir.py': ('tests/test_workdir.py',),
   'halonet/checkpointing.py': ('tests/test_checkpointing.py',),
