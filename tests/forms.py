@@ -1,11 +1,12 @@
-"""Checks and programs shared by the tests of the attention's fused forms (test_pallas,
-test_pallas_gpu)."""
+"""Checks and programs shared by the tests of the attention's forms (test_pallas,
+test_pallas_gpu, and which form runs: test_measure, test_model)."""
 
 import chex
 import jax
 import jax.numpy as jnp
 
 from halonet import attention
+from halonet.attention import choose
 
 TRITON_CALL = '__gpu$xla.gpu.triton'  # The custom call of Pallas GPU kernels.
 
@@ -48,3 +49,13 @@ def h1_layer_fwd_bwd_lowered(impl: str, platform: str) -> str:
     platforms=(platform,),
     disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
   )(params, x).mlir_module()
+
+
+def record_forms_used(monkeypatch, names: tuple[str, ...]) -> list[str]:
+  """The list each call of the named forms appends its name to, for the rest of the test."""
+  used = []
+  for name in names:
+    form = choose.IMPLEMENTATIONS[name]
+    spy = lambda *a, _form=form, _name=name, **k: used.append(_name) or _form(*a, **k)
+    monkeypatch.setitem(choose.IMPLEMENTATIONS, name, spy)
+  return used

@@ -15,6 +15,7 @@ from halonet import train_step as train_step_lib
 from halonet.attention import choose
 from halonet.attention import measure
 from halonet.attention import plain
+from tests import forms
 
 LAYER = measure.Layer(
   batch=2,
@@ -79,11 +80,7 @@ def test_a_wrong_form_is_rejected_and_a_raising_one_skipped(monkeypatch):
 
 
 def test_a_layer_runs_the_form_chosen_for_its_shape(monkeypatch):
-  used = []
-  for name in ('plain', 'rows'):
-    form = choose.IMPLEMENTATIONS[name]
-    spy = lambda *a, _form=form, _name=name, **k: used.append(_name) or _form(*a, **k)
-    monkeypatch.setitem(choose.IMPLEMENTATIONS, name, spy)
+  used = forms.record_forms_used(monkeypatch, ('plain', 'rows'))
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 7, 8)), jnp.float32)
   params = LAYER.module('plain').init(jax.random.key(1), x)
   want = LAYER.module('plain').apply(params, x)

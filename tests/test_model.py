@@ -12,7 +12,7 @@ from configs import tiny
 from halonet import byob
 from halonet import model
 from halonet import networks
-from halonet.attention import choose
+from tests import forms
 
 # Typed in from the paper's table of HaloNet variants (Params, M): independent of halonet/paper.py.
 PAPER_PARAMS_M = {
@@ -340,11 +340,7 @@ def test_dropout_before_the_head_drops_units_at_the_given_rate():
 
 @pytest.mark.parametrize('impl', ['plain', 'rows'])
 def test_every_attention_layer_runs_the_form_the_config_names(impl, monkeypatch):
-  used = []
-  for name in ('plain', 'rows'):
-    form = choose.IMPLEMENTATIONS[name]
-    spy = lambda *a, _form=form, _name=name, **k: used.append(_name) or _form(*a, **k)
-    monkeypatch.setitem(choose.IMPLEMENTATIONS, name, spy)
+  used = forms.record_forms_used(monkeypatch, ('plain', 'rows'))
   config = tiny.get_config()
   config.model.attention_impl = impl
   network = networks.create_model(config)
