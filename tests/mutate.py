@@ -106,6 +106,7 @@ COVERING = {
   ),
   'halonet/model.py': (
     *_MODEL_TESTS,
+    'tests/test_model_options.py',
     'tests/test_model.py::test_options_add_the_parameters_counted_by_hand',
     'tests/test_model.py::test_activation_is_applied_once_at_each_block_output',
     'tests/test_model.py::test_stochastic_depth_drops_whole_examples_at_rates_rising_with_depth',
