@@ -218,9 +218,12 @@ def draw(image: np.ndarray, maps: list[QueryWeights], title: str) -> Figure:
 
 def _parse_queries(text: str) -> list[tuple[int, int]]:
   try:
-    return [tuple(int(v) for v in pair.split(',')) for pair in text.split(';')]
+    queries = [tuple(int(v) for v in pair.split(',')) for pair in text.split(';')]
   except ValueError:
-    raise errors.ConfigError(f'--queries={text!r} must be "y,x;y,x;..." in pixels') from None
+    queries = []
+  if not queries or any(len(q) != 2 for q in queries):
+    raise errors.ConfigError(f'--queries={text!r} must be "y,x;y,x;..." in pixels')
+  return queries
 
 
 def define_flags() -> None:

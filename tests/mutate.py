@@ -95,7 +95,11 @@ COVERING = {
     'tests/test_eval.py::test_eval_py_matches_training_run_and_appends_records',
     'tests/test_eval.py::test_compile_seconds_are_the_time_compilation_took',
   ),
-  'halonet/trained.py': ('tests/test_trained.py', '-k', 'not attention_maps'),
+  'halonet/trained.py': (
+    'tests/test_trained.py',
+    '-k',
+    'not attention_map and not attention_layers and not strided_layers and not each_panel',
+  ),
   'halonet/networks.py': _MODEL_TESTS,
   'halonet/model_checks.py': (
     'tests/test_model.py::test_bad_values_fail_with_one_line',
@@ -130,7 +134,11 @@ COVERING = {
     'not slow',
   ),
   'halonet/visualize.py': (
+    'tests/test_trained.py::test_each_panel_outlines_its_querys_block_and_neighbourhood',
+    'tests/test_trained.py::test_attention_layers_and_their_grids_are_the_models_maps',
+    'tests/test_trained.py::test_a_strided_layers_weights_are_the_sown_ones_of_the_querys_block',
     'tests/test_trained.py::test_attention_maps_are_the_models_weights_and_are_drawn',
+    'tests/test_trained.py::test_the_attention_map_command_writes_a_new_png_and_refuses_bad_queries',
   ),
   'halonet/conv_norm.py': (
     'tests/test_timm_modules.py',

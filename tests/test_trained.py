@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from etils import epath
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +21,7 @@ from halonet import checkpointing
 from halonet import data_sources
 from halonet import digits
 from halonet import imagenet_classes
+from halonet import model as model_lib
 from halonet import networks
 from halonet import preprocessing
 from halonet import sharding
@@ -324,3 +326,125 @@ def test_imagenet_classes_are_named_by_their_lemmas_in_tfds_and_timms_order(tmp_
     Image.new('RGB', (8, 8)).save(tmp_path / 'folder' / 'train' / wnid / 'a.png')
   config.input.dataset, config.input.data_dir = 'image_folder', str(tmp_path / 'folder')
   assert data_sources.class_names(config.input) == ['goldfish, Carassius auratus', 'n99999999']
+
+
+def test_attention_layers_and_their_grids_are_the_models_maps():
+  """Each attention layer's input side, stride and image px per map px, against the maps the
+  model really passes between blocks at a size the strides do not divide."""
+  config = tiny.get_config()
+  config.model.stage_depths = (1, 2, 1, 1)
+  config.model.conv_stages = (3,)
+  config.image_size = 36  # 18 after the stem conv, 9 after its pool, then 5, 3, 2.
+  layers = ['stage1_block0', 'stage2_block0', 'stage2_block1', 'stage4_block0']
+  assert visualize.attention_layers(config) == layers
+  inputs = {}
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == '__call__' and isinstance(context.module, model_lib.BottleneckBlock):
+      inputs[context.module.name] = args[0].shape[1]
+    return next_fun(*args, **kwargs)
+
+  net = networks.create_model(config)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda x: net.init(jax.random.key(0), x, train=False), jnp.zeros((1, 36, 36, 3)))
+  assert [inputs[layer] for layer in layers] == [9, 9, 5, 3]
+  for layer, stride in zip(layers, (1, 2, 1, 2)):
+    g = visualize.layer_geometry(config, layer)
+    assert (g.size, g.stride, g.block_size, g.halo_size) == (inputs[layer], stride, 4, 1)
+    assert g.scale == pytest.approx(36 / inputs[layer])
+  with pytest.raises(ValueError, match=r"--layer='stage3_block0' is not an attention layer"):
+    visualize.layer_geometry(config, 'stage3_block0')
+
+
+def test_a_strided_layers_weights_are_the_sown_ones_of_the_querys_block():
+  """stage2_block0 at 48 px: a 12 px input map, stride 2, so a 6 px grid of queries, 2 per
+  block of b = 4 input px, each map px 4 image px. Indices and positions worked by hand."""
+  config = tiny.get_config()
+  config.image_size = 48
+  net = networks.create_model(config)
+  variables = net.init(jax.random.key(0), jnp.zeros((1, 48, 48, 3)), train=False)
+  image = np.random.default_rng(1).integers(0, 256, (48, 48, 3)).astype(np.uint8)
+  maps = visualize.query_weights(config, variables, image, 'stage2_block0', [(20, 30), (47, 47)])
+  x = preprocessing.normalize_images(jnp.asarray(image[None]), config.input, jnp.float32)
+  _, sown = net.apply(variables, x, train=False, mutable=['attention_weights'])
+  (sown,) = jax.tree_util.tree_leaves(sown['attention_weights']['stage2_block0'])
+  sown = np.asarray(sown[0])  # [blocks y, blocks x, heads, query y, query x, key y, key x].
+  # (20, 30) -> output px (2, 3) -> block (1, 1), query (0, 1) in it.
+  np.testing.assert_array_equal(maps[0].weights.data, sown[1, 1, :, 0, 1])
+  assert maps[0].query == (18.0, 26.0)  # Input px (4, 6), centre (4.5, 6.5), times 4.
+  assert maps[0].block == (16.0, 16.0, 16.0)  # Input px 4-7, times 4.
+  assert maps[0].window == (12.0, 12.0, 24.0)  # Input px 3-8 (h = 1 each side).
+  assert not maps[0].weights.mask.any()
+  # (47, 47) -> output px (5, 5) -> block (2, 2), query (1, 1); its window's last input row and
+  # column (12) are past the 12 px map.
+  np.testing.assert_array_equal(maps[1].weights.data, sown[2, 2, :, 1, 1])
+  assert maps[1].query == (42.0, 42.0) and maps[1].window == (28.0, 28.0, 24.0)
+  mask = maps[1].weights.mask
+  assert mask[:, 5, :].all() and mask[:, :, 5].all() and not mask[:, :5, :5].any()
+
+
+def test_each_panel_outlines_its_querys_block_and_neighbourhood():
+  image = np.zeros((16, 16), np.uint8)
+  weights = np.ma.masked_array(np.full((3, 4, 4), 1 / 16), mask=np.zeros((3, 4, 4), bool))
+  maps = [
+    visualize.QueryWeights((2.5, 3.5), weights, (0.0, 2.0, 2.0), (-1.0, 1.0, 4.0)),
+    visualize.QueryWeights((9.5, 8.5), weights * 2, (8.0, 8.0, 2.0), (7.0, 7.0, 4.0)),
+  ]
+  figure = visualize.draw(image, maps, 'the title')
+  panels = figure.axes[:6]
+  assert figure.get_suptitle() == 'the title'
+  assert [ax.get_title() for ax in panels] == ['head 0', 'head 1', 'head 2', '', '', '']
+  assert [ax.get_ylabel() for ax in panels[::3]] == ['query (2, 4)', 'query (10, 8)']
+  for ax, m in zip(panels, [maps[0]] * 3 + [maps[1]] * 3):
+    window, block = ax.patches
+    assert (window.get_xy(), window.get_width(), window.get_height()) == (
+      (m.window[1], m.window[0]),
+      m.window[2],
+      m.window[2],
+    )
+    assert (window.get_linestyle(), block.get_linestyle()) == ('--', 'solid')
+    assert (block.get_xy(), block.get_width()) == ((m.block[1], m.block[0]), m.block[2])
+    (marker,) = ax.lines
+    assert (marker.get_xdata()[0], marker.get_ydata()[0]) == (m.query[1], m.query[0])
+    background, heat = ax.get_images()
+    assert background.get_cmap().name == 'gray' and tuple(heat.get_extent()) == (
+      m.window[1],
+      m.window[1] + m.window[2],
+      m.window[0] + m.window[2],
+      m.window[0],
+    )
+    assert heat.get_clim() == (0.0, 2 / 16)
+    # The crop: the image and the first window, which starts 1 px above it.
+    assert ax.get_xlim() == (0.0, 16.0) and ax.get_ylim() == (16.0, -1.0)
+
+
+def test_the_attention_map_command_writes_a_new_png_and_refuses_bad_queries(run, tmp_path):
+  workdir, _ = run
+  image = tmp_path / 'seven.png'
+  Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 40, 3), np.uint8)).save(image)
+  out = tmp_path / 'attention.png'
+  out.write_text('kept')
+  command = [sys.executable, '-m', 'halonet.visualize', f'--workdir={workdir}', f'--image={image}']
+  bad = subprocess.run(
+    [*command, f'--out={out}', '--queries=3;4'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].endswith(
+    '--queries=\'3;4\' must be "y,x;y,x;..." in pixels'
+  ), bad.stderr[-2000:]
+  done = subprocess.run(
+    [*command, f'--out={out}', '--queries=5,6;30,20', '--image_size=48', '--layer=stage2_block0'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert out.read_text() == 'kept'
+  written = tmp_path / 'attention.1.png'
+  assert done.stdout.strip() == f'wrote {written}'
+  # Two query rows of two heads at 110 dpi: (2.2 * 2 + 1) x (2.3 * 2 + 0.6) inches.
+  assert Image.open(written).size == (594, 572)
