@@ -302,6 +302,29 @@ def test_sasa_resnets_have_table_1s_parameters_and_flops(name):
       {'model.stem': 'sasa', 'model.mixers': ('conv',) * 4, 'model.num_heads': (3, 2, 2, 2)},
       'does not divide the stem',
     ),
+    # 32 px: stage maps of 8, 4, 2 and 1 px.
+    (
+      {'model.mixers': ('conv', 'conv', 'conv', 'sasa'), 'model.sasa_window': 3},
+      'stage 4: sasa_window=3 is larger than its 1 x 1 input map',
+    ),
+    (
+      {'model.block_sizes': (4, 3, 4, 4), 'model.halo_sizes': (1, 1, 1, 1)},
+      'stage 2: block_size=3',
+    ),
+    (
+      {'model.num_heads': (8, 2, 2, 2), 'model.value_ratio': 1.5},
+      'stage 1: num_heads=8 does not divide its value width 12',
+    ),
+    ({'model.num_heads': (2, 0, 2, 2)}, 'stage 2: num_heads=0 does not divide its width 16'),
+    ({'model.widths': (8, 16, 16)}, 'widths=(8, 16, 16) needs one entry per stage (4)'),
+    ({'model.stage_depths': (1, 1, 1, 1, 1)}, 'stage_depths=(1, 1, 1, 1, 1) needs one entry'),
+    ({'model.channel_attention': ('se',) * 3}, "channel_attention=('se', 'se', 'se') needs one"),
+    (
+      {'model.conv_stages': (1, 0, 5)},
+      'conv_stages=(1, 0, 5) may only name stages 1-4, got [0, 5]',
+    ),
+    ({'model.mixers': ('sk', 'conv', 'conv', 'conv'), 'model.sk_kernels': (5, 1)}, 'sk_kernels'),
+    ({'model.mixers': ('condconv',) * 4, 'model.num_experts': 0}, 'num_experts=0 needs'),
   ],
 )
 def test_bad_module_settings_fail_in_one_line_naming_the_value(overrides, message):
@@ -311,6 +334,29 @@ def test_bad_module_settings_fail_in_one_line_naming_the_value(overrides, messag
     model_checks.validate_config(config)
   text = str(raised.value)
   assert message in text and '\n' not in text, text
+
+
+@pytest.mark.parametrize(
+  'overrides',
+  [
+    {'model.mixers': ('sasa', 'conv', 'conv', 'conv'), 'model.sasa_window': 7},
+    {'model.mixers': ('conv', 'conv', 'conv', 'sasa'), 'model.sasa_window': 1},
+    {'model.mixers': ('sk', 'split', 'condconv', 'dynamic'), 'model.sk_kernels': (3,)},
+    {'model.mixers': ('sk',) * 4, 'model.sk_kernels': (3, 5)},
+    {'model.mixers': ('split', 'conv', 'global', 'halo'), 'model.radix': 1},
+    {'model.mixers': ('condconv', 'dynamic', 'conv', 'conv'), 'model.num_experts': 1},
+    {'model.stem': 'sasa', 'model.num_heads': (4, 2, 2, 2), 'model.shortcut': 'avg_down'},
+    {'model.stem': 'deep', 'model.channel_attention': ('se', 'eca', 'cbam', 'ge_plus')},
+    {'model.stem': 'tiered', 'model.stage_attention': 'bam', 'model.dtype': 'bfloat16'},
+    {'model.num_heads': (8, 2, 2, 2), 'model.value_ratio': 2.0, 'model.dtype': 'auto'},
+    {'model.conv_stages': (1, 2, 3, 4), 'model.activation': 'silu'},
+  ],
+)
+def test_settings_at_their_limits_are_accepted(overrides):
+  config = configs.get_config('tiny')
+  config.update_from_flattened_dict(overrides)
+  model_checks.validate_config(config)
+  networks.abstract_variables(config)  # And the network they describe builds.
 
 
 def test_bam_follows_stages_1_to_3_and_gates_follow_every_block():
