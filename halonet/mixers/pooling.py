@@ -10,4 +10,6 @@ def downsample(x: jax.Array, stride: int) -> jax.Array:
   if stride == 1:
     return x
   pad = [(0, -size % stride) for size in x.shape[1:3]]
-  return nn.avg_pool(x, (stride, stride), (stride, stride), pad, count_include_pad=False)
+  # The divisor (pads not counted) is float32: without the cast a bfloat16 map comes out float32.
+  mean = nn.avg_pool(x, (stride, stride), (stride, stride), pad, count_include_pad=False)
+  return mean.astype(x.dtype)
