@@ -34,12 +34,18 @@ GATE_CLASSES = {
   'se': 'SqueezeExcite',
   'eca': 'EfficientChannelAttention',
   'cbam': 'Cbam',
+  'ge_minus': 'GatherExcite',
   'ge': 'GatherExcite',
   'ge_plus': 'GatherExcite',
 }
 # Softmax weights kept in float32 on purpose, cast where they multiply the bfloat16 paths.
 FLOAT32_OUTPUTS = ('SelectKernelAttention',)
-STEM_PARAMS = {'sasa': ['stem_attention'], 'deep': ['stem_deep'], 'tiered': ['stem_deep']}
+STEM_PARAMS = {
+  'conv': ['stem_conv', 'stem_bn'],
+  'sasa': ['stem_attention'],
+  'deep': ['stem_deep'],
+  'tiered': ['stem_deep'],
+}
 OPTIONS = {
   'convs_bam_sasa_stem': dict(
     stem='sasa',
@@ -56,6 +62,13 @@ OPTIONS = {
     sasa_window=3,
   ),
   'tiered_stem': dict(stem='tiered', mixers=('conv', 'sk', 'halo', 'split')),
+  'conv_stem': dict(
+    stem='conv',
+    mixers=('halo', 'halo', 'conv', 'halo'),
+    channel_attention=('eca', 'ge_minus', '', 'cbam'),
+    shortcut='avg_down',
+    final_width=40,
+  ),
 }
 
 
@@ -182,3 +195,16 @@ def test_eval_logits_of_one_image_do_not_depend_on_the_rest_of_the_batch(built):
   together = net.apply(variables, x, train=False)
   alone = net.apply(variables, x[:1], train=False)
   np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(together[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_a_blocks_parameters_keep_their_names_and_a_projection_only_where_the_shape_changes():
+  """A checkpoint names each layer of a block: 1x1 conv, BN, mixer, BN, 1x1 conv, BN, and the
+  projection shortcut ('proj', 'proj_bn') only where the stride or width changes."""
+  config = tiny.get_config()
+  config.model.stage_depths = DEPTHS
+  params = networks.abstract_variables(config)['params']
+  body = ['Dense_0', 'BatchNorm_0', 'HaloAttention_0', 'BatchNorm_1', 'Dense_1', 'BatchNorm_2']
+  for block in ('stage1_block0', 'stage2_block0', 'stage3_block0', 'stage4_block0'):
+    assert sorted(params[block]) == sorted([*body, 'proj', 'proj_bn']), block
+  assert sorted(params['stage2_block1']) == sorted(body)  # 16 -> 16 channels, stride 1.
+  assert params['stage2_block0']['proj']['kernel'].shape == (8, 16)
