@@ -111,6 +111,8 @@ def built(request):
 def test_each_config_name_builds_its_module_in_its_place(built):
   options, config, runs = built
   calls, variables = runs[False]
+  # Only what a checkpoint holds: the multi-scale features are sown when applied, not at init.
+  assert sorted(variables) == ['batch_stats', 'params']
   bam = ['stage1_bam', 'stage2_bam', 'stage3_bam'] if options.get('stage_attention') else []
   final = ['final_conv', 'final_bn'] if options.get('final_width') else []
   blocks = [f'stage{s}_block{i}' for s, depth in zip((1, 2, 3, 4), DEPTHS) for i in range(depth)]
