@@ -350,6 +350,8 @@ def test_bad_module_settings_fail_in_one_line_naming_the_value(overrides, messag
     {'model.stem': 'tiered', 'model.stage_attention': 'bam', 'model.dtype': 'bfloat16'},
     {'model.num_heads': (8, 2, 2, 2), 'model.value_ratio': 2.0, 'model.dtype': 'auto'},
     {'model.conv_stages': (1, 2, 3, 4), 'model.activation': 'silu'},
+    # Settings of mixers no stage uses are not checked.
+    {'model.sk_kernels': (), 'model.radix': 0, 'model.num_experts': 0, 'model.sasa_window': 4},
   ],
 )
 def test_settings_at_their_limits_are_accepted(overrides):
