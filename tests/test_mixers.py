@@ -295,6 +295,7 @@ def test_sasa_resnets_have_table_1s_parameters_and_flops(name):
     ({'model.mixers': ('sk',) * 4, 'model.sk_kernels': (3, 5, 7)}, 'do not split its width 8'),
     ({'model.mixers': ('sasa',) * 4, 'model.sasa_window': 9}, 'sasa_window=9 is larger than'),
     ({'model.mixers': ('sasa',) * 4, 'model.sasa_window': 4}, 'sasa_window=4 must be odd'),
+    ({'model.mixers': ('sasa',) * 4, 'model.block_size': 0}, 'stage 1: block_size=0 must be'),
     ({'model.mixers': ('split',) * 4, 'model.radix': 0}, 'radix=0 needs to be at least 1'),
     ({'model.mixers': ('dynamic',) * 4, 'model.num_experts': 0}, 'num_experts=0 needs'),
     ({'model.mixers': ('conv',) * 4, 'model.conv_stages': (1,)}, 'both set the stages'),
