@@ -388,13 +388,13 @@ def test_each_panel_outlines_its_querys_block_and_neighbourhood():
   weights = np.ma.masked_array(np.full((3, 4, 4), 1 / 16), mask=np.zeros((3, 4, 4), bool))
   maps = [
     visualize.QueryWeights((2.5, 3.5), weights, (0.0, 2.0, 2.0), (-1.0, 1.0, 4.0)),
-    visualize.QueryWeights((9.5, 8.5), weights * 2, (8.0, 8.0, 2.0), (7.0, 7.0, 4.0)),
+    visualize.QueryWeights((15.5, 8.5), weights * 2, (15.0, 7.0, 2.0), (14.0, 6.0, 4.0)),
   ]
   figure = visualize.draw(image, maps, 'the title')
   panels = figure.axes[:6]
   assert figure.get_suptitle() == 'the title'
   assert [ax.get_title() for ax in panels] == ['head 0', 'head 1', 'head 2', '', '', '']
-  assert [ax.get_ylabel() for ax in panels[::3]] == ['query (2, 4)', 'query (10, 8)']
+  assert [ax.get_ylabel() for ax in panels[::3]] == ['query (2, 4)', 'query (16, 8)']
   for ax, m in zip(panels, [maps[0]] * 3 + [maps[1]] * 3):
     window, block = ax.patches
     assert (window.get_xy(), window.get_width(), window.get_height()) == (
@@ -403,6 +403,7 @@ def test_each_panel_outlines_its_querys_block_and_neighbourhood():
       m.window[2],
     )
     assert (window.get_linestyle(), block.get_linestyle()) == ('--', 'solid')
+    assert not window.get_fill() and not block.get_fill()
     assert (block.get_xy(), block.get_width()) == ((m.block[1], m.block[0]), m.block[2])
     (marker,) = ax.lines
     assert (marker.get_xdata()[0], marker.get_ydata()[0]) == (m.query[1], m.query[0])
@@ -413,9 +414,9 @@ def test_each_panel_outlines_its_querys_block_and_neighbourhood():
       m.window[0] + m.window[2],
       m.window[0],
     )
-    assert heat.get_clim() == (0.0, 2 / 16)
-    # The crop: the image and the first window, which starts 1 px above it.
-    assert ax.get_xlim() == (0.0, 16.0) and ax.get_ylim() == (16.0, -1.0)
+    assert heat.get_cmap().name == 'inferno' and heat.get_clim() == (0.0, 2 / 16)
+    # The crop: the image and the windows that reach 1 px above it and 2 px below it.
+    assert ax.get_xlim() == (0.0, 16.0) and ax.get_ylim() == (18.0, -1.0)
 
 
 def test_the_attention_map_command_writes_a_new_png_and_refuses_bad_queries(run, tmp_path):
@@ -435,8 +436,9 @@ def test_the_attention_map_command_writes_a_new_png_and_refuses_bad_queries(run,
   assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].endswith(
     '--queries=\'3;4\' must be "y,x;y,x;..." in pixels'
   ), bad.stderr[-2000:]
+  # (40, 44) lies outside the run's 32 px images: only --image_size=48 makes it a query.
   done = subprocess.run(
-    [*command, f'--out={out}', '--queries=5,6;30,20', '--image_size=48', '--layer=stage2_block0'],
+    [*command, f'--out={out}', '--queries=5,6;40,44', '--image_size=48', '--layer=stage2_block0'],
     cwd=REPO,
     capture_output=True,
     text=True,
