@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from halonet import conv_norm
 from halonet import grouped_conv
 
 LAYOUT = ('NHWC', 'HWIO', 'NHWC')
@@ -91,3 +92,19 @@ def test_a_dilated_convolution_is_refused():
     grouped_conv.grouped_conv(
       x, kernel, (1, 1), ((1, 1), (1, 1)), rhs_dilation=(2, 2), feature_group_count=2
     )
+
+
+@pytest.mark.parametrize('groups', [2, 4])
+def test_grouped_conv_norm_act_takes_the_shifted_views_on_cpu(groups):
+  """timm's grouped ConvNormAct (groups > 1) convolves through grouped_conv, so its CPU kernel
+  gradient is a contraction, not XLA's batch-grouped convolution."""
+  layer = conv_norm.ConvNormAct(
+    8, 3, conv_norm.batch_norm(train=False, dtype=jnp.float32), groups=groups
+  )
+  x = jnp.zeros((2, 8, 8, 8))
+  variables = layer.init(jax.random.key(0), x)
+  loss = lambda params: layer.apply({**variables, 'params': params}, x).sum()
+  cpu = jax.export.export(jax.jit(jax.grad(loss)), platforms=('cpu',))(variables['params'])
+  assert f'batch_group_count = {groups}' not in cpu.mlir_module()
+  xla = jax.export.export(jax.jit(jax.grad(loss)), platforms=('tpu',))(variables['params'])
+  assert f'batch_group_count = {groups}' in xla.mlir_module()
