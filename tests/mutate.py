@@ -129,6 +129,7 @@ COVERING = {
     'tests/test_train.py::test_bad_input_fails_in_one_line_before_compile',
     'tests/test_finetune.py::test_bad_sources_fail_naming_the_path_before_anything_compiles',
     'tests/test_measure.py::test_training_measures_records_and_uses_the_chosen_forms',
+    'tests/test_measure.py::test_the_train_and_eval_steps_run_the_measured_forms',
     'tests/test_checkpoint_resume.py',
     '-m',
     'not slow',

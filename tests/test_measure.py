@@ -143,3 +143,31 @@ def test_training_measures_records_and_uses_the_chosen_forms(tmp_path, monkeypat
   state, _, model = train_step_lib.restore_run(config, str(workdir), mesh)
   assert int(state.step) == 2
   assert dict(model.attention_choice) == {k: v['choice'] for k, v in record['layers'].items()}
+
+
+def test_the_train_and_eval_steps_run_the_measured_forms(tmp_path, monkeypatch):
+  """Measured 'plain' where the CPU rule would run 'rows': the train step and the eval step run
+  'plain'."""
+  monkeypatch.setenv('HALONET_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setenv('HALONET_MEASURE_ATTENTION', '1')
+  monkeypatch.setattr(
+    measure,
+    'measure_layer',
+    lambda layer, candidates: {'choice': 'plain', 'seconds': {'plain': 1.0}, 'skipped': {}},
+  )
+  used = forms.record_forms_used(monkeypatch, ('plain', 'rows'))
+  measured = measure.for_run
+
+  def measure_then_forget(*args, **kwargs):
+    choice = measured(*args, **kwargs)
+    used.clear()  # Finding the layers traces the rule's form; only what trains counts.
+    return choice
+
+  monkeypatch.setattr(measure, 'for_run', measure_then_forget)
+  config = tiny.get_config()
+  config.num_train_steps = 1
+  config.eval_every_steps = 1
+  train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+  # The initial state is traced from the model before the measurement (its parameters do not
+  # depend on the form): its 4 layers' calls come first. Then the train and eval steps' 4 each.
+  assert len(used) >= 12 and set(used[4:]) == {'plain'}, used
