@@ -1,6 +1,7 @@
 """eval.py reproduces the training run's final evaluation from the checkpoint alone; the EMA's
 evaluation is one of its parameters."""
 
+import datetime
 import json
 import os
 import subprocess
@@ -67,6 +68,11 @@ def test_eval_py_matches_training_run_and_appends_records(tmp_path, monkeypatch)
       assert evaluated[key] == final[key]
     assert evaluated['loss'] == pytest.approx(final['loss'], rel=1e-6)
   assert records[-1]['count'] == 1437
+  # When, in UTC to the second, as records from other hosts and runs are compared.
+  for r in records:
+    when = datetime.datetime.fromisoformat(r['evaluated_at'])
+    assert when.utcoffset() == datetime.timedelta(0) and when.microsecond == 0, r['evaluated_at']
+    assert abs(datetime.datetime.now(datetime.UTC) - when) < datetime.timedelta(minutes=30)
 
   # A changed architecture is refused before anything is restored or written.
   config.model.activation = 'silu'
