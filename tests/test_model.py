@@ -13,6 +13,7 @@ from halonet import byob
 from halonet import model
 from halonet import networks
 from tests import forms
+from tests import intercept
 
 # Typed in from the paper's table of HaloNet variants (Params, M): independent of halonet/paper.py.
 PAPER_PARAMS_M = {
@@ -56,16 +57,9 @@ def test_h7_stage_shapes_at_600px():
   """s=600 with b=10 gives 75x75 and 38x38 maps that b does not divide; they must work."""
   config = named_configs.get_config('h7')
   net = networks.create_model(config)
-  shapes = {}
-
-  def capture(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if context.method_name == '__call__' and isinstance(context.module, model.BottleneckBlock):
-      shapes[context.module.name] = out.shape
-    return out
-
-  with nn.intercept_methods(capture):
+  with intercept.module_calls() as called:
     jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 600, 600, 3)), train=False))
+  shapes = {m.name: out.shape for m, _, out in called if isinstance(m, model.BottleneckBlock)}
   assert shapes['stage2_block0'][1:3] == (75, 75)
   assert shapes['stage3_block0'][1:3] == (38, 38)
   assert shapes['stage4_block0'][1:3] == (19, 19)
@@ -278,19 +272,11 @@ def _calls(config, x, module_type, train, unit_bn_scales=False):
         lambda path, p: jnp.ones_like(p) if path[-1].key == 'scale' else p, variables['params']
       ),
     }
-  calls = []
-
-  def record(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if context.method_name == '__call__' and isinstance(context.module, module_type):
-      calls.append((context.module, args[0], out))
-    return out
-
-  with nn.intercept_methods(record):
+  with intercept.module_calls() as called:
     net.apply(
       variables, x, train=train, mutable=['batch_stats'], rngs={'dropout': jax.random.key(1)}
     )
-  return calls, variables
+  return [c for c in called if isinstance(c[0], module_type)], variables
 
 
 def test_activation_is_applied_once_at_each_block_output():

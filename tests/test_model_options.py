@@ -6,7 +6,6 @@ The expected names, classes and shapes are written from the architecture (model.
 the paper's stem and stage strides), not read from the code.
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 
 from configs import tiny
 from halonet import networks
+from tests import intercept
 
 IMAGE = 32
 WIDTHS = (8, 16, 16, 32)  # configs/tiny.py, r_b = 1: each stage's output width.
@@ -85,19 +85,11 @@ def _record_calls(config, train: bool):
   net = networks.create_model(config)
   x = jax.random.normal(jax.random.key(0), (2, IMAGE, IMAGE, 3))
   variables = net.init(jax.random.key(1), x, train=False)
-  calls = []
-
-  def record(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if context.method_name == '__call__':
-      module = context.module
-      calls.append((module.path, type(module).__name__, module, args[0] if args else None, out))
-    return out
-
-  with nn.intercept_methods(record):
+  with intercept.module_calls() as called:
     net.apply(
       variables, x, train=train, mutable=['batch_stats'], rngs={'dropout': jax.random.key(2)}
     )
+  calls = [(m.path, type(m).__name__, m, inputs, out) for m, inputs, out in called]
   return calls, variables
 
 

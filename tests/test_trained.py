@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 from etils import epath
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +28,7 @@ from halonet import train_lib
 from halonet import trained
 from halonet import visualize
 from halonet import workdir as workdir_lib
+from tests import intercept
 from tests import steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -337,16 +337,10 @@ def test_attention_layers_and_their_grids_are_the_models_maps():
   config.image_size = 36  # 18 after the stem conv, 9 after its pool, then 5, 3, 2.
   layers = ['stage1_block0', 'stage2_block0', 'stage2_block1', 'stage4_block0']
   assert visualize.attention_layers(config) == layers
-  inputs = {}
-
-  def record(next_fun, args, kwargs, context):
-    if context.method_name == '__call__' and isinstance(context.module, model_lib.BottleneckBlock):
-      inputs[context.module.name] = args[0].shape[1]
-    return next_fun(*args, **kwargs)
-
   net = networks.create_model(config)
-  with nn.intercept_methods(record):
+  with intercept.module_calls() as called:
     jax.eval_shape(lambda x: net.init(jax.random.key(0), x, train=False), jnp.zeros((1, 36, 36, 3)))
+  inputs = {m.name: x.shape[1] for m, x, _ in called if isinstance(m, model_lib.BottleneckBlock)}
   assert [inputs[layer] for layer in layers] == [9, 9, 5, 3]
   for layer, stride in zip(layers, (1, 2, 1, 2)):
     g = visualize.layer_geometry(config, layer)
