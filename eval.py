@@ -11,7 +11,7 @@ import os
 from absl import app
 from absl import flags
 
-from halonet import launch
+from halonet.train import launch
 
 launch.define_flags("The training run's workdir.")
 flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: latest).')
@@ -34,7 +34,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 def main(argv):
   launch.start(argv)
-  from halonet import eval_lib  # pylint: disable=g-import-not-at-top  # After --help and flags.
+  from halonet.train import evaluation as eval_lib  # pylint: disable=g-import-not-at-top  # After --help and flags.
 
   with launch.one_line_errors():
     eval_lib.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)

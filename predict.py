@@ -15,10 +15,10 @@ import sys
 from absl import app
 from absl import flags
 
-from halonet import data_sources
-from halonet import launch  # pylint: disable=g-bad-import-order  # First: quiets TensorFlow.
 from halonet import paths
-from halonet import trained
+from halonet.data import sources as data_sources
+from halonet.tools import trained
+from halonet.train import launch  # pylint: disable=g-bad-import-order  # First: quiets TensorFlow.
 
 flags.DEFINE_string('workdir', None, "The training run's workdir (config.json, checkpoints).")
 flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')

@@ -11,8 +11,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import halonet as named_configs
-from halonet import launch
-from halonet import paper
+from halonet.models import paper
+from halonet.train import launch
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Also summarise this config.', lock_config=True
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   launch.quiet_logs()  # JAX's INFO line about the TPU backend it looked for is not news.
-  from halonet import summary  # pylint: disable=g-import-not-at-top  # After --help and flags.
+  from halonet.tools import variants as summary  # pylint: disable=g-import-not-at-top  # After --help and flags.
 
   configs = [named_configs.get_config(name) for name in paper.VARIANTS]
   if _CONFIG.value is not None:

@@ -12,7 +12,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from halonet import launch
+from halonet.train import launch
 
 _SWEEP = config_flags.DEFINE_config_file(
   'sweep',
@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   launch.quiet_logs()
-  from halonet import sweeps  # pylint: disable=g-import-not-at-top  # After --help and flags.
+  from halonet.tools import sweeps  # pylint: disable=g-import-not-at-top  # After --help and flags.
 
   try:
     points = sweeps.build_points(_SWEEP.value, _WORKDIR.value)

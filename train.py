@@ -6,7 +6,7 @@ Rerunning with the same workdir resumes from its latest complete checkpoint.
 from absl import app
 from absl import flags
 
-from halonet import launch
+from halonet.train import launch
 
 launch.define_flags('Checkpoints, config.json, metrics and results.json.')
 flags.DEFINE_bool(
@@ -20,7 +20,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   launch.start(argv)
-  from halonet import train_lib  # pylint: disable=g-import-not-at-top  # After --help and flags.
+  from halonet.train import loop as train_lib  # pylint: disable=g-import-not-at-top  # After --help and flags.
 
   with launch.one_line_errors():
     train_lib.train_and_evaluate(

@@ -20,9 +20,9 @@ import jax
 
 from bench import common
 from bench import cpu
-from halonet import networks
-from halonet import summary
 from halonet.attention import measure
+from halonet.models import networks
+from halonet.tools import variants as summary
 
 # Dense bfloat16 matmul peaks from the vendors' data sheets (no sparsity), FLOP/s, matched as
 # substrings of jax's device_kind. H100/H200: the SXM parts.

@@ -18,8 +18,8 @@ import ml_collections
 
 from configs import halonet as named_configs
 from halonet import attention
-from halonet import model as model_lib
-from halonet import networks
+from halonet.models import halonet as model_lib
+from halonet.models import networks
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from bench import common
 from halonet import sharding
-from halonet import train_step as train_step_lib
+from halonet.train import step as train_step_lib
 
 VARIANTS = ('h1', 'h7')
 # The forms XLA compiles here. The Pallas kernels are interpreted on CPU (loops XLA costs once):

@@ -1,5 +1,6 @@
-"""haloregnetz_b's forward and backward (batch 4, 224 px, float32) with XLA's grouped convolution
-against halonet/grouped_conv.py's, compiled and timed interleaved in one process (median of 3):
+"""haloregnetz_b's forward and backward (batch 4, 224 px, float32) with XLA's grouped
+convolution against halonet/models/grouped_conv.py's, compiled and timed interleaved in one
+process (median of 3):
 
     python bench/grouped_conv.py
 
@@ -18,9 +19,9 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from halonet import convert  # noqa: E402
-from halonet import grouped_conv  # noqa: E402
-from halonet import networks
+from halonet.models import grouped_conv  # noqa: E402
+from halonet.models import networks
+from halonet.tools import convert  # noqa: E402
 
 config = convert.model_config('haloregnetz_b')
 config.model.dtype = 'float32'

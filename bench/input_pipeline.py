@@ -24,8 +24,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from halonet import defaults  # noqa: E402
-from halonet import input_pipeline  # noqa: E402
-from halonet.tensorflow_import import tf  # noqa: E402
+from halonet.data import pipeline as input_pipeline  # noqa: E402
+from halonet.data.tensorflow_import import tf  # noqa: E402
 
 BATCH = 32
 

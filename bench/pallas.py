@@ -66,7 +66,7 @@ import numpy as np  # noqa: E402
 from bench import common  # noqa: E402
 from halonet import attention  # noqa: E402
 from halonet import sharding  # noqa: E402
-from halonet import train_step as train_step_lib  # noqa: E402
+from halonet.train import step as train_step_lib  # noqa: E402
 
 IMPLS = ('plain', 'pallas')
 KERNELS = ('halo_attention_forward', 'halo_attention_backward')

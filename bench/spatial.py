@@ -31,7 +31,7 @@ import jax
 
 from bench import common
 from halonet import sharding
-from halonet import train_step as train_step_lib
+from halonet.train import step as train_step_lib
 
 MESHES = {'one image per device': ((8, 1), 8), 'half an image per device': ((4, 2), 4)}
 

@@ -1,6 +1,6 @@
 """Every HaloNet config, by name: `--config=configs/halonet.py:NAME`.
 
-  h0 ... h7    the paper's variants on ImageNet (its rows are in halonet/paper.py)
+  h0 ... h7    the paper's variants on ImageNet (its rows are in halonet/models/paper.py)
   tiny         a few-thousand-parameter model on 32 px digits, for unit tests
   quickstart   a small all-attention model on the offline digits, 2 CPU cores
   digits_pretrain, digits_finetune   fine-tuning at a new size and on new classes, 2 CPU cores
@@ -15,8 +15,8 @@ and quickstart.py name the same configs. Every field can be overridden on the co
 
 import ml_collections
 
-from halonet import paper
 from halonet.defaults import base_config
+from halonet.models import paper
 
 
 def paper_overrides(row: paper.Variant) -> dict:
@@ -88,7 +88,7 @@ CPU_CONFIGS = {
     'checkpoint_every_steps': 500,
   },
 }
-# Fine-tuning on 2 CPU cores (halonet/finetune.py): pre-train on the digits 0-5 at 32 px, then
+# Fine-tuning on 2 CPU cores (halonet/train/finetune.py): pre-train on the digits 0-5 at 32 px, then
 # fine-tune on the digits 6-9 at 48 px with --config.init_from=<the first run's workdir> (the
 # classifier is re-initialised: 4 classes, not 6). Without init_from: the same run from scratch.
 CPU_CONFIGS['digits_pretrain'] = {

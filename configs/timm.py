@@ -1,17 +1,18 @@
-"""timm's halo networks (halonet/byob.py) as runs, at timm's input size and preprocessing:
+"""timm's halo networks (halonet/models/timm/byob.py) as runs, at timm's input size and
+preprocessing:
 
   python train.py --config=configs/timm.py:halonet50ts --workdir=W       ImageNet from scratch
   python train.py --config=configs/timm.py:haloregnetz_b,digits --workdir=W \\
       --config.init_from=CONVERTED                                        fine-tune, 2 CPU cores
 
-CONVERTED is a run that `python -m halonet.convert` wrote from timm's weights. ',digits'
+CONVERTED is a run that `python -m halonet.tools.convert` wrote from timm's weights. ',digits'
 fine-tunes on the offline digits 6-9 (4 classes: the classifier is re-initialised) for a few
 dozen steps at the model's own input size: the README's measured example.
 """
 
 import ml_collections
 
-from halonet import convert
+from halonet.tools import convert
 
 DIGITS_FINETUNE = {
   'input.dataset': 'digits/6-9',

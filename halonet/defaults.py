@@ -1,7 +1,7 @@
 """The fields every config has, with their defaults (H1 on ImageNet) and what each one means.
 
 configs/halonet.py builds each named config from these; a run's stored config.json is read back
-onto them (halonet/workdir.py), so the library needs no config file to load a trained run.
+onto them (halonet/train/workdir.py), so the library needs no config file to load a trained run.
 """
 
 import inspect
@@ -29,11 +29,11 @@ def model_config() -> ml_collections.ConfigDict:
       num_heads=(4, 8, 8, 8),  # attention heads per stage.
       final_width=0,  # d_f: final 1x1 conv before pooling; 0 = none.
       conv_stages=(),  # stages (1-4) that use a 3x3 conv instead of attention.
-      # The spatial mixer of each stage (4 names, halonet/mixers): 'halo', 'conv', 'sasa',
+      # The spatial mixer of each stage (4 names, halonet/models/mixers): 'halo', 'conv', 'sasa',
       # 'global' (BoTNet), 'sk', 'split' (ResNeSt), 'condconv' or 'dynamic'; empty = 'halo',
       # or 'conv' in conv_stages.
       mixers=(),
-      # Channel attention after each stage's blocks (4 names, halonet/channel_attention): '',
+      # Channel attention after each stage's blocks (4 names, halonet/models/channel_attention): '',
       # 'se', 'eca', 'cbam', 'ge_minus', 'ge' or 'ge_plus'; empty = 'se' with use_se, else none.
       channel_attention=(),
       stage_attention='',  # 'bam': BAM after stages 1-3; '' = none.
@@ -61,15 +61,16 @@ def model_config() -> ml_collections.ConfigDict:
       # compute dtype; params, optimizer state and softmax stay float32. 'auto': bfloat16 on
       # TPU/GPU, float32 on CPU.
       dtype='auto',
-      # One of timm's halo networks by name (halonet/byob.py ARCHS, e.g. 'halonet26t', for its
-      # converted weights: python -m halonet.convert); '' = the HaloNet the fields above build.
+      # One of timm's halo networks by name (halonet/models/timm/byob.py ARCHS, e.g. 'halonet26t',
+      # for its converted weights: python -m halonet.tools.convert); '' = the HaloNet the fields
+      # above build.
       arch='',
     )
   )
 
 
 def input_config() -> ml_collections.ConfigDict:
-  """What the input pipeline reads (halonet/input_pipeline.py): the data, its splits, the
+  """What the input pipeline reads (halonet/data/pipeline.py): the data, its splits, the
   preprocessing and the augmentation."""
   return ml_collections.ConfigDict(
     dict(
@@ -131,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
       grad_clip_norm=0.0,  # 0 = off.
     )
   )
-  # Fine-tuning (halonet/finetune.py): start from another run's workdir, or one of its
+  # Fine-tuning (halonet/train/finetune.py): start from another run's workdir, or one of its
   # checkpoints (WORKDIR/checkpoints/STEP); '' = from scratch. 'head' trains the classifier only.
   config.init_from = ''
   config.trainable = 'all'  # 'all', or 'head' (the classifier only).

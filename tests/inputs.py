@@ -6,7 +6,7 @@ from typing import Any
 
 import ml_collections
 
-from halonet import input_pipeline
+from halonet.data import pipeline as input_pipeline
 
 
 def create_split(

@@ -8,9 +8,9 @@ from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
-from halonet import networks
-from halonet import optim
-from halonet import train_step as train_step_lib
+from halonet.models import networks
+from halonet.train import optim
+from halonet.train import step as train_step_lib
 
 
 def fresh_state_and_step(

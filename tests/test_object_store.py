@@ -19,12 +19,12 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import tiny
-from halonet import checkpointing
-from halonet import eval_lib
 from halonet import paths
 from halonet import sharding
-from halonet import train_lib
-from halonet import workdir as workdir_lib
+from halonet.train import checkpointing
+from halonet.train import evaluation as eval_lib
+from halonet.train import loop as train_lib
+from halonet.train import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTERRUPTED_TRAIN = os.path.join(REPO, 'tests', 'scripts', 'interrupted_train.py')

@@ -51,7 +51,8 @@ from halonet.attention.common import num_relative_offsets
 from halonet.attention.common import relative_index
 
 # The collection the layer sows its attention weights into when it is mutable (the plain form
-# then computes them, whatever attention_impl says; the forms agree, tests/test_attention.py).
+# then computes them, whatever attention_impl says; the forms agree,
+# tests/attention/test_attention.py).
 ATTENTION_WEIGHTS = 'attention_weights'
 
 
@@ -201,7 +202,7 @@ class HaloAttention(nn.Module):
     if spatial:
       attend = functools.partial(attention_spatial.spatial_attention, attend)
     if self.is_mutable_collection(ATTENTION_WEIGHTS) and not self.is_initializing():
-      # Asked for the weights (halonet/visualize.py).
+      # Asked for the weights (halonet/tools/visualize.py).
       if spatial:
         raise errors.ConfigError(
           'attention weights are recorded on unpartitioned images only; '

@@ -22,8 +22,8 @@ dense attention takes one key set per query block: it removes the logits' traffi
 windows'. Pallas' splash attention needs 128-multiple blocks and has no 2-D halo mask.
 
 On CPU the kernels run in Pallas' interpreter (the tests); on TPU Mosaic compiles them (checked
-without a TPU by compiling through libtpu: tests/test_pallas.py). Mosaic kernels do not run on
-GPU, so `attention_impl='pallas'` there is refused in one line; pallas_gpu.py is the GPU's.
+without a TPU by compiling through libtpu: tests/attention/test_pallas.py). Mosaic kernels do not
+run on GPU, so `attention_impl='pallas'` there is refused in one line; pallas_gpu.py is the GPU's.
 """
 
 import dataclasses

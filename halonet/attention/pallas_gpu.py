@@ -25,7 +25,8 @@ columns are zero-padded to them and the padded key columns carry `EXCLUDED_LOGIT
 outweighs any mask, so they never get weight.
 
 On CPU the kernels run in Pallas' interpreter (the tests); on an NVIDIA GPU Triton compiles them
-(lowered without a GPU: tests/test_pallas_gpu.py). Not on TPU: attention_impl='pallas' is TPU's.
+(lowered without a GPU: tests/attention/test_pallas_gpu.py). Not on TPU: attention_impl='pallas'
+is TPU's.
 """
 
 import dataclasses

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 # pylint: disable=wrong-import-position
 from absl import app
 
-from halonet import input_pipeline
+from halonet.data import pipeline as input_pipeline
 import train
 
 sig, at_step, wait_for = getattr(signal, sys.argv[1]), int(sys.argv[2]), sys.argv[3]

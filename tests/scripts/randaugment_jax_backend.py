@@ -1,10 +1,11 @@
 """RandAugment inside tf.data in a process whose Keras runs on JAX (KERAS_BACKEND=jax, set by
-tests/test_input_pipeline.py): the ops must still build TensorFlow graphs. Prints the shapes."""
+tests/data/test_input_pipeline.py): the ops must still build TensorFlow graphs. Prints the
+shapes."""
 
 import numpy as np
 
-from halonet import randaugment
-from halonet.tensorflow_import import tf
+from halonet.data import randaugment
+from halonet.data.tensorflow_import import tf
 
 augment = randaugment.RandAugment(2, 10)
 images = tf.data.Dataset.from_tensor_slices(np.zeros((4, 16, 16, 3), np.uint8))

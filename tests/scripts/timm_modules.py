@@ -1,4 +1,4 @@
-"""The PyTorch side of tests/test_timm_modules.py: timm's attention modules (the survey's, as
+"""The PyTorch side of tests/models/test_timm_modules.py: timm's attention modules (the survey's, as
 timm implements them), randomly initialised with randomised BatchNorm (eval mode), each saved
 with its output on a random input. Runs in its own process: torch and TensorFlow do not share one.
 

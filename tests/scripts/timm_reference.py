@@ -1,4 +1,4 @@
-"""The PyTorch side of tests/test_timm_parity.py: for each timm model named, a randomly
+"""The PyTorch side of tests/tools/test_timm_parity.py: for each timm model named, a randomly
 initialised model whose BatchNorm layers are randomised too (scale, shift and running
 statistics, so no BN is the identity and no block starts as one; scales below 1 keep the deep
 all-attention halonet_h1 well-conditioned: with larger ones its float32 logits differ from its

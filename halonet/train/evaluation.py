@@ -1,0 +1,208 @@
+"""Exact evaluation: padded batches carry a mask, so every example counts exactly once; a run's
+splits with its raw and EMA parameters; a saved checkpoint evaluated and recorded (eval.py)."""
+
+from collections.abc import Callable
+import datetime
+import functools
+import time
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+import ml_collections
+
+from halonet import console
+from halonet import errors
+from halonet import paths
+from halonet import sharding
+from halonet.data import pipeline as input_pipeline
+from halonet.data import preprocessing
+from halonet.models import networks
+from halonet.train import config_checks
+from halonet.train import step as train_step_lib
+from halonet.train import workdir as workdir_lib
+
+EVAL_BATCH_KEYS = ('image', 'label', 'mask')  # mask: False on the padding of the last batch.
+PROGRESS_SECONDS = 30.0  # A longer evaluation prints how far it is this often.
+
+
+def eval_step(
+  variables: Any,
+  batch: dict[str, jax.Array],
+  *,
+  model: nn.Module,
+  config: ml_collections.ConfigDict,
+) -> dict[str, jax.Array]:
+  """Sums (not means) over the real rows of one batch, so batches add up exactly."""
+  images = preprocessing.normalize_images(batch['image'], config.input, jnp.dtype(model.dtype))
+  logits = model.apply(variables, images, train=False).astype(jnp.float32)
+  labels, mask = batch['label'], batch['mask']
+  loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+  top5 = jnp.any(jax.lax.top_k(logits, min(5, logits.shape[-1]))[1] == labels[:, None], axis=-1)
+  # Integer counts stay exact however large the split.
+  return {
+    'count': jnp.sum(mask, dtype=jnp.int32),
+    'loss': jnp.sum(jnp.where(mask, loss, 0.0)),
+    'top1': jnp.sum(mask & (jnp.argmax(logits, -1) == labels), dtype=jnp.int32),
+    'top5': jnp.sum(mask & top5, dtype=jnp.int32),
+  }
+
+
+def make_eval_step(model: nn.Module, mesh: Mesh, config: ml_collections.ConfigDict):
+  """Jitted eval step: variables replicated, batch as `batch_shardings`, sums replicated."""
+  return jax.jit(
+    sharding.traced_within(mesh, functools.partial(eval_step, model=model, config=config)),
+    in_shardings=(sharding.replicated(mesh), sharding.batch_shardings(mesh, EVAL_BATCH_KEYS)),
+    out_shardings=sharding.replicated(mesh),
+  )
+
+
+def compile_eval_step(
+  model: nn.Module, mesh: Mesh, abstract_variables: Any, config: ml_collections.ConfigDict
+) -> tuple[Callable[..., Any], float]:
+  """The eval step compiled ahead for global batches of config.eval_batch_size, and the seconds
+  that took: no evaluation's images/s then includes compilation."""
+  size, batch = config.image_size, config.eval_batch_size
+  spec = {  # Placed by make_eval_step's in_shardings.
+    'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
+    'label': jax.ShapeDtypeStruct((batch,), jnp.int32),
+    'mask': jax.ShapeDtypeStruct((batch,), jnp.bool_),
+  }
+  start = time.perf_counter()
+  compiled = make_eval_step(model, mesh, config).lower(abstract_variables, spec).compile()
+  return compiled, time.perf_counter() - start
+
+
+def evaluate(
+  eval_fn,
+  variables: Any,
+  config: ml_collections.ConfigDict,
+  split: str,
+  num_examples: int,
+  mesh: Mesh,
+) -> dict[str, float]:
+  """Top-1/top-5 (%) and mean loss over the whole split of `num_examples`, plus images/s.
+
+  A long evaluation prints how far it is every PROGRESS_SECONDS.
+  """
+  batch_size = config.eval_batch_size // jax.process_count()
+  batches = input_pipeline.create_split(
+    config.input,
+    split,
+    image_size=config.image_size,
+    num_classes=config.num_classes,
+    seed=config.seed,
+    train=False,
+    batch_size=batch_size,
+    split_size=num_examples,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  num_batches = input_pipeline.eval_batch_count(num_examples, batch_size, jax.process_count())
+  totals = None
+  start = reported = time.perf_counter()
+  for i, batch in enumerate(sharding.prefetch_to_device(batches, mesh), 1):
+    sums = eval_fn(variables, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if time.perf_counter() - reported > PROGRESS_SECONDS:
+      reported = time.perf_counter()
+      console.say(f'eval {split}: batch {i}/{num_batches}, {reported - start:.0f} s')
+  totals = jax.device_get(totals)
+  seconds = time.perf_counter() - start
+  count = int(totals['count'])
+  if count != num_examples:
+    raise RuntimeError(f'evaluated {count} examples of split {split!r} but it has {num_examples}')
+  result = {
+    'top1': 100.0 * float(totals['top1']) / count,
+    'top5': 100.0 * float(totals['top5']) / count,
+    'loss': float(totals['loss']) / count,
+    'count': count,
+    'images_per_sec': count / seconds,
+  }
+  return result
+
+
+def evaluate_all(
+  eval_fn,
+  state: train_step_lib.TrainState,
+  config: ml_collections.ConfigDict,
+  sizes: dict[str, int],
+  mesh: Mesh,
+) -> dict[str, dict[str, dict[str, float]]]:
+  """Every eval split with the raw params, and again with the EMA params when kept."""
+  weights = {'raw': state.params}
+  if state.ema_params is not None:
+    weights['ema'] = state.ema_params
+  return {
+    name: {
+      split: evaluate(
+        eval_fn,
+        {'params': params, 'batch_stats': state.batch_stats},
+        config,
+        split,
+        sizes[split],
+        mesh,
+      )
+      for split in config.input.eval_splits
+    }
+    for name, params in weights.items()
+  }
+
+
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str, step: int | None = None
+) -> dict[str, Any]:
+  """Evaluates a saved step (default: latest) and appends its records to
+  workdir/eval_records.jsonl: one per (step, dataset, split, weights), never replacing any."""
+  config_checks.validate_config(config)
+  stored = workdir_lib.stored_config(workdir)
+  if stored is not None:
+    diff = workdir_lib.refused_for_eval(
+      workdir_lib.changed_fields(stored, workdir_lib.as_json(config))
+    )
+    if diff:
+      raise errors.ConfigError(
+        f'the checkpoints in {workdir} were trained with a different '
+        f'model (fields: {", ".join(diff)})'
+      )
+  sizes = train_step_lib.split_sizes(config, train=False)
+  mesh = sharding.create_mesh(config.mesh_shape)
+  state, abstract, model = train_step_lib.restore_run(config, workdir, mesh, step)
+  paths.check_writable(workdir, 'workdir')  # Its records are written there after evaluating.
+  step = int(state.step)
+  eval_fn, seconds = compile_eval_step(
+    model, mesh, {'params': abstract.params, 'batch_stats': abstract.batch_stats}, config
+  )
+  logging.info('compiled the eval step in %.1f s', seconds)
+  with jax.set_mesh(mesh):
+    evals = evaluate_all(eval_fn, state, config, sizes, mesh)
+  when = datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')
+  records = [
+    {
+      'step': step,
+      'dataset': config.input.dataset,
+      'split': split,
+      'weights': name,
+      'image_size': config.image_size,
+      'crop_fraction': config.input.crop_fraction,
+      'evaluated_at': when,
+      **r,
+    }
+    for name, splits in evals.items()
+    for split, r in splits.items()
+  ]
+  for r in records:
+    console.say(
+      f'step {step} {r["dataset"]} {r["split"]} ({r["weights"]} params): top-1 '
+      f'{r["top1"]:.2f}% top-5 {r["top5"]:.2f}% loss {r["loss"]:.4f} '
+      f'{r["images_per_sec"]:.1f} img/s ({r["count"]} images)'
+    )
+  workdir_lib.append_eval_records(workdir, records)
+  return {
+    'step': step,
+    'num_params': networks.count_params(config),
+    **{f'{name}_eval': v for name, v in evals.items()},
+  }

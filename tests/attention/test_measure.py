@@ -1,0 +1,173 @@
+"""'auto' measured on the device: the mechanism, with injected timings (no timing noise)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from halonet import sharding
+from halonet.attention import choose
+from halonet.attention import measure
+from halonet.attention import plain
+from halonet.models import networks
+from halonet.train import loop as train_lib
+from halonet.train import step as train_step_lib
+from tests import forms
+
+LAYER = measure.Layer(
+  batch=2,
+  height=9,
+  width=7,
+  channels=8,
+  qk_width=8,
+  value_width=8,
+  num_heads=2,
+  block_size=4,
+  halo_size=1,
+  stride=1,
+  mask_window=0,
+  dtype='float32',
+)
+
+
+def _timings(*seconds):
+  """A timer that returns `seconds` in the order the forms are timed (plain first)."""
+  values = iter(seconds)
+  return lambda compiled, args: next(values)
+
+
+def test_model_layers_are_its_distinct_attention_shapes():
+  model = networks.create_model(tiny.get_config())
+  layers = measure.model_layers(model, image_size=32, batch=2)
+  # 32 px: the stem leaves 8 x 8; stages 2-4 open with a strided block (tiny: one block each),
+  # whose attention reads the block's 1x1 reduction to the stage width (8, 16, 16, 32).
+  assert [(m.height, m.stride, m.channels, m.qk_width) for m in layers] == [
+    (8, 1, 8, 8),
+    (8, 2, 16, 16),
+    (4, 2, 16, 16),
+    (2, 2, 32, 32),
+  ]
+  assert {m.batch for m in layers} == {2} and len({m.key() for m in layers}) == 4
+
+
+@pytest.mark.parametrize('seconds, chosen', [((2.0, 1.0), 'rows'), ((1.0, 2.0), 'plain')])
+def test_the_fastest_correct_form_is_chosen(seconds, chosen):
+  record = measure.measure_layer(LAYER, ('plain', 'rows'), timer=_timings(*seconds))
+  assert record == {
+    'choice': chosen,
+    'seconds': dict(zip(('plain', 'rows'), seconds)),
+    'skipped': {},
+  }
+
+
+def test_a_wrong_form_is_rejected_and_a_raising_one_skipped(monkeypatch):
+  def wrong(*args, **kwargs):
+    return plain.plain_attention(*args, **kwargs) * 1.01
+
+  def broken(*args, **kwargs):
+    raise RuntimeError('no kernel for this shape')
+
+  monkeypatch.setitem(choose.IMPLEMENTATIONS, 'wrong', wrong)
+  monkeypatch.setitem(choose.IMPLEMENTATIONS, 'broken', broken)
+  # 'wrong' would be fastest; only plain and rows are timed.
+  record = measure.measure_layer(LAYER, ('wrong', 'broken', 'rows'), timer=_timings(3.0, 2.0))
+  assert record['choice'] == 'rows' and set(record['seconds']) == {'plain', 'rows'}
+  assert 'disagrees with plain' in record['skipped']['wrong']
+  assert 'no kernel for this shape' in record['skipped']['broken']
+
+
+def test_a_layer_runs_the_form_chosen_for_its_shape(monkeypatch):
+  used = forms.record_forms_used(monkeypatch, ('plain', 'rows'))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 7, 8)), jnp.float32)
+  params = LAYER.module('plain').init(jax.random.key(1), x)
+  want = LAYER.module('plain').apply(params, x)
+  used.clear()
+  for choice, form in (
+    (((LAYER.key(), 'plain'),), 'plain'),
+    (((LAYER.key(), 'rows'),), 'rows'),
+    ((('another shape', 'plain'),), 'rows'),
+  ):  # Unlisted: the CPU rule.
+    got = LAYER.module('auto').clone(attention_choice=choice).apply(params, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert used.pop() == form and not used
+
+
+def test_choice_is_cached_reused_on_resume_and_skipped_when_explicit(tmp_path, monkeypatch):
+  monkeypatch.setenv('HALONET_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setenv('HALONET_MEASURE_ATTENTION', '1')
+  calls = []
+
+  def fake_measure(layer, candidates):
+    calls.append(layer.key())
+    return {'choice': 'rows', 'seconds': {'plain': 2.0, 'rows': 1.0}, 'skipped': {}}
+
+  monkeypatch.setattr(measure, 'measure_layer', fake_measure)
+  config = tiny.get_config()
+  model = networks.create_model(config)
+  lines = []
+  run = lambda workdir, impl='auto': measure.for_run(
+    model, impl, 32, 2, str(workdir), say=lines.append
+  )
+  first = run(tmp_path / 'a')
+  assert len(calls) == 4 and len(first) == 4 and {impl for _, impl in first} == {'rows'}
+  record = json.loads((tmp_path / 'a' / measure.CHOICE_FILE).read_text())
+  assert record['layers'][first[0][0]]['seconds'] == {'plain': 2.0, 'rows': 1.0}
+  assert all('-> rows (measured)' in line for line in lines) and len(lines) == 4
+  assert run(tmp_path / 'a') == first and len(calls) == 4  # Resumed: the workdir's record.
+  assert run(tmp_path / 'b') == first and len(calls) == 4  # Same device kind: the cache.
+  assert '(cached)' in lines[-1]
+  assert run(tmp_path / 'c', 'plain') == () and not (tmp_path / 'c').exists()
+  monkeypatch.delenv('HALONET_MEASURE_ATTENTION')
+  assert run(tmp_path / 'd') == ()  # On CPU 'auto' keeps choose.py's rule unless asked.
+
+
+def test_training_measures_records_and_uses_the_chosen_forms(tmp_path, monkeypatch, capsys):
+  """The whole path in one tiny run (the resume's reuse of the record: the test above)."""
+  monkeypatch.setenv('HALONET_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setenv('HALONET_MEASURE_ATTENTION', '1')
+  config = tiny.get_config()
+  config.num_train_steps = 2
+  workdir = tmp_path / 'run'
+  train_lib.train_and_evaluate(config, str(workdir))
+  record = json.loads((workdir / measure.CHOICE_FILE).read_text())
+  assert len(record['layers']) == 4
+  for layer in record['layers'].values():
+    assert set(layer['seconds']) == {'plain', 'rows'} and layer['choice'] in layer['seconds']
+  out = capsys.readouterr().out
+  assert out.count('(measured)') == 4 and 'measured per layer' in out
+  # The saved run is restored with the recorded forms (eval.py, predict.py).
+  mesh = sharding.create_mesh((1, 1), jax.devices()[:1])
+  state, _, model = train_step_lib.restore_run(config, str(workdir), mesh)
+  assert int(state.step) == 2
+  assert dict(model.attention_choice) == {k: v['choice'] for k, v in record['layers'].items()}
+
+
+def test_the_train_and_eval_steps_run_the_measured_forms(tmp_path, monkeypatch):
+  """Measured 'plain' where the CPU rule would run 'rows': the train step and the eval step run
+  'plain'."""
+  monkeypatch.setenv('HALONET_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setenv('HALONET_MEASURE_ATTENTION', '1')
+  monkeypatch.setattr(
+    measure,
+    'measure_layer',
+    lambda layer, candidates: {'choice': 'plain', 'seconds': {'plain': 1.0}, 'skipped': {}},
+  )
+  used = forms.record_forms_used(monkeypatch, ('plain', 'rows'))
+  measured = measure.for_run
+
+  def measure_then_forget(*args, **kwargs):
+    choice = measured(*args, **kwargs)
+    used.clear()  # Finding the layers traces the rule's form; only what trains counts.
+    return choice
+
+  monkeypatch.setattr(measure, 'for_run', measure_then_forget)
+  config = tiny.get_config()
+  config.num_train_steps = 1
+  config.eval_every_steps = 1
+  train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+  # The initial state is traced from the model before the measurement (its parameters do not
+  # depend on the form): its 4 layers' calls come first. Then the train and eval steps' 4 each.
+  assert len(used) >= 12 and set(used[4:]) == {'plain'}, used

@@ -1,0 +1,155 @@
+"""Orbax checkpoints (halonet/train/checkpointing.py) on a local folder, with small hand-made
+states: which steps are kept and restored, why a state cannot restore (from shapes alone), what a
+full disk reports, and which Orbax log lines are kept."""
+
+import errno
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+from halonet import errors
+from halonet.train import checkpointing
+
+
+def _state(step: int, width: int = 3) -> dict:
+  return {'params': {'w': np.full(width, step, np.float32)}, 'step': np.int32(step)}
+
+
+def _abstract(state: dict):
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), state)
+
+
+def _saved(workdir, steps, keep=3) -> None:
+  manager = checkpointing.create_manager(str(workdir), keep)
+  for step in steps:
+    checkpointing.save(manager, step, _state(step))
+  checkpointing.finish(manager)
+
+
+def test_the_last_keep_steps_are_kept_and_the_latest_restores_by_default(tmp_path):
+  _saved(tmp_path, (1, 2, 3), keep=2)
+  manager = checkpointing.create_manager(str(tmp_path), 2, read_only=True)
+  assert sorted(manager.all_steps()) == [2, 3]
+  latest = checkpointing.restore(manager, _abstract(_state(0)))
+  earlier = checkpointing.restore(manager, _abstract(_state(0)), step=2)
+  np.testing.assert_array_equal(latest['params']['w'], np.full(3, 3.0))
+  assert int(earlier['step']) == 2
+
+
+def test_a_step_not_kept_or_an_empty_workdir_is_named(tmp_path):
+  _saved(tmp_path / 'run', (1, 2, 3), keep=2)
+  manager = checkpointing.create_manager(str(tmp_path / 'run'), 2, read_only=True)
+  with pytest.raises(FileNotFoundError, match=r'step=1 in .*checkpoints; have \[2, 3\]'):
+    checkpointing.restore(manager, _abstract(_state(0)), step=1)
+  empty = checkpointing.create_manager(str(tmp_path / 'empty'), 2, read_only=True)
+  with pytest.raises(FileNotFoundError, match=r'step=None in .*; have \[\]'):
+    checkpointing.restore(empty, _abstract(_state(0)))
+
+
+def test_shape_mismatch_names_the_first_array_that_cannot_restore(tmp_path):
+  _saved(tmp_path, (4,))
+  manager = checkpointing.create_manager(str(tmp_path), 3, read_only=True)
+  assert checkpointing.shape_mismatch(manager, 4, _abstract(_state(0))) is None
+  wider = _abstract(_state(0, width=5))
+  assert checkpointing.shape_mismatch(manager, 4, wider) == (
+    'params/w has shape (3,) in the checkpoint but (5,) in this config'
+  )
+  extra = _abstract({**_state(0), 'ema': {'w': np.zeros(3, np.float32)}})
+  assert checkpointing.shape_mismatch(manager, 4, extra) == (
+    "ema/w (3,) is in this config's state but not in the checkpoint"
+  )
+  fewer = _abstract({'params': _state(0)['params']})
+  assert checkpointing.shape_mismatch(manager, 4, fewer) == (
+    "step () is in the checkpoint but not in this config's state"
+  )
+
+
+@pytest.mark.parametrize(
+  'error', [OSError(errno.ENOSPC, 'full'), ValueError('write: No space left on device')]
+)
+def test_a_full_disk_names_the_last_complete_checkpoint(tmp_path, monkeypatch, error):
+  manager = checkpointing.create_manager(str(tmp_path), 3)
+  checkpointing.save(manager, 2, _state(2))
+  manager.wait_until_finished()
+
+  def full(*args, **kwargs):
+    raise error
+
+  monkeypatch.setattr(manager, 'save', full)
+  with pytest.raises(errors.DiskFull, match=r'the last complete checkpoint is step 2: free space'):
+    checkpointing.save(manager, 3, _state(3))
+  monkeypatch.undo()
+  manager.close()
+
+
+def test_other_save_errors_are_not_reported_as_a_full_disk(tmp_path, monkeypatch):
+  manager = checkpointing.create_manager(str(tmp_path), 3)
+
+  def broken(*args, **kwargs):
+    raise ValueError('bad tree')
+
+  monkeypatch.setattr(manager, 'save', broken)
+  with pytest.raises(ValueError, match='bad tree'):
+    checkpointing.save(manager, 1, _state(1))
+  manager.close()
+
+
+def _record(pathname: str, level: int, message: str) -> logging.LogRecord:
+  return logging.LogRecord('absl', level, pathname, 1, message, None, None)
+
+
+def test_only_orbax_info_lines_and_read_only_notices_are_dropped():
+  orbax = '/site-packages/orbax/checkpoint/manager.py'
+  notice = checkpointing._not_read_only_notice  # pylint: disable=protected-access
+  assert not notice(_record(orbax, logging.WARNING, 'manager is read only: no save'))
+  assert not notice(_record(orbax, logging.WARNING, 'created with read_only=True'))
+  assert notice(_record(orbax, logging.WARNING, 'step 3 is incomplete'))
+  assert notice(_record('/halonet/train/loop.py', logging.WARNING, 'read only'))
+
+
+def test_orbax_info_lines_are_dropped_and_its_warnings_kept():
+  from absl import logging as absl_logging
+
+  checkpointing.quiet_orbax_info_logs()
+  handler = absl_logging.get_absl_handler()
+  orbax = '/site-packages/orbax/checkpoint/manager.py'
+  assert not handler.filter(_record(orbax, logging.INFO, 'saving step 3'))
+  assert handler.filter(_record(orbax, logging.WARNING, 'step 3 is incomplete'))
+  assert handler.filter(_record('/halonet/train/loop.py', logging.INFO, 'step 3'))
+
+
+def test_a_writer_removes_unfinished_saves_and_a_reader_leaves_them(tmp_path):
+  """A run's leftovers from a crash mid-save go before its first save; an eval reading a live
+  run must not touch the save in progress."""
+  for name in ('reader', 'writer'):
+    (tmp_path / name / 'checkpoints' / '7.orbax-checkpoint-tmp-1').mkdir(parents=True)
+  reader = checkpointing.create_manager(str(tmp_path / 'reader'), 3, read_only=True)
+  assert list(reader.all_steps()) == []
+  reader.close()
+  _saved(tmp_path / 'writer', (1,))
+  assert sorted(p.name for p in (tmp_path / 'reader' / 'checkpoints').iterdir()) == [
+    '7.orbax-checkpoint-tmp-1'
+  ]
+  assert sorted(p.name for p in (tmp_path / 'writer' / 'checkpoints').iterdir()) == ['1']
+
+
+def test_a_reader_silences_orbax_notices_that_it_will_not_write(tmp_path):
+  checkpointing.create_manager(str(tmp_path), 3, read_only=True).close()
+  notice = checkpointing._not_read_only_notice  # pylint: disable=protected-access
+  assert notice in logging.getLogger('absl').filters
+
+
+def test_restore_places_arrays_as_the_abstract_state_says(tmp_path):
+  _saved(tmp_path, (2,))
+  device = jax.devices()[-1]
+  abstract = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(
+      a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(device)
+    ),
+    _abstract(_state(0)),
+  )
+  manager = checkpointing.create_manager(str(tmp_path), 3, read_only=True)
+  restored = checkpointing.restore(manager, abstract)
+  assert restored['params']['w'].devices() == {device}
