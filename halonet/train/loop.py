@@ -111,7 +111,11 @@ def train_and_evaluate(
   sizes = train_step_lib.split_sizes(config)
   paths.check_writable(workdir, 'workdir')
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
-  start_step = manager.latest_step() or 0
+  # None, not 0, means nothing to resume: a workdir whose only checkpoint is step 0 (a converted
+  # run) resumes from it.
+  latest = manager.latest_step()
+  resuming = latest is not None
+  start_step = latest if resuming else 0
   previous = workdir_lib.read_results(workdir)
   if _is_finished(config, workdir, start_step, sizes[config.input.train_split], previous):
     manager.close()  # The same command on a finished run: nothing to do, nothing rewritten.
@@ -119,7 +123,7 @@ def train_and_evaluate(
     return previous
   # A fine-tune's source is checked (path, checkpoint, parameter shapes) before anything compiles.
   source = None
-  if config.init_from and not start_step:
+  if config.init_from and not resuming:
     source_dir, source_step, source_config = finetune.source_run(config, workdir)
     changed = finetune.reinitialised(
       networks.abstract_variables(config)['params'],
@@ -129,7 +133,7 @@ def train_and_evaluate(
   mesh = sharding.create_mesh(config.mesh_shape)
   model, tx, schedule, num_steps = train_step_lib.build(config, sizes[config.input.train_split])
   init, abstract = train_step_lib.abstract_train_state(config, model, tx, mesh)
-  if start_step:  # From shapes alone: no flag can resume a checkpoint into another state.
+  if resuming:  # From shapes alone: no flag can resume a checkpoint into another state.
     mismatch = checkpointing.shape_mismatch(manager, start_step, abstract)
     if mismatch:
       manager.close()
@@ -176,7 +180,7 @@ def train_and_evaluate(
   )
 
   state_shardings = train_step_lib.shardings_of(abstract)
-  if start_step:
+  if resuming:
     state = checkpointing.restore(manager, abstract, start_step)
     console.say(f'resumed from checkpoint at step {start_step}')
   else:

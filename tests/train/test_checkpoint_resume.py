@@ -19,6 +19,8 @@ from halonet import sharding
 from halonet.data import pipeline as input_pipeline
 from halonet.train import checkpointing
 from halonet.train import loop as train_lib
+from halonet.train import step as train_step_lib
+from halonet.train import workdir as workdir_lib
 from tests import inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -296,3 +298,48 @@ def test_a_run_off_the_main_thread_leaves_signal_handlers_alone():
   thread.start()
   thread.join(timeout=60)
   assert not failures and signal.getsignal(signal.SIGTERM) == before
+
+
+def _step_zero_run(workdir, config, seed):
+  """A workdir as `convert.py` leaves it: config.json and one checkpoint, step 0, holding the
+  state initialised from `seed` (not config.seed, so a fresh start is told apart from a resume)."""
+  mesh = sharding.create_mesh(config.mesh_shape)
+  model, tx, _, _ = train_step_lib.build(config, 1)
+  init, _ = train_step_lib.abstract_train_state(config, model, tx, mesh)
+  state = jax.jit(init)(jax.random.key(seed))
+  workdir_lib.check_and_store_config(config, workdir, False, 0)
+  manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
+  checkpointing.save(manager, 0, state)
+  checkpointing.finish(manager)
+  return state
+
+
+def _max_distance(a, b):
+  return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_a_workdir_whose_only_checkpoint_is_step_0_resumes_from_it(tmp_path, capsys):
+  """Step 0 is a checkpoint like any other (Python's falsy 0 must not read as 'none'): the run
+  starts from its parameters, not from a fresh initialisation."""
+  config = tiny.get_config()
+  config.num_train_steps, config.checkpoint_every_steps = 1, 1
+  config.eval_every_steps = 1
+  workdir = str(tmp_path)
+  saved = _step_zero_run(workdir, config, seed=config.seed + 1)
+  fresh = _step_zero_run(str(tmp_path / 'fresh'), config, seed=config.seed)
+  train_lib.train_and_evaluate(config, workdir)
+  assert 'resumed from checkpoint at step 0' in capsys.readouterr().out
+  manager = checkpointing.create_manager(workdir, 3, read_only=True)
+  trained = manager.restore(1, args=ocp.args.StandardRestore())
+  manager.close()
+  # One small step away from the saved parameters, a whole initialisation away from fresh ones.
+  assert _max_distance(trained['params'], saved.params) < 0.1
+  assert _max_distance(trained['params'], fresh.params) > 0.3
+
+
+def test_an_explicitly_requested_step_0_is_restored(tmp_path):
+  config = tiny.get_config()
+  saved = _step_zero_run(str(tmp_path), config, seed=7)
+  mesh = sharding.create_mesh(config.mesh_shape)
+  state, _, _ = train_step_lib.restore_run(config, str(tmp_path), mesh, step=0)
+  assert int(state.step) == 0 and _max_distance(state.params, saved.params) == 0
