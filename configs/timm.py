@@ -5,7 +5,7 @@ preprocessing:
   python train.py --config=configs/timm.py:haloregnetz_b,digits --workdir=W \\
       --config.init_from=CONVERTED                                        fine-tune, 2 CPU cores
 
-CONVERTED is a run that `python -m halonet.tools.convert` wrote from timm's weights. ',digits'
+CONVERTED is a run that `python convert.py` wrote from timm's weights. ',digits'
 fine-tunes on the offline digits 6-9 (4 classes: the classifier is re-initialised) for a few
 dozen steps at the model's own input size: the README's measured example.
 """

@@ -62,7 +62,7 @@ def model_config() -> ml_collections.ConfigDict:
       # TPU/GPU, float32 on CPU.
       dtype='auto',
       # One of timm's halo networks by name (halonet/models/timm/byob.py ARCHS, e.g. 'halonet26t',
-      # for its converted weights: python -m halonet.tools.convert); '' = the HaloNet the fields
+      # for its converted weights: python convert.py); '' = the HaloNet the fields
       # above build.
       arch='',
     )

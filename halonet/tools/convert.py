@@ -1,10 +1,10 @@
 """timm's trained halo networks as runs of this project:
 
-    python -m halonet.tools.convert --model=halonet50ts --weights=PATH/model.safetensors --workdir=W
+    python convert.py --model=halonet50ts --weights=PATH/model.safetensors --workdir=W
 
 reads timm's weights (safetensors, with numpy: no torch) into `byob.ByobNet`, and writes an Orbax
 checkpoint and config.json into W, so `eval.py --workdir=W`, `predict.py --workdir=W`,
-`trained.load(W)`, `halonet.tools.visualize --workdir=W` and `--config.init_from=W` take it like any
+`trained.load(W)`, `visualize.py --workdir=W` and `--config.init_from=W` take it like any
 run. The config carries the model's preprocessing from timm's pretrained_cfg (input size, crop
 fraction, mean and std; all of them resize bicubically, as the input pipeline does).
 `--weights` may also be a Hugging Face cache folder holding one model.safetensors (nothing is
@@ -281,8 +281,3 @@ def main(argv: list[str]) -> None:
   launch.quiet_logs()
   with launch.one_line_errors():
     print(write_run(FLAGS.model, FLAGS.weights, FLAGS.workdir), file=sys.stdout)
-
-
-if __name__ == '__main__':
-  define_flags()
-  app.run(main)

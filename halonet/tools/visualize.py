@@ -1,6 +1,6 @@
 """Attention maps of a trained HaloNet, drawn over the image:
 
-  python -m halonet.tools.visualize --workdir=W --image=photo.png --out=attention.png \
+  python visualize.py --workdir=W --image=photo.png --out=attention.png \
       [--layer=stage1_block0] [--queries="10,12;40,30"] [--image_size=64]
 
 One row per query pixel, one column per head: the weights that query gives each key of its
@@ -274,8 +274,3 @@ def main(argv):
     out = paths.unused_path(FLAGS.out)
     paths.save_figure(draw(images[0], maps, title), out, dpi=110)
     print(f'wrote {out}', file=sys.stdout)
-
-
-if __name__ == '__main__':
-  define_flags()
-  app.run(main)

@@ -167,8 +167,7 @@ def test_the_command_writes_a_run_that_loads_as_any_run(references, tmp_path):
   weights = references / f'{name}.safetensors'
   command = [
     sys.executable,
-    '-m',
-    'halonet.tools.convert',
+    'convert.py',
     f'--model={name}',
     f'--workdir={workdir}',
   ]

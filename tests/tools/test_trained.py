@@ -421,8 +421,7 @@ def test_the_attention_map_command_writes_a_new_png_and_refuses_bad_queries(run,
   out.write_text('kept')
   command = [
     sys.executable,
-    '-m',
-    'halonet.tools.visualize',
+    'visualize.py',
     f'--workdir={workdir}',
     f'--image={image}',
   ]
