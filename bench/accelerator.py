@@ -13,7 +13,6 @@ against the measured rate of one large bfloat16 matmul in the same run. timm's M
 FLOP count: halonet_h1 is the same network.
 """
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -66,7 +65,7 @@ def attention_choices(tiny: bool, batches: dict[str, int]) -> dict[str, dict[str
     choices[variant] = {}
     for layer in measure.model_layers(model, config.image_size, batch):
       record = measure.measure_layer(layer, candidates)
-      choices[variant][layer.key()] = {**record, 'layer': dataclasses.asdict(layer)}
+      choices[variant][layer.key()] = {**record, 'layer': layer.as_json()}
       times = ', '.join(f'{impl} {s * 1e3:.3g} ms' for impl, s in record['seconds'].items())
       skipped = ''.join(f'; {impl} skipped: {why}' for impl, why in record['skipped'].items())
       print(f'  {variant} {layer.key()}: {times}{skipped} -> {record["choice"]}', flush=True)

@@ -71,17 +71,17 @@ def variant_config(name: str, *, tiny: bool = False, **overrides: Any) -> ml_col
 
 @functools.cache
 def initialized_train_step(
-  config_json: str, batch: int, attention_choice: tuple[tuple[str, str], ...] = ()
+  config_json: str, batch: int, measured: tuple[tuple[str, str], ...] = ()
 ):
   """A compiled SGD-momentum train step (forward, backward, update) and its initial arguments;
-  with 'auto' attention, each layer's form from `attention_choice` (measure.py).
+  with 'auto' attention, each layer's form from the `measured` ones (measure.py).
 
   Cached on the config, so a later section can reuse the timed step's compilation.
   """
   import optax  # pylint: disable=import-outside-toplevel
 
   config = ml_collections.ConfigDict(json.loads(config_json))
-  model = networks.create_model(config, attention_choice=attention_choice)
+  model = networks.create_model(config, measured=measured)
   tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
   images = jnp.zeros((batch, config.image_size, config.image_size, 3), jnp.float32)
   labels = jnp.zeros((batch,), jnp.int32)
@@ -105,10 +105,10 @@ def initialized_train_step(
 
 
 def timed_train_step(
-  config: ml_collections.ConfigDict, batch: int, attention_choice: tuple[tuple[str, str], ...] = ()
+  config: ml_collections.ConfigDict, batch: int, measured: tuple[tuple[str, str], ...] = ()
 ) -> Callable[[], None]:
   """A callable running one train step of `config` (state carried across calls), blocking."""
-  step, args = initialized_train_step(config.to_json(), batch, attention_choice)
+  step, args = initialized_train_step(config.to_json(), batch, measured)
   state = list(args)
 
   def run():
@@ -170,7 +170,7 @@ def attention_fwd_bwd(
     for k in ('qk_width', 'value_width', 'num_heads', 'block_size', 'halo_size', 'stride')
   }
   fields.update(changes)
-  net = attention.HaloAttention(**fields, attention_impl=impl, dtype=dtype)
+  net = attention.HaloAttention(**fields, attention=attention.AttentionPlan(impl), dtype=dtype)
   h, w, c = layer['input']
   x = jax.random.normal(jax.random.key(0), (batch, height or h, w, c))
   params = jax.jit(net.init)(jax.random.key(1), x[:1])['params']

@@ -18,6 +18,7 @@ import numpy as np
 
 from bench import common
 from halonet import sharding
+from halonet.rounding import ceil_div
 from halonet.train import step as train_step_lib
 
 VARIANTS = ('h1', 'h7')
@@ -32,7 +33,7 @@ def layer_cost(layer: dict[str, Any], impl: str, dtype: Any) -> dict[str, float]
     compiled, scale = common.attention_fwd_bwd(layer, 1, dtype, impl)[0], 1
   else:
     compiled = common.attention_fwd_bwd(layer, 1, dtype, impl, height=layer['block_size'])[0]
-    scale = -(-layer['input'][0] // layer['block_size'])  # Rows of blocks per image.
+    scale = ceil_div(layer['input'][0], layer['block_size'])  # Rows of blocks per image.
   cost = compiled.cost_analysis()
   flops, accessed = scale * cost['flops'], scale * cost['bytes accessed']
   return {'gflops': flops / 1e9, 'gbytes': accessed / 1e9, 'flops_per_byte': flops / accessed}

@@ -41,12 +41,14 @@ _PTXAS = re.compile(
 
 
 def lowered_layer(layer: dict[str, Any], batch: int) -> str:
-  """The layer's forward + backward with attention_impl='pallas_gpu', lowered for CUDA."""
+  """The layer's forward + backward in the 'pallas_gpu' form, lowered for CUDA."""
   fields = {
     k: layer[k]
     for k in ('qk_width', 'value_width', 'num_heads', 'block_size', 'halo_size', 'stride')
   }
-  net = attention.HaloAttention(**fields, attention_impl='pallas_gpu', dtype=jnp.bfloat16)
+  net = attention.HaloAttention(
+    **fields, attention=attention.AttentionPlan('pallas_gpu'), dtype=jnp.bfloat16
+  )
   x = jax.ShapeDtypeStruct((batch, *layer['input']), jnp.bfloat16)
   params = jax.eval_shape(net.init, jax.random.key(1), x)
   loss = lambda p, x: net.apply(p, x).astype(jnp.float32).sum()

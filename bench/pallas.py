@@ -85,7 +85,9 @@ def layer_fn(layer: dict, impl: str):
     k: layer[k]
     for k in ('qk_width', 'value_width', 'num_heads', 'block_size', 'halo_size', 'stride')
   }
-  net = attention.HaloAttention(**fields, attention_impl=impl, dtype=jnp.bfloat16)
+  net = attention.HaloAttention(
+    **fields, attention=attention.AttentionPlan(impl), dtype=jnp.bfloat16
+  )
   loss = lambda p, x: net.apply({'params': p}, x).astype(jnp.float32).sum()
   return net, jax.value_and_grad(loss, argnums=(0, 1))
 

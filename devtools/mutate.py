@@ -49,7 +49,7 @@ _MODEL_TESTS = (
   'tests/models/test_model.py::test_bad_values_fail_with_one_line',
   'tests/attention/test_pallas.py::test_refused_on_gpu_in_one_line',
   'tests/models/test_model.py::test_a_timm_arch_is_built_as_timms_network_with_the_runs_settings',
-  'tests/models/test_model.py::test_a_measured_choice_keeps_auto_for_each_layer_to_look_up',
+  'tests/models/test_model.py::test_measured_forms_reach_the_layers_in_one_plan_over_the_hosts_rule',
 )
 # Each module's fast tests: the ones that exercise it without end-to-end runs.
 COVERING = {

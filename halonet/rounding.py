@@ -1,4 +1,5 @@
-"""timm's channel rounding, which fixes the hidden widths of its attention modules and blocks."""
+"""Integer rounding: ceiling division (blocks covering a map, batches covering a split), and
+timm's channel rounding, which fixes the hidden widths of its attention modules and blocks."""
 
 
 def make_divisible(
@@ -9,3 +10,8 @@ def make_divisible(
   floor = min_value or divisor
   rounded = max(floor, int(value + divisor / 2) // divisor * divisor)
   return rounded + divisor if rounded < round_limit * value else rounded
+
+
+def ceil_div(a: int, b: int) -> int:
+  """a / b rounded up, for positive b: how many b-sized pieces cover a."""
+  return -(-a // b)

@@ -16,7 +16,8 @@ def assert_matches_plain_form(impl: str, input_shape: tuple[int, ...], **layer_a
   for a random input and cotangent."""
   x = jax.random.normal(jax.random.key(0), input_shape)
   layers = {
-    form: attention.HaloAttention(**layer_args, attention_impl=form) for form in ('plain', impl)
+    form: attention.HaloAttention(**layer_args, attention=attention.AttentionPlan(form))
+    for form in ('plain', impl)
   }
   variables = layers['plain'].init(jax.random.key(1), x)
   cotangent = jax.random.normal(jax.random.key(2), layers['plain'].apply(variables, x).shape)
@@ -38,7 +39,7 @@ def h1_layer_fwd_bwd_lowered(impl: str, platform: str) -> str:
     num_heads=4,
     block_size=8,
     halo_size=3,
-    attention_impl=impl,
+    attention=attention.AttentionPlan(impl),
     dtype=jnp.bfloat16,
   )
   x = jax.ShapeDtypeStruct((2, 64, 64, 64), jnp.bfloat16)

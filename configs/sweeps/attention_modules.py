@@ -1,6 +1,7 @@
-"""The survey's attention modules (seeds/004) inside HaloNet and inside a ResNet: each spatial
-mixer in place of the block's attention or 3x3 conv, and each channel attention (and BAM) added
-to the baseline's blocks.
+"""The vision-attention survey's modules (SE, ECA, CBAM, BAM, Gather-Excite, SK, Split
+Attention, CondConv, Dynamic Conv) inside HaloNet and inside a ResNet: each spatial mixer in
+place of the block's attention or 3x3 conv, and each channel attention (and BAM) added to the
+baseline's blocks.
 
   attention_modules.py:paper           inside H1 (ImageNet)
   attention_modules.py:paper,resnet50  inside ResNet-50 (configs/halonet.py:resnet50, ImageNet)

@@ -8,12 +8,15 @@ spatial.py         any form with image rows split over devices (halo rows exchan
 pallas.py          fused TPU kernels (pallas_kernels.py holds their bodies)
 pallas_gpu.py      fused GPU (Triton) kernels
 dense.py           each block as one jax.nn.dot_product_attention call (cuDNN on GPU)
-choose.py          which form runs for `attention_impl` on this backend
+choose.py          which form runs: config.model.attention_impl made one plan for the network
 measure.py         'auto' on an accelerator: each layer's candidate forms timed, the fastest kept
 """
 
 from halonet.attention.choose import AUTO_IMPLEMENTATION
 from halonet.attention.choose import IMPLEMENTATIONS
+from halonet.attention.choose import AttentionPlan
+from halonet.attention.choose import LayerShape
+from halonet.attention.choose import plan
 from halonet.attention.choose import resolve_impl
 from halonet.attention.common import MASKED_LOGIT
 from halonet.attention.common import check_attention_args
@@ -29,6 +32,9 @@ from halonet.attention.plain import plain_attention
 __all__ = [
   'AUTO_IMPLEMENTATION',
   'IMPLEMENTATIONS',
+  'AttentionPlan',
+  'LayerShape',
+  'plan',
   'resolve_impl',
   'MASKED_LOGIT',
   'check_attention_args',

@@ -1,12 +1,14 @@
-"""The one place that says which implementation of the attention runs where.
+"""The one place that says which form of the attention runs where.
 
-`attention_impl` names one (IMPLEMENTATIONS) or is 'auto'. On TPU and GPU, 'auto' is
-what measure.py found fastest for each layer on the device itself (the run's `attention_choice`);
-without a measurement, the loop-free plain form. On CPU, the row loop with its hand-written
-backward pass, which keeps one row's logits in cache (bench/run.py).
+`config.model.attention_impl` names a form (IMPLEMENTATIONS) or is 'auto'. The network turns it
+into one `AttentionPlan` when it is built and hands that to every attention layer: the form each
+layer runs, decided once. On TPU and GPU, 'auto' is what measure.py found fastest for each layer
+shape on the device itself; without a measurement, the loop-free plain form. On CPU, the row
+loop with its hand-written backward pass, which keeps one row's logits in cache (bench/run.py).
 """
 
 from collections.abc import Callable, Sequence
+import dataclasses
 
 import jax
 
@@ -51,30 +53,59 @@ def resolve_impl(attention_impl: str, backend: str | None = None) -> str:
   return attention_impl
 
 
-def layer_key(
-  height: int,
-  width: int,
-  channels: int,
-  qk_width: int,
-  value_width: int,
-  num_heads: int,
-  block_size: int,
-  halo_size: int,
-  stride: int,
-  mask_window: int,
-  dtype: str,
-) -> str:
-  """Names a layer's shape (its input map, widths, window, dtype) in a run's choice."""
-  return (
-    f'{height}x{width}x{channels} qk{qk_width} v{value_width} heads{num_heads} '
-    f'b{block_size} h{halo_size} s{stride} mask{mask_window} {dtype}'
-  )
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerShape:
+  """What decides which form of a layer is fastest: its input map, widths, window and compute
+  dtype (not the batch). Built by HaloAttention.layer_shape alone; its key() names the layer in a
+  plan, in measure.py's cache and in a run's attention_choice.json."""
+
+  height: int
+  width: int
+  channels: int
+  qk_width: int
+  value_width: int
+  num_heads: int
+  block_size: int
+  halo_size: int
+  stride: int
+  mask_window: int
+  dtype: str
+
+  def key(self) -> str:
+    return (
+      f'{self.height}x{self.width}x{self.channels} qk{self.qk_width} v{self.value_width} '
+      f'heads{self.num_heads} b{self.block_size} h{self.halo_size} s{self.stride} '
+      f'mask{self.mask_window} {self.dtype}'
+    )
 
 
-def impl_for(
-  attention_impl: str, choice: Sequence[tuple[str, str]], key: str, backend: str | None = None
-) -> str:
-  """The form a layer of shape `key` runs: with 'auto', the run's measured choice for it if it
-  has one (measure.py), else resolve_impl's rule."""
-  chosen = dict(choice).get(key) if attention_impl == 'auto' else None
-  return chosen or resolve_impl(attention_impl, backend)
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+  """The form every attention layer of a network runs: `measured[layer key]` where the run
+  measured one (measure.py), else `default`. Hashable, so it is one field of a Flax module."""
+
+  default: str = 'plain'
+  measured: tuple[tuple[str, str], ...] = ()  # (LayerShape.key(), form), sorted.
+
+  def __post_init__(self):
+    for form in (self.default, *(form for _, form in self.measured)):
+      if form not in IMPLEMENTATIONS:
+        raise errors.ConfigError(f'attention form {form!r} is not one of {[*IMPLEMENTATIONS]}')
+
+  def form(self, shape: LayerShape) -> str:
+    return dict(self.measured).get(shape.key(), self.default)
+
+  def attend(self, shape: LayerShape) -> Callable[..., jax.Array]:
+    return IMPLEMENTATIONS[self.form(shape)]
+
+  def with_measured(self, measured: Sequence[tuple[str, str]]) -> 'AttentionPlan':
+    return dataclasses.replace(self, measured=tuple(sorted(measured)))
+
+
+def plan(
+  attention_impl: str, backend: str | None = None, measured: Sequence[tuple[str, str]] = ()
+) -> AttentionPlan:
+  """The plan for `attention_impl` on `backend` (default: JAX's): the form it names (refused in
+  one line where it cannot run), or for 'auto' the measured forms over the backend's rule."""
+  default = resolve_impl(attention_impl, backend)
+  return AttentionPlan(default, tuple(sorted(measured)) if attention_impl == 'auto' else ())

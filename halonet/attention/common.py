@@ -5,10 +5,12 @@ The contract (`Attend`). Every implementation is a function
   attend(q, k, v, rel_h, rel_w, bias_h, bias_w, *, block_size, halo_size, num_heads) -> out
 
 of the inputs `layer.HaloAttention` prepares (plain.py documents each shape), returning the
-[batch, nbh*qy, nbw*qx, heads*dv] output. They differ only in how they compute it: plain.py
-(loop-free, autodiff), rows.py (a row loop with a hand-written backward, for CPU), pallas.py
-(fused TPU kernels); spatial.py wraps any of them for image rows split over devices. Which one
-runs is chosen in one place, choose.py.
+[batch, nbh*qy, nbw*qx, heads*dv] output. There are five, and they differ only in how they compute
+it: plain.py (loop-free, autodiff: the reference), rows.py (a row loop with a hand-written
+backward, for CPU), pallas.py (fused TPU kernels), pallas_gpu.py (fused Triton kernels for NVIDIA
+GPUs) and dense.py (each block one jax.nn.dot_product_attention call, cuDNN's on GPU);
+spatial.py wraps any of them for image rows split over devices. Which one runs is decided in one
+place, choose.py, once per network.
 
 Einsum legend (plain.py, rows.py): b batch; i, j block row and column; y, x query row and column
 inside a block; u, v key row and column inside a neighbourhood; n head; d channel of a head.
@@ -20,6 +22,7 @@ import jax
 import numpy as np
 
 from halonet import errors
+from halonet.rounding import ceil_div
 
 # Added to masked logits: finite, so a query whose whole window is padding (only possible in the
 # cropped-away padded region) gets finite weights instead of NaN.
@@ -102,7 +105,7 @@ def key_bias(
   `num_blocks` (default: the fewest that cover `size`) may add blocks of padding only. With
   `mask_padding=False` padded keys stay visible (zero keys and values, as timm's HaloAttn pads).
   """
-  num_blocks = num_blocks or -(-size // block)
+  num_blocks = num_blocks or ceil_div(size, block)
   starts = np.arange(num_blocks)[:, None, None] * block - halo
   keys = np.arange(block + 2 * halo)
   valid = (starts + keys >= 0) & (starts + keys < size)  # [blocks, 1, keys]

@@ -24,8 +24,8 @@ of the stride-1 layer; the output is ceil(H/2) x ceil(W/2), like a strided convo
 This file is the layer: steps 1-2, the padding and position tables of steps 3-4, and the call to
 one implementation of steps 3-5 (common.Attend): plain.py, the reference; rows.py, the CPU fast
 path; pallas.py and pallas_gpu.py, fused TPU and GPU kernels that keep logits and windows out
-of HBM; dense.py, each block as one fused attention call.
-choose.py picks one per `attention_impl` and backend.
+of HBM; dense.py, each block as one fused attention call. Which one is the `attention` plan's
+(choose.py), decided once when the network is built.
 
 Under a mesh whose 'spatial' axis splits image rows, the map is padded to whole block rows per
 device and steps 3-5 run per device after a halo exchange (spatial.py).
@@ -49,11 +49,31 @@ from halonet.attention.common import check_attention_args
 from halonet.attention.common import key_bias
 from halonet.attention.common import num_relative_offsets
 from halonet.attention.common import relative_index
+from halonet.rounding import ceil_div
 
 # The collection the layer sows its attention weights into when it is mutable (the plain form
-# then computes them, whatever attention_impl says; the forms agree,
+# then computes them, whatever the plan says; the forms agree,
 # tests/attention/test_attention.py).
 ATTENTION_WEIGHTS = 'attention_weights'
+
+
+def layer_shape(layer: 'HaloAttention', input_shape: tuple[int, ...]) -> choose.LayerShape:
+  """The shape `layer` looks its form up by, for an NHWC input of `input_shape`: the one place a
+  LayerShape is built (the layer, measure.py and a run's recorded choice all use it)."""
+  _, height, width, channels = input_shape
+  return choose.LayerShape(
+    height=height,
+    width=width,
+    channels=channels,
+    qk_width=layer.qk_width,
+    value_width=layer.value_width,
+    num_heads=layer.num_heads,
+    block_size=layer.block_size,
+    halo_size=layer.halo_size,
+    stride=layer.stride,
+    mask_window=layer.mask_window,
+    dtype=jnp.dtype(layer.dtype).name,
+  )
 
 
 class HeadProjection(nn.Module):
@@ -100,9 +120,8 @@ class HaloAttention(nn.Module):
     stride: 1, or 2 for attention downsampling.
     mask_window: k > 0 restricts each query to the k x k keys centred on it (relaxed equivariance
       ablation); 0 lets it see the whole (b+2h)^2 neighbourhood.
-    attention_impl: 'plain', 'rows', 'pallas' (TPU), 'pallas_gpu' (GPU), 'dense', or 'auto'
-      (by backend and measured: choose.py).
-    attention_choice: the run's measured form per layer shape, used with 'auto' (measure.py).
+    attention: which form runs ('plain', 'rows', 'pallas' on TPU, 'pallas_gpu' on GPU, 'dense'),
+      for this layer's shape: the network's one plan (choose.AttentionPlan); plain by default.
     mask_padding: padded keys (beyond the map) get no weight; False keeps them as zero keys and
       values whose position logits still count, as timm's HaloAttn does (converted models).
     position_indexing: common.POSITION_INDEXINGS; 'window' for timm's models.
@@ -118,17 +137,14 @@ class HaloAttention(nn.Module):
   halo_size: int
   stride: int = 1
   mask_window: int = 0
-  attention_impl: str = 'auto'
+  attention: choose.AttentionPlan = choose.AttentionPlan()
   dtype: Any = jnp.float32
-  # (layer key, form) pairs measured for this run on its device (measure.py); () = the rule.
-  attention_choice: tuple[tuple[str, str], ...] = ()
   mask_padding: bool = True
   position_indexing: str = 'offset'
   position_embedding: str = 'factorized'
 
   def setup(self):
     check_attention_args(self.block_size, self.halo_size, self.stride, self.mask_window)
-    choose.check_impl(self.attention_impl)
     if self.position_indexing not in POSITION_INDEXINGS:
       raise errors.ConfigError(
         f'position_indexing={self.position_indexing!r} is not one of {POSITION_INDEXINGS}'
@@ -146,7 +162,7 @@ class HaloAttention(nn.Module):
     batch, height, width, channels = x.shape
     b, h, s, n = self.block_size, self.halo_size, self.stride, self.num_heads
     dk, dv = self.qk_width // n, self.value_width // n
-    nbh, nbw = -(-height // b), -(-width // b)
+    nbh, nbw = ceil_div(height, b), ceil_div(width, b)
     bq = b // s  # Queries per block side after subsampling.
     # Image rows split over a 'spatial' mesh axis: whole block rows per device, the h halo rows
     # exchanged between neighbours (spatial.py) instead of padded here.
@@ -183,22 +199,7 @@ class HaloAttention(nn.Module):
 
     bias_h = jnp.asarray(key_bias(height, b, h, s, self.mask_window, nbh, self.mask_padding))
     bias_w = jnp.asarray(key_bias(width, b, h, s, self.mask_window, None, self.mask_padding))
-    key = choose.layer_key(
-      height,
-      width,
-      channels,
-      self.qk_width,
-      self.value_width,
-      n,
-      b,
-      h,
-      s,
-      self.mask_window,
-      jnp.dtype(self.dtype).name,
-    )
-    attend = choose.IMPLEMENTATIONS[
-      choose.impl_for(self.attention_impl, self.attention_choice, key)
-    ]
+    attend = self.attention.attend(layer_shape(self, x.shape))
     if spatial:
       attend = functools.partial(attention_spatial.spatial_attention, attend)
     if self.is_mutable_collection(ATTENTION_WEIGHTS) and not self.is_initializing():

@@ -31,6 +31,7 @@ import numpy as np
 from halonet import paths
 from halonet.attention import choose
 from halonet.attention.layer import HaloAttention
+from halonet.attention.layer import layer_shape
 
 CHOICE_FILE = 'attention_choice.json'
 CANDIDATES = {
@@ -49,46 +50,28 @@ class Layer:
   """One distinct attention layer of a model, as one device runs it."""
 
   batch: int  # Per device.
-  height: int
-  width: int
-  channels: int
-  qk_width: int
-  value_width: int
-  num_heads: int
-  block_size: int
-  halo_size: int
-  stride: int
-  mask_window: int
-  dtype: str
+  shape: choose.LayerShape
 
   def key(self) -> str:
-    """What the layer looks up its form by (choose.impl_for): everything but the batch."""
-    return choose.layer_key(
-      self.height,
-      self.width,
-      self.channels,
-      self.qk_width,
-      self.value_width,
-      self.num_heads,
-      self.block_size,
-      self.halo_size,
-      self.stride,
-      self.mask_window,
-      self.dtype,
+    """What the layer looks its form up by (AttentionPlan.form): everything but the batch."""
+    return self.shape.key()
+
+  def module(self, form: str) -> HaloAttention:
+    s = self.shape
+    return HaloAttention(
+      qk_width=s.qk_width,
+      value_width=s.value_width,
+      num_heads=s.num_heads,
+      block_size=s.block_size,
+      halo_size=s.halo_size,
+      stride=s.stride,
+      mask_window=s.mask_window,
+      attention=choose.AttentionPlan(form),
+      dtype=jnp.dtype(s.dtype),
     )
 
-  def module(self, attention_impl: str) -> HaloAttention:
-    return HaloAttention(
-      qk_width=self.qk_width,
-      value_width=self.value_width,
-      num_heads=self.num_heads,
-      block_size=self.block_size,
-      halo_size=self.halo_size,
-      stride=self.stride,
-      mask_window=self.mask_window,
-      attention_impl=attention_impl,
-      dtype=jnp.dtype(self.dtype),
-    )
+  def as_json(self) -> dict[str, Any]:
+    return {'batch': self.batch, **dataclasses.asdict(self.shape)}
 
 
 def model_layers(model: nn.Module, image_size: int, batch: int) -> list[Layer]:
@@ -98,21 +81,7 @@ def model_layers(model: nn.Module, image_size: int, batch: int) -> list[Layer]:
   def record(next_fun, args, kwargs, context):
     module = context.module
     if isinstance(module, HaloAttention) and context.method_name == '__call__':
-      _, height, width, channels = args[0].shape
-      layer = Layer(
-        batch,
-        height,
-        width,
-        channels,
-        module.qk_width,
-        module.value_width,
-        module.num_heads,
-        module.block_size,
-        module.halo_size,
-        module.stride,
-        module.mask_window,
-        jnp.dtype(module.dtype).name,
-      )
+      layer = Layer(batch, layer_shape(module, args[0].shape))
       found.setdefault(layer.key(), layer)
     return next_fun(*args, **kwargs)
 
@@ -126,9 +95,9 @@ def model_layers(model: nn.Module, image_size: int, batch: int) -> list[Layer]:
   return list(found.values())
 
 
-def _forward_backward(layer: Layer, attention_impl: str) -> Callable[..., Any]:
+def _forward_backward(layer: Layer, form: str) -> Callable[..., Any]:
   """(params, x, cotangent) -> (output, parameter gradients, input gradient), jitted."""
-  module = layer.module(attention_impl)
+  module = layer.module(form)
 
   def run(params, x, cotangent):
     out, pullback = jax.vjp(lambda p, x: module.apply({'params': p}, x), params, x)
@@ -165,8 +134,9 @@ def measure_layer(
 ) -> dict[str, Any]:
   """{'choice', 'seconds': {form: s}, 'skipped': {form: why}} of one layer (forward+backward)."""
   keys = jax.random.split(jax.random.key(0), 3)
-  shape = (layer.batch, layer.height, layer.width, layer.channels)
-  x = jax.random.normal(keys[0], shape, jnp.float32).astype(layer.dtype)
+  shape = (layer.batch, layer.shape.height, layer.shape.width, layer.shape.channels)
+  dtype = layer.shape.dtype
+  x = jax.random.normal(keys[0], shape, jnp.float32).astype(dtype)
   params = layer.module('plain').init(keys[1], x)['params']
   reference = None
   seconds, skipped = {}, {}
@@ -174,7 +144,7 @@ def measure_layer(
     try:
       fn = _forward_backward(layer, impl)
       out_shape = jax.eval_shape(lambda p, x: layer.module(impl).apply({'params': p}, x), params, x)
-      cotangent = jax.random.normal(keys[2], out_shape.shape, jnp.float32).astype(layer.dtype)
+      cotangent = jax.random.normal(keys[2], out_shape.shape, jnp.float32).astype(dtype)
       args = (params, x, cotangent)
       compiled = fn.lower(*args).compile()
       result = jax.device_get(compiled(*args))
@@ -182,9 +152,9 @@ def measure_layer(
         reference = result
       else:
         error = _relative_error(result, reference)
-        if not error <= TOLERANCE[layer.dtype]:
+        if not error <= TOLERANCE[dtype]:
           raise ValueError(
-            f'disagrees with plain (relative error {error:.2g} > {TOLERANCE[layer.dtype]:g})'
+            f'disagrees with plain (relative error {error:.2g} > {TOLERANCE[dtype]:g})'
           )
       seconds[impl] = timer(compiled, args)
     except Exception as e:  # pylint: disable=broad-except  # Any failure rules a form out.
@@ -227,7 +197,7 @@ def choose_layers(
       record = measure_layer(layer, CANDIDATES[backend])
       cache[_cache_key(layer)] = record
       source = 'measured'
-    records[layer.key()] = {**record, 'layer': dataclasses.asdict(layer)}
+    records[layer.key()] = {**record, 'layer': layer.as_json()}
     times = ', '.join(f'{impl} {t * 1e3:.3g} ms' for impl, t in record['seconds'].items())
     skipped = ''.join(f'; {impl} skipped' for impl in record['skipped'])
     say(
@@ -249,7 +219,7 @@ def measures(attention_impl: str, backend: str) -> bool:
 
 
 def as_choice(records: dict[str, dict[str, Any]]) -> tuple[tuple[str, str], ...]:
-  """The (layer key, form) pairs a model takes (HaloNet.attention_choice)."""
+  """The (layer key, form) pairs measured (AttentionPlan.measured)."""
   return tuple(sorted((key, record['choice']) for key, record in records.items()))
 
 

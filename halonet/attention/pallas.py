@@ -47,6 +47,7 @@ from halonet.attention.pallas_kernels import forward_kernel
 from halonet.attention.pallas_kernels import kernel_flops
 from halonet.attention.pallas_kernels import map_columns
 from halonet.attention.pallas_kernels import round_up
+from halonet.rounding import ceil_div
 
 BACKENDS = ('tpu', 'cpu')  # Where the kernels run: compiled by Mosaic, or interpreted.
 # Scoped VMEM the kernels may use. Every H7 layer at 600 px fits v5e's 16 MiB default (its
@@ -220,7 +221,7 @@ def backward_call(shape: KernelShape, q, k, v, tables) -> Call:
     _output(v, v.shape, v.dtype),
     _output(q, (shape.images,) + tables[0].shape, F32),
   )
-  steps = -(-k.shape[1] // shape.block)
+  steps = ceil_div(k.shape[1], shape.block)
   return Call(
     (shape.images, steps),
     [blocks(q), strip(k), strip(v), *map(resident, tables), blocks(out), blocks(out)],

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from halonet import errors
 from halonet import sharding
 from halonet.attention.common import MASKED_LOGIT
+from halonet.rounding import ceil_div
 
 BACKENDS = ('gpu', 'cpu')  # Where the kernels run: compiled by Triton, or interpreted.
 F32 = jnp.float32
@@ -115,7 +116,7 @@ class Geometry:
 
   @property
   def key_blocks(self) -> tuple[int, int]:
-    return -(-self.key_rows // self.block), -(-self.key_cols // self.block)
+    return ceil_div(self.key_rows, self.block), ceil_div(self.key_cols, self.block)
 
   @property
   def column_terms(self) -> int:  # Width of the column terms: every tile either kernel reads.

@@ -35,6 +35,8 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 import numpy as np
 
+from halonet.rounding import ceil_div
+
 F32 = jnp.float32
 NN = (((1,), (0,)), ((), ()))  # a @ b
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -46,7 +48,7 @@ LANES = 128  # Of a TPU vector register and memory tile; the MXU's contraction w
 
 
 def round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
+  return ceil_div(n, multiple) * multiple
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from halonet.rounding import ceil_div
+
 
 def plain_attention(
   q: jax.Array,
@@ -79,7 +81,7 @@ def neighbourhoods(x: jax.Array, axis: int, block: int, halo: int, num_blocks: i
   them, usually 2), so it costs a few static slices whatever the map size.
   """
   window = block + 2 * halo
-  shifts = -(-window // block)
+  shifts = ceil_div(window, block)
   needed = (num_blocks + shifts - 1) * block
   pad = [(0, 0)] * x.ndim
   pad[axis] = (0, max(needed - x.shape[axis], 0))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from halonet import sharding
+from halonet.rounding import ceil_div
 
 Attend = Callable[..., jax.Array]
 
@@ -30,7 +31,7 @@ def receive_rows(x: jax.Array, rows: int, from_above: bool, axis_name: str) -> j
     return x[:, :0]
   devices, band = jax.lax.axis_size(axis_name), x.shape[1]
   pieces = []
-  for hop in range(1, -(-rows // band) + 1):  # One hop unless h exceeds a band.
+  for hop in range(1, ceil_div(rows, band) + 1):  # One hop unless h exceeds a band.
     wanted = min(band, rows - (hop - 1) * band)
     send = x[:, band - wanted :] if from_above else x[:, :wanted]
     shift = hop if from_above else -hop
@@ -107,4 +108,4 @@ def applies(batch: int) -> bool:
 def padded_block_rows(block_rows: int) -> int:
   """Block rows padded to a multiple of the traced mesh's spatial size (unchanged without one)."""
   spatial = sharding.spatial_size(jax.sharding.get_abstract_mesh())
-  return -(-block_rows // spatial) * spatial
+  return ceil_div(block_rows, spatial) * spatial

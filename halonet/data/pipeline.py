@@ -8,6 +8,7 @@ halonet/data/sources.py, what happens to their pixels halonet/data/preprocessing
 """
 
 from halonet.data.tensorflow_import import tf  # First: tfds imports TensorFlow.
+from halonet.rounding import ceil_div
 
 # isort: split
 
@@ -34,8 +35,8 @@ def steps_per_epoch(examples: int, global_batch_size: int) -> int:
 
 def eval_batch_count(total: int, batch_size: int, process_count: int) -> int:
   """Batches every process yields in one eval pass: the largest process share, in batches."""
-  per_process = -(-total // process_count)  # Ceiling divisions.
-  return -(-per_process // batch_size)
+  per_process = ceil_div(total, process_count)  # Ceiling divisions.
+  return ceil_div(per_process, batch_size)
 
 
 def create_split(

@@ -7,9 +7,12 @@ import ml_collections
 from halonet import attention
 from halonet import errors
 from halonet.models import channel_attention
+from halonet.models import conv_norm
 from halonet.models import halonet as model
 from halonet.models import mixers
+from halonet.models import stems
 from halonet.models.timm import byob
+from halonet.rounding import ceil_div
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -19,9 +22,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   m = config.model
   if m.arch:
     byob.check_config(m.arch, config.image_size)
-  if m.activation not in model.ACTIVATIONS:
+  if m.activation not in conv_norm.ACTIVATIONS:
     raise errors.ConfigError(
-      f'activation={m.activation!r} is not one of {sorted(model.ACTIVATIONS)}'
+      f'activation={m.activation!r} is not one of {sorted(conv_norm.ACTIVATIONS)}'
     )
   if m.dtype not in ('auto', *DTYPES):
     raise errors.ConfigError(f'dtype={m.dtype!r} is not one of {["auto", *DTYPES]}')
@@ -35,12 +38,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f'conv_stages={tuple(m.conv_stages)} may only name stages 1-4, got {bad_stages}'
     )
   _check_modules(m)
-  side = -(-config.image_size // 4)  # Stage 1's map: the stem strides 4.
+  side = ceil_div(config.image_size, 4)  # Stage 1's map: the stem strides 4.
   for stage, ((b, h), w, heads, mixer) in enumerate(
     zip(model.stage_windows(m), m.widths, m.num_heads, model.stage_mixers(m)), 1
   ):
     stride = 1 if stage == 1 else 2
-    side = -(-side // stride)  # The map of the stage's blocks after its first.
+    side = ceil_div(side, stride)  # The map of the stage's blocks after its first.
     _check_stage_mixer(m, stage, mixer, b, h, stride, w, heads, side)
   if m.stem == 'sasa' and 64 % m.num_heads[0]:
     raise errors.ConfigError(
@@ -67,8 +70,7 @@ def _check_modules(m: ml_collections.ConfigDict) -> None:
   if m.stage_attention not in ('', *channel_attention.STAGE_MODULES):
     known = ['', *channel_attention.STAGE_MODULES]
     raise errors.ConfigError(f'stage_attention={m.stage_attention!r} is not one of {known}')
-  if m.stem not in model.STEMS:
-    raise errors.ConfigError(f'stem={m.stem!r} is not one of {list(model.STEMS)}')
+  stems.build(m.stem)
   if m.shortcut not in model.SHORTCUTS:
     raise errors.ConfigError(f'shortcut={m.shortcut!r} is not one of {list(model.SHORTCUTS)}')
   used = set(model.stage_mixers(m))

@@ -12,6 +12,9 @@ import jax.numpy as jnp
 
 from halonet.models import grouped_conv
 
+# config.model.activation's names (HaloNet) and timm's (its networks' own setting).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {'relu': nn.relu, 'silu': nn.silu}
+
 
 def batch_norm(train: bool, dtype: Any) -> Callable[..., nn.BatchNorm]:
   """The BatchNorm every network here uses (momentum 0.9, epsilon 1e-5: timm's and the paper's

@@ -26,21 +26,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from halonet import attention
 from halonet import errors
+from halonet.attention.choose import AttentionPlan
+from halonet.attention.layer import HaloAttention
 from halonet.models import channel_attention
 from halonet.models import conv_norm
-from halonet.models import deep_stem
 from halonet.models import mixers
-from halonet.models import sasa_stem
+from halonet.models import stems
 from halonet.models.keys import CLASSIFIER
 from halonet.models.keys import FEATURES
 from halonet.models.mixers import pooling
 
 # Total downsampling of the stem and stages 2-4: the smallest image that yields a 1x1 stage-4 map.
 MIN_IMAGE_SIZE = 32
-ACTIVATIONS = {'relu': nn.relu, 'silu': nn.silu}
-STEMS = ('conv', 'sasa', *deep_stem.WIDTHS)
 # The projection shortcut where a block downsamples: a strided 1x1 conv, or (timm's avg_down, the
 # 'd' ResNets) a 2x2 average pool then the 1x1 conv, which sees every input pixel.
 SHORTCUTS = ('conv', 'avg_down')
@@ -125,9 +123,11 @@ class BottleneckBlock(nn.Module):
 
 class HaloNet(nn.Module):
   """The HaloNet family and the backbones it is compared with (SASA, BoTNet, ResNets with the
-  survey's modules). Fields are exactly those of `config.model` (halonet/defaults.py), where
-  each is documented; H0-H7 differ only in their values. `attention_cls` is the attention module
-  of 'halo' stages (HaloAttention's fields), for trying a new variant.
+  survey's modules). Fields are those of `config.model` (halonet/defaults.py), where each is
+  documented, but attention_impl: the network builder makes it one `attention` plan, the form
+  each attention layer runs (attention/choose.py). H0-H7 differ only in their values.
+  `attention_cls` is the attention module of 'halo' stages (HaloAttention's fields), for trying a
+  new variant.
   """
 
   num_classes: int
@@ -152,89 +152,22 @@ class HaloNet(nn.Module):
   radix: int
   num_experts: int
   mask_window: int
-  attention_impl: str
   remat: bool
   use_se: bool
   activation: str
   stochastic_depth_rate: float
   dropout_rate: float
   dtype: str
-  attention_cls: Callable[..., nn.Module] = attention.HaloAttention
-  # The run's measured form per attention layer shape (attention/measure.py); () = the rule.
-  attention_choice: tuple[tuple[str, str], ...] = ()
-
-  def _mixer(
-    self, name: str, width: int, heads: int, window: tuple[int, int], norm, act, dtype
-  ) -> Callable[..., nn.Module]:
-    """Stage's mixer constructor, (value_width, stride) left to the block."""
-    (b, h), attend = window, dict(attention_impl=self.attention_impl, dtype=dtype)
-    attend['attention_choice'] = self.attention_choice
-    if name == 'halo':
-      return functools.partial(
-        self.attention_cls,
-        qk_width=width,
-        num_heads=heads,
-        block_size=b,
-        halo_size=h,
-        mask_window=self.mask_window,
-        **attend,
-      )
-    if name == 'sasa':
-      return functools.partial(
-        mixers.LocalAttention,
-        qk_width=width,
-        num_heads=heads,
-        window=self.sasa_window,
-        block_size=b,
-        **attend,
-      )
-    if name == 'global':
-      return functools.partial(mixers.GlobalAttention, qk_width=width, num_heads=heads, **attend)
-    if name == 'sk':
-      return functools.partial(
-        mixers.SelectiveKernel, norm=norm, act=act, kernels=tuple(self.sk_kernels), dtype=dtype
-      )
-    if name == 'split':
-      return functools.partial(
-        mixers.SplitAttention, norm=norm, act=act, radix=self.radix, dtype=dtype
-      )
-    if name == 'condconv':
-      return functools.partial(mixers.CondConv, num_experts=self.num_experts, dtype=dtype)
-    if name == 'dynamic':
-      return functools.partial(mixers.DynamicConv, num_kernels=self.num_experts, dtype=dtype)
-    return functools.partial(mixers.Conv3x3, dtype=dtype)
+  attention: AttentionPlan = AttentionPlan()
+  attention_cls: Callable[..., nn.Module] = HaloAttention
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
-    act = ACTIVATIONS[self.activation]
+    act = conv_norm.ACTIVATIONS[self.activation]
     dtype = jnp.dtype(self.dtype)
     norm = conv_norm.batch_norm(train, dtype)
     x = images.astype(dtype)
-    if self.stem == 'sasa':
-      x = sasa_stem.AttentionStem(
-        width=64,
-        num_heads=self.num_heads[0],
-        norm=norm,
-        attention_impl=self.attention_impl,
-        attention_choice=self.attention_choice,
-        dtype=dtype,
-        name='stem_attention',
-      )(x)
-    elif self.stem in deep_stem.WIDTHS:
-      x = deep_stem.DeepStem(kind=self.stem, norm=norm, dtype=dtype, name='stem_deep')(x)
-    else:
-      x = nn.Conv(
-        64,
-        (7, 7),
-        strides=2,
-        padding=((3, 3), (3, 3)),
-        use_bias=False,
-        dtype=dtype,
-        name='stem_conv',
-      )(x)
-      x = norm(name='stem_bn')(x)
-      x = nn.relu(x)
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = stems.build(self.stem)(self, x, norm, dtype)
 
     # Rematerialisation recomputes each block's activations in the backward pass: only block
     # inputs are kept, for large images (H7 at 600 px) at a larger per-device batch.
@@ -252,7 +185,7 @@ class HaloNet(nn.Module):
       ),
       1,
     ):
-      mixer = self._mixer(mixer_name, width, heads, window, norm, act, dtype)
+      mixer = mixers.build(mixer_name, self, mixers.Stage(width, heads, *window, norm, act, dtype))
       gate = None
       if gate_name:
         gate = functools.partial(channel_attention.BLOCK_MODULES[gate_name], dtype=dtype)

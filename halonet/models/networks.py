@@ -1,6 +1,7 @@
 """The network a config names, built for a backend: HaloNet from config.model's fields, or one of
 timm's halo networks (config.model.arch); its variables' shapes and parameter count."""
 
+from collections.abc import Sequence
 import functools
 from typing import Any
 
@@ -18,46 +19,43 @@ from halonet.models.timm import byob
 AUTO_DTYPE = {'cpu': 'float32'}
 
 
-def resolve_backend_defaults(
-  model_config: ml_collections.ConfigDict, backend: str | None = None
-) -> dict[str, Any]:
-  """config.model as plain values, with each 'auto' (dtype, attention_impl) chosen for `backend`.
-
-  `backend` defaults to JAX's default backend ('cpu', 'gpu' or 'tpu'); pass one explicitly to
-  build the model a TPU or GPU would run, e.g. for cross-platform lowering.
-  """
-  backend = backend or jax.default_backend()
-  fields = model_config.to_dict()
-  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-  if fields['dtype'] == 'auto':
-    fields['dtype'] = AUTO_DTYPE.get(backend, 'bfloat16')
-  fields['attention_impl'] = attention.resolve_impl(fields['attention_impl'], backend)
-  return fields
-
-
 def create_model(
   config: ml_collections.ConfigDict,
   backend: str | None = None,
-  attention_choice: tuple[tuple[str, str], ...] = (),
-) -> HaloNet:
-  """The HaloNet of `config.model` (validated first), with 'auto' fields chosen for `backend`;
-  with a measured `attention_choice`, 'auto' attention takes each layer's form from it."""
+  measured: Sequence[tuple[str, str]] = (),
+) -> HaloNet | byob.ByobNet:
+  """The network `config` names, validated first, for `backend` (default: JAX's; pass one to build
+  what a TPU or GPU would run, e.g. for cross-platform lowering). dtype='auto' is chosen for the
+  backend, and the attention is decided here, once, as one plan for every layer:
+  config.model.attention_impl's form, or for 'auto' the `measured` form of each layer shape
+  (attention/measure.py) over the backend's rule (attention/choose.py)."""
   model_checks.validate_config(config)
-  fields = resolve_backend_defaults(config.model, backend)
-  if attention_choice:
-    fields['attention_impl'] = config.model.attention_impl
+  return build_model(config, backend, measured)
+
+
+def build_model(
+  config: ml_collections.ConfigDict,
+  backend: str | None = None,
+  measured: Sequence[tuple[str, str]] = (),
+) -> HaloNet | byob.ByobNet:
+  """create_model's network without its checks, for a caller that has run them (a run checks
+  its whole config once, train/config_checks.py)."""
+  backend = backend or jax.default_backend()
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.to_dict().items()}
+  if fields['dtype'] == 'auto':
+    fields['dtype'] = AUTO_DTYPE.get(backend, 'bfloat16')
+  plan = attention.plan(fields.pop('attention_impl'), backend, measured)
   arch = fields.pop('arch')
   if arch:  # One of timm's halo networks; the HaloNet fields do not apply.
     return byob.ByobNet(
       arch=arch,
       num_classes=config.num_classes,
-      attention_impl=fields['attention_impl'],
+      attention=plan,
       stochastic_depth_rate=fields['stochastic_depth_rate'],
       dropout_rate=fields['dropout_rate'],
       dtype=fields['dtype'],
-      attention_choice=tuple(attention_choice),
     )
-  return HaloNet(num_classes=config.num_classes, attention_choice=tuple(attention_choice), **fields)
+  return HaloNet(num_classes=config.num_classes, attention=plan, **fields)
 
 
 def abstract_variables(config: ml_collections.ConfigDict, batch_size: int = 1) -> Any:
@@ -68,7 +66,11 @@ def abstract_variables(config: ml_collections.ConfigDict, batch_size: int = 1) -
   return jax.eval_shape(functools.partial(model.init, train=False), rngs, images)
 
 
-def count_params(config: ml_collections.ConfigDict) -> int:
-  """Trainable parameters (BN running statistics excluded)."""
-  params = abstract_variables(config)['params']
+def param_count(params: Any) -> int:
+  """The number of values in a parameter tree, abstract or concrete."""
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+def count_params(config: ml_collections.ConfigDict) -> int:
+  """Trainable parameters (BN running statistics excluded), from shapes alone."""
+  return param_count(abstract_variables(config)['params'])

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from halonet.attention.choose import AttentionPlan
 from halonet.attention.layer import HaloAttention
 from halonet.attention.layer import HeadProjection
 
@@ -51,8 +52,7 @@ class AttentionStem(nn.Module):
   num_heads: int
   norm: Callable[..., nn.Module]
   num_mixtures: int = 4
-  attention_impl: str = 'auto'
-  attention_choice: tuple[tuple[str, str], ...] = ()
+  attention: AttentionPlan = AttentionPlan()
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -64,8 +64,7 @@ class AttentionStem(nn.Module):
       block_size=STEM_BLOCK,
       halo_size=0,
       num_mixtures=self.num_mixtures,
-      attention_impl=self.attention_impl,
-      attention_choice=self.attention_choice,
+      attention=self.attention,
       position_embedding='split',
       dtype=self.dtype,
       name='attention',

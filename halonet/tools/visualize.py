@@ -30,6 +30,7 @@ from halonet import paths
 from halonet.data import preprocessing
 from halonet.models import halonet as model_lib
 from halonet.models import networks
+from halonet.rounding import ceil_div
 from halonet.tools import trained
 from halonet.train import launch  # pylint: disable=g-bad-import-order  # First: quiets TensorFlow.
 
@@ -61,7 +62,7 @@ class LayerGeometry:
 
   @property
   def out_size(self) -> int:
-    return -(-self.size // self.stride)
+    return ceil_div(self.size, self.stride)
 
   @property
   def per_block(self) -> int:
@@ -69,7 +70,7 @@ class LayerGeometry:
 
   @property
   def blocks_per_side(self) -> int:
-    return -(-self.out_size // self.per_block)
+    return ceil_div(self.out_size, self.per_block)
 
 
 def attention_layers(config: ml_collections.ConfigDict) -> list[str]:
@@ -84,9 +85,9 @@ def attention_layers(config: ml_collections.ConfigDict) -> list[str]:
 
 def input_size(config: ml_collections.ConfigDict, stage: int, block: int) -> int:
   """Side of the map a block's attention reads (ceil halving: stem, max-pool, stages 2-4)."""
-  size = -(-config.image_size // 4)
+  size = ceil_div(config.image_size, 4)
   for _ in range(2, stage + (block > 0)):
-    size = -(-size // 2)
+    size = ceil_div(size, 2)
   return size
 
 

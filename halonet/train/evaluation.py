@@ -203,6 +203,6 @@ def evaluate_checkpoint(
   workdir_lib.append_eval_records(workdir, records)
   return {
     'step': step,
-    'num_params': networks.count_params(config),
+    'num_params': networks.param_count(abstract.params),
     **{f'{name}_eval': v for name, v in evals.items()},
   }

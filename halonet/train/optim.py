@@ -5,7 +5,7 @@ import ml_collections
 import optax
 
 from halonet import errors
-from halonet.models import halonet as model_lib
+from halonet.models.keys import CLASSIFIER
 
 OPTIMIZERS = ('sgd', 'adamw')
 TRAINABLE = ('all', 'head')  # config.trainable: every parameter, or the classifier alone.
@@ -57,8 +57,6 @@ def create_optimizer(
 def trainable_labels(params: optax.Params) -> optax.Params:
   """'train' for the classifier's parameters, 'frozen' for every other."""
   return {
-    name: jax.tree.map(
-      lambda _, n=name: 'train' if n == model_lib.CLASSIFIER else 'frozen', subtree
-    )
+    name: jax.tree.map(lambda _, n=name: 'train' if n == CLASSIFIER else 'frozen', subtree)
     for name, subtree in params.items()
   }

@@ -51,7 +51,9 @@ class ProgressReport(periodic_actions.ReportProgress):
     self._applied_at = 0.0
     self.images_per_sec: float | None = None  # Over the last line's window.
 
-  def __call__(self, step: int) -> bool:
+  def __call__(self, step: int, outputs: Any = None) -> bool:
+    """After `step` (its outputs, as StepProfile takes them, are not needed here)."""
+    del outputs
     return super().__call__(step, self._clock())
 
   def _clock(self) -> float:

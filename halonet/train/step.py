@@ -1,6 +1,6 @@
 """The state a run trains and saves, and one train step: loss, gradients, optimizer update and
 EMA as one `jax.jit` over a ('data', 'spatial') mesh; how many steps a run takes; restoring a
-run's saved state. The loop that drives it is train_lib.py's."""
+run's saved state. The loop that drives it is loop.py's."""
 
 from collections.abc import Callable
 import functools
@@ -201,20 +201,22 @@ def lower_train_step(
   return step.lower(abstract, batch), model
 
 
-def build(
+def optimization(
   config: ml_collections.ConfigDict, train_examples: int
-) -> tuple[nn.Module, optax.GradientTransformation, optax.Schedule, int]:
-  """Model, optimizer, lr schedule and step count for a train split of `train_examples`."""
+) -> tuple[optax.GradientTransformation, optax.Schedule, int]:
+  """Optimizer, lr schedule and step count for a train split of `train_examples`."""
   num_steps = total_train_steps(config, train_examples)
   schedule = optim.learning_rate_schedule(
     config, input_pipeline.steps_per_epoch(train_examples, config.batch_size), num_steps
   )
-  return (
-    networks.create_model(config),
-    optim.create_optimizer(config, schedule),
-    schedule,
-    num_steps,
-  )
+  return optim.create_optimizer(config, schedule), schedule, num_steps
+
+
+def build(
+  config: ml_collections.ConfigDict, train_examples: int
+) -> tuple[nn.Module, optax.GradientTransformation, optax.Schedule, int]:
+  """Model (its config checked), optimizer, lr schedule and step count, as `optimization`."""
+  return (networks.create_model(config), *optimization(config, train_examples))
 
 
 def restore_run(
@@ -222,7 +224,7 @@ def restore_run(
 ) -> tuple[TrainState, TrainState, nn.Module]:
   """A run's saved state at `step` (default: latest), replicated on `mesh`, read-only; with its
   abstract state and the model `config` builds (config must be the run's as to the model)."""
-  model = networks.create_model(config, attention_choice=measure.recorded_choice(workdir) or ())
+  model = networks.create_model(config, measured=measure.recorded_choice(workdir) or ())
   # Only the optimizer state's structure matters for restoring, not the schedule's values.
   tx = optim.create_optimizer(config, optax.constant_schedule(0.0))
   _, abstract = abstract_train_state(config, model, tx, mesh)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from halonet.attention import IMPLEMENTATIONS
+from halonet.attention import AttentionPlan
 from halonet.attention import HaloAttention
 
 
@@ -93,7 +94,7 @@ def _case_layer_and_params(case, x, impl):
     halo_size=case['halo'],
     stride=case['stride'],
     mask_window=case.get('mask', 0),
-    attention_impl=impl,
+    attention=AttentionPlan(impl),
   )
 
 
@@ -170,7 +171,7 @@ def test_gradients_finite_with_masks_and_padding(impl):
     halo_size=2,
     stride=2,
     mask_window=3,
-    attention_impl=impl,
+    attention=AttentionPlan(impl),
   )
   grads = jax.grad(lambda p, x: layer.apply({'params': p}, x).sum(), argnums=(0, 1))(params, x)
   for g in jax.tree_util.tree_leaves(grads):
@@ -185,8 +186,8 @@ def test_implementations_agree(impl, stride):
   that b does not divide), forward and gradients, float32 and bfloat16."""
   x = jax.random.normal(jax.random.key(0), (3, 21, 13, 16))
   kwargs = dict(qk_width=16, value_width=24, num_heads=4, block_size=8, halo_size=3, stride=stride)
-  plain, params = _layer_and_params(x, **kwargs, attention_impl='plain')
-  other = HaloAttention(**kwargs, attention_impl=impl)
+  plain, params = _layer_and_params(x, **kwargs, attention=AttentionPlan('plain'))
+  other = HaloAttention(**kwargs, attention=AttentionPlan(impl))
   cotangent = jax.random.normal(jax.random.key(5), plain.apply({'params': params}, x).shape)
   for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
     results = []
@@ -217,8 +218,8 @@ def test_rows_bfloat16_gradient_with_a_single_row_of_blocks():
   XLA:CPU once failed to run (an unfused BF16 x BF16 = F32 product); checked against plain."""
   x = jax.random.normal(jax.random.key(0), (1, 4, 15, 6))
   kwargs = dict(qk_width=6, value_width=6, num_heads=2, block_size=4, halo_size=0)
-  plain, params = _layer_and_params(x, **kwargs, attention_impl='plain')
-  rows = HaloAttention(**kwargs, attention_impl='rows', dtype=jnp.bfloat16)
+  plain, params = _layer_and_params(x, **kwargs, attention=AttentionPlan('plain'))
+  rows = HaloAttention(**kwargs, attention=AttentionPlan('rows'), dtype=jnp.bfloat16)
   grad = lambda layer: jax.jit(
     jax.grad(lambda p, x: layer.apply({'params': p}, x).astype(jnp.float32).sum(), argnums=(0, 1))
   )
@@ -236,7 +237,7 @@ def test_rows_bfloat16_gradient_with_a_single_row_of_blocks():
 def test_bfloat16_compute_close_to_float32(impl):
   x = jax.random.normal(jax.random.key(0), (1, 8, 8, 8))
   kwargs = dict(
-    qk_width=8, value_width=8, num_heads=2, block_size=4, halo_size=1, attention_impl=impl
+    qk_width=8, value_width=8, num_heads=2, block_size=4, halo_size=1, attention=AttentionPlan(impl)
   )
   layer32, params = _layer_and_params(x, **kwargs)
   out32 = layer32.apply({'params': params}, x)
@@ -263,7 +264,7 @@ def test_equivariant_to_shifts_of_one_block_only(stride, impl):
     block_size=block,
     halo_size=halo,
     stride=stride,
-    attention_impl=impl,
+    attention=AttentionPlan(impl),
   )
   out = layer.apply({'params': params}, x)
   # Output rows whose neighbourhood lies inside the image both before and after the shift.
@@ -296,7 +297,6 @@ def test_equivariant_to_shifts_of_one_block_only(stride, impl):
     (dict(block_size=3, stride=2), 'block_size=3'),
     (dict(mask_window=4), 'mask_window=4'),
     (dict(mask_window=5, halo_size=1), 'mask_window=5'),
-    (dict(attention_impl='fast'), "attention_impl='fast'"),
     (dict(position_indexing='timm'), "position_indexing='timm'"),
   ],
 )
@@ -305,6 +305,13 @@ def test_bad_arguments_name_the_value(kwargs, message):
   args.update(kwargs)
   with pytest.raises(ValueError, match=message):
     HaloAttention(**args).init(jax.random.key(0), jnp.zeros((1, 8, 8, 8)))
+
+
+def test_a_plan_naming_no_form_is_refused_in_one_line():
+  with pytest.raises(ValueError, match="attention form 'fast' is not one of"):
+    AttentionPlan('fast')
+  with pytest.raises(ValueError, match="attention form 'fast'"):
+    AttentionPlan('plain', (('16x16x8 qk8 v8 heads2 b4 h1 s1 mask0 float32', 'fast'),))
 
 
 def test_dense_form_folds_positions_and_masks_into_the_dot_product(monkeypatch):

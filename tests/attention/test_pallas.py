@@ -133,7 +133,7 @@ def test_kernels_are_race_free_on_two_cores(monkeypatch, capsys):
     halo_size=1,
     stride=2,
     mask_window=3,
-    attention_impl='pallas',
+    attention=attention.AttentionPlan('pallas'),
   )
   x = jax.random.normal(jax.random.key(0), (2, 10, 7, 6))
   variables = layer.init(jax.random.key(1), x)
@@ -147,7 +147,7 @@ def test_refused_on_gpu_in_one_line():
   config.model.attention_impl = 'pallas'
   with pytest.raises(errors.ConfigError, match=r"attention_impl='pallas' runs on TPU.*not on gpu"):
     networks.create_model(config, backend='gpu')
-  assert networks.create_model(config, backend='tpu').attention_impl == 'pallas'
+  assert networks.create_model(config, backend='tpu').attention.default == 'pallas'
 
 
 def test_lowers_for_tpu_with_logits_and_windows_only_in_the_kernels():

@@ -16,6 +16,7 @@ import pytest
 from configs import tiny
 from halonet import attention
 from halonet import sharding
+from halonet.attention import AttentionPlan
 from halonet.attention import spatial as attention_spatial
 from halonet.train import step as train_step_lib
 from tests import hlo
@@ -75,7 +76,7 @@ def test_attention_layer_and_gradients_equal_the_unsharded_layer(
     halo_size=halo,
     stride=stride,
     mask_window=mask_window,
-    attention_impl=impl,
+    attention=AttentionPlan(impl),
   )
   x = jax.random.normal(jax.random.key(0), (8, height, height + 3, 6))
   variables = layer.init(jax.random.key(1), x)

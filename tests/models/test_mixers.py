@@ -14,6 +14,7 @@ import pytest
 from configs import halonet as configs
 from halonet import errors
 from halonet.attention import IMPLEMENTATIONS
+from halonet.attention import AttentionPlan
 from halonet.models import channel_attention
 from halonet.models import checks as model_checks
 from halonet.models import mixers
@@ -100,7 +101,7 @@ def test_sasa_window_attention_is_the_per_pixel_definition_in_every_form(impl, b
     num_heads=heads,
     window=k,
     block_size=block,
-    attention_impl=impl,
+    attention=AttentionPlan(impl),
   )
   params, weights = _sasa_params(c, heads, dk, k, block)
   got = jax.jit(layer.apply)({'params': params}, jnp.asarray(x, jnp.float32))
@@ -162,7 +163,7 @@ def test_stem_attention_mixes_values_by_the_keys_place_in_its_block():
     halo_size=0,
     num_mixtures=3,
     position_embedding='split',
-    attention_impl='plain',
+    attention=AttentionPlan('plain'),
   )
   params = layer.init(jax.random.key(0), jnp.asarray(x, jnp.float32))['params']
   params = jax.tree.map(lambda p: jnp.asarray(RNG.normal(size=p.shape), jnp.float32), params)
@@ -174,7 +175,7 @@ def test_stem_attention_mixes_values_by_the_keys_place_in_its_block():
 def test_attention_stem_gives_the_conv_stems_map():
   """224 px in, 56 x 56 x 64 out (4 x 4 blocks, 4 x 4 max-pool), as the conv stem gives."""
   norm = functools.partial(nn.BatchNorm, use_running_average=True)
-  stem = sasa_stem.AttentionStem(width=64, num_heads=8, norm=norm, attention_impl='plain')
+  stem = sasa_stem.AttentionStem(width=64, num_heads=8, norm=norm, attention=AttentionPlan('plain'))
   images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
   out = jax.eval_shape(lambda x: stem.init_with_output(jax.random.key(0), x)[0], images)
   assert out.shape == (1, 56, 56, 64)

@@ -9,6 +9,7 @@ import pytest
 from configs import halonet as named_configs
 from configs import timm as timm_configs
 from configs import tiny
+from halonet.attention import AttentionPlan
 from halonet.models import halonet as model
 from halonet.models import networks
 from halonet.models.timm import byob
@@ -138,7 +139,7 @@ def test_unknown_config_name():
 )
 def test_paper_configs_resolve_auto_per_backend(backend, dtype, impl):
   net = networks.create_model(named_configs.get_config('h7'), backend=backend)
-  assert (net.dtype, net.attention_impl) == (dtype, impl)
+  assert (net.dtype, net.attention) == (dtype, AttentionPlan(impl))
 
 
 def test_large_variants_rematerialise_by_default():
@@ -152,7 +153,7 @@ def test_explicit_choices_and_cpu_configs_are_kept_on_every_backend():
   config = named_configs.get_config('h1')
   config.model.dtype, config.model.attention_impl = 'float32', 'rows'
   net = networks.create_model(config, backend='tpu')
-  assert (net.dtype, net.attention_impl) == ('float32', 'rows')
+  assert (net.dtype, net.attention) == ('float32', AttentionPlan('rows'))
   assert networks.create_model(tiny.get_config(), backend='tpu').dtype == 'float32'
 
 
@@ -163,20 +164,23 @@ def test_a_timm_arch_is_built_as_timms_network_with_the_runs_settings():
   for backend, dtype, impl in (('cpu', 'float32', 'rows'), ('tpu', 'bfloat16', 'plain')):
     net = networks.create_model(config, backend=backend)
     assert isinstance(net, byob.ByobNet) and net.arch == 'halonet26t'
-    assert (net.num_classes, net.dtype, net.attention_impl) == (7, dtype, impl)
+    assert (net.num_classes, net.dtype, net.attention) == (7, dtype, AttentionPlan(impl))
     assert (net.stochastic_depth_rate, net.dropout_rate) == (0.1, 0.2)
   assert networks.abstract_variables(config)['params']['head']['kernel'].shape[-1] == 7
 
 
 @pytest.mark.parametrize('config', [tiny.get_config(), timm_configs.get_config('halonet26t')])
-def test_a_measured_choice_keeps_auto_for_each_layer_to_look_up(config):
-  """Given the forms measured per layer, 'auto' reaches the layers (each looks its form up);
-  without them it is resolved for this host by the rule (rows on CPU)."""
+def test_measured_forms_reach_the_layers_in_one_plan_over_the_hosts_rule(config):
+  """Given the forms measured per layer, 'auto' becomes one plan that holds them over this host's
+  rule (rows on CPU) for layers not measured; without them, the rule alone. An explicit form
+  takes no measured ones."""
   choice = (('some layer key', 'plain'),)
-  measured = networks.create_model(config, attention_choice=choice)
-  assert (measured.attention_impl, measured.attention_choice) == ('auto', choice)
-  assert networks.create_model(config).attention_impl == 'rows'
+  measured = networks.create_model(config, measured=choice)
+  assert measured.attention == AttentionPlan('rows', choice)
+  assert networks.create_model(config).attention == AttentionPlan('rows')
   assert networks.create_model(config).dtype == 'float32'  # 'auto' on this CPU host.
+  config.model.attention_impl = 'plain'
+  assert networks.create_model(config, measured=choice).attention == AttentionPlan('plain')
 
 
 def _loss_and_grads(config, x):

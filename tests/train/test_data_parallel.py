@@ -98,7 +98,7 @@ def test_train_step_only_all_reduces_parameter_sized_tensors(impl, model):
 
 def test_accelerator_train_step_has_no_loop():
   compiled, _, model = compiled_train_step('auto@tpu', GLOBAL_BATCH, DEVICES)
-  assert model.attention_impl == 'plain'
+  assert model.attention.default == 'plain'
   assert hlo.trip_counts(compiled.as_text()) == []
   assert not hlo.hlo_ops(compiled.as_text(), ('while',))
 
@@ -140,7 +140,7 @@ def test_per_device_cost_is_that_of_the_per_device_batch(impl):
 def test_forward_backward_lowers_for_tpu_and_gpu_without_a_loop(config):
   """Cross-platform lowering needs no accelerator: the StableHLO a TPU or GPU would compile."""
   model = networks.create_model(config, backend='tpu')
-  assert (model.attention_impl, model.dtype) == ('plain', 'bfloat16')
+  assert (model.attention.default, model.dtype) == ('plain', 'bfloat16')
   size = config.image_size
   variables = networks.abstract_variables(config)
 

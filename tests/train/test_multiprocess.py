@@ -121,7 +121,7 @@ def _one_process_eval(config, state, abstract, workdir):
   """The checkpoint's evaluation by this one process on a mesh of the same size, with the
   attention forms the run recorded: every split's top-1, top-5, loss and count."""
   mesh = sharding.create_mesh(config.mesh_shape, jax.devices()[: PROCESSES * DEVICES_PER_PROCESS])
-  model = networks.create_model(config, attention_choice=measure.recorded_choice(workdir) or ())
+  model = networks.create_model(config, measured=measure.recorded_choice(workdir) or ())
   shapes = {'params': abstract.params, 'batch_stats': abstract.batch_stats}
   eval_fn, _ = eval_lib.compile_eval_step(model, mesh, shapes, config)
   variables = jax.device_put(

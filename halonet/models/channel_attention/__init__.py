@@ -1,6 +1,7 @@
 """Channel attention after a bottleneck block's last BatchNorm, and BAM after a stage (the
-survey's modules, seeds/004). Each is a Flax module (x) -> x of the same shape; those with
-BatchNorm take the network's `norm` partial (train or eval) as a field.
+vision-attention survey's modules: SE, ECA, CBAM, BAM, Gather-Excite). Each is a Flax module
+(x) -> x of the same shape; those with BatchNorm take the network's `norm` partial (train or
+eval) as a field.
 
   squeeze_excite.py   'se'                          SE (Hu et al.)
   eca.py              'eca'                         ECA-Net (Wang et al.)

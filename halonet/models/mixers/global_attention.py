@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from halonet.attention.choose import AttentionPlan
 from halonet.attention.layer import HaloAttention
 from halonet.models.mixers.pooling import downsample
 
@@ -20,8 +21,7 @@ class GlobalAttention(nn.Module):
   stride: int
   qk_width: int
   num_heads: int
-  attention_impl: str = 'auto'
-  attention_choice: tuple[tuple[str, str], ...] = ()
+  attention: AttentionPlan = AttentionPlan()
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -32,8 +32,7 @@ class GlobalAttention(nn.Module):
       num_heads=self.num_heads,
       block_size=max(x.shape[1:3]),
       halo_size=0,
-      attention_impl=self.attention_impl,
-      attention_choice=self.attention_choice,
+      attention=self.attention,
       dtype=self.dtype,
       name='self_attn',
     )(x)

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from halonet.attention.choose import AttentionPlan
 from halonet.attention.layer import HaloAttention
 from halonet.models.mixers.pooling import downsample
 
@@ -27,8 +28,7 @@ class LocalAttention(nn.Module):
   num_heads: int
   window: int = 7
   block_size: int = 8
-  attention_impl: str = 'auto'
-  attention_choice: tuple[tuple[str, str], ...] = ()
+  attention: AttentionPlan = AttentionPlan()
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -40,8 +40,7 @@ class LocalAttention(nn.Module):
       block_size=self.block_size,
       halo_size=self.window // 2,
       mask_window=self.window,
-      attention_impl=self.attention_impl,
-      attention_choice=self.attention_choice,
+      attention=self.attention,
       position_embedding='split',
       dtype=self.dtype,
       name='attention',

@@ -33,14 +33,14 @@ import jax.numpy as jnp
 
 from halonet import attention
 from halonet import errors
+from halonet.attention.choose import AttentionPlan
 from halonet.models import channel_attention
 from halonet.models import conv_norm
 from halonet.models.keys import CLASSIFIER
 from halonet.models.keys import FEATURES
 from halonet.models.timm import lambda_layer
+from halonet.rounding import ceil_div
 from halonet.rounding import make_divisible
-
-_ACTIVATIONS = {'relu': nn.relu, 'silu': nn.silu}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,9 +212,9 @@ def check_config(arch: str, image_size: int) -> None:
   if arch not in ARCHS:
     raise errors.ConfigError(f'model.arch={arch!r} is not one of {sorted(ARCHS)}')
   spec = ARCHS[arch]
-  size = -(-image_size // stem_stride(spec))
+  size = ceil_div(image_size, stem_stride(spec))
   for number, stage in enumerate(spec.stages, 1):
-    out = -(-size // stage.stride)
+    out = ceil_div(size, stage.stride)
     kwargs = dict(spec.attention if stage.attention is None else stage.attention)
     layer, block = kwargs.get('layer', 'halo'), kwargs.get('block_size', 8)
     for i, kind in enumerate(stage.blocks):
@@ -245,8 +245,7 @@ class Block(nn.Module):
   bottle_ratio: float
   spec: Arch
   attention_kwargs: tuple[tuple[str, Any], ...]
-  attention_impl: str
-  attention_choice: tuple[tuple[str, str], ...]
+  attention: AttentionPlan
   drop_path_rate: float
   norm: Callable[..., nn.Module]  # BatchNorm, built once by the network for train or eval.
   dtype: Any
@@ -254,7 +253,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     spec = self.spec
-    act = _ACTIVATIONS[spec.activation]
+    act = conv_norm.ACTIVATIONS[spec.activation]
     conv = functools.partial(conv_norm.ConvNormAct, kernel=1, norm=self.norm, dtype=self.dtype)
     mid = make_divisible((x.shape[-1] if spec.bottle_in else self.width) * self.bottle_ratio)
     y = conv(mid, act=act, name='conv1_1x1')(x)
@@ -303,8 +302,7 @@ class Block(nn.Module):
       block_size=block,
       halo_size=kwargs.get('halo_size', 3),
       stride=1 if pooled else self.stride,
-      attention_impl=self.attention_impl,
-      attention_choice=self.attention_choice,
+      attention=self.attention,
       mask_padding=False,
       position_indexing='window',
       dtype=self.dtype,
@@ -319,17 +317,15 @@ class ByobNet(nn.Module):
 
   arch: str
   num_classes: int
-  attention_impl: str = 'auto'
+  attention: AttentionPlan = AttentionPlan()
   stochastic_depth_rate: float = 0.0
   dropout_rate: float = 0.0
   dtype: str = 'float32'
-  # The run's measured form per attention layer shape (attention/measure.py); () = the rule.
-  attention_choice: tuple[tuple[str, str], ...] = ()
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
     spec = ARCHS[self.arch]
-    act = _ACTIVATIONS[spec.activation]
+    act = conv_norm.ACTIVATIONS[spec.activation]
     dtype = jnp.dtype(self.dtype)
     norm = conv_norm.batch_norm(train, dtype)
     conv = functools.partial(conv_norm.ConvNormAct, norm=norm, act=act, dtype=dtype)
@@ -357,8 +353,7 @@ class ByobNet(nn.Module):
           bottle_ratio=stage.bottle_ratio,
           spec=spec,
           attention_kwargs=spec.attention if stage.attention is None else stage.attention,
-          attention_impl=self.attention_impl,
-          attention_choice=self.attention_choice,
+          attention=self.attention,
           drop_path_rate=self.stochastic_depth_rate * index / max(total - 1, 1),
           norm=norm,
           dtype=dtype,
