@@ -52,9 +52,10 @@ def main(argv):
           'top': [{'label': int(c), 'class': names[c], 'probability': float(p[c])} for c in top],
         }
       )
+      # Entries apart by '; ': ImageNet's class names hold commas ('rule, ruler').
       print(
         f'{path}: '
-        + ', '.join(f'{t["class"]} {t["probability"]:.3f}' for t in predictions[-1]['top'])
+        + '; '.join(f'{t["class"]} {t["probability"]:.3f}' for t in predictions[-1]['top'])
       )
     output = paths.unused_path(FLAGS.output or str(paths.path(FLAGS.workdir) / 'predictions.json'))
     paths.write_json(

@@ -5,6 +5,7 @@ python summary.py --config=configs/quickstart.py --json
 """
 
 import json
+import sys
 
 from absl import app
 from absl import flags
@@ -29,7 +30,10 @@ def main(argv: list[str]) -> None:
   configs = [named_configs.get_config(name) for name in paper.VARIANTS]
   if _CONFIG.value is not None:
     configs.append(_CONFIG.value)
-  rows = [summary.summarize(c) for c in configs]
+  rows = []
+  for config in configs:  # Seconds each (H7 at 600 px the longest): say what is under way.
+    print(f'counting the parameters and FLOPs of {config.variant}...', file=sys.stderr, flush=True)
+    rows.append(summary.summarize(config))
   print(json.dumps(rows, indent=2) if _JSON.value else summary.format_rows(rows))
 
 

@@ -1,188 +1,203 @@
 """The fields every config has, with their defaults (H1 on ImageNet) and what each one means.
 
-configs/halonet.py builds each named config from these; a run's stored config.json is read back
-onto them (halonet/train/workdir.py), so the library needs no config file to load a trained run.
+Each field is declared once, as (default, meaning): the default builds the config, the meaning is
+what `--help` prints beside it. configs/halonet.py builds each named config from these; a run's
+stored config.json is read back onto them (halonet/train/workdir.py), so the library needs no
+config file to load a trained run.
 """
 
-import inspect
-import re
-import sys
 from typing import Any
 
 import ml_collections
 
+# config.model: the architecture knobs a HaloNet sweep turns (defaults: H1); the fields of HaloNet.
+MODEL_FIELDS: dict[str, tuple[Any, str]] = dict(
+  block_size=(8, 'b: query block side.'),
+  halo_size=(3, 'h: halo width around each block.'),
+  block_sizes=((), 'Per-stage overrides of b and h (4 entries each); empty = use the two above.'),
+  halo_sizes=((), 'per-stage h (4 entries); empty = halo_size.'),
+  value_ratio=(1.0, 'r_v: attention value/output width = w * r_v.'),
+  bottleneck_ratio=(1.0, 'r_b: block output width = w * r_b.'),
+  widths=((64, 128, 256, 512), 'w of each stage: attention query/key width and bottleneck width.'),
+  stage_depths=((3, 3, 10, 3), '(3, 3, l_3, 3).'),
+  num_heads=((4, 8, 8, 8), 'attention heads per stage.'),
+  final_width=(0, 'd_f: final 1x1 conv before pooling; 0 = none.'),
+  conv_stages=((), 'stages (1-4) that use a 3x3 conv instead of attention.'),
+  mixers=(
+    (),
+    "The spatial mixer of each stage (4 names, halonet/models/mixers): 'halo', 'conv', 'sasa', "
+    "'global' (BoTNet), 'sk', 'split' (ResNeSt), 'condconv' or 'dynamic'; empty = 'halo', or "
+    "'conv' in conv_stages.",
+  ),
+  channel_attention=(
+    (),
+    "Channel attention after each stage's blocks (4 names, halonet/models/channel_attention): "
+    "'', 'se', 'eca', 'cbam', 'ge_minus', 'ge' or 'ge_plus'; empty = 'se' with use_se, else "
+    'none.',
+  ),
+  stage_attention=('', "'bam': BAM after stages 1-3; '' = none."),
+  stem=(
+    'conv',
+    "'conv' (7x7/2 conv, 3x3/2 max-pool), 'sasa' (SASA's attention stem), or the 'deep' (3x3 "
+    "convs of 32, 32, 64) and 'tiered' (24, 32, 64) stems of timm's 'd'/'t' ResNets.",
+  ),
+  shortcut=(
+    'conv',
+    "Where a block downsamples: 'conv' (strided 1x1 conv) or 'avg_down' (2x2 average pool, "
+    "then the 1x1 conv, as timm's 'd'/'t' ResNets).",
+  ),
+  sasa_window=(7, "k: the window side of 'sasa' mixers (odd)."),
+  sk_kernels=((3, 5), 'kernel of each Selective Kernel path (odd; 5 = 3x3 dilated by 2).'),
+  radix=(2, "Split Attention's splits per channel."),
+  num_experts=(4, "kernels mixed by 'condconv' and 'dynamic' mixers."),
+  mask_window=(0, 'k > 0 restricts each query to a k x k window (masked attention).'),
+  attention_impl=(
+    'auto',
+    "'plain' (loop-free, batch-parallel), 'rows' (row loop, hand-written backward: the CPU "
+    "fast path), 'pallas' (fused TPU kernels), 'pallas_gpu' (fused GPU kernels; both "
+    "interpreted on CPU), 'dense' (jax.nn.dot_product_attention per block) or 'auto': measured "
+    'per layer on TPU/GPU, rows on CPU (halonet/attention/choose.py).',
+  ),
+  remat=(False, "recompute each block's activations in the backward pass."),
+  use_se=(False, "squeeze-excitation in every block (channel_attention='se' per stage)."),
+  activation=('relu', "'relu' or 'silu'."),
+  stochastic_depth_rate=(0.0, 'drop-path rate of the last block (linear from 0).'),
+  dropout_rate=(0.0, 'dropout before the classifier.'),
+  dtype=(
+    'auto',
+    "compute dtype; params, optimizer state and softmax stay float32. 'auto': bfloat16 on "
+    'TPU/GPU, float32 on CPU.',
+  ),
+  arch=(
+    '',
+    "One of timm's halo networks by name (halonet/models/timm/byob.py ARCHS, e.g. "
+    "'halonet26t', for its converted weights: python convert.py); '' = the HaloNet the fields "
+    'above build.',
+  ),
+)
+
+# config.input: what the input pipeline reads (halonet/data/pipeline.py): the data, its splits,
+# the preprocessing and the augmentation.
+INPUT_FIELDS: dict[str, tuple[Any, str]] = dict(
+  dataset=(
+    'imagenet2012',
+    "A TFDS name ('imagenet2012', 'imagenet_v2/matched-frequency', ...), 'image_folder' (class "
+    "per sub-folder under data_dir) or 'digits' (offline quick-start).",
+  ),
+  data_dir=('', 'TFDS data_dir, or the root of an image folder.'),
+  manual_dir=('', 'where the ImageNet tars were downloaded by hand.'),
+  train_split=('train', 'split trained on.'),
+  eval_splits=(('validation',), 'splits evaluated (raw and EMA params).'),
+  crop_fraction=(0.875, 'eval: resize to s / crop_fraction, centre crop s.'),
+  pixel_mean=((0.485, 0.456, 0.406), 'RGB mean (0-1 units) subtracted before the model.'),
+  pixel_std=((0.229, 0.224, 0.225), "RGB std (0-1 units) divided by: timm's, per model."),
+  crop_area_range=((0.08, 1.0), "train: Inception crop's share of the image area."),
+  random_flip=(True, 'train: horizontal flips (off for data such as digits).'),
+  randaugment_layers=(2, 'RandAugment ops per image; 0 = off.'),
+  randaugment_magnitude=(10, 'RandAugment magnitude (0-30).'),
+  mixup_alpha=(0.0, 'mixup Beta(alpha, alpha); 0 = off.'),
+  cutmix_alpha=(0.0, 'cutmix Beta(alpha, alpha); 0 = off.'),
+  shuffle_buffer=(16384, 'examples in the train shuffle buffer.'),
+  cache=(False, 'keep the still-encoded train examples in memory once read.'),
+  skip_bad_images=(
+    False,
+    'An image folder is decoded once at start-up: undecodable files stop the run naming them, '
+    'or with True are left out, each named in a warning.',
+  ),
+)
+
+# config.optimizer.
+OPTIMIZER_FIELDS: dict[str, tuple[Any, str]] = dict(
+  name=('sgd', "'sgd' (Nesterov momentum) or 'adamw'."),
+  learning_rate=(
+    0.1,
+    'Per 256 images: the peak rate is learning_rate * batch_size / 256 (linear scaling).',
+  ),
+  warmup_epochs=(5.0, 'linear warmup, then cosine decay to 0.'),
+  momentum=(0.9, 'SGD momentum (Nesterov).'),
+  b1=(0.9, 'AdamW beta1.'),
+  b2=(0.999, 'AdamW beta2.'),
+  weight_decay=(5e-05, 'decoupled; skips BN parameters and biases.'),
+  grad_clip_norm=(0.0, '0 = off.'),
+)
+
+# ImageNet training defaults shared by every config; a group's default is its own fields.
+TOP_FIELDS: dict[str, tuple[Any, str]] = dict(
+  variant=('h1', 'name of the config (h0..h7, tiny, quickstart, ...).'),
+  model=(MODEL_FIELDS, "the architecture (HaloNet's fields)."),
+  image_size=(256, 's: train and eval image side in pixels.'),
+  num_classes=(1000, 'classifier outputs (checked against the dataset).'),
+  input=(INPUT_FIELDS, 'the data, its splits, preprocessing and augmentation.'),
+  batch_size=(1024, 'global, across all devices and hosts.'),
+  eval_batch_size=(1024, 'global eval batch (padded, every example counted once).'),
+  num_epochs=(350.0, 'training length in epochs of full global batches.'),
+  num_train_steps=(-1, '> 0 overrides num_epochs.'),
+  optimizer=(OPTIMIZER_FIELDS, 'the optimizer and its schedule.'),
+  init_from=(
+    '',
+    "Fine-tuning (halonet/train/finetune.py): start from another run's workdir, or one of its "
+    "checkpoints (WORKDIR/checkpoints/STEP); '' = from scratch.",
+  ),
+  trainable=('all', "'all', or 'head' (the classifier only)."),
+  label_smoothing=(0.1, 'label smoothing of the cross-entropy targets.'),
+  ema_decay=(0.0, '> 0 keeps (and evaluates) an EMA of the params.'),
+  mesh_shape=(
+    (-1, 1),
+    "Device mesh (data, spatial): examples split over data, each image's rows over spatial "
+    '(spatial partitioning, for images too large for one device); data * spatial = devices, -1 '
+    'takes what is left.',
+  ),
+  log_every_steps=(100, 'progress line and TensorBoard scalars every N steps.'),
+  eval_every_steps=(5000, 'evaluation every N steps (and at the end).'),
+  checkpoint_every_steps=(1000, 'Orbax checkpoint every N steps (and at the end).'),
+  keep_checkpoints=(3, 'checkpoints kept (the newest).'),
+  seed=(0, 'parameters, data order, augmentation and dropout.'),
+  profile_steps=(
+    (),
+    '(first, last): a jax.profiler trace of those train steps in workdir/plugins/profile; () = '
+    'off.',
+  ),
+)
+
+
+def _defaults(fields: dict[str, tuple[Any, str]]) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+    {
+      name: _defaults(default) if isinstance(default, dict) else default
+      for name, (default, _) in fields.items()
+    }
+  )
+
 
 def model_config() -> ml_collections.ConfigDict:
-  """The architecture knobs a HaloNet sweep turns (defaults: H1); the fields of HaloNet."""
-  return ml_collections.ConfigDict(
-    dict(
-      block_size=8,  # b: query block side.
-      halo_size=3,  # h: halo width around each block.
-      # Per-stage overrides of b and h (4 entries each); empty = use the two above.
-      block_sizes=(),
-      halo_sizes=(),  # per-stage h (4 entries); empty = halo_size.
-      value_ratio=1.0,  # r_v: attention value/output width = w * r_v.
-      bottleneck_ratio=1.0,  # r_b: block output width = w * r_b.
-      # w of each stage: attention query/key width and bottleneck width.
-      widths=(64, 128, 256, 512),
-      stage_depths=(3, 3, 10, 3),  # (3, 3, l_3, 3).
-      num_heads=(4, 8, 8, 8),  # attention heads per stage.
-      final_width=0,  # d_f: final 1x1 conv before pooling; 0 = none.
-      conv_stages=(),  # stages (1-4) that use a 3x3 conv instead of attention.
-      # The spatial mixer of each stage (4 names, halonet/models/mixers): 'halo', 'conv', 'sasa',
-      # 'global' (BoTNet), 'sk', 'split' (ResNeSt), 'condconv' or 'dynamic'; empty = 'halo',
-      # or 'conv' in conv_stages.
-      mixers=(),
-      # Channel attention after each stage's blocks (4 names, halonet/models/channel_attention): '',
-      # 'se', 'eca', 'cbam', 'ge_minus', 'ge' or 'ge_plus'; empty = 'se' with use_se, else none.
-      channel_attention=(),
-      stage_attention='',  # 'bam': BAM after stages 1-3; '' = none.
-      # 'conv' (7x7/2 conv, 3x3/2 max-pool), 'sasa' (SASA's attention stem), or the 'deep'
-      # (3x3 convs of 32, 32, 64) and 'tiered' (24, 32, 64) stems of timm's 'd'/'t' ResNets.
-      stem='conv',
-      # Where a block downsamples: 'conv' (strided 1x1 conv) or 'avg_down' (2x2 average pool,
-      # then the 1x1 conv, as timm's 'd'/'t' ResNets).
-      shortcut='conv',
-      sasa_window=7,  # k: the window side of 'sasa' mixers (odd).
-      sk_kernels=(3, 5),  # kernel of each Selective Kernel path (odd; 5 = 3x3 dilated by 2).
-      radix=2,  # Split Attention's splits per channel.
-      num_experts=4,  # kernels mixed by 'condconv' and 'dynamic' mixers.
-      mask_window=0,  # k > 0 restricts each query to a k x k window (masked attention).
-      # 'plain' (loop-free, batch-parallel), 'rows' (row loop, hand-written backward: the CPU
-      # fast path), 'pallas' (fused TPU kernels), 'pallas_gpu' (fused GPU kernels; both
-      # interpreted on CPU), 'dense' (jax.nn.dot_product_attention per block) or 'auto': measured
-      # per layer on TPU/GPU, rows on CPU (halonet/attention/choose.py).
-      attention_impl='auto',
-      remat=False,  # recompute each block's activations in the backward pass.
-      use_se=False,  # squeeze-excitation in every block (channel_attention='se' per stage).
-      activation='relu',  # 'relu' or 'silu'.
-      stochastic_depth_rate=0.0,  # drop-path rate of the last block (linear from 0).
-      dropout_rate=0.0,  # dropout before the classifier.
-      # compute dtype; params, optimizer state and softmax stay float32. 'auto': bfloat16 on
-      # TPU/GPU, float32 on CPU.
-      dtype='auto',
-      # One of timm's halo networks by name (halonet/models/timm/byob.py ARCHS, e.g. 'halonet26t',
-      # for its converted weights: python convert.py); '' = the HaloNet the fields
-      # above build.
-      arch='',
-    )
-  )
+  """config.model's defaults: the fields of HaloNet."""
+  return _defaults(MODEL_FIELDS)
 
 
 def input_config() -> ml_collections.ConfigDict:
-  """What the input pipeline reads (halonet/data/pipeline.py): the data, its splits, the
-  preprocessing and the augmentation."""
-  return ml_collections.ConfigDict(
-    dict(
-      # A TFDS name ('imagenet2012', 'imagenet_v2/matched-frequency', ...), 'image_folder'
-      # (class per sub-folder under data_dir) or 'digits' (offline quick-start).
-      dataset='imagenet2012',
-      data_dir='',  # TFDS data_dir, or the root of an image folder.
-      manual_dir='',  # where the ImageNet tars were downloaded by hand.
-      train_split='train',  # split trained on.
-      eval_splits=('validation',),  # splits evaluated (raw and EMA params).
-      crop_fraction=0.875,  # eval: resize to s / crop_fraction, centre crop s.
-      pixel_mean=(0.485, 0.456, 0.406),  # RGB mean (0-1 units) subtracted before the model.
-      pixel_std=(0.229, 0.224, 0.225),  # RGB std (0-1 units) divided by: timm's, per model.
-      crop_area_range=(0.08, 1.0),  # train: Inception crop's share of the image area.
-      random_flip=True,  # train: horizontal flips (off for data such as digits).
-      randaugment_layers=2,  # RandAugment ops per image; 0 = off.
-      randaugment_magnitude=10,  # RandAugment magnitude (0-30).
-      mixup_alpha=0.0,  # mixup Beta(alpha, alpha); 0 = off.
-      cutmix_alpha=0.0,  # cutmix Beta(alpha, alpha); 0 = off.
-      shuffle_buffer=16_384,  # examples in the train shuffle buffer.
-      cache=False,  # keep the still-encoded train examples in memory once read.
-      # An image folder is decoded once at start-up: undecodable files stop the run naming
-      # them, or with True are left out, each named in a warning.
-      skip_bad_images=False,
-    )
-  )
+  """config.input's defaults."""
+  return _defaults(INPUT_FIELDS)
 
 
 # Fields that moved into config.input: a run stored before the move reads them there, and an
 # old --config.FIELD override is told its new name.
-MOVED_FIELDS = {name: f'input.{name}' for name in input_config()}
+MOVED_FIELDS = {name: f'input.{name}' for name in INPUT_FIELDS}
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """ImageNet training defaults shared by every config."""
-  config = ml_collections.ConfigDict()
-  config.variant = 'h1'  # name of the config (h0..h7, tiny, quickstart, ...).
-  config.model = model_config()
-  config.image_size = 256  # s: train and eval image side in pixels.
-  config.num_classes = 1000  # classifier outputs (checked against the dataset).
-
-  config.input = input_config()
-
-  config.batch_size = 1024  # global, across all devices and hosts.
-  config.eval_batch_size = 1024  # global eval batch (padded, every example counted once).
-  config.num_epochs = 350.0  # training length in epochs of full global batches.
-  config.num_train_steps = -1  # > 0 overrides num_epochs.
-
-  config.optimizer = ml_collections.ConfigDict(
-    dict(
-      name='sgd',  # 'sgd' (Nesterov momentum) or 'adamw'.
-      # Per 256 images: the peak rate is learning_rate * batch_size / 256 (linear scaling).
-      learning_rate=0.1,
-      warmup_epochs=5.0,  # linear warmup, then cosine decay to 0.
-      momentum=0.9,  # SGD momentum (Nesterov).
-      b1=0.9,  # AdamW beta1.
-      b2=0.999,  # AdamW beta2.
-      weight_decay=5e-5,  # decoupled; skips BN parameters and biases.
-      grad_clip_norm=0.0,  # 0 = off.
-    )
-  )
-  # Fine-tuning (halonet/train/finetune.py): start from another run's workdir, or one of its
-  # checkpoints (WORKDIR/checkpoints/STEP); '' = from scratch. 'head' trains the classifier only.
-  config.init_from = ''
-  config.trainable = 'all'  # 'all', or 'head' (the classifier only).
-  config.label_smoothing = 0.1  # label smoothing of the cross-entropy targets.
-  config.ema_decay = 0.0  # > 0 keeps (and evaluates) an EMA of the params.
-
-  # Device mesh (data, spatial): examples split over data, each image's rows over spatial
-  # (spatial partitioning, for images too large for one device); data * spatial = devices,
-  # -1 takes what is left.
-  config.mesh_shape = (-1, 1)
-
-  config.log_every_steps = 100  # progress line and TensorBoard scalars every N steps.
-  config.eval_every_steps = 5000  # evaluation every N steps (and at the end).
-  config.checkpoint_every_steps = 1000  # Orbax checkpoint every N steps (and at the end).
-  config.keep_checkpoints = 3  # checkpoints kept (the newest).
-  config.seed = 0  # parameters, data order, augmentation and dropout.
-  # (first, last): a jax.profiler trace of those train steps in workdir/plugins/profile; () = off.
-  config.profile_steps = ()
-  return config
+  """Every field with its default: the config each named config starts from."""
+  return _defaults(TOP_FIELDS)
 
 
 def field_help() -> list[tuple[str, Any, str]]:
-  """(dotted field, default, meaning) of every config field, the meanings taken from the
-  comments beside and above each field in this file, so --help and the code cannot disagree."""
-  meanings, pending, prefix = {}, [], ''
-  for line in inspect.getsource(sys.modules[__name__]).splitlines():
-    text = line.strip()
-    group = re.match(r'def (\w+)_config\(', text)
-    if group:  # model_config() holds config.model's fields, input_config() config.input's.
-      prefix = '' if group.group(1) == 'base' else f'{group.group(1)}.'
-    elif text in ('))', ')'):  # A nested group ends.
-      prefix = ''
-    field = re.match(r'(?:config\.)?(\w+(?:\.\w+)?)\s*=\s*[^=].*?(?:#\s*(.*))?$', text)
-    if text.startswith('#'):
-      pending.append(text.lstrip('# '))
-    elif field and not text.startswith(('return', 'config =')):
-      name = field.group(1)
-      if 'ConfigDict(' in text:  # A nested group, e.g. config.optimizer.
-        prefix = f'{name}.'
-      else:
-        meanings[prefix + name] = ' '.join(pending + [field.group(2) or '']).strip()
-      pending = []
-    elif not text:
-      pending = []
+  """(dotted field, default, meaning) of every config field (a group's members, not the group),
+  sorted by field."""
 
-  def flat(tree, prefix=''):
-    for key, value in sorted(tree.items()):
-      if isinstance(value, dict):
-        yield from flat(value, f'{prefix}{key}.')
+  def flat(fields, prefix=''):
+    for name, (default, meaning) in fields.items():
+      if isinstance(default, dict):
+        yield from flat(default, f'{prefix}{name}.')
       else:
-        yield f'{prefix}{key}', value
+        yield f'{prefix}{name}', default, meaning
 
-  return [(name, value, meanings.get(name, '')) for name, value in flat(base_config().to_dict())]
+  return sorted(flat(TOP_FIELDS))

@@ -244,9 +244,10 @@ def write_run(name: str, weights: str, workdir: str) -> str:
   config = model_config(name)
   if workdir_lib.stored_config(workdir) is not None:
     raise errors.ConfigError(f'--workdir={workdir} already holds a run; convert into a new one')
-  paths.check_writable(workdir, 'workdir')
+  # The weights are read and converted first: a bad file leaves no workdir behind.
   state = read_safetensors(weights_file(weights))
   variables = convert(name, state, networks.abstract_variables(config))
+  paths.check_writable(workdir, 'workdir')
   mesh = sharding.create_mesh((-1, 1))
   model, tx, _, _ = train_step_lib.build(config, 1)
   init, _ = train_step_lib.abstract_train_state(config, model, tx, mesh)

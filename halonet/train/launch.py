@@ -87,7 +87,9 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     sys.exit(f'FATAL Flags parsing error: {" ".join(lines)}')
   except (AttributeError, KeyError) as e:  # ml_collections: no such field in the locked config.
     message = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').replace("'", '').split())
-    sys.exit(f'FATAL Flags parsing error: unknown config field: {message}{_moved_hint(argv)}')
+    message = message.replace(' Did you mean', '. Did you mean')  # One sentence each.
+    message = f'unknown config field: {message}{_moved_hint(argv)}'
+    sys.exit(f'FATAL Flags parsing error: {message}{"" if message[-1] in ".?" else "."}')
   except OSError as e:  # The config file is missing or unreadable.
     while e.__cause__ is not None:
       e = e.__cause__

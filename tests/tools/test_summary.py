@@ -49,7 +49,12 @@ def test_json_lists_all_variants_and_the_extra_config():
     text=True,
     check=True,
   )
-  assert done.stderr == ''  # No library chatter (e.g. JAX looking for a TPU).
+  # What is under way, one line per config before its minute of counting, and no library
+  # chatter (e.g. JAX looking for a TPU); stdout stays the JSON alone.
+  names = [f'h{i}' for i in range(8)] + ['tiny']
+  assert done.stderr.splitlines() == [
+    f'counting the parameters and FLOPs of {name}...' for name in names
+  ]
   rows = json.loads(done.stdout)
   assert [r['variant'] for r in rows] == [f'h{i}' for i in range(8)] + ['tiny']
   paper = {

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from halonet import errors
 from halonet.models import checks as model_checks
 from halonet.models import halonet as model_lib
 from halonet.models import networks
@@ -194,3 +195,15 @@ def test_the_command_writes_a_run_that_loads_as_any_run(references, tmp_path):
   assert again.stderr.strip().splitlines()[-1] == (
     f'FATAL --workdir={workdir} already holds a run; convert into a new one'
   )
+
+
+@pytest.mark.parametrize('content', [None, b'not a safetensors file'])
+def test_a_failed_conversion_leaves_no_workdir(tmp_path, content):
+  """A missing or unreadable weights file fails in one line before the workdir is made."""
+  weights = tmp_path / 'model.safetensors'
+  if content is not None:
+    weights.write_bytes(content)
+  workdir = tmp_path / 'converted'
+  with pytest.raises(errors.ConfigError, match='--weights='):
+    convert.write_run('halonet26t', str(weights), str(workdir))
+  assert not workdir.exists()

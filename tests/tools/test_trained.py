@@ -207,6 +207,13 @@ def test_predict_reports_every_image_and_names_the_bad_file(run, tmp_path):
     probabilities = [t['probability'] for t in p['top']]
     assert len(p['top']) == 3 and probabilities == sorted(probabilities, reverse=True)
     assert all(t['class'] == str(t['label']) for t in p['top'])  # Folder names '0'..'9'.
+  # One line per image, its top-k apart by '; ' (class names may hold commas).
+  printed = [
+    line.split(': ', 1) for line in done.stdout.splitlines() if line.startswith(str(folder))
+  ]
+  assert [file for file, _ in printed] == [p['file'] for p in result['predictions']]
+  for (_, top), p in zip(printed, result['predictions']):
+    assert [entry.rsplit(' ', 1)[0] for entry in top.split('; ')] == [t['class'] for t in p['top']]
 
 
 def test_loading_a_run_from_python_prints_no_orbax_notices(run):

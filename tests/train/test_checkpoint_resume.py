@@ -269,7 +269,9 @@ def test_real_full_disk_then_resume_after_space_is_freed(tmp_path):
     # Orbax's writer threads log their own tracebacks around it: find the run's one line.
     fatal = [line for line in full.stderr.splitlines() if line.startswith('FATAL')]
     complete = ocp.path.step.checkpoint_steps(workdir / 'checkpoints')
-    assert full.returncode == 1 and len(fatal) == 1, full.stderr[-3000:]
+    assert full.returncode == 1 and len(fatal) == 1, (
+      full.stderr[:3000] + '\n...\n' + full.stderr[-3000:]
+    )
     assert 'disk full' in fatal[0]
     last = f'step {max(complete)}' if complete else 'none'
     assert f'last complete checkpoint is {last}' in fatal[0]

@@ -234,7 +234,8 @@ def test_diverging_run_saves_only_finite_states_and_names_one(learning_rate, tmp
 @pytest.mark.parametrize(
   'script, args, named',
   [
-    ('train.py', ['--config.batch_sz=3'], 'unknown config field: batch_sz'),
+    ('train.py', ['--config.batch_sz=3'], 'unknown config field: batch_sz. Did you mean'),
+    ('train.py', ['--config.zzz=3'], 'unknown config field: "zzz".'),
     ('train.py', ['--config.batch_size=abc'], '--config.batch_size=abc'),
     ('train.py', ['--config.optimizer.learning_rate=-1'], 'optimizer.learning_rate=-1.0'),
     ('train.py', ['--config.input.dataset=imagenet2013'], 'did you mean imagenet2012'),
@@ -322,6 +323,10 @@ def test_help_lists_the_main_flags():
     '0.875',
     'eval: resize to s / crop_fraction, centre crop s.',
   )
+  # Each meaning is its own field's: fine-tuning's source does not run into trainable's.
+  assert fields['init_from'][1].endswith("(WORKDIR/checkpoints/STEP); '' = from scratch.")
+  assert fields['trainable'] == ("'all'", "'all', or 'head' (the classifier only).")
+  assert all(meaning for _, meaning in fields.values())
 
 
 def test_evaluations_during_training_print_their_accuracy(tmp_path, capsys):
