@@ -120,6 +120,7 @@ def set_up(
     config.batch_size // mesh.shape['data'],
     workdir,
     say=console.say,
+    mesh_shape=dict(mesh.shape),
   )
   if measured:
     model = model.clone(attention=model.attention.with_measured(measured))
