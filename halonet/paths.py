@@ -117,6 +117,21 @@ def files_under(directory: PathLike) -> list[str]:
   return found
 
 
+def move_directory(source: PathLike, target: PathLike) -> None:
+  """Moves a directory and everything in it: one rename on a local disk; on an object store,
+  which cannot rename, each file copied, then the originals removed (so a crash leaves a copy,
+  never neither)."""
+  source, target = path(source), path(target)
+  if not is_url(source):
+    source.rename(target)
+    return
+  prefix = as_string(source).rstrip('/') + '/'
+  for name in files_under(source):
+    relative = as_string(name)[len(prefix) :]
+    write_bytes(target / relative, path(name).read_bytes())
+  source.rmtree()
+
+
 def save_figure(figure: Any, target: PathLike, **savefig_kwargs: Any) -> None:
   """A matplotlib Figure as PNG at `target`, through the same layer as every other output."""
   buffer = io.BytesIO()

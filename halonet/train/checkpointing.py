@@ -95,15 +95,72 @@ def _disk_full_reported(manager: ocp.CheckpointManager) -> Iterator[None]:
     ) from e
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> Any:
-  """Restores `step` (default: latest complete) onto the shardings carried by abstract_state."""
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
+class ShapeMismatch(errors.ConfigError):
+  """A step's arrays do not fit the state a config builds (shape_mismatch says which)."""
+
+  def __init__(self, step: int, why: str):
+    super().__init__(f'step {step}: {why}')
+    self.step, self.why = step, why
+
+
+# Where a step that cannot be read is moved: beside the others under a name Orbax takes for no
+# step, so it is never resumed from, counted among the kept steps or cleaned up.
+DAMAGED = '{step}.damaged'
+
+
+def _why(error: BaseException) -> str:
+  return ' '.join(str(error).split())[:300] or type(error).__name__
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves a damaged `step` to STEP.damaged (.1, .2, ... if taken); returns where. Never deletes."""
+  directory = paths.path(manager.directory)
+  target = paths.unused_path(directory / DAMAGED.format(step=step))
+  paths.move_directory(directory / str(step), target)
+  manager.reload()
+  return target
+
+
+def restore_readable(
+  manager: ocp.CheckpointManager,
+  abstract_state: Any,
+  step: int | None = None,
+  *,
+  set_aside_damaged: bool = False,
+  say: Any = print,
+) -> tuple[int, Any]:
+  """(step, state) of `step`, or with None of the newest step whose files read whole onto the
+  shardings of abstract_state. A newer step that cannot be read (a truncated, missing or garbled
+  file under a standing commit marker) is stepped over with one line naming it and why; a writer
+  (`set_aside_damaged`) also moves it aside, so no later run takes it for complete. A requested
+  step that cannot be read fails in one line. Shapes are checked first (shape_mismatch): a step
+  that does not fit is the caller's error, not damage, and raises ShapeMismatch."""
+  where = paths.as_string(manager.directory)
+  steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+  if step is not None and step not in manager.all_steps():
     raise FileNotFoundError(
-      f'no complete checkpoint for step={step} in {manager.directory}; '
-      f'have {sorted(manager.all_steps())}'
+      f'no complete checkpoint for step={step} in {where}; have {sorted(manager.all_steps())}'
     )
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  for candidate in steps:
+    try:
+      mismatch = shape_mismatch(manager, candidate, abstract_state)
+      if mismatch is None:
+        return candidate, manager.restore(candidate, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # pylint: disable=broad-except  # Each store and format fails its own way.
+      if step is not None:
+        raise errors.ConfigError(
+          f'checkpoint step {step} in {where} cannot be read: {_why(e)}'
+        ) from None
+      moved = f'; moved to {set_aside(manager, candidate)}' if set_aside_damaged else ''
+      say(
+        f'checkpoint step {candidate} in {where} cannot be read ({_why(e)}){moved}; '
+        'trying the step before it'
+      )
+      continue
+    raise ShapeMismatch(candidate, mismatch)
+  if not steps:
+    raise FileNotFoundError(f'no complete checkpoint in {where}')
+  raise FileNotFoundError(f'no readable checkpoint in {where} (steps {sorted(steps)} are damaged)')
 
 
 def _name(path: tuple[Any, ...]) -> str:

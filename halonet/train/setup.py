@@ -57,10 +57,10 @@ def _spec(x: jax.Array) -> jax.ShapeDtypeStruct:
 
 
 def _is_finished(
-  config: ml_collections.ConfigDict, workdir: str, step: int, num_steps: int, results: dict
+  config: ml_collections.ConfigDict, stored: dict | None, step: int, num_steps: int, results: dict
 ) -> bool:
-  """Whether workdir holds this very config's run, trained to its end and evaluated there."""
-  stored = workdir_lib.stored_config(workdir)
+  """Whether the workdir (its `stored` config.json) holds this very config's run, trained to its
+  end and evaluated there."""
   same = stored is not None and not workdir_lib.changed_fields(stored, workdir_lib.as_json(config))
   return same and step == num_steps == results.get('step')
 
@@ -75,6 +75,7 @@ def set_up(
   sizes = train_step_lib.split_sizes(config)
   train_examples = sizes[config.input.train_split]
   paths.check_writable(workdir, 'workdir')
+  stored = workdir_lib.stored_config(workdir)  # A garbled one is named before anything is made.
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
   # None, not 0, means nothing to resume: a workdir whose only checkpoint is step 0 (a converted
   # run) resumes from it.
@@ -83,7 +84,7 @@ def set_up(
   start_step = latest if resuming else 0
   previous = workdir_lib.read_results(workdir)
   tx, schedule, num_steps = train_step_lib.optimization(config, train_examples)
-  if _is_finished(config, workdir, start_step, num_steps, previous):
+  if _is_finished(config, stored, start_step, num_steps, previous):
     manager.close()
     console.say(f'{workdir} already finished at step {start_step}; its results.json is unchanged')
     return None
@@ -98,14 +99,21 @@ def set_up(
       abstract.params, networks.abstract_variables(source_config)['params']
     )
     source = (source_dir, source_step, source_config, changed)
-  if resuming:  # From shapes alone: no flag can resume a checkpoint into another state.
-    mismatch = checkpointing.shape_mismatch(manager, start_step, abstract)
-    if mismatch:
+  state = None
+  if resuming:  # The newest step that reads whole; a damaged newer one is moved aside, named.
+    try:
+      start_step, state = checkpointing.restore_readable(
+        manager, abstract, set_aside_damaged=True, say=console.say
+      )
+    except checkpointing.ShapeMismatch as e:  # No flag resumes a checkpoint into another state.
       manager.close()
       raise errors.ConfigError(
-        f'cannot resume {paths.as_string(workdir)} from step {start_step} with this config: '
-        f'{mismatch}; train it in a new workdir (config.init_from fine-tunes from this run)'
-      )
+        f'cannot resume {paths.as_string(workdir)} from step {e.step} with this config: '
+        f'{e.why}; train it in a new workdir (config.init_from fine-tunes from this run)'
+      ) from None
+    except FileNotFoundError:
+      console.say(f'no checkpoint in {paths.as_string(workdir)} could be read: starting at step 0')
+      resuming, start_step = False, 0
   workdir_lib.check_and_store_config(config, workdir, allow_config_change, start_step)
   logging.info('config:\n%s', config)
   console.say(
@@ -146,7 +154,6 @@ def set_up(
   )
   state_shardings = train_step_lib.shardings_of(abstract)
   if resuming:
-    state = checkpointing.restore(manager, abstract, start_step)
     console.say(f'resumed from checkpoint at step {start_step}')
   else:
     state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))

@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 import ml_collections
 import optax
 
+from halonet import console
 from halonet import sharding
 from halonet.attention import measure
 from halonet.data import pipeline as input_pipeline
@@ -222,14 +223,16 @@ def build(
 def restore_run(
   config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, step: int | None = None
 ) -> tuple[TrainState, TrainState, nn.Module]:
-  """A run's saved state at `step` (default: latest), replicated on `mesh`, read-only; with its
-  abstract state and the model `config` builds (config must be the run's as to the model)."""
+  """A run's saved state at `step` (default: the newest that reads whole), replicated on `mesh`,
+  read-only; with its abstract state and the model `config` builds (config must be the run's as
+  to the model)."""
   model = networks.create_model(config, measured=measure.recorded_choice(workdir) or ())
   # Only the optimizer state's structure matters for restoring, not the schedule's values.
   tx = optim.create_optimizer(config, optax.constant_schedule(0.0))
   _, abstract = abstract_train_state(config, model, tx, mesh)
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints, read_only=True)
-  try:
-    return checkpointing.restore(manager, abstract, step), abstract, model
+  try:  # A reader steps over a damaged newest step (named) and leaves the run's files alone.
+    _, state = checkpointing.restore_readable(manager, abstract, step, say=console.say)
+    return state, abstract, model
   finally:
     manager.close()

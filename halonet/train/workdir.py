@@ -73,7 +73,13 @@ def stored_config(workdir: paths.PathLike) -> dict[str, Any] | None:
   target = paths.path(workdir) / CONFIG
   if not target.exists():
     return None
-  stored = paths.read_json(target)
+  try:
+    stored = paths.read_json(target)
+  except ValueError as e:  # json's decode error: a file cut short or overwritten.
+    raise errors.ConfigError(
+      f'{paths.as_string(target)} cannot be read ({e}): restore it (config.step*.json hold '
+      'earlier versions) or move it aside to start the run anew'
+    ) from None
   moved = {old: stored.pop(old) for old in defaults.MOVED_FIELDS if old in stored}
   if moved:
     stored['input'] = {**stored.get('input', {}), **moved}

@@ -202,7 +202,9 @@ def test_half_written_checkpoint_is_never_restored(tmp_path):
   writer = checkpointing.create_manager(workdir, 3)  # A resumed run.
   assert writer.latest_step() == 2
   abstract = {'w': jax.ShapeDtypeStruct((4,), np.float64)}
-  np.testing.assert_array_equal(checkpointing.restore(writer, abstract)['w'], np.arange(4.0))
+  np.testing.assert_array_equal(
+    checkpointing.restore_readable(writer, abstract)[1]['w'], np.arange(4.0)
+  )
   # Orbax clears the leftovers in the background and waits for that before the writer's first
   # save (not before close), so they are gone once the resumed run has saved.
   checkpointing.save(writer, 3, {'w': np.arange(4.0) + 1})

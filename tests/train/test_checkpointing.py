@@ -32,8 +32,8 @@ def test_the_last_keep_steps_are_kept_and_the_latest_restores_by_default(tmp_pat
   _saved(tmp_path, (1, 2, 3), keep=2)
   manager = checkpointing.create_manager(str(tmp_path), 2, read_only=True)
   assert sorted(manager.all_steps()) == [2, 3]
-  latest = checkpointing.restore(manager, _abstract(_state(0)))
-  earlier = checkpointing.restore(manager, _abstract(_state(0)), step=2)
+  latest = checkpointing.restore_readable(manager, _abstract(_state(0)))[1]
+  earlier = checkpointing.restore_readable(manager, _abstract(_state(0)), step=2)[1]
   np.testing.assert_array_equal(latest['params']['w'], np.full(3, 3.0))
   assert int(earlier['step']) == 2
 
@@ -42,10 +42,10 @@ def test_a_step_not_kept_or_an_empty_workdir_is_named(tmp_path):
   _saved(tmp_path / 'run', (1, 2, 3), keep=2)
   manager = checkpointing.create_manager(str(tmp_path / 'run'), 2, read_only=True)
   with pytest.raises(FileNotFoundError, match=r'step=1 in .*checkpoints; have \[2, 3\]'):
-    checkpointing.restore(manager, _abstract(_state(0)), step=1)
+    checkpointing.restore_readable(manager, _abstract(_state(0)), step=1)[1]
   empty = checkpointing.create_manager(str(tmp_path / 'empty'), 2, read_only=True)
-  with pytest.raises(FileNotFoundError, match=r'step=None in .*; have \[\]'):
-    checkpointing.restore(empty, _abstract(_state(0)))
+  with pytest.raises(FileNotFoundError, match=r'no complete checkpoint in .*empty/checkpoints$'):
+    checkpointing.restore_readable(empty, _abstract(_state(0)))[1]
 
 
 def test_shape_mismatch_names_the_first_array_that_cannot_restore(tmp_path):
@@ -151,5 +151,5 @@ def test_restore_places_arrays_as_the_abstract_state_says(tmp_path):
     _abstract(_state(0)),
   )
   manager = checkpointing.create_manager(str(tmp_path), 3, read_only=True)
-  restored = checkpointing.restore(manager, abstract)
+  restored = checkpointing.restore_readable(manager, abstract)[1]
   assert restored['params']['w'].devices() == {device}

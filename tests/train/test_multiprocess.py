@@ -83,7 +83,7 @@ def _restored(workdir, abstract, step):
   """The run's checkpoint, restored by this one process onto its own devices."""
   manager = checkpointing.create_manager(workdir, 3, read_only=True)
   assert manager.latest_step() == step
-  state = checkpointing.restore(manager, abstract, step)
+  state = checkpointing.restore_readable(manager, abstract, step)[1]
   manager.close()
   return jax.device_get(state)
 
