@@ -117,6 +117,30 @@ def files_under(directory: PathLike) -> list[str]:
   return found
 
 
+def create_new(target: PathLike, data: bytes) -> bool:
+  """Writes `data` to `target` only if no file is there, atomically: True if this call created
+  it, False if it existed. On a local disk an exclusive create; on an object store a conditional
+  upload (only if no generation of the object exists), which the store decides alone."""
+  target = path(target)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if is_url(target):
+    fs, name = fsspec.core.url_to_fs(as_string(target))
+    try:
+      fs.pipe_file(name, data, mode='create')
+    except (FileExistsError, OSError) as e:  # 412 Precondition Failed: it exists.
+      if '412' in str(e) or isinstance(e, FileExistsError) or 'recondition' in str(e):
+        return False
+      raise
+    return True
+  try:
+    descriptor = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+  except FileExistsError:
+    return False
+  with os.fdopen(descriptor, 'wb') as f:
+    f.write(data)
+  return True
+
+
 def move_directory(source: PathLike, target: PathLike) -> None:
   """Moves a directory and everything in it: one rename on a local disk; on an object store,
   which cannot rename, each file copied, then the originals removed (so a crash leaves a copy,

@@ -13,6 +13,8 @@ halo rows between neighbouring devices (halonet/attention/spatial.py).
 import collections
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import functools
+import json
+from typing import Any
 
 import jax
 from jax.sharding import AxisType
@@ -139,3 +141,15 @@ def prefetch_to_device(
       yield queue.popleft()
   while queue:
     yield queue.popleft()
+
+
+def broadcast_json(obj: Any) -> Any:
+  """Process 0's `obj` on every process (JSON through two broadcasts: length, then bytes)."""
+  if jax.process_count() == 1:
+    return obj
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if jax.process_index() == 0 else None
+  length = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if data is not None else 0)))
+  buffer = data if data is not None else np.zeros(length, np.uint8)
+  return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())

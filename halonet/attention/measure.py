@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from halonet import paths
+from halonet import sharding
 from halonet.attention import choose
 from halonet.attention.layer import HaloAttention
 from halonet.attention.layer import layer_shape
@@ -401,18 +402,6 @@ def recorded_choice(
   return as_choice(record['layers'])
 
 
-def _broadcast_json(obj: Any) -> Any:
-  """Process 0's `obj` on every process (JSON through two broadcasts: length, then bytes)."""
-  if jax.process_count() == 1:
-    return obj
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-  data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if jax.process_index() == 0 else None
-  length = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if data is not None else 0)))
-  buffer = data if data is not None else np.zeros(length, np.uint8)
-  return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
-
-
 def for_run(
   model: nn.Module,
   attention_impl: str,
@@ -437,7 +426,7 @@ def for_run(
   if jax.process_index() == 0:
     layers = model_layers(model, image_size, per_device_batch)
     records = choose_layers(layers, backend, say=say, mesh_shape=mesh_shape)
-  records = _broadcast_json(records)
+  records = sharding.broadcast_json(records)
   if earlier is not None:  # Kept beside the new one.
     paths.write_json(
       paths.unused_path(paths.path(workdir) / 'attention_choice.earlier.json'), earlier

@@ -208,4 +208,8 @@ def train(run: setup.Run) -> dict[str, Any]:
       profile.close()
     preemption.close()
     writer.close()
-    checkpointing.finish(manager)
+    try:
+      checkpointing.finish(manager)
+    finally:
+      if run.lease:
+        run.lease.release()

@@ -26,6 +26,7 @@ from halonet.train import checkpointing
 from halonet.train import config_checks
 from halonet.train import evaluation as eval_lib
 from halonet.train import finetune
+from halonet.train import lease as lease_lib
 from halonet.train import step as train_step_lib
 from halonet.train import workdir as workdir_lib
 
@@ -50,6 +51,7 @@ class Run:
   num_params: int
   compile_seconds: dict[str, float]
   previous: dict[str, Any]  # The workdir's results.json before this start ({} if none).
+  lease: lease_lib.Lease | None  # Held by process 0 until the run ends.
 
 
 def _spec(x: jax.Array) -> jax.ShapeDtypeStruct:
@@ -73,9 +75,27 @@ def set_up(
   refuse the run comes before anything compiles or is written."""
   config_checks.validate_config(config)
   sizes = train_step_lib.split_sizes(config)
-  train_examples = sizes[config.input.train_split]
   paths.check_writable(workdir, 'workdir')
   stored = workdir_lib.stored_config(workdir)  # A garbled one is named before anything is made.
+  lease = lease_lib.acquire(workdir, say=console.say)  # One run per workdir, before any write.
+  try:
+    return _set_up(config, workdir, allow_config_change, sizes, stored, lease)
+  except BaseException:
+    if lease:
+      lease.release()
+    raise
+
+
+def _set_up(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  allow_config_change: bool,
+  sizes: dict[str, int],
+  stored: dict | None,
+  lease: lease_lib.Lease | None,
+) -> Run | None:
+  """set_up's work once the workdir's lease is held."""
+  train_examples = sizes[config.input.train_split]
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
   # None, not 0, means nothing to resume: a workdir whose only checkpoint is step 0 (a converted
   # run) resumes from it.
@@ -86,6 +106,8 @@ def set_up(
   tx, schedule, num_steps = train_step_lib.optimization(config, train_examples)
   if _is_finished(config, stored, start_step, num_steps, previous):
     manager.close()
+    if lease:
+      lease.release()
     console.say(f'{workdir} already finished at step {start_step}; its results.json is unchanged')
     return None
   mesh = sharding.create_mesh(config.mesh_shape)
@@ -194,4 +216,5 @@ def set_up(
     num_params=num_params,
     compile_seconds=compile_seconds,
     previous=previous,
+    lease=lease,
   )
