@@ -33,6 +33,25 @@ import time
 
 import pytest
 
+_DIE_WITH_PARENT = os.path.join(
+  os.path.dirname(os.path.abspath(__file__)), 'scripts', 'die_with_parent.py'
+)
+_popen_init = subprocess.Popen.__init__
+
+
+def _dies_with_its_parent(self, args, *rest, **kwargs):
+  """Every child a test starts (train.py runs, the storage server) is started through
+  scripts/die_with_parent.py, so it ends when the process that started it ends, however that
+  ends (a SIGKILLed runner included). Commands given as a string or through a shell are left as
+  they are."""
+  if sys.platform == 'linux' and isinstance(args, (list, tuple)) and not kwargs.get('shell'):
+    if kwargs.get('executable') is None:
+      args = [sys.executable, '-S', _DIE_WITH_PARENT, str(os.getpid()), *map(os.fspath, args)]
+  _popen_init(self, args, *rest, **kwargs)
+
+
+subprocess.Popen.__init__ = _dies_with_its_parent
+
 BUCKET = 'test-bucket'
 SERVER_START_S = 60
 
