@@ -23,6 +23,11 @@ if 'HALONET_TESTS_JAX_CACHE' not in os.environ:
   atexit.register(shutil.rmtree, os.environ['HALONET_TESTS_JAX_CACHE'], ignore_errors=True)
 os.environ['JAX_COMPILATION_CACHE_DIR'] = os.environ['HALONET_TESTS_JAX_CACHE']
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pytest-xdist workers inherit the first process's measurement: one per session.
+if 'HALONET_TESTS_SLOWDOWN' not in os.environ:
+  from tests import load  # pylint: disable=g-import-not-at-top
+
+  os.environ['HALONET_TESTS_SLOWDOWN'] = f'{load.measure_slowdown():.2f}'
 
 
 # pylint: disable=wrong-import-position

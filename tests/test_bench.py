@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from bench import tpu_aot
+from tests import load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +32,7 @@ def test_tiny_benchmark_writes_results(tmp_path):
     check=True,
     cwd=REPO,
     env=env,
-    timeout=600,
+    timeout=load.timeout(600),
   )
   results = json.loads(out.read_text())
 

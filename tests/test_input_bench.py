@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from tests import load
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -20,7 +22,7 @@ def test_input_benchmark_writes_every_variant(tmp_path):
     '--seconds=0.5',
     f'--out={out}',
   ]
-  subprocess.run(command, check=True, cwd=ROOT, timeout=600, capture_output=True)
+  subprocess.run(command, check=True, cwd=ROOT, timeout=load.timeout(600), capture_output=True)
   results = json.loads(out.read_text())
   rates = results['images_per_second_per_core']
   assert set(rates) == {

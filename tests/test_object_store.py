@@ -25,6 +25,7 @@ from halonet.train import checkpointing
 from halonet.train import evaluation as eval_lib
 from halonet.train import loop as train_lib
 from halonet.train import workdir as workdir_lib
+from tests import load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTERRUPTED_TRAIN = os.path.join(REPO, 'tests', 'scripts', 'interrupted_train.py')
@@ -34,7 +35,7 @@ FLAGS = [
   f'--config.num_train_steps={STEPS}',
   '--config.checkpoint_every_steps=1',
 ]
-TIMEOUT_S = 300
+TIMEOUT_S = load.timeout(300)
 
 
 def _run(script, *args, cwd):

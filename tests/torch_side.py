@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests import load
+
 SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'scripts')
 
 
@@ -23,6 +25,6 @@ def run_script(name: str, out_dir: str, *args: str, timeout: int = 900) -> None:
   subprocess.run(
     [sys.executable, os.path.join(SCRIPTS, name), str(out_dir), *args],
     check=True,
-    timeout=timeout,
+    timeout=load.timeout(timeout),
     env=env,
   )

@@ -28,6 +28,7 @@ from halonet.models import networks
 from halonet.train import step as train_step_lib
 from tests import forms
 from tests import hlo
+from tests import load
 from tests import steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -224,7 +225,7 @@ def test_compiles_for_tpu_and_beats_the_plain_path_there(tmp_path):
       '--out',
       str(out),
     ],
-    timeout=1500,
+    timeout=load.timeout(1500),
     cwd=ROOT,
     capture_output=True,
     text=True,

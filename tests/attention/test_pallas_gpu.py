@@ -23,6 +23,7 @@ from halonet import errors
 from halonet import sharding
 from tests import forms
 from tests import hlo
+from tests import load
 from tests import steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -106,7 +107,7 @@ def test_triton_compiles_the_kernels_for_hopper_and_ampere_without_spills(tmp_pa
     [sys.executable, 'bench/gpu_aot.py', '--tiny', '--batch=2', f'--out={out}'],
     cwd=ROOT,
     check=True,
-    timeout=600,
+    timeout=load.timeout(600),
     capture_output=True,
   )
   layers = json.loads(out.read_text())['layers']

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from halonet.data import randaugment
+from tests import load
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -63,7 +64,11 @@ def test_randaugment_runs_in_tf_data_when_keras_runs_on_jax():
   env = {**os.environ, 'KERAS_BACKEND': 'jax', 'PYTHONPATH': str(ROOT)}
   script = ROOT / 'tests' / 'scripts' / 'randaugment_jax_backend.py'
   result = subprocess.run(
-    [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+    [sys.executable, str(script)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=load.timeout(300),
   )
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == str([(16, 16, 3)] * 4)

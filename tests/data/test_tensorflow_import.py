@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from halonet.data import tensorflow_import
+from tests import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,7 +27,7 @@ def test_importing_the_input_pipeline_writes_nothing_to_stderr():
     cwd=ROOT,
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=load.timeout(300),
     env={k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'},
   )
   assert done.returncode == 0 and done.stderr == '', done.stderr

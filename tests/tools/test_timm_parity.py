@@ -20,6 +20,7 @@ from halonet.models import halonet as model_lib
 from halonet.models import networks
 from halonet.tools import convert
 from halonet.tools import trained
+from tests import load
 from tests import torch_side
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -134,7 +135,11 @@ def test_the_converter_and_other_commands_import_side_by_side():
   --workdir) on import."""
   code = 'import halonet.tools.convert, halonet.tools.visualize, halonet.train.launch'
   done = subprocess.run(
-    [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    [sys.executable, '-c', code],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=load.timeout(300),
   )
   assert done.returncode == 0, done.stderr[-2000:]
 
@@ -173,7 +178,11 @@ def test_the_command_writes_a_run_that_loads_as_any_run(references, tmp_path):
     f'--workdir={workdir}',
   ]
   done = subprocess.run(
-    [*command, f'--weights={weights}'], cwd=ROOT, capture_output=True, text=True, timeout=600
+    [*command, f'--weights={weights}'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=load.timeout(600),
   )
   assert done.returncode == 0, done.stderr[-2000:]
   assert f'{name}: 11,680,072 parameters' in done.stdout
@@ -189,7 +198,11 @@ def test_the_command_writes_a_run_that_loads_as_any_run(references, tmp_path):
   logits, _ = _run(name, variables, reference['images'])
   _close(logits, reference['logits'])
   again = subprocess.run(
-    [*command, f'--weights={weights}'], cwd=ROOT, capture_output=True, text=True, timeout=600
+    [*command, f'--weights={weights}'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=load.timeout(600),
   )
   assert again.returncode == 1
   assert again.stderr.strip().splitlines()[-1] == (

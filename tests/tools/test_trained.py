@@ -29,6 +29,7 @@ from halonet.train import checkpointing
 from halonet.train import loop as train_lib
 from halonet.train import workdir as workdir_lib
 from tests import intercept
+from tests import load
 from tests import steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -192,7 +193,7 @@ def test_predict_reports_every_image_and_names_the_bad_file(run, tmp_path):
     cwd=REPO,
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=load.timeout(300),
   )
   assert done.returncode == 1, done.stderr[-2000:]
   assert f'ERROR {folder / "notes.png"}: not a decodable image' in done.stderr
@@ -228,7 +229,7 @@ def test_loading_a_run_from_python_prints_no_orbax_notices(run):
     cwd=REPO,
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=load.timeout(300),
     env=dict(os.environ, JAX_PLATFORMS='cpu'),
   )
   assert done.returncode == 0, done.stderr[-2000:]
@@ -437,7 +438,7 @@ def test_the_attention_map_command_writes_a_new_png_and_refuses_bad_queries(run,
     cwd=REPO,
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=load.timeout(300),
   )
   assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].endswith(
     '--queries=\'3;4\' must be "y,x;y,x;..." in pixels'
@@ -448,7 +449,7 @@ def test_the_attention_map_command_writes_a_new_png_and_refuses_bad_queries(run,
     cwd=REPO,
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=load.timeout(300),
   )
   assert done.returncode == 0, done.stderr[-2000:]
   assert out.read_text() == 'kept'

@@ -22,6 +22,7 @@ from halonet.train import loop as train_lib
 from halonet.train import step as train_step_lib
 from halonet.train import workdir as workdir_lib
 from tests import inputs
+from tests import load
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 16
@@ -45,7 +46,7 @@ def _run(args, workdir):
     cwd=REPO,
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=load.timeout(300),
   )
 
 
@@ -266,7 +267,9 @@ def test_real_full_disk_then_resume_after_space_is_freed(tmp_path):
       '--config.checkpoint_every_steps=1',
       '--config.keep_checkpoints=100',
     ]
-    run = lambda: subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = lambda: subprocess.run(
+      command, cwd=REPO, capture_output=True, text=True, timeout=load.timeout(300)
+    )
     full = run()
     # Orbax's writer threads log their own tracebacks around it: find the run's one line.
     fatal = [line for line in full.stderr.splitlines() if line.startswith('FATAL')]

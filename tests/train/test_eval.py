@@ -22,6 +22,7 @@ from halonet.train import loop as train_lib
 from halonet.train import optim
 from halonet.train import step as train_step_lib
 from tests import inputs
+from tests import load
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,7 +41,7 @@ def test_eval_py_matches_training_run_and_appends_records(tmp_path, monkeypatch)
     cwd=REPO,
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=load.timeout(300),
   )
   assert run.returncode == 0, run.stderr[-3000:]
   assert 'step 6 digits test (ema params): top-1' in run.stdout
@@ -120,7 +121,7 @@ def test_quickstart_reaches_95_percent(tmp_path):
     cwd=REPO,
     capture_output=True,
     text=True,
-    timeout=600,
+    timeout=load.timeout(600),
     env=env,
   )
   assert run.returncode == 0, run.stderr[-3000:]

@@ -19,9 +19,10 @@ from halonet import errors
 from halonet import paths
 from halonet.train import checkpointing
 from halonet.train import lease
+from tests import load
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TIMEOUT_S = 600
+TIMEOUT_S = load.timeout(600)
 
 
 @pytest.fixture(params=['local', 'bucket'])

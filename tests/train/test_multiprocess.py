@@ -21,10 +21,12 @@ from halonet.train import checkpointing
 from halonet.train import evaluation as eval_lib
 from halonet.train import step as train_step_lib
 from tests import inputs
+from tests import load
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
-TIMEOUT_S = 300  # Per run of both processes; every child is killed past it or on any failure.
+# Per run of both processes; every child is killed past it or on any failure.
+TIMEOUT_S = load.timeout(300)
 
 
 def _free_port() -> int:

@@ -24,6 +24,7 @@ from halonet.train import loop as train_lib
 from halonet.train import step as train_step_lib
 from halonet.train import workdir as workdir_lib
 from tests import inputs
+from tests import load
 from tests import steps
 
 
@@ -262,7 +263,7 @@ def test_bad_command_line_fails_in_one_line(script, args, named, tmp_path):
     cwd=root,
     capture_output=True,
     text=True,
-    timeout=120,
+    timeout=load.timeout(120),
   )
   assert run.returncode != 0
   assert named in run.stderr.strip().splitlines()[-1], run.stderr[-2000:]
@@ -306,7 +307,11 @@ def test_finished_run_compile_time_profile_then_rerun_changes_nothing(
 def test_help_lists_the_main_flags():
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   run = subprocess.run(
-    [sys.executable, 'train.py', '--help'], cwd=root, capture_output=True, text=True, timeout=120
+    [sys.executable, 'train.py', '--help'],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=load.timeout(120),
   )
   assert run.returncode == 0, run.stderr[-2000:]
   for flag in ('--config:', '--workdir:', 'distributed:', 'allow_config_change:'):
