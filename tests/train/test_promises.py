@@ -1,0 +1,106 @@
+"""Promises the run-file modules' docstrings make, asserted through the calls a user makes:
+metrics reach a bucket at least every FLUSH_EVERY_SECONDS (a patched clock, no sleeps); a `~`
+workdir lands under the home folder; a measured choice recorded on another kind of device is
+kept beside the new one and not used."""
+
+import json
+import os
+
+import pytest
+
+from configs import tiny
+from halonet import paths
+from halonet.attention import measure
+from halonet.models import networks
+from halonet.train import checkpointing
+from halonet.train import event_writer
+from halonet.train import lease
+from halonet.train import workdir as workdir_lib
+
+
+def _event_files(folder) -> list[str]:
+  return sorted(name for name in os.listdir(folder) if name.startswith('events.out.tfevents'))
+
+
+def test_bucket_metrics_are_uploaded_at_least_every_flush_interval(tmp_path, monkeypatch):
+  now = [1000.0]
+  monkeypatch.setattr(event_writer.time, 'monotonic', lambda: now[0])
+  writer = event_writer.ObjectStoreEventWriter(str(tmp_path))
+  writer.write_scalars(1, {'loss': 1.0})
+  now[0] += event_writer.FLUSH_EVERY_SECONDS - 1
+  writer.write_scalars(2, {'loss': 0.9})
+  assert _event_files(tmp_path) == []  # Not yet a minute.
+  now[0] += 2
+  writer.write_scalars(3, {'loss': 0.8})
+  assert len(_event_files(tmp_path)) == 1  # Steps 1-3, uploaded as one whole file.
+  now[0] += 1
+  writer.write_scalars(4, {'loss': 0.7})
+  assert len(_event_files(tmp_path)) == 1  # The interval counts from the last upload.
+  now[0] += event_writer.FLUSH_EVERY_SECONDS + 1
+  writer.write_scalars(5, {'loss': 0.6})
+  writer.close()
+  names = _event_files(tmp_path)
+  assert len(names) == 2 and names == sorted(names)  # Numbered in the order written.
+
+
+def test_a_tilde_workdir_lands_under_the_home_folder(tmp_path, monkeypatch):
+  monkeypatch.setenv('HOME', str(tmp_path))
+  workdir = '~/runs/tilde'
+  paths.check_writable(workdir, 'workdir')
+  workdir_lib.check_and_store_config(tiny.get_config(), workdir, False, 0)
+  workdir_lib.write_results(workdir, {'step': 0})
+  manager = checkpointing.create_manager(workdir, 2)
+  checkpointing.save(manager, 0, {'w': [1.0, 2.0]})
+  checkpointing.finish(manager)
+  lease.acquire(workdir).release()
+  home = tmp_path / 'runs' / 'tilde'
+  assert sorted(os.listdir(home)) == ['checkpoints', 'config.json', 'results.json']
+  assert os.listdir(home / 'checkpoints') == ['0']
+  assert not (tmp_path / '~').exists() and not os.path.exists('~')
+  assert paths.as_string(workdir) == str(home)
+
+
+def test_a_choice_recorded_on_another_device_is_kept_beside_and_not_used(tmp_path, monkeypatch):
+  monkeypatch.setenv('HALONET_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setenv('HALONET_MEASURE_ATTENTION', '1')
+  monkeypatch.setattr(
+    measure,
+    'measure_layer',
+    lambda layer, candidates: {'choice': 'rows', 'seconds': {'rows': 1.0}, 'skipped': {}},
+  )
+  model = networks.create_model(tiny.get_config())
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  tpu = {
+    **measure.measured_with('cpu'),
+    'device_kind': 'TPU v5 lite',
+    'backend': 'tpu',
+    'layers': {'some layer': {'choice': 'pallas', 'seconds': {}, 'skipped': {}}},
+  }
+  (workdir / measure.CHOICE_FILE).write_text(json.dumps(tpu))
+  lines = []
+  choice = measure.for_run(model, 'auto', 32, 2, str(workdir), say=lines.append)
+  assert {form for _, form in choice} == {'rows'} and len(choice) == 4
+  assert "its device_kind 'TPU v5 lite'" in lines[0]
+  assert json.loads((workdir / 'attention_choice.earlier.json').read_text()) == tpu
+  assert json.loads((workdir / measure.CHOICE_FILE).read_text())['device_kind'] != 'TPU v5 lite'
+
+
+@pytest.mark.parametrize('name', ['config.json', 'results.json'])
+def test_run_files_are_written_whole_or_not_at_all(tmp_path, name):
+  """A reader never sees half a file: the write goes to a sibling and is renamed over it."""
+  target = tmp_path / name
+  target.write_text('{"old": true}')
+  seen = []
+  real_replace = os.replace
+
+  def replace(source, destination):
+    seen.append(json.loads(open(source).read()))  # The new file is whole before it lands.
+    assert json.loads(target.read_text()) == {'old': True}  # The old one stands until then.
+    return real_replace(source, destination)
+
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(os, 'replace', replace)
+    m.setattr(paths.epath.Path, 'replace', lambda self, dst: replace(str(self), str(dst)))
+    paths.write_json(target, {'new': True})
+  assert seen == [{'new': True}] and json.loads(target.read_text()) == {'new': True}
