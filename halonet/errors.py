@@ -1,7 +1,7 @@
 """The exception for bad user input (a config value, the data, the workdir).
 
-train.py and eval.py print it, DiskFull and FileNotFoundError in one line without a traceback:
-the message names the bad value. Any other exception is a bug here and keeps its traceback.
+train.py and eval.py print it, DiskFull, PeerTimeout and FileNotFoundError in one line without a
+traceback: the message names the bad value. Any other exception is a bug here and keeps its traceback.
 """
 
 import errno
@@ -19,6 +19,10 @@ class DiskFull(OSError):
 
   def __str__(self) -> str:
     return self.strerror
+
+
+class PeerTimeout(RuntimeError):
+  """Another process of a multi-host run did not arrive in time; the message says at what."""
 
 
 def is_disk_full(error: BaseException) -> bool:

@@ -143,13 +143,30 @@ def prefetch_to_device(
     yield queue.popleft()
 
 
-def broadcast_json(obj: Any) -> Any:
-  """Process 0's `obj` on every process (JSON through two broadcasts: length, then bytes)."""
+# How long a process waits for process 0 to publish what every process needs (its measured
+# attention forms: minutes on a large model; the workdir's lease: seconds) before it gives up.
+PEER_TIMEOUT_S = 1800.0
+_published: collections.Counter = collections.Counter()
+
+
+def broadcast_json(obj: Any, what: str, timeout_s: float = PEER_TIMEOUT_S) -> Any:
+  """Process 0's `obj` on every process, through the coordination service's key-value store
+  (the k-th call for `what` on each process reads process 0's k-th). A process that waits more
+  than `timeout_s` fails in one line naming what it waited for, instead of hanging the job."""
   if jax.process_count() == 1:
     return obj
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top  # As Orbax reaches it.
 
-  data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if jax.process_index() == 0 else None
-  length = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if data is not None else 0)))
-  buffer = data if data is not None else np.zeros(length, np.uint8)
-  return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
+  _published[what] += 1
+  key = f'halonet/{what}/{_published[what]}'
+  client = distributed.global_state.client
+  if jax.process_index() == 0:
+    client.key_value_set(key, json.dumps(obj))
+    return obj
+  try:
+    return json.loads(client.blocking_key_value_get(key, int(timeout_s * 1000)))
+  except Exception as e:  # pylint: disable=broad-except  # The runtime's own deadline error.
+    raise errors.PeerTimeout(
+      f'process {jax.process_index()} waited {timeout_s:.0f} s for process 0 to publish {what} '
+      f'and gave up ({" ".join(str(e).split())[:200]}); process 0 stalled or died: see its log'
+    ) from None

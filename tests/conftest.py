@@ -110,7 +110,9 @@ def storage_server():
     settings = {
       'STORAGE_EMULATOR_HOST': url,
       'TENSORSTORE_GCS_HTTP_URL': url,
-      # No metadata server here: fail its probe at once instead of timing out.
+      # No credentials to look for: TensorStore sends this token and probes no metadata server
+      # (its auth flow's first step); were it to probe, it fails at once instead of timing out.
+      'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'test-token',
       'GCE_METADATA_ROOT': '127.0.0.1:1',
       'GCE_METADATA_HOST': '127.0.0.1:1',
       'GOOGLE_CLOUD_PROJECT': 'test-project',

@@ -426,7 +426,7 @@ def for_run(
   if jax.process_index() == 0:
     layers = model_layers(model, image_size, per_device_batch)
     records = choose_layers(layers, backend, say=say, mesh_shape=mesh_shape)
-  records = sharding.broadcast_json(records)
+  records = sharding.broadcast_json(records, 'the measured attention forms')
   if earlier is not None:  # Kept beside the new one.
     paths.write_json(
       paths.unused_path(paths.path(workdir) / 'attention_choice.earlier.json'), earlier

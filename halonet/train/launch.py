@@ -151,7 +151,7 @@ def one_line_errors() -> Iterator[None]:
   line naming the cause, not a traceback; anything else is a bug and keeps its traceback."""
   try:
     yield
-  except (errors.ConfigError, FileNotFoundError, FloatingPointError) as e:
+  except (errors.ConfigError, errors.PeerTimeout, FileNotFoundError, FloatingPointError) as e:
     sys.exit(f'FATAL {e}')
   except OSError as e:  # errors.DiskFull, or ENOSPC from a plain write.
     if not errors.is_disk_full(e):

@@ -139,7 +139,7 @@ def acquire(
       lease = _take(target, clock, say)
     except errors.ConfigError as e:
       refusal = str(e)
-  refusal = sharding.broadcast_json(refusal)
+  refusal = sharding.broadcast_json(refusal, "the workdir's lease", timeout_s=600)
   if refusal:
     raise errors.ConfigError(refusal)
   return lease
