@@ -1,7 +1,8 @@
 """The exception for bad user input (a config value, the data, the workdir).
 
 train.py and eval.py print it, DiskFull, PeerTimeout and FileNotFoundError in one line without a
-traceback: the message names the bad value. Any other exception is a bug here and keeps its traceback.
+traceback: the message names the bad value. Any other exception is a bug here and keeps its
+traceback.
 """
 
 import errno
