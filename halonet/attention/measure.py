@@ -172,15 +172,17 @@ def errors_against(got: Any, want: Any, num_heads: int) -> Errors:
   return Errors(rms=rms, scale=scale)
 
 
-def limits(dtype: str, plain: Errors, backend: str | None = None) -> tuple[Errors, Errors]:
-  """(plain's limit, every other form's): plain may err by a few roundings of `dtype`; another
-  form by twice plain's measured error (the spread of correct forms), and its scale by three
-  times plain's, each at least what one rounding allows."""
+def plain_limit(dtype: str, backend: str | None = None) -> Errors:
+  """What plain may err by: a few roundings of `dtype`."""
   u = unit_rounding(dtype, backend)
-  return (
-    Errors(rms=4 * u, scale=u),
-    Errors(rms=max(2 * plain.rms, 2 * u), scale=max(3 * plain.scale, u / 2)),
-  )
+  return Errors(rms=4 * u, scale=u)
+
+
+def form_limit(dtype: str, plain: Errors, backend: str | None = None) -> Errors:
+  """What another form may err by: twice plain's measured error (the spread of correct forms),
+  its scale three times plain's, each at least what one rounding allows."""
+  u = unit_rounding(dtype, backend)
+  return Errors(rms=max(2 * plain.rms, 2 * u), scale=max(3 * plain.scale, u / 2))
 
 
 def _reference(layer: Layer, args: Sequence[Any]) -> Any:
@@ -228,17 +230,16 @@ def measure_layer(
   args = _inputs(layer)
   reference = _reference(layer, args)
   seconds, skipped, measured = {}, {}, {}
-  plain_limit = other_limit = None
+  dtype, limit = layer.shape.dtype, None
   for impl in dict.fromkeys(('plain', *candidates)):
     try:
       compiled = _forward_backward(layer, impl).lower(*args).compile()
       result = jax.device_get(compiled(*args))
-      if impl == 'plain':
-        plain_limit, _ = limits(layer.shape.dtype, Errors(0.0, 0.0))
-        errors = _check(layer, impl, result, reference, plain_limit)
-        _, other_limit = limits(layer.shape.dtype, errors)
-      else:
-        errors = _check(layer, impl, result, reference, other_limit)
+      errors = _check(
+        layer, impl, result, reference, plain_limit(dtype) if limit is None else limit
+      )
+      if impl == 'plain':  # Always first: the others are held to its measured spread.
+        limit = form_limit(dtype, errors)
       measured[impl] = dataclasses.asdict(errors)
       seconds[impl] = timer(compiled, args)
     except Exception as e:  # pylint: disable=broad-except  # Any failure rules a form out.
@@ -263,8 +264,8 @@ def recheck(layer: Layer, form: str) -> str | None:
   reference = _reference(layer, args)
   try:
     plain = jax.device_get(_forward_backward(layer, 'plain')(*args))
-    plain_limit, _ = limits(layer.shape.dtype, Errors(0.0, 0.0))
-    _, limit = limits(layer.shape.dtype, _check(layer, 'plain', plain, reference, plain_limit))
+    dtype = layer.shape.dtype
+    limit = form_limit(dtype, _check(layer, 'plain', plain, reference, plain_limit(dtype)))
     if form != 'plain':
       _check(layer, form, jax.device_get(_forward_backward(layer, form)(*args)), reference, limit)
   except Exception as e:  # pylint: disable=broad-except  # Any failure rules the record out.

@@ -211,5 +211,5 @@ def train(run: setup.Run) -> dict[str, Any]:
     try:
       checkpointing.finish(manager)
     finally:
-      if run.lease:
+      if run.lease is not None:
         run.lease.release()

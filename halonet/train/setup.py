@@ -81,7 +81,7 @@ def set_up(
   try:
     return _set_up(config, workdir, allow_config_change, sizes, stored, lease)
   except BaseException:
-    if lease:
+    if lease is not None:
       lease.release()
     raise
 
@@ -106,7 +106,7 @@ def _set_up(
   tx, schedule, num_steps = train_step_lib.optimization(config, train_examples)
   if _is_finished(config, stored, start_step, num_steps, previous):
     manager.close()
-    if lease:
+    if lease is not None:
       lease.release()
     console.say(f'{workdir} already finished at step {start_step}; its results.json is unchanged')
     return None
