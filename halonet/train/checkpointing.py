@@ -4,9 +4,10 @@ The directory goes through halonet/paths.py, so a workdir may be a bucket URL: O
 each finished step with a commit file instead of renaming it, and only marked steps restore.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import contextlib
 import logging as std_logging
+import sys
 from typing import Any
 
 from absl import logging
@@ -17,11 +18,50 @@ from halonet import errors
 from halonet import paths
 
 
-def quiet_orbax_info_logs() -> None:
-  """Orbax logs dozens of INFO lines per save through absl; keep its warnings only."""
-  logging.get_absl_handler().addFilter(
-    lambda record: '/orbax/' not in record.pathname or record.levelno >= std_logging.WARNING
+def quiet_orbax() -> None:
+  """Orbax logs dozens of INFO lines per save, and a full disk as a traceback from each writer
+  thread and each of their unawaited tasks (DiskFull says it in one line); its other warnings and
+  errors stay."""
+  logging.get_absl_handler().addFilter(_worth_showing)
+  if not getattr(sys.unraisablehook, 'drops_closed_loop_callbacks', False):
+    sys.unraisablehook = _dropping_closed_loop_callbacks(sys.unraisablehook)
+
+
+def _worth_showing(record: std_logging.LogRecord) -> bool:
+  from_orbax = '/orbax/' in record.pathname
+  if not from_orbax and record.name != 'asyncio':
+    return True
+  if from_orbax and record.levelno < std_logging.WARNING:
+    return False
+  error = record.exc_info[1] if record.exc_info else None
+  return not any(
+    errors.is_disk_full(e) for e in (RuntimeError(record.getMessage()), *_chain(error))
   )
+
+
+def _chain(error: BaseException | None) -> Iterator[BaseException]:
+  """`error` and the exceptions it was raised from or while handling."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def _dropping_closed_loop_callbacks(
+  hook: Callable[[Any], None],
+) -> Callable[[Any], None]:
+  """TensorStore completes a failed write's future after the Orbax thread that awaited it has
+  closed its event loop; the callback it then cannot schedule is noise, not a second error."""
+
+  def unraisable(info: Any) -> None:
+    if not (
+      isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == 'Event loop is closed'
+    ):
+      hook(info)
+
+  unraisable.drops_closed_loop_callbacks = True
+  return unraisable
 
 
 def _not_read_only_notice(record: std_logging.LogRecord) -> bool:

@@ -130,7 +130,7 @@ def quiet_logs() -> None:
     std_logging.getLogger('gcsfs').setLevel(std_logging.ERROR)
   from halonet.train import checkpointing  # pylint: disable=g-import-not-at-top  # Imports Orbax.
 
-  checkpointing.quiet_orbax_info_logs()
+  checkpointing.quiet_orbax()
 
 
 def cluster_flags() -> dict[str, str | int]:

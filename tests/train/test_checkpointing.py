@@ -4,6 +4,8 @@ full disk reports, and which Orbax log lines are kept."""
 
 import errno
 import logging
+import sys
+import types
 
 import jax
 import numpy as np
@@ -112,12 +114,48 @@ def test_only_orbax_info_lines_and_read_only_notices_are_dropped():
 def test_orbax_info_lines_are_dropped_and_its_warnings_kept():
   from absl import logging as absl_logging
 
-  checkpointing.quiet_orbax_info_logs()
+  checkpointing.quiet_orbax()
   handler = absl_logging.get_absl_handler()
   orbax = '/site-packages/orbax/checkpoint/manager.py'
   assert not handler.filter(_record(orbax, logging.INFO, 'saving step 3'))
   assert handler.filter(_record(orbax, logging.WARNING, 'step 3 is incomplete'))
   assert handler.filter(_record('/halonet/train/loop.py', logging.INFO, 'step 3'))
+
+
+def test_a_full_disk_is_dropped_from_orbax_and_asyncio_logs_and_other_errors_kept():
+  """DiskFull reports a full disk in one line; the same error from each of Orbax's writer threads
+  and their unawaited tasks is noise, any other error of theirs is not."""
+  worth_showing = checkpointing._worth_showing  # pylint: disable=protected-access
+  orbax = '/site-packages/orbax/checkpoint/_src/futures/future.py'
+  full = 'RESOURCE_EXHAUSTED: Failed to write 31 bytes: No space left on device'
+  assert not worth_showing(_record(orbax, logging.ERROR, f'thread raised: {full}'))
+  try:
+    try:
+      raise ValueError(full)
+    except ValueError as e:
+      raise RuntimeError('Save Finalize thread failed') from e
+  except RuntimeError:
+    record = _record(orbax, logging.ERROR, 'Save Finalize thread failed')
+    record.exc_info = sys.exc_info()
+  assert not worth_showing(record)
+  unawaited = _record('/lib/asyncio/base_events.py', logging.ERROR, f'never retrieved: {full}')
+  unawaited.name = 'asyncio'
+  assert not worth_showing(unawaited)
+  assert worth_showing(_record(orbax, logging.ERROR, 'PERMISSION_DENIED: cannot write'))
+  unawaited.msg = 'Task exception was never retrieved: KeyError'
+  assert worth_showing(unawaited)
+  assert worth_showing(_record('/tensorboard/writer.py', logging.ERROR, full))
+
+
+def test_only_callbacks_to_a_closed_event_loop_are_kept_from_the_unraisable_hook(monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, 'unraisablehook', lambda info: seen.append(info.exc_value))
+  checkpointing.quiet_orbax()
+  checkpointing.quiet_orbax()  # Twice wraps once.
+  closed, other = RuntimeError('Event loop is closed'), RuntimeError('the stream broke')
+  for error in (closed, other):
+    sys.unraisablehook(types.SimpleNamespace(exc_value=error))
+  assert seen == [other]
 
 
 def test_a_writer_removes_unfinished_saves_and_a_reader_leaves_them(tmp_path):
