@@ -152,6 +152,11 @@ TOP_FIELDS: dict[str, tuple[Any, str]] = dict(
   checkpoint_every_steps=(1000, 'Orbax checkpoint every N steps (and at the end).'),
   keep_checkpoints=(3, 'checkpoints kept (the newest).'),
   seed=(0, 'parameters, data order, augmentation and dropout.'),
+  storage_outage_minutes=(
+    10.0,
+    'how long an object store may stay unreachable (retried with backoff) before the run stops '
+    'in one line naming the last committed checkpoint.',
+  ),
   profile_steps=(
     (),
     '(first, last): a jax.profiler trace of those train steps in workdir/plugins/profile; () = '

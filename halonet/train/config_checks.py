@@ -49,6 +49,7 @@ RANGES = {
   'eval_every_steps': '[1, inf)',
   'checkpoint_every_steps': '[1, inf)',
   'keep_checkpoints': '[1, inf)',
+  'storage_outage_minutes': '(0, inf)',
   'seed': '[0, 4294967295]',  # numpy's and JAX's seeds are unsigned 32-bit.
 }
 # Sequences whose every entry must be a positive count.

@@ -153,6 +153,12 @@ def one_line_errors() -> Iterator[None]:
     yield
   except (errors.ConfigError, errors.PeerTimeout, FileNotFoundError, FloatingPointError) as e:
     sys.exit(f'FATAL {e}')
+  except errors.StorageOutage as e:
+    # Threads of Orbax and TensorStore may still be retrying their own writes: nothing they
+    # could still do is worth waiting for.
+    print(f'FATAL {e}', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
   except OSError as e:  # errors.DiskFull, or ENOSPC from a plain write.
     if not errors.is_disk_full(e):
       raise

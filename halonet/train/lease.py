@@ -26,6 +26,7 @@ import jax
 from halonet import errors
 from halonet import paths
 from halonet import sharding
+from halonet import storage
 
 LEASE = 'lease.json'
 RENEW_S = 60.0
@@ -76,7 +77,8 @@ class Lease:
       try:
         self.renew()
       except Exception as e:  # pylint: disable=broad-except  # A storage hiccup: next time.
-        logging.warning('renewing the lease %s failed: %s', self._target, e)
+        if not storage.outage_declared():  # Else the run is ending, saying why in one line.
+          logging.warning('renewing the lease %s failed: %s', self._target, e)
 
   def release(self) -> None:
     """Stops renewing and removes the lease if it is still this run's."""

@@ -14,7 +14,9 @@ import ml_collections
 import numpy as np
 
 from halonet import console
+from halonet import errors
 from halonet import paths
+from halonet import storage
 from halonet.train import checkpointing
 from halonet.train import evaluation as eval_lib
 from halonet.train import event_writer
@@ -196,6 +198,7 @@ def train(run: setup.Run) -> dict[str, Any]:
         if now.evaluate:
           evaluate(step)
       evaluate(step)
+      checkpointing.wait_saved(manager, step, state)
     for name in ('raw', 'ema'):
       for split, r in results.get(f'{name}_eval', {}).items():
         console.say(
@@ -203,13 +206,21 @@ def train(run: setup.Run) -> dict[str, Any]:
           f'top-1 {r["top1"]:.2f}% top-5 {r["top5"]:.2f}%'
         )
     return results
+  except errors.StorageOutage as e:
+    committed = checkpointing.committed_step(manager)
+    last = 'none' if committed is None else f'step {committed}'
+    raise errors.StorageOutage(
+      f'{e}; the last committed checkpoint is {last}: '
+      'rerun the same command once the store is back to resume from it'
+    ) from None
   finally:
     if profile:
       profile.close()
     preemption.close()
-    writer.close()
-    try:
-      checkpointing.finish(manager)
-    finally:
-      if run.lease is not None:
-        run.lease.release()
+    if not storage.outage_declared():  # Else each would wait on the store again, in vain.
+      writer.close()
+      try:
+        checkpointing.finish(manager)
+      finally:
+        if run.lease is not None:
+          run.lease.release()

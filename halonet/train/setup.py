@@ -19,6 +19,7 @@ from halonet import console
 from halonet import errors
 from halonet import paths
 from halonet import sharding
+from halonet import storage
 from halonet.attention import measure
 from halonet.data import pipeline as input_pipeline
 from halonet.models import networks
@@ -74,6 +75,7 @@ def set_up(
   workdir already holds this very run, finished (then nothing is touched). Every check that can
   refuse the run comes before anything compiles or is written."""
   config_checks.validate_config(config)
+  storage.set_budget(60 * config.storage_outage_minutes)
   sizes = train_step_lib.split_sizes(config)
   paths.check_writable(workdir, 'workdir')
   stored = workdir_lib.stored_config(workdir)  # A garbled one is named before anything is made.

@@ -34,6 +34,7 @@ RESUMABLE_FIELDS = (
   'num_epochs',
   'num_train_steps',
   'profile_steps',
+  'storage_outage_minutes',
 )
 # What a checkpoint's arrays depend on: evaluating it with other values here cannot work.
 CHECKPOINT_FIELDS = ('model', 'num_classes')

@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 
@@ -22,6 +21,7 @@ from halonet.train import evaluation as eval_lib
 from halonet.train import step as train_step_lib
 from tests import inputs
 from tests import load
+from tests import loopback
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
@@ -29,18 +29,12 @@ PROCESSES, DEVICES_PER_PROCESS = 2, 2
 TIMEOUT_S = load.timeout(300)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _run_processes(workdir, cache) -> tuple[list[int], list[str]]:
   """train.py --distributed in PROCESSES processes; their pids and outputs once all exited 0.
 
   'auto' attention is measured (on CPU only when asked), so that process 0's choice must reach
   process 1; `cache` is the measurements' cache folder."""
-  port = _free_port()
+  port = loopback.free_port()
   env = dict(
     os.environ,
     JAX_PLATFORMS='cpu',

@@ -1,0 +1,132 @@
+"""halonet/storage.py: which failures are retried, for how long, and what a person reads.
+
+The errors are the clients' own types and texts (aiohttp's, gcsfs's HttpError, TensorStore's
+status text); time is a fake clock that the retries' sleeps advance.
+"""
+
+import logging
+
+import aiohttp
+from gcsfs import retry as gcsfs_retry
+import pytest
+
+from halonet import errors
+from halonet import storage
+
+
+@pytest.fixture
+def clock(monkeypatch):
+  """Fake time: each sleep advances it; the budget starts fresh."""
+  now = [0.0]
+  monkeypatch.setattr(storage, '_clock', lambda: now[0])
+  monkeypatch.setattr(storage, '_sleep', lambda s: now.__setitem__(0, now[0] + s))
+  storage.set_budget(100)
+  yield now
+  storage.set_budget(storage.DEFAULT_BUDGET_S)
+
+
+def _failing(times, error):
+  calls = []
+
+  def operation():
+    calls.append(1)
+    if len(calls) <= times:
+      raise error
+    return 'done'
+
+  return operation, calls
+
+
+def _raised_from(cause):
+  try:
+    try:
+      raise cause
+    except Exception as e:
+      raise RuntimeError('Save Finalize thread failed') from e
+  except RuntimeError as outer:
+    return outer
+
+
+@pytest.mark.parametrize(
+  'error, transient',
+  [
+    (aiohttp.ServerDisconnectedError(), True),
+    (ConnectionRefusedError(111, 'Connect call failed'), True),
+    (TimeoutError(), True),
+    (gcsfs_retry.HttpError({'code': 503, 'message': 'Service Unavailable'}), True),
+    (gcsfs_retry.HttpError({'code': 429, 'message': 'rate limited'}), True),
+    (gcsfs_retry.HttpError({'code': 403, 'message': 'forbidden'}), False),
+    (ValueError('UNAVAILABLE: Error writing "params/0" in OCDBT database'), True),
+    (ValueError('DEADLINE_EXCEEDED: reading "d/1f"'), True),
+    (ValueError('INVALID_ARGUMENT: bucket name "b"'), False),
+    (FileNotFoundError('gs://b/run/results.json'), False),
+    (_raised_from(aiohttp.ServerDisconnectedError()), True),
+    (_raised_from(KeyError('params')), False),
+  ],
+)
+def test_transient_failures_are_told_from_lasting_ones(error, transient):
+  assert storage.is_transient(error) is transient
+
+
+def test_an_outage_within_budget_is_retried_and_named_when_it_begins_and_ends(clock, caplog):
+  operation, calls = _failing(4, aiohttp.ServerDisconnectedError())
+  with caplog.at_level(logging.WARNING):
+    assert storage.retried(operation, what='writing x', where='gs://b') == 'done'
+  assert len(calls) == 5
+  assert clock[0] == 1 + 2 + 4 + 8  # Exponential backoff from one second.
+  lines = [r.getMessage() for r in caplog.records]
+  assert len(lines) == 2, lines
+  assert 'gs://b unreachable while writing x' in lines[0] and 'reachable again' in lines[1]
+  assert not storage.outage_declared()
+
+
+def test_an_outage_past_its_budget_ends_in_one_error_and_nothing_waits_after(clock):
+  operation, calls = _failing(10**6, gcsfs_retry.HttpError({'code': 503, 'message': 'down'}))
+  with pytest.raises(errors.StorageOutage) as raised:
+    storage.retried(operation, what='saving checkpoint step 8', where='gs://b')
+  message = str(raised.value)
+  assert message.startswith('storage gs://b unreachable for 100 s')
+  assert 'storage_outage_minutes' in message and 'while saving checkpoint step 8' in message
+  assert 100 <= clock[0] < 100 + storage.LONGEST_WAIT_S
+  assert storage.outage_declared()
+  tried = len(calls)
+  with pytest.raises(errors.StorageOutage):
+    storage.retried(operation, what='writing events', where='gs://b')
+  assert len(calls) == tried
+
+
+def test_a_lasting_failure_is_raised_at_once(clock):
+  operation, calls = _failing(1, PermissionError('403 Forbidden'))
+  with pytest.raises(PermissionError):
+    storage.retried(operation, what='writing x', where='gs://b')
+  assert len(calls) == 1 and clock[0] == 0
+
+
+def test_operations_during_one_outage_share_its_budget(clock):
+  """The lease's thread and the main thread meet the same outage: the budget runs from its
+  start, whichever operation met it first."""
+  calls = []
+
+  def first():
+    calls.append(1)
+    if len(calls) < 3:
+      raise ConnectionResetError()
+    raise PermissionError('403')  # Ends this operation, not the outage.
+
+  with pytest.raises(PermissionError):
+    storage.retried(first, what='renewing the lease', where='gs://b')
+  clock[0] += 90
+  second, _ = _failing(10**6, ConnectionResetError())
+  began = clock[0]
+  with pytest.raises(errors.StorageOutage):
+    storage.retried(second, what='saving', where='gs://b')
+  assert clock[0] - began <= 10
+
+
+def test_a_new_outage_after_the_store_came_back_gets_a_whole_budget(clock):
+  first, _ = _failing(3, ConnectionResetError())
+  storage.retried(first, what='a', where='gs://b')  # 1 + 2 + 4 s, then back: incident over.
+  second, _ = _failing(10**6, ConnectionResetError())
+  with pytest.raises(errors.StorageOutage) as raised:
+    storage.retried(second, what='b', where='gs://b')
+  assert 'unreachable for 100 s' in str(raised.value)

@@ -1,0 +1,170 @@
+"""A bucket that goes away mid-run: against tests/storage_server.py's server, stopped and started
+again on its port with its objects kept on disk.
+
+An outage shorter than config.storage_outage_minutes costs time only: the run goes on and ends
+bit-identical to an unbroken one. A longer one ends the run in one line naming the bucket and the
+last committed checkpoint, and the same command resumes from it once the store is back.
+"""
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests import load
+from tests import storage_server as storage_server_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUCKET = 'outage-bucket'
+STEPS = 10
+FLAGS = [
+  '--config=configs/tiny.py',
+  f'--config.num_train_steps={STEPS}',
+  '--config.checkpoint_every_steps=2',
+  '--config.keep_checkpoints=100',
+]
+TIMEOUT_S = load.timeout(300)
+OUTAGE_S = 40  # Past gcsfs's own retries (about 31 s), so the run's retries are what cures it.
+
+# The final checkpoint's arrays as one digest, read through the same layers as the run.
+DIGEST = """
+import hashlib, sys
+import jax, numpy as np, orbax.checkpoint as ocp
+from halonet.train import checkpointing
+manager = checkpointing.create_manager(sys.argv[1], 100, read_only=True)
+state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
+digest = hashlib.sha256()
+for leaf in jax.tree.leaves(jax.device_get(state)):
+  digest.update(np.ascontiguousarray(leaf).tobytes())
+print(manager.latest_step(), digest.hexdigest())
+"""
+
+
+def _digest(workdir, env):
+  done = subprocess.run(
+    [sys.executable, '-c', DIGEST, workdir],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout.split()
+
+
+class _Run:
+  """train.py in the background, its stdout lines readable as they come."""
+
+  def __init__(self, workdir, env, *extra):
+    self.process = subprocess.Popen(
+      [sys.executable, 'train.py', f'--workdir={workdir}', *FLAGS, *extra],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    self.lines, self.stdout = queue.Queue(), []
+    self.stderr = []
+    threading.Thread(target=self._read, args=(self.process.stdout, self.lines), daemon=True).start()
+    threading.Thread(target=self.stderr.extend, args=(self.process.stderr,), daemon=True).start()
+
+  @staticmethod
+  def _read(stream, lines):
+    for line in stream:
+      lines.put(line)
+
+  def wait_for(self, text):
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+      try:
+        line = self.lines.get(timeout=1)
+      except queue.Empty:
+        assert self.process.poll() is None, ''.join(self.stdout + self.stderr)[-3000:]
+        continue
+      self.stdout.append(line)
+      if text in line:
+        return
+    raise AssertionError(f'no line with {text!r} in {TIMEOUT_S:.0f} s')
+
+  def finish(self):
+    try:
+      self.process.wait(timeout=TIMEOUT_S)
+    finally:
+      self.process.kill()
+    time.sleep(0.5)  # The readers reach the end of the pipes.
+    while not self.lines.empty():
+      self.stdout.append(self.lines.get())
+    return self.process.returncode, ''.join(self.stdout), ''.join(self.stderr)
+
+
+@pytest.fixture
+def outage_server(tmp_path):
+  server = storage_server_lib.StorageServer(BUCKET, root=str(tmp_path / 'objects'))
+  server.start()
+  try:
+    yield server
+  finally:
+    server.stop()
+
+
+@pytest.mark.slow
+def test_a_short_outage_costs_time_only_and_a_long_one_ends_in_one_line_then_resumes(
+  outage_server, tmp_path
+):
+  env = {**os.environ, **outage_server.settings()}
+  local = str(tmp_path / 'unbroken')
+  reference = subprocess.run(
+    [sys.executable, 'train.py', f'--workdir={local}', *FLAGS],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+  )
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  want = _digest(local, env)
+  assert want[0] == str(STEPS)
+
+  # Down for OUTAGE_S from just after the first checkpoint: the run waits it out.
+  short = _Run(f'gs://{BUCKET}/short', env)
+  short.wait_for('step 2/')
+  outage_server.stop()
+  time.sleep(OUTAGE_S)
+  outage_server.start()
+  code, out, err = short.finish()
+  assert code == 0, err[-3000:]
+  assert 'Traceback' not in err and 'reachable again' in err, err[-3000:]
+  assert _digest(f'gs://{BUCKET}/short', env) == want
+
+  # Down for good, with a 15 s budget: one line, and soon.
+  long = _Run(f'gs://{BUCKET}/long', env, '--config.storage_outage_minutes=0.25')
+  long.wait_for('step 4/')
+  outage_server.stop()
+  stopped = time.monotonic()
+  code, out, err = long.finish()
+  fatal = [line for line in err.splitlines() if line.startswith('FATAL')]
+  assert code == 1 and len(fatal) == 1 and 'Traceback' not in err, err[-3000:]
+  assert fatal[0].startswith(f'FATAL storage gs://{BUCKET} unreachable for '), fatal[0]
+  assert 'storage_outage_minutes=0.25' in fatal[0] and 'rerun the same command' in fatal[0]
+  # The budget, plus one round of the clients' own retries (gcsfs: about 31 s).
+  assert time.monotonic() - stopped < load.timeout(15 + 90), err[-3000:]
+  committed = fatal[0].split('the last committed checkpoint is ')[1].split(':')[0]
+
+  outage_server.start()
+  resumed = subprocess.run(  # Also with a larger budget: the field may change on a resume.
+    [sys.executable, 'train.py', f'--workdir=gs://{BUCKET}/long', *FLAGS],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+  )
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  if committed != 'none':
+    assert f'resumed from checkpoint at {committed}' in resumed.stdout, resumed.stdout
+  assert _digest(f'gs://{BUCKET}/long', env) == want
