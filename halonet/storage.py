@@ -39,7 +39,7 @@ _TRANSIENT_CODES = {408, 429, 500, 502, 503, 504}
 
 def is_transient(error: BaseException) -> bool:
   """Whether `error` (or one it was raised from) is a failure a retry may cure."""
-  for e in _chain(error):
+  for e in chain(error):
     if isinstance(e, (ConnectionError, TimeoutError)):
       return True
     code = getattr(e, 'code', getattr(e, 'status', None))
@@ -52,7 +52,8 @@ def is_transient(error: BaseException) -> bool:
   return False
 
 
-def _chain(error: BaseException | None) -> Iterator[BaseException]:
+def chain(error: BaseException | None) -> Iterator[BaseException]:
+  """`error` and the exceptions it was raised from or while handling."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))

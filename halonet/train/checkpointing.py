@@ -41,17 +41,8 @@ def _worth_showing(record: std_logging.LogRecord) -> bool:
   error = record.exc_info[1] if record.exc_info else None
   return not any(
     errors.is_disk_full(e) or storage.is_transient(e)
-    for e in (RuntimeError(record.getMessage()), *_chain(error))
+    for e in (RuntimeError(record.getMessage()), *storage.chain(error))
   )
-
-
-def _chain(error: BaseException | None) -> Iterator[BaseException]:
-  """`error` and the exceptions it was raised from or while handling."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    yield error
-    error = error.__cause__ or error.__context__
 
 
 def _dropping_closed_loop_callbacks(

@@ -42,6 +42,7 @@ BAD_VALUES = [
   ('eval_every_steps', -5),
   ('checkpoint_every_steps', 0),
   ('keep_checkpoints', 0),
+  ('storage_outage_minutes', 0),
   ('seed', -1),
   ('seed', 2**32),
 ]

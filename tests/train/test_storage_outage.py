@@ -44,17 +44,17 @@ print(manager.latest_step(), digest.hexdigest())
 """
 
 
-def _digest(workdir, env):
+def _python(*args, env=None):
+  """A finished subprocess in the repository, whose exit status must be 0."""
   done = subprocess.run(
-    [sys.executable, '-c', DIGEST, workdir],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=TIMEOUT_S,
+    [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
   )
   assert done.returncode == 0, done.stderr[-3000:]
-  return done.stdout.split()
+  return done
+
+
+def _digest(workdir, env):
+  return _python('-c', DIGEST, workdir, env=env).stdout.split()
 
 
 class _Run:
@@ -119,14 +119,7 @@ def test_a_short_outage_costs_time_only_and_a_long_one_ends_in_one_line_then_res
 ):
   env = {**os.environ, **outage_server.settings()}
   local = str(tmp_path / 'unbroken')
-  reference = subprocess.run(
-    [sys.executable, 'train.py', f'--workdir={local}', *FLAGS],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=TIMEOUT_S,
-  )
-  assert reference.returncode == 0, reference.stderr[-3000:]
+  _python('train.py', f'--workdir={local}', *FLAGS)
   want = _digest(local, env)
   assert want[0] == str(STEPS)
 
@@ -156,15 +149,8 @@ def test_a_short_outage_costs_time_only_and_a_long_one_ends_in_one_line_then_res
   committed = fatal[0].split('the last committed checkpoint is ')[1].split(':')[0]
 
   outage_server.start()
-  resumed = subprocess.run(  # Also with a larger budget: the field may change on a resume.
-    [sys.executable, 'train.py', f'--workdir=gs://{BUCKET}/long', *FLAGS],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=TIMEOUT_S,
-  )
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  # Also with a larger budget: the field may change on a resume.
+  resumed = _python('train.py', f'--workdir=gs://{BUCKET}/long', *FLAGS, env=env)
   if committed != 'none':
     assert f'resumed from checkpoint at {committed}' in resumed.stdout, resumed.stdout
   assert _digest(f'gs://{BUCKET}/long', env) == want
