@@ -7,12 +7,25 @@ import functools
 import pathlib
 
 TABLE = pathlib.Path(__file__).with_name('imagenet_classes.tsv')
+# The 200 classes each of ImageNet-A and ImageNet-R has (Hendrycks et al.), by WordNet ID.
+SUBSETS = {
+  'imagenet_a': pathlib.Path(__file__).with_name('imagenet_a_wnids.txt'),
+  'imagenet_r': pathlib.Path(__file__).with_name('imagenet_r_wnids.txt'),
+}
 
 
 @functools.cache
 def descriptions() -> dict[str, str]:
   """WordNet ID -> lemmas, in label order."""
   return dict(line.split('\t') for line in TABLE.read_text().splitlines())
+
+
+@functools.cache
+def subset_indices(name: str) -> tuple[int, ...]:
+  """The 1,000-way label indices of a 200-class ImageNet test set ('imagenet_a', 'imagenet_r'),
+  ascending: those sets are scored on these logits only, as their authors do."""
+  order = {wnid: i for i, wnid in enumerate(descriptions())}
+  return tuple(sorted(order[w] for w in SUBSETS[name].read_text().split()))
 
 
 def readable(names: list[str] | None) -> list[str] | None:
