@@ -60,6 +60,8 @@ COVERING = {
   ),
   'halonet/train/config_checks.py': ('tests/train/test_config_checks.py',),
   'halonet/sharding.py': ('tests/test_sharding.py',),
+  'halonet/storage.py': ('tests/test_storage.py',),
+  'halonet/evaluators/scores.py': ('tests/evaluators/test_scores.py',),
   'halonet/data/randaugment.py': (
     'tests/data/test_randaugment.py',
     'tests/data/test_input_pipeline.py::test_randaugment_off_is_crop_flip_only_and_high_magnitude_changes_images',

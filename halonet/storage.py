@@ -42,7 +42,8 @@ def is_transient(error: BaseException) -> bool:
   for e in chain(error):
     if isinstance(e, (ConnectionError, TimeoutError)):
       return True
-    code = getattr(e, 'code', getattr(e, 'status', None))
+    code = getattr(e, 'status', None)  # aiohttp's; gcsfs's HttpError has `code`.
+    code = code if isinstance(code, int) else getattr(e, 'code', None)
     if isinstance(code, int) and code in _TRANSIENT_CODES:
       return True
     if type(e).__module__.startswith('aiohttp') and not isinstance(code, int):

@@ -9,17 +9,27 @@ import logging
 import aiohttp
 from gcsfs import retry as gcsfs_retry
 import pytest
+import yarl
 
+from halonet import defaults
 from halonet import errors
 from halonet import storage
+
+SLEEPS = []
 
 
 @pytest.fixture
 def clock(monkeypatch):
-  """Fake time: each sleep advances it; the budget starts fresh."""
+  """Fake time: each sleep advances it (and is kept in SLEEPS); the budget starts fresh."""
   now = [0.0]
+  SLEEPS.clear()
+
+  def sleep(seconds):
+    SLEEPS.append(seconds)
+    now[0] += seconds
+
   monkeypatch.setattr(storage, '_clock', lambda: now[0])
-  monkeypatch.setattr(storage, '_sleep', lambda s: now.__setitem__(0, now[0] + s))
+  monkeypatch.setattr(storage, '_sleep', sleep)
   storage.set_budget(100)
   yield now
   storage.set_budget(storage.DEFAULT_BUDGET_S)
@@ -47,14 +57,46 @@ def _raised_from(cause):
     return outer
 
 
+def _http_answer(status):
+  url = yarl.URL('http://127.0.0.1/storage/v1/b/b/o/x')
+  request = aiohttp.RequestInfo(url=url, method='GET', headers={}, real_url=url)
+  return aiohttp.ClientResponseError(request, (), status=status, message='answer')
+
+
+def _raised_while_handling(cause):
+  """`raise` inside `except` without `from`: the cause is the context."""
+  try:
+    try:
+      raise cause
+    except Exception:
+      raise RuntimeError('writing the events failed')  # noqa: B904
+  except RuntimeError as outer:
+    return outer
+
+
+def _cycle():
+  """Two errors each the other's context, as asyncio can leave them."""
+  first, second = KeyError('a'), KeyError('b')
+  first.__context__, second.__context__ = second, first
+  return first
+
+
+# Cloud Storage's transient HTTP statuses (its retry guidance): a request timeout, too many
+# requests, and the server errors but 501.
+_TRANSIENT_CODES = (408, 429, 500, 502, 503, 504)
+
+
 @pytest.mark.parametrize(
   'error, transient',
   [
     (aiohttp.ServerDisconnectedError(), True),
     (ConnectionRefusedError(111, 'Connect call failed'), True),
     (TimeoutError(), True),
-    (gcsfs_retry.HttpError({'code': 503, 'message': 'Service Unavailable'}), True),
-    (gcsfs_retry.HttpError({'code': 429, 'message': 'rate limited'}), True),
+    *[(gcsfs_retry.HttpError({'code': c, 'message': 'busy'}), True) for c in _TRANSIENT_CODES],
+    (gcsfs_retry.HttpError({'code': 501, 'message': 'Not Implemented'}), False),
+    (gcsfs_retry.HttpError({'code': 409, 'message': 'Conflict'}), False),
+    (_http_answer(404), False),
+    (_http_answer(503), True),
     (gcsfs_retry.HttpError({'code': 403, 'message': 'forbidden'}), False),
     (ValueError('UNAVAILABLE: Error writing "params/0" in OCDBT database'), True),
     (ValueError('DEADLINE_EXCEEDED: reading "d/1f"'), True),
@@ -62,6 +104,8 @@ def _raised_from(cause):
     (FileNotFoundError('gs://b/run/results.json'), False),
     (_raised_from(aiohttp.ServerDisconnectedError()), True),
     (_raised_from(KeyError('params')), False),
+    (_raised_while_handling(ConnectionResetError()), True),
+    (_cycle(), False),
   ],
 )
 def test_transient_failures_are_told_from_lasting_ones(error, transient):
@@ -76,8 +120,27 @@ def test_an_outage_within_budget_is_retried_and_named_when_it_begins_and_ends(cl
   assert clock[0] == 1 + 2 + 4 + 8  # Exponential backoff from one second.
   lines = [r.getMessage() for r in caplog.records]
   assert len(lines) == 2, lines
-  assert 'gs://b unreachable while writing x' in lines[0] and 'reachable again' in lines[1]
+  assert lines[0] == (
+    'storage gs://b unreachable while writing x (Server disconnected): retrying for up to 100 s'
+  )
+  assert lines[1] == 'storage gs://b reachable again after 15 s; writing x done'
   assert not storage.outage_declared()
+
+
+def test_an_operation_that_never_failed_says_nothing(clock, caplog):
+  with caplog.at_level(logging.WARNING):
+    assert storage.retried(lambda: 'done', what='writing x', where='gs://b') == 'done'
+  assert caplog.records == []
+
+
+def test_a_long_outage_is_named_in_minutes(clock):
+  storage.set_budget(600)
+  operation, _ = _failing(10**6, ConnectionResetError())
+  with pytest.raises(errors.StorageOutage) as raised:
+    storage.retried(operation, what='writing x', where='gs://b')
+  assert str(raised.value).startswith('storage gs://b unreachable for 10.0 min ')
+  assert SLEEPS[:7] == [1, 2, 4, 8, 16, 32, 60] and max(SLEEPS) == 60  # Capped at a minute.
+  assert str(raised.value).endswith('while writing x: ConnectionResetError')
 
 
 def test_an_outage_past_its_budget_ends_in_one_error_and_nothing_waits_after(clock):
@@ -130,3 +193,8 @@ def test_a_new_outage_after_the_store_came_back_gets_a_whole_budget(clock):
   with pytest.raises(errors.StorageOutage) as raised:
     storage.retried(second, what='b', where='gs://b')
   assert 'unreachable for 100 s' in str(raised.value)
+
+
+def test_commands_that_set_no_budget_get_the_configs_default():
+  """eval.py and predict.py read a bucket without a training config's field."""
+  assert storage.DEFAULT_BUDGET_S == 60 * defaults.base_config().storage_outage_minutes

@@ -49,7 +49,7 @@ def test_mce_normalises_each_corruption_by_alexnet_and_averages():
   alexnet = scores.ALEXNET_CORRUPTION_ERRORS
   # Half AlexNet's error at every severity of every corruption but fog, which equals it.
   table = {c: {s: alexnet[c] / 2 for s in scores.SEVERITIES} for c in alexnet}
-  table['fog'] = {1: 0.7, 2: 0.8, 3: 0.8, 4: 0.9, 5: 0.896620}  # Mean 0.819324.
+  table['fog'] = {1: 0.6, 2: 0.75, 3: 0.8, 4: 0.95, 5: 0.99662}  # Mean 0.819324.
   mce, each = scores.mean_corruption_error(table)
   assert each['fog'] == pytest.approx(1.0)
   assert each['snow'] == pytest.approx(0.5)
@@ -68,6 +68,7 @@ def test_mce_refuses_a_table_without_every_severity():
 def test_the_ridge_probe_is_scikit_learns_ridge_classifier(num_examples, dims):
   rng = np.random.default_rng(0)
   labels = np.arange(num_examples) % 4
+  labels[: num_examples // 3] = 0  # Unbalanced: each class's mean target differs.
   features = rng.normal(size=(num_examples, dims)) + labels[:, None] * 0.3
   test = rng.normal(size=(50, dims))
   weights, bias = scores.ridge_classifier(features, labels, 4, l2=2.0)
@@ -82,6 +83,7 @@ def test_few_shot_draws_each_class_shots_times_and_names_a_short_class():
   chosen = scores.few_shot_indices(labels, 2, seed=3)
   assert sorted(np.bincount(labels[chosen])) == [2, 2, 2]
   assert len(set(chosen)) == 6
+  assert len(scores.few_shot_indices(labels, 3, seed=0)) == 9  # Class 0 has exactly 3.
   with pytest.raises(ValueError, match='class 0 has 3 examples, fewer than 4 shots'):
     scores.few_shot_indices(labels, 4, seed=0)
 
@@ -103,3 +105,21 @@ def test_few_shot_accuracy_separates_separable_classes_and_not_noise():
     split(100, False), split(2000, False), shots=5, seeds=(0, 1, 2), num_classes=5, l2=1.0
   )
   assert abs(chance - 0.2) < 0.05
+
+
+def test_alexnets_errors_are_the_published_ones_under_their_corruptions_names():
+  """github.com/hendrycks/robustness lists them as one array in this order of corruptions."""
+  published = [
+    0.886428, 0.894468, 0.922640, 0.819880, 0.826268, 0.785948, 0.798360, 0.866816,
+    0.826572, 0.819324, 0.564592, 0.853204, 0.646056, 0.717840, 0.606500,
+  ]  # fmt: skip
+  order = (
+    'gaussian_noise shot_noise impulse_noise defocus_blur glass_blur motion_blur zoom_blur snow '
+    'frost fog brightness contrast elastic_transform pixelate jpeg_compression'
+  ).split()
+  assert scores.ALEXNET_CORRUPTION_ERRORS == dict(zip(order, published, strict=True))
+  # Every model at 50% error: its mCE follows from the table alone.
+  table = {c: dict.fromkeys(scores.SEVERITIES, 0.5) for c in order}
+  assert scores.mean_corruption_error(table)[0] == pytest.approx(
+    sum(0.5 / e for e in published) / 15
+  )
