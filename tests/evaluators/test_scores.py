@@ -2,6 +2,7 @@
 counted by hand, timm's own ImageNet-A/R index lists, a hand-made error table, scikit-learn's
 RidgeClassifier."""
 
+import importlib.util
 import os
 
 import numpy as np
@@ -26,7 +27,12 @@ def test_real_accuracy_counts_labelled_images_only():
 
 def test_the_200_class_subsets_are_timms_indices():
   """timm ships each set's 1,000-way indices, derived independently of our class table."""
-  timm_info = pytest.importorskip('timm').__path__[0] + '/data/_info'
+  # Only found, not imported: importing torch where TensorFlow is loaded (other tests in this
+  # worker) crashes the process.
+  timm = importlib.util.find_spec('timm')
+  if timm is None:
+    pytest.skip('timm is not installed (requirements-timm.txt)')
+  timm_info = os.path.join(timm.submodule_search_locations[0], 'data', '_info')
   for name in ('imagenet_a', 'imagenet_r'):
     with open(os.path.join(timm_info, f'{name}_indices.txt')) as f:
       want = tuple(sorted(int(line) for line in f.read().split()))
