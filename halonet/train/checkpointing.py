@@ -123,7 +123,6 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
   object store a transient failure (of this save or the one before) is retried through an outage
   with this step's state: a step whose save failed has no commit marker and is never restored.
   """
-
   _saved_through_outages(manager, step, state, wait=False)
 
 
