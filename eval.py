@@ -2,7 +2,9 @@
 
 Without --config it evaluates the run as W/config.json stored it (configs/stored.py). Reports
 raw and (when trained with one) EMA params on config.input.eval_splits of config.input.dataset
-and appends one record per (step, dataset, split, weights) to W/eval_records.jsonl.
+and on the run's config.evals (ReaL, ImageNet-V2/A/R/Sketch/C, few-shot probes; another list with
+--config.evals='("imagenet_a", "fewshot:digits")'), and appends one record per (step, dataset,
+split or evaluator, weights) to W/eval_records.jsonl.
 """
 
 from collections.abc import Sequence

@@ -149,6 +149,17 @@ TOP_FIELDS: dict[str, tuple[Any, str]] = dict(
   ),
   log_every_steps=(100, 'progress line and TensorBoard scalars every N steps.'),
   eval_every_steps=(5000, 'evaluation every N steps (and at the end).'),
+  evals=(
+    (),
+    'More evaluations beside eval_splits, each a string (halonet/evaluators/specs.py): '
+    "'imagenet2012_real' (ReaL), 'imagenet_v2/matched-frequency', 'imagenet_a', 'imagenet_r', "
+    "'imagenet_sketch', 'imagenet2012_corrupted' (mCE), 'DATASET[:SPLIT]' (top-1/top-5) or "
+    "'fewshot:DATASET[:TRAIN:TEST]' (linear probes); '@N' after one also runs it every N steps, "
+    'else at the end and from eval.py.',
+  ),
+  fewshot_shots=((1, 5, 10, 25), "examples per class each 'fewshot:' probe is fit on."),
+  fewshot_seeds=(3, 'draws of the shots per probe: the table shows their mean and spread.'),
+  fewshot_l2=(1024.0, "L2 penalty of the probes' closed-form ridge regression."),
   checkpoint_every_steps=(1000, 'Orbax checkpoint every N steps (and at the end).'),
   keep_checkpoints=(3, 'checkpoints kept (the newest).'),
   seed=(0, 'parameters, data order, augmentation and dropout.'),

@@ -61,8 +61,9 @@ def create_split(
 
   Yields `image` uint8 [B, s, s, 3] and `label`: int32 [B], or float32 [B, num_classes] mixed
   soft labels when mixup/cutmix is on. Train repeats forever. Eval makes one pass that adds a
-  bool `mask` [B]; every process yields the same number of batches (padding is masked), so each
-  example is counted exactly once across processes.
+  bool `mask` [B] (and, for ImageNet-ReaL, its label sets as bool `real_label` [B, num_classes]);
+  every process yields the same number of batches (padding is masked), so each example is
+  counted exactly once across processes.
   """
   if train and data.dataset.startswith('imagenet_v2'):
     raise errors.ConfigError(f'{data.dataset} has only a test split; use it for eval only.')
@@ -71,9 +72,8 @@ def create_split(
   )
   total = data_sources.num_examples(data, split, num_classes) if split_size is None else split_size
   if not train:
-    return _eval_batches(
-      data, read(None), image_size, batch_size, eval_batch_count(total, batch_size, process_count)
-    )
+    count = eval_batch_count(total, batch_size, process_count)
+    return _eval_batches(data, read(None), image_size, num_classes, batch_size, count)
   steps = steps_per_epoch(total, batch_size * process_count)
   if steps == 0:
     raise errors.ConfigError(
@@ -145,19 +145,28 @@ def _eval_batches(
   data: ml_collections.ConfigDict,
   ds: tf.data.Dataset,
   image_size: int,
+  num_classes: int,
   batch_size: int,
   num_batches: int,
 ) -> Iterator[Batch]:
   s = image_size
-  ds = ds.map(
-    lambda ex: {
+  label_sets = data_sources.REAL_LABELS in ds.element_spec
+
+  def example(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    out = {
       'image': preprocessing.eval_image(ex['image'], s, data.crop_fraction),
       'label': tf.cast(ex['label'], tf.int32),
       'mask': True,
-    },
-    num_parallel_calls=tf.data.AUTOTUNE,
-  )
+    }
+    if label_sets:
+      labels = tf.one_hot(ex[data_sources.REAL_LABELS], num_classes, dtype=tf.int32)
+      out[data_sources.REAL_LABELS] = tf.reduce_max(labels, axis=0, keepdims=False) > 0
+    return out
+
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
   pad = {'image': tf.zeros([s, s, 3], tf.uint8), 'label': np.int32(0), 'mask': False}
+  if label_sets:
+    pad[data_sources.REAL_LABELS] = np.zeros([num_classes], bool)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
   ds = ds.take(num_batches * batch_size).batch(batch_size)
   return iter(with_options(ds.prefetch(tf.data.AUTOTUNE)).as_numpy_iterator())

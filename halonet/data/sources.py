@@ -26,6 +26,7 @@ from halonet.data import digits
 from halonet.data import imagenet_classes
 
 FOLDER_DATASETS = ('image_folder', digits.NAME)  # Also digits.NAME/A-B.
+REAL_LABELS = 'real_label'  # imagenet2012_real's label set of each image (maybe empty).
 
 
 def is_folder(dataset: str) -> bool:
@@ -191,8 +192,9 @@ def _warn_skipped(bad: tuple[str, ...]) -> None:
 
 
 def _checked_label(ex: dict[str, tf.Tensor], num_classes: int) -> dict[str, tf.Tensor]:
-  """Image and label, failing naming the label when it is not a class of the model."""
-  label = ex['label']
+  """Image and label (ImageNet-ReaL's original one; its label sets too), failing naming the
+  label when it is not a class of the model."""
+  label = ex['label'] if 'label' in ex else ex['original_label']
   check = tf.debugging.assert_less(
     label,
     tf.cast(num_classes, label.dtype),
@@ -200,7 +202,10 @@ def _checked_label(ex: dict[str, tf.Tensor], num_classes: int) -> dict[str, tf.T
     summarize=1,
   )
   with tf.control_dependencies([check]):
-    return {'image': ex['image'], 'label': tf.identity(label)}
+    checked = {'image': ex['image'], 'label': tf.identity(label)}
+  if REAL_LABELS in ex:
+    checked[REAL_LABELS] = ex[REAL_LABELS]
+  return checked
 
 
 def _missing_message(data: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> str:

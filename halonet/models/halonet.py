@@ -35,6 +35,7 @@ from halonet.models import mixers
 from halonet.models import stems
 from halonet.models.keys import CLASSIFIER
 from halonet.models.keys import FEATURES
+from halonet.models.keys import PRE_LOGITS
 from halonet.models.mixers import pooling
 
 # Total downsampling of the stem and stages 2-4: the smallest image that yields a 1x1 stage-4 map.
@@ -219,5 +220,7 @@ class HaloNet(nn.Module):
       x = nn.Dense(self.final_width, use_bias=False, dtype=dtype, name='final_conv')(x)
       x = act(norm(name='final_bn')(x))
     x = x.mean(axis=(1, 2))
+    if not self.is_initializing():  # Frozen features for linear probes (halonet/evaluators).
+      self.sow(PRE_LOGITS, PRE_LOGITS, x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     return nn.Dense(self.num_classes, dtype=jnp.float32, name=CLASSIFIER)(x.astype(jnp.float32))

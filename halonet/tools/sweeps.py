@@ -28,10 +28,10 @@ import ml_collections
 from halonet import console
 from halonet import errors
 from halonet import paths
+from halonet import text_table
 from halonet.data import sources as data_sources
 from halonet.tools import point_log
 from halonet.tools import sweep_report
-from halonet.tools import text_table
 from halonet.train import config_checks
 from halonet.train import loop as train_lib
 from halonet.train import step as train_step_lib

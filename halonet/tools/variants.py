@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from halonet import text_table
 from halonet.models import halonet as model
 from halonet.models import networks
 from halonet.models import paper
-from halonet.tools import text_table
 
 
 def neighbourhood(config: ml_collections.ConfigDict) -> str:

@@ -12,6 +12,7 @@ import ml_collections
 
 from halonet import errors
 from halonet import sharding
+from halonet.evaluators import specs as evaluator_specs
 from halonet.models import checks as model_checks
 from halonet.models import halonet as model_lib
 from halonet.models import paper
@@ -50,6 +51,8 @@ RANGES = {
   'checkpoint_every_steps': '[1, inf)',
   'keep_checkpoints': '[1, inf)',
   'storage_outage_minutes': '(0, inf)',
+  'fewshot_seeds': '[1, inf)',
+  'fewshot_l2': '(0, inf)',
   'seed': '[0, 4294967295]',  # numpy's and JAX's seeds are unsigned 32-bit.
 }
 # Sequences whose every entry must be a positive count.
@@ -59,6 +62,7 @@ POSITIVE_ENTRIES = (
   'model.num_heads',
   'model.block_sizes',
   'model.halo_sizes',
+  'fewshot_shots',
 )
 
 
@@ -115,6 +119,7 @@ def validate_values(config: ml_collections.ConfigDict) -> None:
   """Everything that does not depend on the machine: what a sweep checks before launching."""
   check_ranges(config)
   model_checks.validate_config(config)
+  evaluator_specs.parse_all(config.evals)
   if config.optimizer.name not in optim.OPTIMIZERS:
     raise errors.ConfigError(
       f'config.optimizer.name={config.optimizer.name!r} is not one of {optim.OPTIMIZERS}'

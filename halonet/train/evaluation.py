@@ -1,5 +1,6 @@
 """Exact evaluation: padded batches carry a mask, so every example counts exactly once; a run's
-splits with its raw and EMA parameters; a saved checkpoint evaluated and recorded (eval.py)."""
+splits and its config.evals (halonet/evaluators) with its raw and EMA parameters; a saved
+checkpoint evaluated and recorded (eval.py)."""
 
 from collections.abc import Callable
 import datetime
@@ -18,8 +19,12 @@ from halonet import console
 from halonet import errors
 from halonet import paths
 from halonet import sharding
+from halonet import text_table
 from halonet.data import pipeline as input_pipeline
 from halonet.data import preprocessing
+from halonet.evaluators import run as evaluators_lib
+from halonet.evaluators import specs as evaluator_specs
+from halonet.models import keys as model_keys
 from halonet.models import networks
 from halonet.train import config_checks
 from halonet.train import step as train_step_lib
@@ -133,30 +138,99 @@ def evaluate_all(
   mesh: Mesh,
 ) -> dict[str, dict[str, dict[str, float]]]:
   """Every eval split with the raw params, and again with the EMA params when kept."""
+  return {
+    name: {
+      split: evaluate(eval_fn, variables, config, split, sizes[split], mesh)
+      for split in config.input.eval_splits
+    }
+    for name, variables in weights_of(state).items()
+  }
+
+
+def make_infer(
+  model: nn.Module, mesh: Mesh, config: ml_collections.ConfigDict
+) -> Callable[[Any], evaluators_lib.Infer]:
+  """variables -> the evaluators' `infer`: logits and pre-logits features of the global batch,
+  with the batch's other entries, in NumPy on every process. Compiled once per batch layout."""
+
+  def outputs(variables: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    images = preprocessing.normalize_images(batch['image'], config.input, jnp.dtype(model.dtype))
+    logits, sown = model.apply(variables, images, train=False, mutable=[model_keys.PRE_LOGITS])
+    features = sown[model_keys.PRE_LOGITS][model_keys.PRE_LOGITS][0]
+    rest = {k: v for k, v in batch.items() if k != 'image'}
+    logits, features = logits.astype(jnp.float32), features.astype(jnp.float32)
+    return {'logits': logits, 'pre_logits': features, **rest}
+
+  jitted = jax.jit(sharding.traced_within(mesh, outputs), out_shardings=sharding.replicated(mesh))
+  return lambda variables: (
+    lambda batch: jax.device_get(jitted(variables, sharding.shard_batch(batch, mesh)))
+  )
+
+
+def weights_of(state: train_step_lib.TrainState) -> dict[str, Any]:
+  """'raw' and (when kept) 'ema' variables of a state."""
   weights = {'raw': state.params}
   if state.ema_params is not None:
     weights['ema'] = state.ema_params
-  return {
-    name: {
-      split: evaluate(
-        eval_fn,
-        {'params': params, 'batch_stats': state.batch_stats},
-        config,
-        split,
-        sizes[split],
-        mesh,
+  return {name: {'params': p, 'batch_stats': state.batch_stats} for name, p in weights.items()}
+
+
+def run_evaluators(
+  evaluators: list[evaluator_specs.Evaluator],
+  infer_of: Callable[[Any], evaluators_lib.Infer],
+  state: train_step_lib.TrainState,
+  config: ml_collections.ConfigDict,
+  workdir: str,
+) -> dict[str, dict[str, dict[str, Any]]]:
+  """{spec: {weights: numbers}} of each evaluator with raw and EMA weights; each evaluator's
+  records are appended to eval_records.jsonl as soon as it is done (one that fails later loses
+  nothing), and the results are printed as one table."""
+  results, rows = {}, []
+  step = int(state.step)
+  for evaluator in evaluators:
+    records = []
+    for name, variables in weights_of(state).items():
+      numbers = evaluators_lib.evaluate(config, evaluator, infer_of(variables))
+      results.setdefault(evaluator.spec, {})[name] = numbers
+      records.append(
+        {
+          'step': step,
+          'evaluator': evaluator.spec,
+          'dataset': evaluator.folder or evaluator.dataset,
+          'split': ':'.join(evaluator.splits),
+          'metric': evaluator.metric,
+          'weights': name,
+          'image_size': config.image_size,
+          'crop_fraction': config.input.crop_fraction,
+          'evaluated_at': _now(),
+          **numbers,
+        }
       )
-      for split in config.input.eval_splits
-    }
-    for name, params in weights.items()
-  }
+      rows.append(
+        {
+          'evaluator': evaluator.spec,
+          'weights': name,
+          'result': evaluators_lib.summary(evaluator, numbers),
+          'images': numbers['count'],
+        }
+      )
+    workdir_lib.append_eval_records(workdir, records)
+  if rows:
+    console.say(f'evaluators at step {step}:\n{text_table.format_table(rows)}')
+  return results
+
+
+def _now() -> str:
+  """When, in UTC to the second, as records from other hosts and runs are compared."""
+  return datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')
 
 
 def evaluate_checkpoint(
   config: ml_collections.ConfigDict, workdir: str, step: int | None = None
 ) -> dict[str, Any]:
-  """Evaluates a saved step (default: latest) and appends its records to
-  workdir/eval_records.jsonl: one per (step, dataset, split, weights), never replacing any."""
+  """Evaluates a saved step (default: latest) on config.input.eval_splits and config.evals and
+  appends its records to workdir/eval_records.jsonl: one per (step, dataset, split or evaluator,
+  weights), never replacing any."""
   config_checks.validate_config(config)
   stored = workdir_lib.stored_config(workdir)
   if stored is not None:
@@ -169,6 +243,8 @@ def evaluate_checkpoint(
         f'model (fields: {", ".join(diff)})'
       )
   sizes = train_step_lib.split_sizes(config, train=False)
+  evaluators = evaluator_specs.parse_all(config.evals)
+  evaluators_lib.check_available(config, evaluators)
   mesh = sharding.create_mesh(config.mesh_shape)
   state, abstract, model = train_step_lib.restore_run(config, workdir, mesh, step)
   paths.check_writable(workdir, 'workdir')  # Its records are written there after evaluating.
@@ -179,7 +255,7 @@ def evaluate_checkpoint(
   logging.info('compiled the eval step in %.1f s', seconds)
   with jax.set_mesh(mesh):
     evals = evaluate_all(eval_fn, state, config, sizes, mesh)
-  when = datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')
+  when = _now()
   records = [
     {
       'step': step,
@@ -201,8 +277,11 @@ def evaluate_checkpoint(
       f'{r["images_per_sec"]:.1f} img/s ({r["count"]} images)'
     )
   workdir_lib.append_eval_records(workdir, records)
+  with jax.set_mesh(mesh):
+    others = run_evaluators(evaluators, make_infer(model, mesh, config), state, config, workdir)
   return {
     'step': step,
     'num_params': networks.param_count(abstract.params),
     **{f'{name}_eval': v for name, v in evals.items()},
+    **({'evals': others} if others else {}),
   }

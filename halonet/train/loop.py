@@ -104,6 +104,19 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self.previous)
 
 
+def scalars_of(evals: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float]:
+  """TensorBoard scalars 'evals/WEIGHTS/SPEC/NUMBER' of evaluators' results (one level of nested
+  numbers, such as mCE's per-corruption errors, flattened)."""
+  scalars = {}
+  for spec, by_weights in evals.items():
+    for weights, numbers in by_weights.items():
+      for key, value in numbers.items():
+        inner = value if isinstance(value, dict) else {'': value}
+        for part, number in inner.items():
+          scalars[f'evals/{weights}/{spec}/{key}' + (f'/{part}' if part else '')] = float(number)
+  return scalars
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
 ) -> dict[str, Any]:
@@ -167,6 +180,20 @@ def train(run: setup.Run) -> dict[str, Any]:
     if paths.is_url(workdir):
       writer.flush()
 
+  def evaluate_others(step: int) -> None:
+    """The evaluators of config.evals due at `step`."""
+    due_now = [e for e in run.evaluators if e.due(step, run.num_steps)]
+    if not due_now:
+      return
+    metrics_of_steps.check()
+    with report.apart('eval'):
+      evals = eval_lib.run_evaluators(due_now, run.infer_of, state, config, workdir)
+    writer.write_scalars(step, scalars_of(evals))
+    results.setdefault('evals', {}).update(evals)
+    workdir_lib.write_results(workdir, results)
+    if paths.is_url(workdir):
+      writer.flush()
+
   step = run.start_step
   for action in actions:
     action(step)
@@ -197,7 +224,10 @@ def train(run: setup.Run) -> dict[str, Any]:
           return {**results, 'step': step, 'preempted': True}
         if now.evaluate:
           evaluate(step)
+        if step < run.num_steps:
+          evaluate_others(step)
       evaluate(step)
+      evaluate_others(step)
       checkpointing.wait_saved(manager, step, state)
     for name in ('raw', 'ema'):
       for split, r in results.get(f'{name}_eval', {}).items():

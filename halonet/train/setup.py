@@ -22,6 +22,8 @@ from halonet import sharding
 from halonet import storage
 from halonet.attention import measure
 from halonet.data import pipeline as input_pipeline
+from halonet.evaluators import run as evaluators_lib
+from halonet.evaluators import specs as evaluator_specs
 from halonet.models import networks
 from halonet.train import checkpointing
 from halonet.train import config_checks
@@ -47,6 +49,8 @@ class Run:
   batches: Iterator[dict[str, jax.Array]]
   step_fn: Callable[..., Any]
   eval_fn: Callable[..., Any]
+  evaluators: list[evaluator_specs.Evaluator]  # config.evals.
+  infer_of: Callable[[Any], evaluators_lib.Infer]  # Their model outputs, compiled when first due.
   start_step: int
   num_steps: int
   num_params: int
@@ -77,6 +81,7 @@ def set_up(
   config_checks.validate_config(config)
   storage.set_budget(60 * config.storage_outage_minutes)
   sizes = train_step_lib.split_sizes(config)
+  evaluators_lib.check_available(config, evaluator_specs.parse_all(config.evals))
   paths.check_writable(workdir, 'workdir')
   stored = workdir_lib.stored_config(workdir)  # A garbled one is named before anything is made.
   lease = lease_lib.acquire(workdir, say=console.say)  # One run per workdir, before any write.
@@ -213,6 +218,8 @@ def _set_up(
     batches=batches,
     step_fn=step_fn,
     eval_fn=eval_fn,
+    evaluators=evaluator_specs.parse_all(config.evals),
+    infer_of=eval_lib.make_infer(model, mesh, config),
     start_step=start_step,
     num_steps=num_steps,
     num_params=num_params,

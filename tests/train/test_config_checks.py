@@ -43,6 +43,8 @@ BAD_VALUES = [
   ('checkpoint_every_steps', 0),
   ('keep_checkpoints', 0),
   ('storage_outage_minutes', 0),
+  ('fewshot_seeds', 0),
+  ('fewshot_l2', 0.0),
   ('seed', -1),
   ('seed', 2**32),
 ]
@@ -92,6 +94,8 @@ def test_bad_value_fails_in_one_line_naming_it(field, value):
     ('input.crop_area_range', (0.0, 1.0), 'crop_area_range=(0.0, 1.0)'),
     ('input.crop_area_range', (0.5, 1.5), 'crop_area_range=(0.5, 1.5)'),
     ('model.halo_sizes', (1, 1, -1, 1), 'model.halo_sizes=(1, 1, -1, 1)'),
+    ('fewshot_shots', (1, 0), 'fewshot_shots=(1, 0)'),
+    ('evals', ('imagenet_a', 'cifar10@0'), "evals entry 'cifar10@0'"),
     ('model.activation', 'gelu', "activation='gelu'"),
     ('input.pixel_mean', (0.5, 0.5), 'pixel_mean=(0.5, 0.5)'),
     ('input.pixel_mean', (0.5, 1.5, 0.5), 'pixel_mean=(0.5, 1.5, 0.5)'),

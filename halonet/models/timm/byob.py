@@ -38,6 +38,7 @@ from halonet.models import channel_attention
 from halonet.models import conv_norm
 from halonet.models.keys import CLASSIFIER
 from halonet.models.keys import FEATURES
+from halonet.models.keys import PRE_LOGITS
 from halonet.models.timm import lambda_layer
 from halonet.rounding import ceil_div
 from halonet.rounding import make_divisible
@@ -365,5 +366,7 @@ class ByobNet(nn.Module):
     if spec.num_features:
       x = conv(spec.num_features, 1, name='final_conv')(x)
     x = x.mean(axis=(1, 2))
+    if not self.is_initializing():  # Frozen features for linear probes (halonet/evaluators).
+      self.sow(PRE_LOGITS, PRE_LOGITS, x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     return nn.Dense(self.num_classes, dtype=jnp.float32, name=CLASSIFIER)(x.astype(jnp.float32))
