@@ -50,7 +50,8 @@ def split_sizes(config: ml_collections.ConfigDict, train: bool = True) -> dict[s
     else tuple(config.input.eval_splits)
   )
   splits = tuple(dict.fromkeys(splits))
-  data_sources.check_num_classes(config.input, splits[0], config.num_classes)
+  if splits:  # eval.py may evaluate config.evals alone.
+    data_sources.check_num_classes(config.input, splits[0], config.num_classes)
   return {
     split: data_sources.num_examples(config.input, split, config.num_classes) for split in splits
   }

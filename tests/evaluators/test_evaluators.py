@@ -111,13 +111,16 @@ def test_top1_real_and_the_200_class_sets_match_numpy_on_the_same_examples():
   config = _config()
   with tfds.testing.mock_data(num_examples=7):
     real = evaluators_lib.evaluate(config, specs.parse('imagenet2012_real'), _fake_infer)
-    v2 = evaluators_lib.evaluate(config, specs.parse('imagenet_v2/matched-frequency'), _fake_infer)
+    top1_sets = {
+      name: evaluators_lib.evaluate(config, specs.parse(name), _fake_infer)
+      for name in ('imagenet_v2/matched-frequency', 'imagenet_sketch')
+    }
     subsets = {
       name: evaluators_lib.evaluate(config, specs.parse(name), _subset_infer)
       for name in ('imagenet_a', 'imagenet_r')
     }
     real_examples = _read('imagenet2012_real', 'validation')
-    v2_examples = _read('imagenet_v2/matched-frequency', 'test')
+    top1_examples = {name: _read(name, 'test') for name in top1_sets}
     subset_examples = {name: _read(name, 'test') for name in subsets}
 
   # ReaL: images with an empty label set are left out; the others are right when the prediction
@@ -131,11 +134,12 @@ def test_top1_real_and_the_200_class_sets_match_numpy_on_the_same_examples():
   assert real['count'] == len(labelled)
   assert real['real_top1'] == pytest.approx(100 * np.mean(hits))
 
-  labels = np.array([ex['label'] for ex in v2_examples])
-  assert v2['count'] == len(labels) == 7
-  assert v2['top1'] == pytest.approx(100 * np.mean(labels % 3 == 0))
-  top5 = (labels % 3 == 0) | (labels >= NUM_CLASSES - 4)
-  assert v2['top5'] == pytest.approx(100 * np.mean(top5))
+  for name, result in top1_sets.items():
+    labels = np.array([ex['label'] for ex in top1_examples[name]])
+    assert result['count'] == len(labels) == 7
+    assert result['top1'] == pytest.approx(100 * np.mean(labels % 3 == 0))
+    top5 = (labels % 3 == 0) | (labels >= NUM_CLASSES - 4)
+    assert result['top5'] == pytest.approx(100 * np.mean(top5))
 
   for name, result in subsets.items():
     labels = np.array([ex['label'] for ex in subset_examples[name]])

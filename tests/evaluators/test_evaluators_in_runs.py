@@ -2,6 +2,8 @@
 each finishes, and a linear probe on digits a run never saw beating chance."""
 
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
 
 from configs import tiny
 from halonet import paths
@@ -55,6 +57,15 @@ def test_evaluators_run_when_due_and_agree_with_the_runs_own_evaluation(digits_r
     (150, PROBE, 'fewshot'),
   ]
   assert records[-1]['split'] == 'train:test' and records[-1]['weights'] == 'raw'
+  events = event_accumulator.EventAccumulator(workdir)
+  events.Reload()
+  scalar = lambda tag: {
+    e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)
+  }
+  assert scalar('evals/raw/digits/0-4:test@75/top1') == {
+    r['step']: pytest.approx(r['top1']) for r in records[:2]
+  }
+  assert scalar(f'evals/raw/{PROBE}/10shot') == {150: pytest.approx(records[-1]['10shot'])}
 
 
 def test_from_eval_py_a_failing_evaluator_loses_nothing_recorded_before_it(digits_run, monkeypatch):
