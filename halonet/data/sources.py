@@ -212,10 +212,10 @@ def _missing_message(data: ml_collections.ConfigDict, builder: tfds.core.Dataset
   data_dir = data.data_dir or '~/tensorflow_datasets'
   manual = data.manual_dir or os.path.join(data_dir, 'downloads', 'manual')
   how = f'`tfds build {data.dataset} --data_dir={data_dir}`'
-  if data.dataset == 'imagenet2012':
+  if data.dataset.startswith('imagenet2012'):  # ReaL and ImageNet-C are built from the val tar.
+    tars = 'ILSVRC2012_img_train.tar and ' if data.dataset == 'imagenet2012' else ''
     how = (
-      f'download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar by hand into '
-      f'{manual}, then run `tfds build imagenet2012 --data_dir={data_dir} '
-      f'--manual_dir={manual}`'
+      f'download {tars}ILSVRC2012_img_val.tar by hand into {manual}, then run '
+      f'`tfds build {data.dataset} --data_dir={data_dir} --manual_dir={manual}`'
     )
   return f'{data.dataset}: no prepared data in {builder.data_dir}; {how}.'

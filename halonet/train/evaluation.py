@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from absl import logging
+from clu import metric_writers
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -27,11 +28,13 @@ from halonet.evaluators import specs as evaluator_specs
 from halonet.models import keys as model_keys
 from halonet.models import networks
 from halonet.train import config_checks
+from halonet.train import event_writer
 from halonet.train import step as train_step_lib
 from halonet.train import workdir as workdir_lib
 
 EVAL_BATCH_KEYS = ('image', 'label', 'mask')  # mask: False on the padding of the last batch.
 PROGRESS_SECONDS = 30.0  # A longer evaluation prints how far it is this often.
+EVENTS_FOLDER = 'eval'  # eval.py's TensorBoard events, under the workdir.
 
 
 def eval_step(
@@ -181,10 +184,11 @@ def run_evaluators(
   state: train_step_lib.TrainState,
   config: ml_collections.ConfigDict,
   workdir: str,
+  writer: metric_writers.MetricWriter,
 ) -> dict[str, dict[str, dict[str, Any]]]:
   """{spec: {weights: numbers}} of each evaluator with raw and EMA weights; each evaluator's
-  records are appended to eval_records.jsonl as soon as it is done (one that fails later loses
-  nothing), and the results are printed as one table."""
+  records are appended to eval_records.jsonl and its scalars given to `writer` as soon as it is
+  done (one that fails later loses nothing), and the results are printed as one table."""
   results, rows = {}, []
   step = int(state.step)
   for evaluator in evaluators:
@@ -215,9 +219,33 @@ def run_evaluators(
         }
       )
     workdir_lib.append_eval_records(workdir, records)
+    writer.write_scalars(step, scalars_of({evaluator.spec: results[evaluator.spec]}))
   if rows:
     console.say(f'evaluators at step {step}:\n{text_table.format_table(rows)}')
   return results
+
+
+def split_scalars(evals: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+  """TensorBoard scalars 'eval/WEIGHTS/SPLIT/NUMBER' of evaluate_all's results."""
+  return {
+    f'eval/{name}/{split}/{k}': v
+    for name, splits in evals.items()
+    for split, r in splits.items()
+    for k, v in r.items()
+  }
+
+
+def scalars_of(evals: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float]:
+  """TensorBoard scalars 'evals/WEIGHTS/ENTRY/NUMBER' of run_evaluators' results (one level of
+  nested numbers, such as mCE's per-corruption errors, flattened)."""
+  scalars = {}
+  for spec, by_weights in evals.items():
+    for weights, numbers in by_weights.items():
+      for key, value in numbers.items():
+        inner = value if isinstance(value, dict) else {'': value}
+        for part, number in inner.items():
+          scalars[f'evals/{weights}/{spec}/{key}' + (f'/{part}' if part else '')] = float(number)
+  return scalars
 
 
 def _now() -> str:
@@ -277,8 +305,18 @@ def evaluate_checkpoint(
       f'{r["images_per_sec"]:.1f} img/s ({r["count"]} images)'
     )
   workdir_lib.append_eval_records(workdir, records)
-  with jax.set_mesh(mesh):
-    others = run_evaluators(evaluators, make_infer(model, mesh, config), state, config, workdir)
+  # Beside the training run's events, as TensorBoard's run 'eval'.
+  writer = event_writer.create(
+    workdir_lib.file(workdir, EVENTS_FOLDER), just_logging=jax.process_index() > 0
+  )
+  writer.write_scalars(step, split_scalars(evals))
+  writer.flush()
+  try:
+    with jax.set_mesh(mesh):
+      infer_of = make_infer(model, mesh, config)
+      others = run_evaluators(evaluators, infer_of, state, config, workdir, writer)
+  finally:
+    writer.close()
   return {
     'step': step,
     'num_params': networks.param_count(abstract.params),

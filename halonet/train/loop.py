@@ -104,19 +104,6 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self.previous)
 
 
-def scalars_of(evals: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float]:
-  """TensorBoard scalars 'evals/WEIGHTS/SPEC/NUMBER' of evaluators' results (one level of nested
-  numbers, such as mCE's per-corruption errors, flattened)."""
-  scalars = {}
-  for spec, by_weights in evals.items():
-    for weights, numbers in by_weights.items():
-      for key, value in numbers.items():
-        inner = value if isinstance(value, dict) else {'': value}
-        for part, number in inner.items():
-          scalars[f'evals/{weights}/{spec}/{key}' + (f'/{part}' if part else '')] = float(number)
-  return scalars
-
-
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
 ) -> dict[str, Any]:
@@ -164,10 +151,8 @@ def train(run: setup.Run) -> dict[str, Any]:
     with report.apart('eval'):
       evals = eval_lib.evaluate_all(run.eval_fn, state, config, run.sizes, run.mesh)
     results.update(step=step, **{f'{name}_eval': v for name, v in evals.items()})
+    writer.write_scalars(step, eval_lib.split_scalars(evals))
     for name, splits in evals.items():
-      writer.write_scalars(
-        step, {f'eval/{name}/{split}/{k}': v for split, r in splits.items() for k, v in r.items()}
-      )
       if step < run.num_steps:  # The final results get their own lines below.
         console.say(
           f'eval step {step} ({name} params): '
@@ -187,8 +172,7 @@ def train(run: setup.Run) -> dict[str, Any]:
       return
     metrics_of_steps.check()
     with report.apart('eval'):
-      evals = eval_lib.run_evaluators(due_now, run.infer_of, state, config, workdir)
-    writer.write_scalars(step, scalars_of(evals))
+      evals = eval_lib.run_evaluators(due_now, run.infer_of, state, config, workdir, writer)
     results.setdefault('evals', {}).update(evals)
     workdir_lib.write_results(workdir, results)
     if paths.is_url(workdir):

@@ -198,6 +198,18 @@ def test_a_probe_on_an_image_folder_fits_the_shots_it_can(tmp_path, capsys):
 
 def test_a_missing_dataset_is_named_with_where_and_how_before_anything_runs(tmp_path):
   config = _config()
+  config.input.dataset = 'imagenet2012'  # TFDS sets are then read from its data_dir.
   config.input.data_dir = str(tmp_path)
-  with pytest.raises(FileNotFoundError, match=r'imagenet_a: no prepared data in .*tfds build'):
-    evaluators_lib.check_available(config, specs.parse_all(('imagenet_a',)))
+  with pytest.raises(FileNotFoundError) as missing:
+    evaluators_lib.check_available(config, specs.parse_all(('imagenet_v2/topimages',)))
+  assert str(missing.value) == (
+    f'imagenet_v2/topimages: no prepared data in {tmp_path}/imagenet_v2/topimages/3.0.0; '
+    f'`tfds build imagenet_v2/topimages --data_dir={tmp_path}`.'
+  )
+  with pytest.raises(FileNotFoundError) as missing:
+    evaluators_lib.check_available(config, specs.parse_all(('imagenet2012_real',)))
+  manual = f'{tmp_path}/downloads/manual'
+  assert str(missing.value).endswith(
+    f'download ILSVRC2012_img_val.tar by hand into {manual}, then run '
+    f'`tfds build imagenet2012_real --data_dir={tmp_path} --manual_dir={manual}`.'
+  )

@@ -90,6 +90,10 @@ def test_from_eval_py_a_failing_evaluator_loses_nothing_recorded_before_it(digit
   config.evals = ('digits/0-4:test', PROBE)
   with pytest.raises(RuntimeError, match='the probe broke'):
     eval_lib.evaluate_checkpoint(config, workdir)
+  # The evaluation's TensorBoard run 'eval' holds what finished before the failure.
+  events = event_accumulator.EventAccumulator(f'{workdir}/eval')
+  events.Reload()
+  assert {'eval/raw/test/top1', 'evals/raw/digits/0-4:test/top1'} <= set(events.Tags()['tensors'])
   after = paths.read_text(records_path)
   assert after.startswith(before)
   added = paths.read_json_lines(records_path)[3:]
