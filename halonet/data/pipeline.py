@@ -99,6 +99,35 @@ def create_split(
   return _train_batches(make_epoch(epoch, skip), make_epoch, epoch + 1)
 
 
+def eval_pass(
+  data: ml_collections.ConfigDict,
+  split: str,
+  *,
+  image_size: int,
+  num_classes: int,
+  global_batch_size: int,
+  split_size: int,
+  process_index: int,
+  process_count: int,
+) -> tuple[Iterator[Batch], int]:
+  """This process's batches of one padded, masked pass over `split` (of `split_size` examples,
+  `global_batch_size` over all processes), and how many it yields."""
+  batch_size = global_batch_size // process_count
+  batches = create_split(
+    data,
+    split,
+    image_size=image_size,
+    num_classes=num_classes,
+    seed=0,  # Eval draws nothing at random.
+    train=False,
+    batch_size=batch_size,
+    split_size=split_size,
+    process_index=process_index,
+    process_count=process_count,
+  )
+  return batches, eval_batch_count(split_size, batch_size, process_count)
+
+
 def _train_batches(
   first: tf.data.Dataset, make_epoch: Callable[[int, int], tf.data.Dataset], next_epoch: int
 ) -> Iterator[Batch]:

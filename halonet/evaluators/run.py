@@ -80,20 +80,16 @@ def _outputs(
   """`keep` of the model's outputs for every example of `split` (padding dropped, in the read's
   order), and the images/s; `num_classes` bounds the labels (ANY_LABEL: a probe's own)."""
   total = sources.num_examples(data, split, ANY_LABEL)
-  batch_size = config.eval_batch_size // jax.process_count()
-  batches = pipeline.create_split(
+  batches, count = pipeline.eval_pass(
     data,
     split,
     image_size=config.image_size,
     num_classes=num_classes,
-    seed=config.seed,
-    train=False,
-    batch_size=batch_size,
+    global_batch_size=config.eval_batch_size,
     split_size=total,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  count = pipeline.eval_batch_count(total, batch_size, jax.process_count())
   kept = {k: [] for k in keep}
   start = reported = time.perf_counter()
   for i, batch in enumerate(batches, 1):

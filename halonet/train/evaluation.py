@@ -96,20 +96,16 @@ def evaluate(
 
   A long evaluation prints how far it is every PROGRESS_SECONDS.
   """
-  batch_size = config.eval_batch_size // jax.process_count()
-  batches = input_pipeline.create_split(
+  batches, num_batches = input_pipeline.eval_pass(
     config.input,
     split,
     image_size=config.image_size,
     num_classes=config.num_classes,
-    seed=config.seed,
-    train=False,
-    batch_size=batch_size,
+    global_batch_size=config.eval_batch_size,
     split_size=num_examples,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  num_batches = input_pipeline.eval_batch_count(num_examples, batch_size, jax.process_count())
   totals = None
   start = reported = time.perf_counter()
   for i, batch in enumerate(sharding.prefetch_to_device(batches, mesh), 1):
