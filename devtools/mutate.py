@@ -62,6 +62,14 @@ COVERING = {
   'halonet/sharding.py': ('tests/test_sharding.py',),
   'halonet/storage.py': ('tests/test_storage.py',),
   'halonet/evaluators/scores.py': ('tests/evaluators/test_scores.py',),
+  'halonet/evaluators/specs.py': (
+    'tests/evaluators/test_evaluators.py',
+    'tests/train/test_config_checks.py',
+  ),
+  'halonet/evaluators/run.py': (
+    'tests/evaluators/test_evaluators.py',
+    'tests/evaluators/test_evaluators_in_runs.py',
+  ),
   'halonet/data/randaugment.py': (
     'tests/data/test_randaugment.py',
     'tests/data/test_input_pipeline.py::test_randaugment_off_is_crop_flip_only_and_high_magnitude_changes_images',
