@@ -47,4 +47,10 @@ out['anchors_p2'], out['anchors_p3'] = (
 )
 mapper = poolers.initLevelMapper(2, 5, canonical_scale=224, canonical_level=4, eps=1e-6)
 out['levels'] = (mapper([t['level_boxes']]) + 2).numpy()
+for high, low, allow in ((0.7, 0.3, True), (0.5, 0.5, False), (0.7, 0.3, False)):
+  matcher = det_utils.Matcher(high, low, allow_low_quality_matches=allow)
+  out[f'matches_{high}_{low}_{allow}'] = matcher(t['quality']).numpy()
+out['smooth_l1'] = torch.nn.functional.smooth_l1_loss(
+  t['residuals'], torch.zeros_like(t['residuals']), beta=1 / 9, reduction='none'
+).numpy()
 np.savez(f'{out_dir}/outputs.npz', **out)
