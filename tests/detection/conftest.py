@@ -23,6 +23,38 @@ def _quality(rng: np.random.Generator) -> np.ndarray:
   return quality
 
 
+STAGE_SHAPES = ((16, 24, 4), (8, 12, 6), (4, 6, 8), (2, 3, 10))  # Strides 4-32 of 64 x 96.
+RPN_LEVELS = ((16, 24, 4, 32), (8, 12, 8, 64), (4, 6, 16, 128))  # (h, w, stride, anchor size).
+RATIOS = (0.5, 1.0, 2.0)
+
+
+def _pyramid_inputs(rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """Two images' stage maps, and pyramid weights (8 channels) as Flax holds them."""
+  given = {}
+  for i, (h, w, c) in enumerate(STAGE_SHAPES):
+    given[f'stage{i}'] = rng.normal(size=(2, h, w, c)).astype(np.float32)
+    given[f'lateral{i + 2}_kernel'] = rng.normal(0, 0.3, (1, 1, c, 8)).astype(np.float32)
+    given[f'output{i + 2}_kernel'] = rng.normal(0, 0.1, (3, 3, 8, 8)).astype(np.float32)
+    for kind in ('lateral', 'output'):
+      given[f'{kind}{i + 2}_bias'] = rng.normal(0, 0.1, 8).astype(np.float32)
+  return given
+
+
+def _rpn_inputs(rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """Anchors of three levels, random objectness and deltas of two images of unequal sizes."""
+  from halonet.detection import boxes as boxes_lib  # pylint: disable=import-outside-toplevel
+
+  anchors = [boxes_lib.grid_anchors(h, w, s, size, RATIOS) for h, w, s, size in RPN_LEVELS]
+  total = sum(len(a) for a in anchors)
+  return {
+    'rpn_anchors': np.concatenate(anchors),
+    'rpn_counts': np.array([len(a) for a in anchors]),
+    'rpn_objectness': rng.normal(size=(2, total)).astype(np.float32),
+    'rpn_deltas': rng.normal(0, 0.3, (2, total, 4)).astype(np.float32),
+    'rpn_image_sizes': np.array([[64, 96], [60, 90]]),
+  }
+
+
 def _inputs() -> dict[str, np.ndarray]:
   rng = np.random.default_rng(0)
   awkward = np.array(
@@ -58,6 +90,8 @@ def _inputs() -> dict[str, np.ndarray]:
     ).astype(np.float32),
     'quality': _quality(rng),
     'residuals': rng.normal(scale=0.3, size=200).astype(np.float32),
+    **_pyramid_inputs(rng),
+    **_rpn_inputs(rng),
     'level_boxes': np.array(
       [
         [0, 0, 1, 1],

@@ -54,3 +54,42 @@ out['smooth_l1'] = torch.nn.functional.smooth_l1_loss(
   t['residuals'], torch.zeros_like(t['residuals']), beta=1 / 9, reduction='none'
 ).numpy()
 np.savez(f'{out_dir}/outputs.npz', **out)
+
+# The pyramid and the proposals, on the inputs and weights the test gave.
+from collections import OrderedDict  # noqa: E402
+
+from torchvision.models.detection.rpn import RegionProposalNetwork  # noqa: E402
+from torchvision.models.detection.rpn import RPNHead  # noqa: E402
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork  # noqa: E402
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool  # noqa: E402
+
+stages = [t[f'stage{i}'].permute(0, 3, 1, 2) for i in range(4)]
+fpn = FeaturePyramidNetwork([s.shape[1] for s in stages], 8, extra_blocks=LastLevelMaxPool())
+with torch.no_grad():
+  for i in range(4):
+    for kind, block in (('lateral', fpn.inner_blocks[i][0]), ('output', fpn.layer_blocks[i][0])):
+      block.weight.copy_(t[f'{kind}{i + 2}_kernel'].permute(3, 2, 0, 1))
+      block.bias.copy_(t[f'{kind}{i + 2}_bias'])
+  pyramid = fpn(OrderedDict((str(i), s) for i, s in enumerate(stages)))
+for name, level in zip(('p2', 'p3', 'p4', 'p5', 'p6'), pyramid.values()):
+  out[f'fpn_{name}'] = level.permute(0, 2, 3, 1).numpy()
+
+rpn = RegionProposalNetwork(
+  generator,
+  RPNHead(8, 3),
+  0.7,
+  0.3,
+  256,
+  0.5,
+  dict(training=100, testing=100),
+  dict(training=50, testing=50),
+  0.7,
+).eval()
+counts = [int(n) for n in given['rpn_counts']]
+anchors_all = torch.cat([t['rpn_anchors']])
+decoded = torch.stack([rpn.box_coder.decode_single(d, anchors_all) for d in t['rpn_deltas']])
+sizes = [tuple(int(v) for v in s) for s in given['rpn_image_sizes']]
+boxes, scores = rpn.filter_proposals(decoded, t['rpn_objectness'], sizes, counts)
+for i, (b, s) in enumerate(zip(boxes, scores)):
+  out[f'proposals_{i}'], out[f'proposal_scores_{i}'] = b.numpy(), s.numpy()
+np.savez(f'{out_dir}/outputs.npz', **out)
