@@ -55,6 +55,20 @@ def _rpn_inputs(rng: np.random.Generator) -> dict[str, np.ndarray]:
   }
 
 
+def _second_stage_inputs(rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """60 proposals of a 64 x 96 image, 3 classes and background: logits, deltas, targets."""
+  proposals = _random_boxes(rng, 60, 90.0)
+  proposals[50:] = proposals[40:50] + 1.0  # Near-duplicates for NMS to drop.
+  labels = rng.integers(0, 4, 60)
+  return {
+    'det_proposals': proposals,
+    'det_logits': (3 * rng.normal(size=(60, 4))).astype(np.float32),
+    'det_deltas': rng.normal(0, 0.5, (60, 4, 4)).astype(np.float32),
+    'det_labels': labels,
+    'det_goal': np.where(labels[:, None] > 0, rng.normal(0, 0.5, (60, 4)), 0).astype(np.float32),
+  }
+
+
 def _inputs() -> dict[str, np.ndarray]:
   rng = np.random.default_rng(0)
   awkward = np.array(
@@ -92,6 +106,7 @@ def _inputs() -> dict[str, np.ndarray]:
     'residuals': rng.normal(scale=0.3, size=200).astype(np.float32),
     **_pyramid_inputs(rng),
     **_rpn_inputs(rng),
+    **_second_stage_inputs(rng),
     'level_boxes': np.array(
       [
         [0, 0, 1, 1],

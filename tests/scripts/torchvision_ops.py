@@ -93,3 +93,23 @@ boxes, scores = rpn.filter_proposals(decoded, t['rpn_objectness'], sizes, counts
 for i, (b, s) in enumerate(zip(boxes, scores)):
   out[f'proposals_{i}'], out[f'proposal_scores_{i}'] = b.numpy(), s.numpy()
 np.savez(f'{out_dir}/outputs.npz', **out)
+
+# The second stage: detections from class logits and deltas, and the box head's losses.
+from torchvision.models.detection.roi_heads import RoIHeads  # noqa: E402
+from torchvision.models.detection.roi_heads import fastrcnn_loss  # noqa: E402
+
+heads = RoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, None, 0.05, 0.5, 100)
+count = t['det_logits'].shape[0]
+boxes, scores, labels = heads.postprocess_detections(
+  t['det_logits'], t['det_deltas'].reshape(count, -1), [t['det_proposals']], [(64, 96)]
+)
+out['det_boxes'], out['det_scores'], out['det_classes'] = (
+  boxes[0].numpy(),
+  scores[0].numpy(),
+  labels[0].numpy(),
+)
+classification, box = fastrcnn_loss(
+  t['det_logits'], t['det_deltas'].reshape(count, -1), [t['det_labels']], [t['det_goal']]
+)
+out['fastrcnn_loss'] = np.array([classification.item(), box.item()])
+np.savez(f'{out_dir}/outputs.npz', **out)
