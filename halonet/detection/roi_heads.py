@@ -147,13 +147,23 @@ def box_losses(
 
 
 def mask_targets(
-  gt_masks: jnp.ndarray, gt_index: jnp.ndarray, boxes: jnp.ndarray, size: int
+  gt_crops: jnp.ndarray,
+  gt_boxes: jnp.ndarray,
+  gt_index: jnp.ndarray,
+  boxes: jnp.ndarray,
+  size: int,
 ) -> jnp.ndarray:
-  """[S, size, size] each box's view of its ground truth's mask ([G, H, W] in 0-1): the mask read
-  by RoIAlign inside the box, soft at the edges as the targets of the pixel-wise loss."""
-  return roi_align_lib.roi_align(
-    gt_masks[..., None].astype(jnp.float32), boxes, gt_index, size, 1.0
-  )[..., 0]
+  """[S, size, size] each box's view of its ground truth's mask, soft at the edges (the targets
+  of the pixel-wise loss). A mask is kept as its box's crop, [G, M, M] in 0-1 over `gt_boxes`
+  [G, 4] (an image's full-size masks would not fit a TPU's memory): each box is moved into its
+  ground truth's crop coordinates and read there by RoIAlign (0 outside the crop)."""
+  own = gt_boxes[gt_index]
+  crop = gt_crops.shape[1]
+  origin = jnp.concatenate([own[:, :2], own[:, :2]], axis=-1)
+  scale = crop / jnp.maximum(jnp.concatenate([own[:, 2:] - own[:, :2]] * 2, axis=-1), 1e-6)
+  local = (boxes - origin) * scale
+  masks = gt_crops[..., None].astype(jnp.float32)
+  return roi_align_lib.roi_align(masks, local, gt_index, size, 1.0)[..., 0]
 
 
 def mask_loss(

@@ -85,13 +85,21 @@ def test_too_few_candidates_for_the_sample_are_refused():
 
 
 def test_mask_targets_and_loss_by_hand():
-  mask = jnp.zeros((1, 20, 20)).at[0, 4:12, 4:12].set(1.0)  # An 8 x 8 square.
-  inside = jnp.array([[5.0, 5.0, 11.0, 11.0]])  # Wholly inside the square.
-  half = jnp.array([[0.0, 4.0, 8.0, 12.0]])  # Its left half is outside.
-  goal = roi_heads.mask_targets(mask, jnp.zeros(2, jnp.int32), jnp.concatenate([inside, half]), 4)
+  # An object whose box is (4, 4)-(12, 12) and whose mask is its box's left half, as a 16 x 16
+  # crop of the box.
+  crop = jnp.zeros((1, 16, 16)).at[0, :, :8].set(1.0)
+  gt = jnp.array([[4.0, 4.0, 12.0, 12.0]])
+  inside = jnp.array([[4.0, 5.0, 7.0, 11.0]])  # Wholly in the left half.
+  whole = jnp.array([[4.0, 4.0, 12.0, 12.0]])  # The box itself: left half 1, right half 0.
+  beyond = jnp.array([[14.0, 4.0, 18.0, 12.0]])  # Outside the box: nothing.
+  goal = roi_heads.mask_targets(
+    crop, gt, jnp.zeros(3, jnp.int32), jnp.concatenate([inside, whole, beyond]), 4
+  )
   np.testing.assert_allclose(goal[0], 1.0)
-  np.testing.assert_allclose(goal[1][:, :2], 0.0)
-  np.testing.assert_allclose(goal[1][:, 2:], 1.0)
+  np.testing.assert_allclose(goal[1][:, :2], 1.0)
+  np.testing.assert_allclose(goal[1][:, 2:], 0.0)
+  np.testing.assert_allclose(goal[2], 0.0)
+  goal = goal[:2]
   # Logits 0 everywhere: log 2 per pixel; the negative row is left out.
   logits = jnp.zeros((2, 4, 4, 3))
   total, count = roi_heads.mask_loss(logits, jnp.array([2, 1]), goal, jnp.array([True, False]))
