@@ -118,17 +118,14 @@ class MaskRCNN(nn.Module):
     )
     per_image = self.roi_batch_per_image
     flat = {k: v.reshape(batch * per_image, *v.shape[2:]) for k, v in samples.items()}
-    images = jnp.repeat(jnp.arange(batch), per_image)
-    features = roi_heads.multiscale_roi_align(pyramid, flat['boxes'], images, 7)
-    class_logits, box_deltas = self.box_head(features)
+    features = roi_heads.multiscale_roi_align(pyramid, samples['boxes'], 7)
+    class_logits, box_deltas = self.box_head(features.reshape(-1, *features.shape[2:]))
     ce, box, count = roi_heads.box_losses(class_logits, box_deltas, flat)
     # Masks for the positives only, which come first in each image's rows.
     most = int(per_image * self.roi_positive_fraction)
     firsts = {k: v[:, :most] for k, v in samples.items()}
-    mask_boxes = firsts['boxes'].reshape(-1, 4)
-    mask_logits = self.mask_head(
-      roi_heads.multiscale_roi_align(pyramid, mask_boxes, jnp.repeat(jnp.arange(batch), most), 14)
-    )
+    mask_features = roi_heads.multiscale_roi_align(pyramid, firsts['boxes'], 14)
+    mask_logits = self.mask_head(mask_features.reshape(-1, *mask_features.shape[2:]))
     goal = jax.vmap(roi_heads.mask_targets, in_axes=(0, 0, 0, 0, None))(
       gt['mask_crops'], gt['boxes'], firsts['gt_index'], firsts['boxes'], mask_logits.shape[1]
     )
@@ -154,9 +151,8 @@ class MaskRCNN(nn.Module):
     'valid' [B, D] and 'masks' [B, D, 28, 28] (probabilities over each box)."""
     pyramid, _, _, _, proposals, valid = self._first_stage(stages, image_sizes, train=False)
     batch, count = proposals.shape[:2]
-    images = jnp.repeat(jnp.arange(batch), count)
-    features = roi_heads.multiscale_roi_align(pyramid, proposals.reshape(-1, 4), images, 7)
-    class_logits, box_deltas = self.box_head(features)
+    features = roi_heads.multiscale_roi_align(pyramid, proposals, 7)
+    class_logits, box_deltas = self.box_head(features.reshape(-1, *features.shape[2:]))
     found = jax.vmap(
       lambda logits, deltas, p, v, size: roi_heads.detect(
         logits, deltas, p, v, size, max_detections=self.max_detections
@@ -168,10 +164,8 @@ class MaskRCNN(nn.Module):
       valid,
       image_sizes.astype(jnp.float32),
     )
-    images = jnp.repeat(jnp.arange(batch), self.max_detections)
-    mask_logits = self.mask_head(
-      roi_heads.multiscale_roi_align(pyramid, found['boxes'].reshape(-1, 4), images, 14)
-    )
+    mask_features = roi_heads.multiscale_roi_align(pyramid, found['boxes'], 14)
+    mask_logits = self.mask_head(mask_features.reshape(-1, *mask_features.shape[2:]))
     own = jnp.take_along_axis(mask_logits, found['classes'].reshape(-1)[:, None, None, None], -1)
     found['masks'] = jax.nn.sigmoid(own[..., 0]).reshape(
       batch, self.max_detections, *own.shape[1:3]

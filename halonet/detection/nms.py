@@ -7,6 +7,13 @@ import jax.numpy as jnp
 from halonet.detection import boxes as boxes_lib
 
 
+def best_first(scores: jnp.ndarray, count: int) -> jnp.ndarray:
+  """The indices of the `count` highest scores, highest first (ties: lower index first). A
+  stable sort rather than lax.top_k, which XLA's partitioner gathers whole across the devices
+  of a data-parallel batch."""
+  return jnp.argsort(-scores, stable=True)[:count]
+
+
 def nms(
   boxes: jnp.ndarray,
   scores: jnp.ndarray,

@@ -21,20 +21,24 @@ ROI_LEVELS = (('p2', 4), ('p3', 8), ('p4', 16), ('p5', 32))  # What RoIAlign rea
 
 
 def multiscale_roi_align(
-  pyramid: Mapping[str, jnp.ndarray],
-  boxes: jnp.ndarray,
-  image_indices: jnp.ndarray,
-  output_size: int,
+  pyramid: Mapping[str, jnp.ndarray], boxes: jnp.ndarray, output_size: int
 ) -> jnp.ndarray:
-  """[R, output_size, output_size, C]: each box read from the level fpn_levels gives it."""
-  level = roi_align_lib.fpn_levels(boxes)
-  out = None
-  for number, (name, stride) in enumerate(ROI_LEVELS, start=2):
-    aligned = roi_align_lib.roi_align(pyramid[name], boxes, image_indices, output_size, 1 / stride)
-    out = (
-      aligned if out is None else jnp.where((level == number)[:, None, None, None], aligned, out)
-    )
-  return out
+  """[B, R, output_size, output_size, C]: each image's boxes [B, R, 4] read from its own maps,
+  each box from the level fpn_levels gives it. One image at a time (vmap), so a data-parallel
+  batch never reads, nor gathers, another device's maps."""
+
+  def one_image(maps, boxes):
+    level = roi_align_lib.fpn_levels(boxes)
+    images = jnp.zeros(boxes.shape[0], jnp.int32)
+    out = None
+    for number, (name, stride) in enumerate(ROI_LEVELS, start=2):
+      aligned = roi_align_lib.roi_align(maps[name][None], boxes, images, output_size, 1 / stride)
+      out = (
+        aligned if out is None else jnp.where((level == number)[:, None, None, None], aligned, out)
+      )
+    return out
+
+  return jax.vmap(one_image)({name: pyramid[name] for name, _ in ROI_LEVELS}, boxes)
 
 
 class BoxHead(nn.Module):
@@ -197,7 +201,8 @@ def detect(
   boxes = boxes_lib.clip(boxes, image_size[0], image_size[1]).reshape(-1, 4)
   classes = jnp.broadcast_to(jnp.arange(1, num_classes), scores.shape).reshape(-1)
   scores = jnp.where(proposal_valid[:, None], scores, 0.0).reshape(-1)
-  top, index = jax.lax.top_k(scores, min(candidates, scores.shape[0]))
+  index = nms_lib.best_first(scores, min(candidates, scores.shape[0]))
+  top = scores[index]
   boxes, classes = boxes[index], classes[index]
   wide = (boxes[:, 2] - boxes[:, 0] >= 1e-2) & (boxes[:, 3] - boxes[:, 1] >= 1e-2)
   keep, kept = nms_lib.batched_nms(

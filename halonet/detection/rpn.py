@@ -64,7 +64,8 @@ def proposals(
   def one_image(objectness, deltas, size):
     chosen, levels = [], []
     for level, (scores, moves, cells) in enumerate(zip(objectness, deltas, anchors)):
-      top, index = jax.lax.top_k(scores, min(pre_nms_top_n, scores.shape[0]))
+      index = nms_lib.best_first(scores, min(pre_nms_top_n, scores.shape[0]))
+      top = scores[index]
       box = boxes_lib.decode(moves[index], cells[index], RPN_WEIGHTS)
       chosen.append((top, box))
       levels.append(jnp.full(top.shape, level, jnp.int32))

@@ -2,71 +2,28 @@
 and fall when a few steps fit a small batch (backbone included, its BatchNorm frozen), and
 inference gives static-shape detections inside the image."""
 
+import math
+
 import jax
-import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 import pytest
 
-from configs import tiny
-from halonet.data import digit_scenes
-from halonet.data import preprocessing
-from halonet.detection import model as model_lib
-from halonet.models import keys
-from halonet.models import networks
-
-SIZE = 64
+from halonet import sharding
+from tests import hlo
+from tests.detection import toy
 
 
 @pytest.fixture(scope='module')
 def parts():
-  config = tiny.get_config()
-  config.image_size = SIZE
-  backbone = networks.create_model(config)
-  detector = model_lib.MaskRCNN(
-    num_classes=digit_scenes.NUM_CLASSES,
-    fpn_width=16,
-    anchor_sizes=(8, 16, 32, 64, 128),
-    rpn_batch_per_image=64,
-    rpn_pre_nms_top_n=(64, 64),
-    rpn_post_nms_top_n=(64, 32),
-    roi_batch_per_image=32,
-    box_hidden=32,
-    mask_width=16,
-    max_detections=10,
-  )
-  data = digit_scenes.batch('train', range(4), size=SIZE)
-  images = preprocessing.normalize_images(jnp.asarray(data['image']), config.input, jnp.float32)
-  backbone_vars = backbone.init(jax.random.key(0), images[:1], train=False)
-
-  def stages(backbone_params, images):
-    variables = {'params': backbone_params, 'batch_stats': backbone_vars['batch_stats']}
-    _, sown = backbone.apply(variables, images, train=False, mutable=[keys.FEATURES])
-    return [sown[keys.FEATURES][f'stage{i}'][0] for i in range(1, 5)]
-
-  sizes = jnp.full((4, 2), SIZE)
-  detector_params = jax.jit(detector.init)(
-    jax.random.key(1), stages(backbone_vars['params'], images), sizes
-  )
-  return detector, stages, images, sizes, data, backbone_vars['params'], detector_params['params']
+  return toy.parts(4)
 
 
 @pytest.mark.slow
 def test_a_few_steps_on_a_small_batch_lower_every_loss(parts):
-  detector, stages, images, sizes, data, backbone_params, detector_params = parts
-  gt = {k: jnp.asarray(data[k]) for k in ('boxes', 'classes', 'mask_crops', 'valid')}
-
-  def losses(params, key):
-    return detector.apply(
-      {'params': params['detector']},
-      stages(params['backbone'], images),
-      sizes,
-      gt,
-      key,
-      method=model_lib.MaskRCNN.losses,
-    )
-
-  params = {'backbone': backbone_params, 'detector': detector_params}
+  images, sizes, gt, params, _, loss_terms = parts
+  losses = lambda p, key: loss_terms(p, images, sizes, gt, key)
   tx = optax.adam(3e-3)
   state = tx.init(params)
 
@@ -93,13 +50,33 @@ def test_a_few_steps_on_a_small_batch_lower_every_loss(parts):
 
 
 def test_detections_have_static_shapes_and_stay_in_the_image(parts):
-  detector, stages, images, sizes, _, backbone_params, detector_params = parts
-  found = jax.jit(lambda p, b: detector.apply({'params': p}, stages(b, images), sizes))(
-    detector_params, backbone_params
-  )
+  images, sizes, _, params, stages, _ = parts
+  found = jax.jit(
+    lambda p: toy.DETECTOR.apply({'params': p['detector']}, stages(p['backbone'], images), sizes)
+  )(params)
   assert found['boxes'].shape == (4, 10, 4) and found['masks'].shape == (4, 10, 28, 28)
   boxes = np.asarray(found['boxes'])
-  assert (boxes >= 0).all() and (boxes <= SIZE).all()
+  assert (boxes >= 0).all() and (boxes <= toy.SIZE).all()
   masks = np.asarray(found['masks'])
   assert ((masks >= 0) & (masks <= 1)).all()
   assert set(np.asarray(found['classes'])[np.asarray(found['valid'])]) <= set(range(1, 11))
+
+
+def test_the_train_step_on_8_devices_only_all_reduces_parameter_sized_tensors():
+  """Data parallelism: each device's images stay on it (no feature map is gathered); only
+  gradients and the loss normalisers are all-reduced."""
+  images, sizes, gt, params, _, loss_terms = toy.parts(8)
+  mesh = sharding.create_mesh((-1, 1), jax.devices()[:8])
+  data = jax.sharding.NamedSharding(mesh, P('data'))
+  total = lambda p, *batch: sum(loss_terms(p, *batch).values())
+  grad = jax.jit(
+    sharding.traced_within(mesh, jax.grad(total)),  # The mesh the backbone's layers shard over.
+    in_shardings=(sharding.replicated(mesh), data, data, data, sharding.replicated(mesh)),
+    out_shardings=sharding.replicated(mesh),
+  )
+  compiled = grad.lower(params, images, sizes, gt, jax.random.key(0)).compile()
+  collectives = hlo.hlo_ops(compiled.as_text(), hlo.COLLECTIVES)
+  assert {op for op, _ in collectives} == {'all-reduce'}, collectives
+  reduced = [dims for _, shape in collectives for dims in hlo.array_dims(shape)]
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  assert sum(math.prod(dims) for dims in reduced) < 1.5 * num_params
