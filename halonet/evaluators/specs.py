@@ -58,7 +58,7 @@ def _is_path(dataset: str) -> bool:
 def parse(spec: str) -> Evaluator:
   """`spec` parsed; a malformed one is a ConfigError naming it."""
   match = _SPEC.fullmatch(spec.strip())
-  parts = match['body'].split(':') if match else []
+  parts = re.split(r':(?!//)', match['body']) if match else []  # gs://... is one part.
   probe = bool(parts) and parts[0] == FEWSHOT
   if probe:
     parts = parts[1:]

@@ -73,6 +73,7 @@ def _read(name: str, split: str) -> list[dict]:
     ('imagenet2012_corrupted', specs.MCE, 'imagenet2012_corrupted', ('validation',)),
     ('imagenet2012_corrupted/fog_3', specs.TOP1, 'imagenet2012_corrupted/fog_3', ('validation',)),
     ('cifar10', specs.TOP1, 'cifar10', ('test',)),
+    ('cifar10:train', specs.TOP1, 'cifar10', ('train',)),
     ('fewshot:oxford_iiit_pet', specs.FEWSHOT, 'oxford_iiit_pet', ('train', 'test')),
     ('fewshot:digits/5-9:train:test@20', specs.FEWSHOT, 'digits/5-9', ('train', 'test')),
   ],
@@ -92,10 +93,24 @@ def test_a_path_is_an_image_folder_and_every_step_counts_from_the_run(tmp_path):
   )
   assert [s for s in range(1, 11) if evaluator.due(s, 10)] == [3, 6, 9, 10]
   assert [s for s in range(1, 11) if specs.parse('imagenet_a').due(s, 10)] == [10]
+  assert [s for s in range(1, 4) if specs.parse('imagenet_a@1').due(s, 3)] == [1, 2, 3]
+  bucket = specs.parse('fewshot:gs://bucket/flowers')
+  assert (bucket.dataset, bucket.folder) == ('image_folder', 'gs://bucket/flowers')
 
 
 @pytest.mark.parametrize(
-  'spec', ['', 'fewshot:', 'fewshot:cifar10:train', 'a:b:c', 'cifar10@0', 'cifar10@x', 'a::b']
+  'spec',
+  [
+    '',
+    'fewshot:',
+    'fewshot:cifar10:train',
+    'fewshot:cifar10::test',
+    'a:b:c',
+    'cifar10:',
+    'cifar10@0',
+    'cifar10@x',
+    'a::b',
+  ],
 )
 def test_a_malformed_entry_is_named(spec):
   with pytest.raises(errors.ConfigError, match=f'config.evals entry {spec!r} is not'):
