@@ -131,6 +131,7 @@ COVERING = {
     'tests/models/test_model.py::test_every_attention_layer_runs_the_form_the_config_names',
     'tests/models/test_mixers.py::test_sasa_resnets_have_table_1s_parameters_and_flops',
   ),
+  'halonet/train/lease.py': ('tests/train/test_lease.py', '-m', 'not slow'),
   'halonet/train/loop.py': (
     'tests/train/test_train.py::test_evaluations_during_training_print_their_accuracy',
     'tests/train/test_train.py::test_nan_loss_stops_and_keeps_last_good_checkpoint',
