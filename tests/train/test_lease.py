@@ -129,6 +129,82 @@ def test_a_held_lease_is_renewed_while_the_run_lives(tmp_path, monkeypatch):
   assert not target.exists()
 
 
+def test_a_process_is_alive_while_it_runs_and_is_not_signalled_by_the_look():
+  child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+  try:
+    assert lease._pid_alive(child.pid)  # pylint: disable=protected-access
+    time.sleep(0.2)
+    assert child.poll() is None  # Looked at, not signalled.
+  finally:
+    child.kill()
+    child.wait()
+  assert not lease._pid_alive(child.pid)  # pylint: disable=protected-access
+
+
+def test_processes_other_than_0_hold_no_lease_and_write_nothing(tmp_path, monkeypatch):
+  monkeypatch.setattr(lease.jax, 'process_index', lambda: 1)
+  assert lease.acquire(str(tmp_path / 'run')) is None
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_stale_lease_taken_by_another_run_first_is_left_to_it(tmp_path, monkeypatch):
+  """Two runs find the same stale lease; the other replaces it first: this one re-reads it just
+  before removing it, sees the new owner's, and is refused naming that owner."""
+  workdir = str(tmp_path)
+  now = 1_000_000.0
+  _held_elsewhere(workdir, renewed=now - lease.STALE_S - 1)
+  read_json, reads = paths.read_json, []
+
+  def racing_read(target):
+    reads.append(target)
+    if len(reads) == 2:  # The other run takes the lease between this run's two looks.
+      fresh = {'host': 'third-host', 'pid': 7, 'started': now, 'renewed': now, 'token': 'y'}
+      paths.write_bytes(target, json.dumps(fresh).encode())
+    return read_json(target)
+
+  monkeypatch.setattr(lease.paths, 'read_json', racing_read)
+  with pytest.raises(errors.ConfigError, match=r'in use by the run of pid 7 on third-host'):
+    lease.acquire(workdir, say=lambda _: None, clock=lambda: now)
+  assert read_json(paths.path(workdir) / lease.LEASE)['host'] == 'third-host'
+
+
+def test_a_stale_lease_removed_by_another_run_first_is_taken(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  now = 1_000_000.0
+  _held_elsewhere(workdir, renewed=now - lease.STALE_S - 1)
+  read_json, reads = paths.read_json, []
+
+  def vanishing_read(target):
+    reads.append(target)
+    if len(reads) == 2:  # The other run removes it between this run's two looks.
+      paths.path(target).unlink()
+    return read_json(target)
+
+  monkeypatch.setattr(lease.paths, 'read_json', vanishing_read)
+  taken = lease.acquire(workdir, say=lambda _: None, clock=lambda: now)
+  assert read_json(paths.path(workdir) / lease.LEASE)['pid'] == os.getpid()
+  taken.release()
+
+
+@pytest.mark.parametrize('outage', [False, True])
+def test_a_failed_renewal_is_said_unless_the_store_is_declared_out(tmp_path, monkeypatch, outage):
+  """During a declared outage the run ends saying why in one line; the lease stays silent."""
+  monkeypatch.setattr(lease, 'RENEW_S', 0.01)
+  monkeypatch.setattr(lease.storage, 'outage_declared', lambda: outage)
+  warnings = []
+  monkeypatch.setattr(lease.logging, 'warning', lambda *args: warnings.append(args))
+  held = lease.acquire(str(tmp_path), say=lambda _: None)
+
+  def failing_renew():
+    raise OSError('the store is unreachable')
+
+  monkeypatch.setattr(held, 'renew', failing_renew)
+  time.sleep(0.3)
+  held.release()
+  said = [args for args in warnings if 'renewing the lease' in args[0]]
+  assert bool(said) is not outage, warnings
+
+
 def _train(workdir: str, *flags: str) -> subprocess.Popen:
   return subprocess.Popen(
     [
