@@ -130,7 +130,9 @@ def test_a_held_lease_is_renewed_while_the_run_lives(tmp_path, monkeypatch):
 
 
 def test_a_process_is_alive_while_it_runs_and_is_not_signalled_by_the_look():
-  child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+  # SIGHUP at its default (a nohup'd runner's children ignore it): any signal would end it.
+  script = 'import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); time.sleep(60)'
+  child = subprocess.Popen([sys.executable, '-c', script])
   try:
     assert lease._pid_alive(child.pid)  # pylint: disable=protected-access
     time.sleep(0.2)
