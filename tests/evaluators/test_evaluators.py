@@ -59,6 +59,23 @@ def _subset_infer(batch):
   return out
 
 
+class _Clock:
+  """time.perf_counter for the evaluators, moved on 10 s by each model call `timed` makes."""
+
+  def __init__(self):
+    self.now = 500.0
+
+  def __call__(self) -> float:
+    return self.now
+
+  def timed(self, infer):
+    def call(batch):
+      self.now += 10.0
+      return infer(batch)
+
+    return call
+
+
 def _read(name: str, split: str) -> list[dict]:
   return list(tfds.load(name, split=split).as_numpy_iterator())
 
@@ -162,10 +179,14 @@ def test_top1_real_and_the_200_class_sets_match_numpy_on_the_same_examples():
     assert result['top1'] == pytest.approx(100 * np.mean(inside)), name
 
 
-def test_mean_corruption_error_reads_every_corruption_at_every_severity():
+def test_mean_corruption_error_reads_every_corruption_at_every_severity(monkeypatch):
   config = _config()
+  clock = _Clock()
+  monkeypatch.setattr(evaluators_lib.time, 'perf_counter', clock)
   with tfds.testing.mock_data(num_examples=2):
-    result = evaluators_lib.evaluate(config, specs.parse('imagenet2012_corrupted'), _fake_infer)
+    result = evaluators_lib.evaluate(
+      config, specs.parse('imagenet2012_corrupted'), clock.timed(_fake_infer)
+    )
     errors_of = {}
     for corruption, severity, name in evaluators_lib.corrupted_datasets():
       assert name == f'imagenet2012_corrupted/{corruption}_{severity}'  # TFDS's config names.
@@ -174,6 +195,7 @@ def test_mean_corruption_error_reads_every_corruption_at_every_severity():
   assert len(errors_of) == 15 and all(len(e) == 5 for e in errors_of.values())
   expected = {c: np.mean(e) / scores.ALEXNET_CORRUPTION_ERRORS[c] for c, e in errors_of.items()}
   assert result['count'] == 15 * 5 * 2
+  assert result['images_per_sec'] == pytest.approx(150 / (75 * 10.0))  # A batch per config.
   assert result['mce'] == pytest.approx(100 * np.mean(list(expected.values())))
   for corruption, ce in expected.items():
     assert result['corruption_errors'][corruption] == pytest.approx(100 * ce)
@@ -197,18 +219,36 @@ def _colour_infer(batch):
   return {**batch, 'pre_logits': features, 'logits': np.zeros((len(features), 3), np.float32)}
 
 
-def test_a_probe_on_an_image_folder_fits_the_shots_it_can(tmp_path, capsys):
+def test_a_probe_on_an_image_folder_fits_the_shots_it_can(tmp_path, capsys, monkeypatch):
   _colour_folder(tmp_path, {'train': 4, 'test': 5})
   config = _config()
   config.fewshot_shots = (1, 3, 5)
   config.fewshot_seeds = 2
   config.fewshot_l2 = 1e-3
-  result = evaluators_lib.evaluate(config, specs.parse(f'fewshot:{tmp_path}'), _colour_infer)
+  clock = _Clock()
+  monkeypatch.setattr(evaluators_lib.time, 'perf_counter', clock)
+  probe = specs.parse(f'fewshot:{tmp_path}')
+  result = evaluators_lib.evaluate(config, probe, clock.timed(_colour_infer))
+  # 12 train images in 3 batches of 4, 15 test images in 4: 27 images in 70 s.
+  assert result['images_per_sec'] == pytest.approx(27 / 70)
   assert result['count'] == 15
   assert result['1shot'] == result['3shot'] == 100.0
   assert result['1shot_std'] == 0.0
   assert '5shot' not in result
-  assert '5 shots left out: a class of train has 4 examples' in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert '5 shots left out: a class of train has 4 examples' in out
+  # A pass longer than PROGRESS_SECONDS says how far it is: the test split's 4th batch at 40 s.
+  assert f'fewshot:{tmp_path}: batch 4/4, 40 s' in out
+  assert evaluators_lib.summary(probe, result) == '1-shot 100.0±0.0% 3-shot 100.0±0.0%'
+
+
+def test_each_kind_of_result_is_summed_up_in_its_own_words():
+  numbers = {'top1': 76.5, 'top5': 93.25, 'real_top1': 82.125, 'mce': 60.04}
+  summary = lambda spec: evaluators_lib.summary(specs.parse(spec), numbers)
+  assert summary('imagenet_v2/matched-frequency') == 'top-1 76.50% top-5 93.25%'
+  assert summary('imagenet_a') == 'top-1 76.50% (200 classes)'
+  assert summary('imagenet2012_real') == 'ReaL top-1 82.12%'
+  assert summary('imagenet2012_corrupted') == 'mCE 60.0%'
 
 
 def test_a_missing_dataset_is_named_with_where_and_how_before_anything_runs(tmp_path):
