@@ -131,9 +131,13 @@ def test_a_held_lease_is_renewed_while_the_run_lives(tmp_path, monkeypatch):
 
 def test_a_process_is_alive_while_it_runs_and_is_not_signalled_by_the_look():
   # SIGHUP at its default (a nohup'd runner's children ignore it): any signal would end it.
-  script = 'import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); time.sleep(60)'
-  child = subprocess.Popen([sys.executable, '-c', script])
+  script = (
+    'import signal, time; signal.signal(signal.SIGHUP, signal.SIG_DFL); '
+    "print('ready', flush=True); time.sleep(60)"
+  )
+  child = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE, text=True)
   try:
+    assert child.stdout.readline() == 'ready\n'  # Its handlers are set.
     assert lease._pid_alive(child.pid)  # pylint: disable=protected-access
     time.sleep(0.2)
     assert child.poll() is None  # Looked at, not signalled.
