@@ -80,3 +80,10 @@ def test_an_upward_import_is_found(tmp_path):
   assert any(f.startswith('halonet/attention/layer.py') and '(train)' in f for f in found)
   assert any(f.startswith('halonet/paths.py') and '(data)' in f for f in found)
   assert any(f.startswith('halonet/models/mixers/sasa.py') and '(tools)' in f for f in found)
+
+
+def test_every_test_module_has_a_basename_of_its_own():
+  """pytest imports test files by basename (the test folders are not packages): a second
+  test_x.py anywhere under tests/ stops the other from being collected."""
+  names = [path.name for path in (ROOT / 'tests').rglob('test_*.py')]
+  assert sorted({n for n in names if names.count(n) > 1}) == []
