@@ -81,12 +81,13 @@ def set_up(
   config_checks.validate_config(config)
   storage.set_budget(60 * config.storage_outage_minutes)
   sizes = train_step_lib.split_sizes(config)
-  evaluators_lib.check_available(config, evaluator_specs.parse_all(config.evals))
+  evaluators = evaluator_specs.parse_all(config.evals)
+  evaluators_lib.check_available(config, evaluators)
   paths.check_writable(workdir, 'workdir')
   stored = workdir_lib.stored_config(workdir)  # A garbled one is named before anything is made.
   lease = lease_lib.acquire(workdir, say=console.say)  # One run per workdir, before any write.
   try:
-    return _set_up(config, workdir, allow_config_change, sizes, stored, lease)
+    return _set_up(config, workdir, allow_config_change, sizes, stored, lease, evaluators)
   except BaseException:
     if lease is not None:
       lease.release()
@@ -100,6 +101,7 @@ def _set_up(
   sizes: dict[str, int],
   stored: dict | None,
   lease: lease_lib.Lease | None,
+  evaluators: list[evaluator_specs.Evaluator],
 ) -> Run | None:
   """set_up's work once the workdir's lease is held."""
   train_examples = sizes[config.input.train_split]
@@ -218,7 +220,7 @@ def _set_up(
     batches=batches,
     step_fn=step_fn,
     eval_fn=eval_fn,
-    evaluators=evaluator_specs.parse_all(config.evals),
+    evaluators=evaluators,
     infer_of=eval_lib.make_infer(model, mesh, config),
     start_step=start_step,
     num_steps=num_steps,
