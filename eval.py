@@ -36,10 +36,15 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 def main(argv):
   launch.start(argv)
-  from halonet.train import evaluation as eval_lib  # pylint: disable=g-import-not-at-top  # After --help and flags.
+  # pylint: disable=g-import-not-at-top  # After --help and flags.
+  from halonet.detection import checks as detection_checks
+  from halonet.detection import evaluation as detection_eval
+  from halonet.train import evaluation as eval_lib
 
   with launch.one_line_errors():
-    eval_lib.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
+    detection_checks.validate_task(FLAGS.config)
+    task = detection_eval if FLAGS.config.task == 'detection' else eval_lib
+    task.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
-"""Trains a HaloNet: `python train.py --config=configs/quickstart.py --workdir=/tmp/qs`.
+"""Trains a HaloNet: `python train.py --config=configs/quickstart.py --workdir=/tmp/qs`, or
+Mask R-CNN on one (config.task='detection'): `--config=configs/detection.py:digits`.
 
 Rerunning with the same workdir resumes from its latest complete checkpoint.
 """
@@ -20,10 +21,15 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   launch.start(argv)
-  from halonet.train import loop as train_lib  # pylint: disable=g-import-not-at-top  # After --help and flags.
+  # pylint: disable=g-import-not-at-top  # After --help and flags.
+  from halonet.detection import checks as detection_checks
+  from halonet.detection import training as detection_lib
+  from halonet.train import loop as train_lib
 
   with launch.one_line_errors():
-    train_lib.train_and_evaluate(
+    detection_checks.validate_task(FLAGS.config)
+    task = detection_lib if FLAGS.config.task == 'detection' else train_lib
+    task.train_and_evaluate(
       FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change
     )
 

@@ -82,7 +82,8 @@ INPUT_FIELDS: dict[str, tuple[Any, str]] = dict(
   dataset=(
     'imagenet2012',
     "A TFDS name ('imagenet2012', 'imagenet_v2/matched-frequency', ...), 'image_folder' (class "
-    "per sub-folder under data_dir) or 'digits' (offline quick-start).",
+    "per sub-folder under data_dir) or 'digits' (offline quick-start); for detection 'coco' "
+    "(COCO's own files under data_dir) or 'digit_scenes' (offline).",
   ),
   data_dir=('', 'TFDS data_dir, or the root of an image folder.'),
   manual_dir=('', 'where the ImageNet tars were downloaded by hand.'),
@@ -121,9 +122,36 @@ OPTIMIZER_FIELDS: dict[str, tuple[Any, str]] = dict(
   grad_clip_norm=(0.0, '0 = off.'),
 )
 
+# config.detection: Mask R-CNN's heads over the backbone's stages and its training input
+# (halonet/detection), read when config.task is 'detection'; the defaults are torchvision's and
+# detectron2's for COCO.
+DETECTION_FIELDS: dict[str, tuple[Any, str]] = dict(
+  fpn_width=(256, 'channels of the pyramid levels P2-P6.'),
+  anchor_sizes=((32, 64, 128, 256, 512), 'anchor side in pixels on P2 ... P6 (5 entries).'),
+  anchor_ratios=((0.5, 1.0, 2.0), 'anchor height / width ratios at every cell.'),
+  rpn_batch_per_image=(256, 'anchors sampled per image for the RPN loss.'),
+  rpn_pre_nms_top_n=((2000, 1000), '(training, inference) proposals per level before NMS.'),
+  rpn_post_nms_top_n=((2000, 1000), '(training, inference) proposals per image after NMS.'),
+  roi_batch_per_image=(512, 'proposals sampled per image for the box and mask losses.'),
+  box_hidden=(1024, "width of the box head's two fully connected layers."),
+  mask_width=(256, "channels of the mask head's four 3x3 convs."),
+  max_detections=(100, 'detections kept per image.'),
+  max_objects=(100, 'ground-truth objects per training image (padded to this; more are cut).'),
+  scale_range=(
+    (0.1, 2.0),
+    'train: large-scale jitter, the image resized to this share of image_size (its longer '
+    'side), then an image_size square window of it taken.',
+  ),
+)
+
 # ImageNet training defaults shared by every config; a group's default is its own fields.
 TOP_FIELDS: dict[str, tuple[Any, str]] = dict(
   variant=('h1', 'name of the config (h0..h7, tiny, quickstart, ...).'),
+  task=(
+    'classification',
+    "'classification', or 'detection': Mask R-CNN over the backbone (config.detection; "
+    "input.dataset 'coco' or 'digit_scenes'), trained and evaluated by the same commands.",
+  ),
   model=(MODEL_FIELDS, "the architecture (HaloNet's fields)."),
   image_size=(256, 's: train and eval image side in pixels.'),
   num_classes=(1000, 'classifier outputs (checked against the dataset).'),
@@ -133,6 +161,7 @@ TOP_FIELDS: dict[str, tuple[Any, str]] = dict(
   num_epochs=(350.0, 'training length in epochs of full global batches.'),
   num_train_steps=(-1, '> 0 overrides num_epochs.'),
   optimizer=(OPTIMIZER_FIELDS, 'the optimizer and its schedule.'),
+  detection=(DETECTION_FIELDS, "Mask R-CNN's heads and input, when task is 'detection'."),
   init_from=(
     '',
     "Fine-tuning (halonet/train/finetune.py): start from another run's workdir, or one of its "

@@ -17,9 +17,9 @@ def _axis_samples(start, extent, bins: int, ratio: int) -> jnp.ndarray:
   return start[:, None] + offsets[None, :] * step[:, None]
 
 
-def _bilinear_corners(coords: jnp.ndarray, size: int):
-  """(low index, high index, weight of low, weight of high, inside) of each sample on an axis
-  of `size` pixels, as torchvision's bilinear_interpolate."""
+def _bilinear_corners(coords: jnp.ndarray, size: jnp.ndarray):
+  """(low index, high index, weight of low, weight of high, inside) of each sample [R, S] on an
+  axis of `size` pixels ([R, 1]: each box's map), as torchvision's bilinear_interpolate."""
   inside = (coords >= -1.0) & (coords <= size)
   coords = jnp.maximum(coords, 0.0)
   low = jnp.floor(coords).astype(jnp.int32)
@@ -29,6 +29,44 @@ def _bilinear_corners(coords: jnp.ndarray, size: int):
   coords = jnp.where(at_edge, low.astype(coords.dtype), coords)
   frac = coords - low
   return low, high, 1.0 - frac, frac, inside
+
+
+def read_table(
+  table: jnp.ndarray,
+  boxes: jnp.ndarray,
+  offset: jnp.ndarray,
+  height: jnp.ndarray,
+  width: jnp.ndarray,
+  spatial_scale: jnp.ndarray,
+  output_size: int,
+  sampling_ratio: int = 2,
+) -> jnp.ndarray:
+  """[R, output_size, output_size, C]: RoIAlign of each box [R, 4] from its own map, a height x
+  width block of rows of `table` [N, C] (row-major) starting at `offset`, read at
+  `spatial_scale` (all [R]). Maps of several images or pyramid levels laid end to end in one
+  table are read by one gather, whichever map each box reads."""
+  scaled = boxes * spatial_scale[:, None] - 0.5
+  ys = _axis_samples(scaled[:, 1], scaled[:, 3] - scaled[:, 1], output_size, sampling_ratio)
+  xs = _axis_samples(scaled[:, 0], scaled[:, 2] - scaled[:, 0], output_size, sampling_ratio)
+  y0, y1, wy0, wy1, y_in = _bilinear_corners(ys, height[:, None])
+  x0, x1, wx0, wx1, x_in = _bilinear_corners(xs, width[:, None])
+  start, row = offset[:, None, None], width[:, None, None]
+
+  def gather(y, x):  # [R, S, S, C] with S = output_size * sampling_ratio.
+    return table[start + y[:, :, None] * row + x[:, None, :]]
+
+  corners = (
+    (gather(y0, x0), wy0[:, :, None] * wx0[:, None, :]),
+    (gather(y0, x1), wy0[:, :, None] * wx1[:, None, :]),
+    (gather(y1, x0), wy1[:, :, None] * wx0[:, None, :]),
+    (gather(y1, x1), wy1[:, :, None] * wx1[:, None, :]),
+  )
+  inside = (y_in[:, :, None] & x_in[:, None, :])[..., None]
+  samples = sum(values * weights[..., None].astype(values.dtype) for values, weights in corners)
+  samples = jnp.where(inside, samples, 0.0)
+  r, s, channels = boxes.shape[0], sampling_ratio, table.shape[-1]
+  samples = samples.reshape(r, output_size, s, output_size, s, channels)
+  return samples.mean(axis=(2, 4))
 
 
 def roi_align(
@@ -42,29 +80,18 @@ def roi_align(
   """[R, output_size, output_size, C] maps of `boxes` [R, 4] (x1, y1, x2, y2, image pixels) read
   from `features` [B, H, W, C] of the images `image_indices` [R] at `spatial_scale` (1 / the
   map's stride)."""
-  _, height, width, _ = features.shape
-  scaled = boxes * spatial_scale - 0.5
-  ys = _axis_samples(scaled[:, 1], scaled[:, 3] - scaled[:, 1], output_size, sampling_ratio)
-  xs = _axis_samples(scaled[:, 0], scaled[:, 2] - scaled[:, 0], output_size, sampling_ratio)
-  y0, y1, wy0, wy1, y_in = _bilinear_corners(ys, height)
-  x0, x1, wx0, wx1, x_in = _bilinear_corners(xs, width)
-  images = image_indices[:, None, None]
-
-  def gather(y, x):  # [R, S, S, C] with S = output_size * sampling_ratio.
-    return features[images, y[:, :, None], x[:, None, :]]
-
-  corners = (
-    (gather(y0, x0), wy0[:, :, None] * wx0[:, None, :]),
-    (gather(y0, x1), wy0[:, :, None] * wx1[:, None, :]),
-    (gather(y1, x0), wy1[:, :, None] * wx0[:, None, :]),
-    (gather(y1, x1), wy1[:, :, None] * wx1[:, None, :]),
+  _, height, width, channels = features.shape
+  count = boxes.shape[0]
+  return read_table(
+    features.reshape(-1, channels),
+    boxes,
+    image_indices.astype(jnp.int32) * (height * width),
+    jnp.full(count, height, jnp.int32),
+    jnp.full(count, width, jnp.int32),
+    jnp.full(count, spatial_scale, boxes.dtype),
+    output_size,
+    sampling_ratio,
   )
-  inside = (y_in[:, :, None] & x_in[:, None, :])[..., None]
-  samples = sum(values * weights[..., None].astype(values.dtype) for values, weights in corners)
-  samples = jnp.where(inside, samples, 0.0)
-  r, s, channels = boxes.shape[0], sampling_ratio, features.shape[-1]
-  samples = samples.reshape(r, output_size, s, output_size, s, channels)
-  return samples.mean(axis=(2, 4))
 
 
 def fpn_levels(

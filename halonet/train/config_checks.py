@@ -66,7 +66,8 @@ POSITIVE_ENTRIES = (
 )
 
 
-def _get(config: ml_collections.ConfigDict, name: str):
+def field(config: ml_collections.ConfigDict, name: str):
+  """The value of dotted field `name`."""
   for part in name.split('.'):
     config = config[part]
   return config
@@ -83,11 +84,11 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
   """Each field of RANGES inside its interval, each POSITIVE_ENTRIES entry >= 1 (or >= 0 for
   halo sizes), and `variant`, when shaped like a paper row, one of the paper's rows."""
   for name, interval in RANGES.items():
-    value = _get(config, name)
+    value = field(config, name)
     if not _inside(float(value), interval):
       raise errors.ConfigError(f'config.{name}={value} must be in {interval}')
   for name in POSITIVE_ENTRIES:
-    values = tuple(_get(config, name))
+    values = tuple(field(config, name))
     smallest = 0 if name == 'model.halo_sizes' else 1
     if any(v < smallest for v in values):
       raise errors.ConfigError(f'config.{name}={values}: every entry must be >= {smallest}')
@@ -100,7 +101,7 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
     ('input.pixel_mean', lambda v: 0.0 <= v <= 1.0, 'in [0, 1]'),
     ('input.pixel_std', lambda v: v > 0.0, '> 0'),
   ):
-    values = tuple(_get(config, name))
+    values = tuple(field(config, name))
     if len(values) != 3 or not all(fits(v) for v in values):
       raise errors.ConfigError(f'config.{name}={values} must be 3 RGB values {rule} (0-1 units)')
   profile = tuple(config.profile_steps)

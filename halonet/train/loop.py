@@ -50,13 +50,16 @@ def due(
   return Due(save=save, evaluate=evaluate, stop=preempted)
 
 
-class _TrainMetrics:
+class TrainMetrics:
   """The steps' device metrics, fetched only when needed (every step would stall dispatch). Each
   fetch checks that the loss and the updated state are finite, and every save waits for it, so
   every saved step is known finite."""
 
-  def __init__(self, last_good: Callable[[], str]):
+  def __init__(
+    self, last_good: Callable[[], str], names: tuple[str, ...] = ('loss', 'top1', 'grad_norm')
+  ):
     self._last_good = last_good
+    self._names = names  # Averaged over each window.
     self._pending: list[tuple[int, dict[str, jax.Array]]] = []
     self._fetched: list[dict[str, np.ndarray]] = []
 
@@ -83,11 +86,11 @@ class _TrainMetrics:
     """Means over the steps since the previous window (the last step's learning rate)."""
     self.check()
     fetched, self._fetched = self._fetched, []
-    means = {k: float(np.mean([m[k] for m in fetched])) for k in ('loss', 'top1', 'grad_norm')}
+    means = {k: float(np.mean([m[k] for m in fetched])) for k in self._names}
     return {**means, 'lr': float(fetched[-1]['lr'])}
 
 
-class _Preemption:
+class Preemption:
   """SIGTERM sets a flag the loop checks each step; multi-host runs use Orbax's sync point."""
 
   def __init__(self):
@@ -119,7 +122,7 @@ def train(run: setup.Run) -> dict[str, Any]:
   its results (also written to results.json)."""
   config, workdir, manager, state = run.config, run.workdir, run.manager, run.state
   writer = event_writer.create(workdir, just_logging=jax.process_index() > 0)
-  preemption = _Preemption()
+  preemption = Preemption()
 
   def last_good() -> str:
     latest = manager.latest_step()
@@ -129,7 +132,7 @@ def train(run: setup.Run) -> dict[str, Any]:
       else f'last good checkpoint is step {latest} (all parameters finite)'
     )
 
-  metrics_of_steps = _TrainMetrics(last_good)
+  metrics_of_steps = TrainMetrics(last_good)
   report = progress.ProgressReport(
     num_steps=run.num_steps,
     batch_size=config.batch_size,

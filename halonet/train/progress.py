@@ -30,8 +30,9 @@ class ProgressReport(periodic_actions.ReportProgress):
   last one the terminal's line: step, the mean loss and top-1 since the previous line, learning
   rate, images/s and ETA. Images/s and the ETA count training time only.
 
-  `window` returns the mean train metrics since the previous line (loss, top1, grad_norm, lr);
-  call the report after every step, and once with the first step before the loop.
+  `window` returns the mean train metrics since the previous line (loss, lr and those `shown`,
+  top1 unless told otherwise); call the report after every step, and once with the first step
+  before the loop.
   """
 
   def __init__(
@@ -42,11 +43,14 @@ class ProgressReport(periodic_actions.ReportProgress):
     every_steps: int,
     writer: metric_writers.MetricWriter,
     window: Callable[[], dict[str, float]],
+    shown: dict[str, str] | None = None,
   ):
     super().__init__(
       num_train_steps=num_steps, writer=writer, every_steps=every_steps, every_secs=None
     )
     self._num_steps, self._batch_size, self._window = num_steps, batch_size, window
+    # The window's metrics printed after the loss, with their formats.
+    self._shown = {'top1': '.2f'} if shown is None else shown
     self._time_apart = 0.0
     self._applied_at = 0.0
     self.images_per_sec: float | None = None  # Over the last line's window.
@@ -80,8 +84,9 @@ class ProgressReport(periodic_actions.ReportProgress):
     self._writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
     eta = (self._num_steps - step) / steps_per_sec
     console.say(
-      f'step {step}/{self._num_steps} loss {scalars["loss"]:.4f} top1 {scalars["top1"]:.2f} '
-      f'lr {scalars["lr"]:.3g} img/s {self.images_per_sec:.1f} ETA {format_seconds(eta)}'
+      f'step {step}/{self._num_steps} loss {scalars["loss"]:.4f} '
+      + ''.join(f'{name} {scalars[name]:{spec}} ' for name, spec in self._shown.items())
+      + f'lr {scalars["lr"]:.3g} img/s {self.images_per_sec:.1f} ETA {format_seconds(eta)}'
     )
 
   def _after_apply(self, step: int, t: float) -> None:

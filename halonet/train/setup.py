@@ -63,7 +63,7 @@ def _spec(x: jax.Array) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
 
-def _is_finished(
+def is_finished(
   config: ml_collections.ConfigDict, stored: dict | None, step: int, num_steps: int, results: dict
 ) -> bool:
   """Whether the workdir (its `stored` config.json) holds this very config's run, trained to its
@@ -113,7 +113,7 @@ def _set_up(
   start_step = latest if resuming else 0
   previous = workdir_lib.read_results(workdir)
   tx, schedule, num_steps = train_step_lib.optimization(config, train_examples)
-  if _is_finished(config, stored, start_step, num_steps, previous):
+  if is_finished(config, stored, start_step, num_steps, previous):
     manager.close()
     if lease is not None:
       lease.release()

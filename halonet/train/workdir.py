@@ -54,8 +54,11 @@ def as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-  """Dotted names of the fields whose values differ between two configs (as JSON dicts)."""
-  old_flat, new_flat = (traverse_util.flatten_dict(c, sep='.') for c in (old, new))
+  """Dotted names of the fields whose values differ between two configs (as JSON dicts). A field
+  one of them lacks (added to the configs since it was stored) counts as its default, as
+  `load_config` reads it."""
+  default = traverse_util.flatten_dict(as_json(defaults.base_config()), sep='.')
+  old_flat, new_flat = ({**default, **traverse_util.flatten_dict(c, sep='.')} for c in (old, new))
   return sorted(k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k) != new_flat.get(k))
 
 

@@ -1,6 +1,7 @@
 """The second stage: detections and the box head's losses against torchvision's, the box and
 mask targets and the mask loss on cases worked out by hand."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,3 +109,24 @@ def test_mask_targets_and_loss_by_hand():
   logits = logits.at[0, ..., 2].set(20.0).at[0, ..., 1].set(-20.0)
   total, _ = roi_heads.mask_loss(logits, jnp.array([2, 1]), goal, jnp.array([True, False]))
   assert float(total) < 1e-6
+
+
+def test_the_mask_heads_upsampling_is_flaxs_transposed_convolution():
+  """Same parameters, same output and same gradients as nn.ConvTranspose(2x2, stride 2)."""
+  x = jax.random.normal(jax.random.key(0), (3, 7, 5, 8))
+  reference = nn.ConvTranspose(6, (2, 2), (2, 2))
+  variables = reference.init(jax.random.key(1), x)
+  variables = jax.tree.map(  # A bias that is not zero, so that its place is checked too.
+    lambda v: v + jax.random.normal(jax.random.key(2), v.shape), variables
+  )
+  ours = roi_heads.Upsample2x(6)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(
+    jnp.shape, variables
+  )
+  np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x), atol=1e-5)
+  loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
+  for got, want in zip(
+    jax.tree.leaves(jax.grad(loss(ours), argnums=(0, 1))(variables, x)),
+    jax.tree.leaves(jax.grad(loss(reference), argnums=(0, 1))(variables, x)),
+  ):
+    np.testing.assert_allclose(got, want, atol=1e-4)

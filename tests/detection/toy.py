@@ -3,7 +3,9 @@ detection model's tests build and train."""
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from configs import detection as detection_configs
 from configs import tiny
 from halonet.data import digit_scenes
 from halonet.data import preprocessing
@@ -25,6 +27,34 @@ DETECTOR = model_lib.MaskRCNN(
   max_detections=10,
 )
 GT_KEYS = ('boxes', 'classes', 'mask_crops', 'valid')
+# configs/detection.py:digits at the toy's sizes (tiny.py's backbone, DETECTOR's heads): what the
+# tests of whole detection runs train.
+RUN_FIELDS = {
+  'model.widths': (8, 16, 16, 32),
+  'model.num_heads': (2, 2, 2, 2),
+  'model.block_size': 4,
+  'model.halo_size': 1,
+  'detection.fpn_width': 16,
+  'detection.rpn_pre_nms_top_n': (64, 64),
+  'detection.box_hidden': 32,
+  'batch_size': 8,  # One image per device of the tests' 8.
+  'eval_batch_size': 128,
+  'num_train_steps': 6,
+  'log_every_steps': 2,
+}
+
+
+def run_config(**fields) -> ml_collections.ConfigDict:
+  """configs/detection.py:digits with RUN_FIELDS and then `fields` (dotted names as keys)."""
+  config = detection_configs.get_config('digits')
+  config.update_from_flattened_dict({**RUN_FIELDS, **fields})
+  return config
+
+
+def run_flags(**fields) -> list[str]:
+  """run_config's fields as train.py's flags."""
+  flags = ['--config=configs/detection.py:digits']
+  return flags + [f'--config.{k}={v}' for k, v in {**RUN_FIELDS, **fields}.items()]
 
 
 def parts(batch: int):

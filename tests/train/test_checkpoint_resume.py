@@ -296,7 +296,7 @@ def test_a_run_off_the_main_thread_leaves_signal_handlers_alone():
 
   def start_and_stop():
     try:
-      train_lib._Preemption().close()  # pylint: disable=protected-access
+      train_lib.Preemption().close()
     except Exception as e:  # pylint: disable=broad-except
       failures.append(e)
 

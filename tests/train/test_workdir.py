@@ -126,3 +126,14 @@ def test_results_and_records_read_back_as_written(tmp_path):
   workdir_lib.append_eval_records(tmp_path, [{'step': 2}, {'step': 3}])
   lines = (tmp_path / 'eval_records.jsonl').read_text().splitlines()
   assert [json.loads(line)['step'] for line in lines] == [1, 2, 3]
+
+
+def test_fields_added_since_a_run_was_stored_count_as_their_defaults(tmp_path):
+  """A config.json written before config.task and config.detection existed resumes unchanged:
+  the missing fields are read as their defaults, as load_config reads them."""
+  config = tiny.get_config()
+  stored = workdir_lib.as_json(config)
+  del stored['task'], stored['detection']
+  assert workdir_lib.changed_fields(stored, workdir_lib.as_json(config)) == []
+  config.task = 'detection'
+  assert workdir_lib.changed_fields(stored, workdir_lib.as_json(config)) == ['task']
