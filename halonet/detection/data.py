@@ -186,16 +186,24 @@ class CocoFiles:
     return self.api.dataset
 
 
-def source(data: ml_collections.ConfigDict, split: str, size: int, *, train: bool) -> Source:
-  """config.input's `split` (data: the config's input group)."""
+def source(config: ml_collections.ConfigDict, split: str, *, train: bool) -> Source:
+  """config.input's `split`, checked to hold config.num_classes classes."""
+  data = config.input
   if data.dataset == DIGIT_SCENES:
-    return DigitScenes(split, size)
-  if data.dataset == COCO:
-    return CocoFiles(data.data_dir, split, train=train, skip_bad=data.skip_bad_images)
-  raise errors.ConfigError(
-    f'config.input.dataset={data.dataset!r} is not a detection dataset; expected one of '
-    f'{list(DATASETS)}'
-  )
+    images = DigitScenes(split, config.image_size)
+  elif data.dataset == COCO:
+    images = CocoFiles(data.data_dir, split, train=train, skip_bad=data.skip_bad_images)
+  else:
+    raise errors.ConfigError(
+      f'config.input.dataset={data.dataset!r} is not a detection dataset; expected one of '
+      f'{list(DATASETS)}'
+    )
+  if len(images.category_ids) != config.num_classes:
+    raise errors.ConfigError(
+      f'config.num_classes={config.num_classes}, but split {split!r} of {data.dataset} has '
+      f'{len(images.category_ids)} classes'
+    )
+  return images
 
 
 def crop_mask(mask: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:

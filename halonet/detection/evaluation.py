@@ -80,7 +80,7 @@ def evaluate_all(
       infer,
       state,
       config,
-      data_lib.source(config.input, split, config.image_size, train=False),
+      data_lib.source(config, split, train=False),
       mesh,
     )
     for split in config.input.eval_splits
@@ -172,7 +172,7 @@ def evaluate_checkpoint(
         f'{", ".join(diff)})'
       )
   for split in config.input.eval_splits:  # A missing split is named before anything compiles.
-    data_lib.source(config.input, split, config.image_size, train=False)
+    data_lib.source(config, split, train=False)
   mesh = sharding.create_mesh(config.mesh_shape)
   detector = detector_of(config)
   tx = optim.create_optimizer(config, lambda _: 0.0)

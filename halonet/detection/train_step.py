@@ -18,6 +18,7 @@ import optax
 
 from halonet import sharding
 from halonet.data import preprocessing
+from halonet.detection import data as data_lib
 from halonet.detection import model as model_lib
 from halonet.models import keys
 from halonet.train import step as train_step_lib
@@ -91,6 +92,20 @@ def abstract_state(
     jax.eval_shape(init, jax.random.key(0)),
   )
   return init, abstract
+
+
+def train_batch_specs(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global train batch's shapes (data.py's `prepared` examples, stacked)."""
+  batch, size, objects = config.batch_size, config.image_size, config.detection.max_objects
+  crop = data_lib.MASK_CROP
+  return {
+    'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
+    'image_size': jax.ShapeDtypeStruct((batch, 2), jnp.int32),
+    'boxes': jax.ShapeDtypeStruct((batch, objects, 4), jnp.float32),
+    'classes': jax.ShapeDtypeStruct((batch, objects), jnp.int32),
+    'mask_crops': jax.ShapeDtypeStruct((batch, objects, crop, crop), jnp.float32),
+    'valid': jax.ShapeDtypeStruct((batch, objects), jnp.bool_),
+  }
 
 
 def train_step(

@@ -8,12 +8,15 @@ or timm's weights converted by convert.py): its parameters and BatchNorm statist
 start fresh.
 """
 
+from collections.abc import Callable, Iterator
+import dataclasses
 import time
 from typing import Any
 
 from absl import logging
 import jax
 import ml_collections
+import orbax.checkpoint as ocp
 
 from halonet import console
 from halonet import errors
@@ -36,6 +39,25 @@ from halonet.train import progress
 from halonet.train import setup as setup_lib
 from halonet.train import step as train_step_lib
 from halonet.train import workdir as workdir_lib
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the loop needs, made once: the steps compiled, the state on the mesh, the batches
+  starting at `start_step`."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  manager: ocp.CheckpointManager
+  mesh: jax.sharding.Mesh
+  state: train_step_lib.TrainState
+  batches: Iterator[dict[str, jax.Array]]
+  step_fn: Callable[..., Any]
+  infer: Callable[..., Any]
+  start_step: int
+  num_steps: int
+  results: dict[str, Any]
+
 
 # The window's means a progress line prints after the loss, and TensorBoard's train/ scalars.
 SHOWN = {name: '.3f' for name in step_lib.LOSSES}
@@ -80,16 +102,14 @@ def train_and_evaluate(
   (also in workdir/results.json); the same command on a finished run changes nothing."""
   checks.validate_config(config)
   storage.set_budget(60 * config.storage_outage_minutes)
-  train_images = data_lib.source(
-    config.input, config.input.train_split, config.image_size, train=True
-  )
+  train_images = data_lib.source(config, config.input.train_split, train=True)
   for split in config.input.eval_splits:  # A missing split is named before anything compiles.
-    data_lib.source(config.input, split, config.image_size, train=False)
+    data_lib.source(config, split, train=False)
   paths.check_writable(workdir, 'workdir')
   stored = workdir_lib.stored_config(workdir)
   lease = lease_lib.acquire(workdir, say=console.say)
   try:
-    return _train(config, workdir, allow_config_change, train_images, stored, lease)
+    return _train(config, workdir, allow_config_change, train_images, stored)
   finally:
     if lease is not None:
       lease.release()
@@ -101,10 +121,8 @@ def _train(
   allow_config_change: bool,
   train_images: data_lib.Source,
   stored: dict | None,
-  lease: lease_lib.Lease | None,
 ) -> dict[str, Any]:
   """train_and_evaluate's work once the workdir's lease is held."""
-  del lease  # Held for the whole run; released by the caller.
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
   latest = manager.latest_step()  # None, not 0, means nothing to resume.
   resuming = latest is not None
@@ -184,17 +202,10 @@ def _train(
     ),
     mesh,
   )
-  batch_specs = {
-    k: jax.ShapeDtypeStruct((config.batch_size, *v.shape), v.dtype)
-    for k, v in data_lib.prepared(
-      train_images.example(0), config.image_size, config.detection.max_objects, (0, 0, 0)
-    ).items()
-    if k in step_lib.TRAIN_BATCH_KEYS
-  }
   compile_start = time.perf_counter()
   step_fn = (
     step_lib.make_train_step(config, detector, tx, schedule, mesh, shardings)
-    .lower(abstract, batch_specs)
+    .lower(abstract, step_lib.train_batch_specs(config))
     .compile()
   )
   compile_seconds = {'train_step': time.perf_counter() - compile_start}
@@ -204,29 +215,32 @@ def _train(
     f'{compile_seconds["infer"]:.1f} s (inference)'
   )
   return _loop(
-    config,
-    workdir,
-    manager,
-    mesh,
-    state,
-    batches,
-    step_fn,
-    infer,
-    start_step,
-    num_steps,
-    {
-      'step': start_step,
-      'num_params': sum(counts.values()),
-      'compile_seconds': compile_seconds,
-      'train_images_per_sec': previous.get('train_images_per_sec'),
-    },
+    _Run(
+      config=config,
+      workdir=workdir,
+      manager=manager,
+      mesh=mesh,
+      state=state,
+      batches=batches,
+      step_fn=step_fn,
+      infer=infer,
+      start_step=start_step,
+      num_steps=num_steps,
+      results={
+        'step': start_step,
+        'num_params': sum(counts.values()),
+        'compile_seconds': compile_seconds,
+        'train_images_per_sec': previous.get('train_images_per_sec'),
+      },
+    )
   )
 
 
-def _loop(
-  config, workdir, manager, mesh, state, batches, step_fn, infer, start_step, num_steps, results
-) -> dict[str, Any]:
-  """Runs the steps from `start_step` to `num_steps`, saving and evaluating as loop.due says."""
+def _loop(run: _Run) -> dict[str, Any]:
+  """Runs the steps from run.start_step to run.num_steps, saving and evaluating as loop.due
+  says; returns the results (also in results.json)."""
+  config, workdir, manager, mesh, state = run.config, run.workdir, run.manager, run.mesh, run.state
+  num_steps, results = run.num_steps, run.results
   writer = event_writer.create(workdir, just_logging=jax.process_index() > 0)
   preemption = loop_lib.Preemption()
 
@@ -246,7 +260,7 @@ def _loop(
 
   def evaluate(step: int) -> None:
     with report.apart('eval'):
-      evals = evaluation.evaluate_all(infer, state, config, mesh)
+      evals = evaluation.evaluate_all(run.infer, state, config, mesh)
     results.update(step=step, eval=evals)
     results['train_images_per_sec'] = report.images_per_sec or results['train_images_per_sec']
     writer.write_scalars(step, evaluation.scalars(evals))
@@ -256,12 +270,12 @@ def _loop(
     if paths.is_url(workdir):
       writer.flush()
 
-  step = start_step
+  step = run.start_step
   report(step)
   try:
     with jax.set_mesh(mesh):
       while step < num_steps:
-        state, step_metrics = step_fn(state, next(batches))
+        state, step_metrics = run.step_fn(state, next(run.batches))
         step += 1
         metrics.add(step, step_metrics)
         report(step)

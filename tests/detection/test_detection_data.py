@@ -102,7 +102,7 @@ def _config(**fields):
 
 def test_batches_are_a_function_of_the_step_and_processes_share_each_global_batch():
   config = _config()
-  images = data_lib.source(config.input, 'train', 64, train=True)
+  images = data_lib.source(config, 'train', train=True)
   run = data_lib.train_batches(config, images, start_step=0)
   first = [next(run) for _ in range(3)]
   resumed = next(data_lib.train_batches(config, images, start_step=2))
@@ -138,7 +138,7 @@ def test_an_epoch_reads_every_example_once():
 
 def test_the_eval_pass_covers_the_split_once_and_marks_its_padding():
   config = _config(eval_batch_size=64)
-  images = data_lib.source(config.input, 'test', 64, train=False)
+  images = data_lib.source(config, 'test', train=False)
   batches = list(data_lib.eval_batches(config, images))
   real = np.concatenate([b['real'] for b in batches])
   ids = np.concatenate([b['image_id'] for b in batches])[real]
@@ -184,12 +184,14 @@ def _annotation(id_, image_id, category, box, crowd=0):
   }
 
 
-def _coco_input(root, skip_bad=False):
+def _coco_input(root, skip_bad=False, num_classes=2):
+  """The config of a run on the COCO files under `root`."""
   config = _config()
   config.input.dataset = 'coco'
   config.input.data_dir = str(root)
   config.input.skip_bad_images = skip_bad
-  return config.input
+  config.num_classes = num_classes
+  return config
 
 
 def test_coco_files_read_as_coco_means_them(tmp_path):
@@ -201,14 +203,14 @@ def test_coco_files_read_as_coco_means_them(tmp_path):
       _annotation(13, 2, 3, (0, 0, 60, 40), crowd=1),  # Image 2 has only a crowd region.
     ],
   )
-  train = data_lib.source(_coco_input(tmp_path), 'validation', 64, train=True)
+  train = data_lib.source(_coco_input(tmp_path), 'validation', train=True)
   assert len(train) == 1 and train.category_ids == [3, 7]  # Images 2 and 3: nothing to learn.
   example = train.example(0)
   assert example['image_id'] == 1 and list(example['classes']) == [2, 1]  # 7 -> 2, 3 -> 1.
   np.testing.assert_allclose(example['boxes'], [[10, 5, 30, 25], [40, 10, 50, 30]])
   ys, xs = np.nonzero(example['masks'][0])
   assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (10, 5, 30, 25)  # Rasterised.
-  scored = data_lib.source(_coco_input(tmp_path), 'validation', 64, train=False)
+  scored = data_lib.source(_coco_input(tmp_path), 'validation', train=False)
   assert len(scored) == 3  # Evaluation scores every image, crowd regions in its ground truth.
   assert [a['iscrowd'] for a in scored.truth()['annotations']] == [0, 0, 1]
 
@@ -227,24 +229,32 @@ def test_a_bad_annotation_is_named_in_one_line_and_can_be_left_out(tmp_path, cap
   with pytest.raises(
     errors.ConfigError, match='instances_val2017.json: ' + named.replace('[', r'\[')
   ) as e:
-    data_lib.source(_coco_input(tmp_path), 'validation', 64, train=True)
+    data_lib.source(_coco_input(tmp_path), 'validation', train=True)
   assert '\n' not in str(e.value) and 'skip_bad_images=True' in str(e.value)
   with caplog.at_level(logging.WARNING):
-    kept = data_lib.source(_coco_input(tmp_path, skip_bad=True), 'validation', 64, train=True)
+    kept = data_lib.source(_coco_input(tmp_path, skip_bad=True), 'validation', train=True)
   assert len(kept.example(0)['boxes']) == 1 and named.split(':')[0] in caplog.text
 
 
 def test_a_segmentation_covering_no_pixel_is_named_when_its_image_is_read(tmp_path, caplog):
   empty = {**_annotation(31, 1, 3, (10, 5, 30, 25)), 'segmentation': [[10, 5, 10, 5, 10, 5]]}
   _coco(tmp_path, [_annotation(11, 1, 7, (10, 5, 30, 25)), empty])
-  images = data_lib.source(_coco_input(tmp_path), 'validation', 64, train=True)
+  images = data_lib.source(_coco_input(tmp_path), 'validation', train=True)
   with pytest.raises(errors.ConfigError, match='annotation 31: its segmentation covers no pixel'):
     images.example(0)
   with caplog.at_level(logging.WARNING):
-    images = data_lib.source(_coco_input(tmp_path, skip_bad=True), 'validation', 64, train=True)
+    images = data_lib.source(_coco_input(tmp_path, skip_bad=True), 'validation', train=True)
     assert list(images.example(0)['classes']) == [2]
+
+
+def test_a_class_count_other_than_the_datas_is_named(tmp_path):
+  _coco(tmp_path, [_annotation(11, 1, 3, (10, 5, 30, 25))], categories=(1, 2, 3))
+  with pytest.raises(
+    errors.ConfigError, match="num_classes=2, but split 'validation' of coco has 3"
+  ):
+    data_lib.source(_coco_input(tmp_path), 'validation', train=True)
 
 
 def test_missing_coco_files_are_named(tmp_path):
   with pytest.raises(FileNotFoundError, match='annotations/instances_train2017.json'):
-    data_lib.source(_coco_input(tmp_path), 'train', 64, train=True)
+    data_lib.source(_coco_input(tmp_path), 'train', train=True)
