@@ -132,6 +132,10 @@ COVERING = {
     'tests/models/test_mixers.py::test_sasa_resnets_have_table_1s_parameters_and_flops',
   ),
   'halonet/train/lease.py': ('tests/train/test_lease.py', '-m', 'not slow'),
+  'halonet/detection/data.py': ('tests/detection/test_detection_data.py',),
+  'halonet/detection/checks.py': (
+    'tests/detection/test_detection_runs.py::test_a_bad_config_is_named_in_one_line',
+  ),
   'halonet/train/loop.py': (
     'tests/train/test_train.py::test_evaluations_during_training_print_their_accuracy',
     'tests/train/test_train.py::test_nan_loss_stops_and_keeps_last_good_checkpoint',
