@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 
+from flax import traverse_util
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
+from configs import detection as detection_configs
 from configs import tiny
 from halonet import errors
 from halonet import paths
@@ -32,6 +34,7 @@ from halonet.train import optim
 from halonet.train import workdir as workdir_lib
 from tests import hlo
 from tests import load
+from tests import torch_side
 from tests.detection import toy
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -239,3 +242,27 @@ def test_the_batch_specs_are_what_the_input_makes():
   )
   for key, spec in step_lib.train_batch_specs(config).items():
     assert (example[key].shape, example[key].dtype) == (spec.shape, spec.dtype), key
+
+
+def test_the_paper_rows_are_torchvisions_mask_rcnn_part_by_part(tmp_path):
+  """configs/detection.py's r50_se without SE has, part by part, the parameters of torchvision's
+  ResNet-50 FPN Mask R-CNN (its BatchNorm frozen, so only the convolutions count in the body);
+  every paper row validates and builds at its 1024 px."""
+  torch_side.run_script('torchvision_mask_rcnn_sizes.py', tmp_path)
+  expected = paths.read_json(tmp_path / 'sizes.json')
+  config = detection_configs.get_config('r50_se')
+  config.model.use_se = False
+  mesh = sharding.create_mesh((-1, 1))
+  tx = optim.create_optimizer(config, lambda _: 0.0)
+  _, abstract = step_lib.abstract_state(config, evaluation.detector_of(config), tx, mesh)
+  heads = abstract.params['detector']
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  assert count(heads['fpn']) == expected['fpn']
+  assert count(heads['rpn_head']) == expected['rpn_head']
+  assert count(heads['box_head']) == expected['box_head']
+  assert count(heads['mask_head']) == expected['mask_head']
+  body = traverse_util.flatten_dict(abstract.params['backbone'], sep='/')
+  kernels = [x for name, x in body.items() if name.endswith('kernel') and name != 'head/kernel']
+  assert sum(x.size for x in kernels) == expected['body']  # Convolutions (1x1 ones as Dense).
+  for name in detection_configs.ROWS:
+    checks.validate_config(detection_configs.get_config(name))
