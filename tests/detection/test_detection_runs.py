@@ -266,3 +266,17 @@ def test_the_paper_rows_are_torchvisions_mask_rcnn_part_by_part(tmp_path):
   assert sum(x.size for x in kernels) == expected['body']  # Convolutions (1x1 ones as Dense).
   for name in detection_configs.ROWS:
     checks.validate_config(detection_configs.get_config(name))
+
+
+def test_a_timm_halo_network_is_a_backbone_too():
+  """timm's converted networks (config.model.arch) sow the same four stages: the pyramid is built
+  on their widths."""
+  config = detection_configs.get_config('r50_se')
+  config.model.arch, config.image_size = 'halonet26t', 256
+  checks.validate_config(config)
+  tx = optim.create_optimizer(config, lambda _: 0.0)
+  mesh = sharding.create_mesh((-1, 1))
+  _, abstract = step_lib.abstract_state(config, evaluation.detector_of(config), tx, mesh)
+  fpn = abstract.params['detector']['fpn']
+  widths = [fpn[name]['kernel'].shape[2] for name in sorted(fpn) if name.startswith('lateral')]
+  assert widths == [256, 512, 1024, 2048]  # halonet26t's stage widths, strides 4-32.
