@@ -9,6 +9,7 @@ import logging
 import numpy as np
 from PIL import Image
 import pytest
+from scipy import ndimage
 
 from configs import detection as detection_configs
 from halonet import errors
@@ -51,45 +52,94 @@ def test_evaluation_resizes_the_longer_side_to_the_canvas_and_keeps_the_way_back
   np.testing.assert_allclose(out['mask_crops'][0], 1.0)  # The rectangle fills its own box.
 
 
-@pytest.mark.parametrize('seed', range(6))
-def test_under_jitter_crops_and_flips_each_box_is_where_its_pixels_went(seed):
+def test_under_jitter_crops_and_flips_each_box_is_where_its_pixels_went():
   example = _rectangle()
-  out = data_lib.prepared(
-    example,
-    64,
-    4,
-    (0, 0, 0),
-    rng=np.random.default_rng(seed),
-    scale_range=(0.5, 2.5),
-    flip=True,
-  )
-  if not out['valid'][0]:  # The window missed the rectangle: nothing may be left of it.
-    assert not (out['image'][..., 0] > 200).any()
-    return
-  drawn = _white_box(out['image'])
-  np.testing.assert_allclose(out['boxes'][0], drawn, atol=1.5)
-  height, width = out['image_size']
-  assert out['boxes'][0][2] <= width and out['boxes'][0][3] <= height
-  assert out['mask_crops'][0].min() > 0.5  # Still the rectangle's own box, however moved.
+  seen = set()
+  for seed in range(60):
+    out = data_lib.prepared(
+      example,
+      64,
+      4,
+      GREY,
+      rng=np.random.default_rng(seed),
+      scale_range=(0.5, 4.0),
+      flip=True,
+    )
+    height, width = out['image_size']
+    assert (out['image'][height:] == GREY).all() and (out['image'][:, width:] == GREY).all()
+    if not out['valid'][0]:  # The window missed the rectangle: nothing may be left of it.
+      assert not (out['image'][..., 0] > 200).any()
+      seen.add('missed')
+      continue
+    np.testing.assert_allclose(out['boxes'][0], _white_box(out['image']), atol=1.5)
+    assert out['boxes'][0][2] <= width and out['boxes'][0][3] <= height
+    # Still the rectangle's own box, however moved (its edges read half the ink at most).
+    assert out['mask_crops'][0].mean() > 0.8
+    seen.add('smaller' if width < 64 else 'cropped')
+  assert seen == {'missed', 'smaller', 'cropped'}
 
 
-def test_a_flip_mirrors_the_box():
+def test_a_smaller_image_sits_at_the_top_left_of_the_canvas():
+  for seed in range(8):
+    rng = np.random.default_rng(seed)
+    out = data_lib.prepared(_rectangle(), 64, 4, GREY, rng=rng, scale_range=(0.3, 0.6))
+    share = np.random.default_rng(seed).uniform(0.3, 0.6)
+    size = (round(60 * share * 64 / 90), round(90 * share * 64 / 90))
+    assert tuple(out['image_size']) == size
+    np.testing.assert_allclose(
+      out['boxes'][0], np.array([20, 10, 50, 40]) * out['scale'][[0, 1, 0, 1]]
+    )
+
+
+def _two_rectangles():
+  """A bright object on the left, a dim rectangle (not an object) on the right."""
   example = _rectangle(box=(5, 10, 25, 40))
+  example['image'][10:40, 60:80] = 128
+  return example
+
+
+def _flipped(out):
+  bright, dim = (
+    np.nonzero(np.abs(out['image'][..., 0].astype(int) - v) < 20)[1] for v in (255, 128)
+  )
+  return bright.mean() > dim.mean()
+
+
+def test_a_flip_mirrors_the_image_its_box_and_its_mask():
   flips = []
   for seed in range(20):
-    out = data_lib.prepared(example, 90, 4, (0, 0, 0), rng=np.random.default_rng(seed), flip=True)
-    flips.append(out['boxes'][0][0] > 45)  # Left half unflipped, right half flipped.
+    out = data_lib.prepared(
+      _two_rectangles(), 90, 4, (0, 0, 0), rng=np.random.default_rng(seed), flip=True
+    )
+    flips.append(_flipped(out))
+    assert (out['boxes'][0][0] > 45) == flips[-1]
     np.testing.assert_allclose(out['boxes'][0], _white_box(out['image']), atol=1.5)
+    assert out['mask_crops'][0].min() > 0.5
   assert 0 < sum(flips) < 20
+  for seed in range(20):  # Unless asked for, never.
+    out = data_lib.prepared(_two_rectangles(), 90, 4, (0, 0, 0), rng=np.random.default_rng(seed))
+    assert not _flipped(out)
 
 
 def test_crop_mask_reads_a_mask_as_roi_align_reads_a_map():
-  mask = np.zeros((10, 10), bool)
-  mask[:, 5:] = True
-  crop = data_lib.crop_mask(mask, (0, 0, 10, 10), 10)
-  np.testing.assert_array_equal(crop, mask.astype(np.float32))
-  half = data_lib.crop_mask(mask, (2, 0, 8, 10), 2)  # Two cells, centred on x = 3.5 and 6.5.
-  np.testing.assert_allclose(half, [[0.0, 1.0], [0.0, 1.0]])
+  """Against scipy's bilinear interpolation at each cell's centre (half-pixel aligned, edges
+  clamped)."""
+  rng = np.random.default_rng(0)
+  mask = rng.random((12, 17)) > 0.5
+  for box in [(0, 0, 17, 12), (2.5, 1.25, 9.0, 11.5), (-3.0, -2.0, 20.0, 15.0), (4, 3, 6, 5)]:
+    x1, y1, x2, y2 = box
+    centres_x = x1 + (np.arange(9) + 0.5) * (x2 - x1) / 9 - 0.5
+    centres_y = y1 + (np.arange(9) + 0.5) * (y2 - y1) / 9 - 0.5
+    grid_y, grid_x = np.meshgrid(
+      np.clip(centres_y, 0, 11), np.clip(centres_x, 0, 16), indexing='ij'
+    )
+    expected = ndimage.map_coordinates(mask.astype(float), [grid_y, grid_x], order=1)
+    np.testing.assert_allclose(data_lib.crop_mask(mask, box, 9), expected, atol=1e-6)
+
+
+def test_the_pad_is_the_pixel_mean():
+  config = detection_configs.get_config('digits')
+  assert data_lib.pad_pixel(config.input) == (124, 116, 104)  # ImageNet's mean, 0-255.
 
 
 def _config(**fields):
@@ -136,6 +186,21 @@ def test_an_epoch_reads_every_example_once():
   assert sorted(ids) == list(range(100))
 
 
+def test_training_batches_are_jittered_as_the_config_says():
+  config = _config()
+  config.batch_size = 16
+  config.detection.scale_range = (0.5, 1.5)
+  batch = next(
+    data_lib.train_batches(config, data_lib.source(config, 'train', train=True), start_step=0)
+  )
+  assert len({tuple(size) for size in batch['image_size']}) > 1  # Resized by a drawn share.
+  config.detection.scale_range = (1.0, 1.0)
+  batch = next(
+    data_lib.train_batches(config, data_lib.source(config, 'train', train=True), start_step=0)
+  )
+  assert (batch['image_size'] == 64).all()
+
+
 def test_the_eval_pass_covers_the_split_once_and_marks_its_padding():
   config = _config(eval_batch_size=64)
   images = data_lib.source(config, 'test', train=False)
@@ -144,6 +209,30 @@ def test_the_eval_pass_covers_the_split_once_and_marks_its_padding():
   ids = np.concatenate([b['image_id'] for b in batches])[real]
   assert list(ids) == list(range(len(images)))
   assert (~real).sum() == 64 * len(batches) - len(images)
+  halves = [
+    list(data_lib.eval_batches(config, images, process_index=p, process_count=2)) for p in (0, 1)
+  ]
+  for whole, *parts in zip(batches, *halves):
+    for key in whole:
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+
+
+def test_digit_scenes_are_made_at_the_canvas_size_and_scored_as_made():
+  config = _config(image_size=128)
+  images = data_lib.source(config, 'test', train=False)
+  example = images.example(3)
+  assert example['image'].shape == (128, 128, 3) and example['masks'].shape[1:] == (128, 128)
+  truth = images.truth()
+  assert len(truth['images']) == len(images) == 500
+  mine = [a for a in truth['annotations'] if a['image_id'] == 3]
+  assert [a['category_id'] for a in mine] == list(example['classes'])
+  x1, y1, x2, y2 = example['boxes'][0]
+  assert mine[0]['bbox'] == [x1, y1, x2 - x1, y2 - y1]
+  with pytest.raises(errors.ConfigError, match="split 'validation' of digit_scenes is not one of"):
+    data_lib.source(config, 'validation', train=False)
+  config.input.dataset = 'digits'
+  with pytest.raises(errors.ConfigError, match="config.input.dataset='digits' is not a detection"):
+    data_lib.source(config, 'test', train=False)
 
 
 # --- COCO's own files ---------------------------------------------------------------------------
@@ -222,6 +311,11 @@ def test_coco_files_read_as_coco_means_them(tmp_path):
     (_annotation(22, 1, 3, (10, 5, 70, 25)), 'annotation 22: bbox [10, 5, 60, 20] lies outside'),
     (_annotation(23, 9, 3, (10, 5, 30, 25)), 'annotation 23: image_id 9 is not among'),
     (_annotation(24, 1, 3, (10, 5, 10, 25)), 'annotation 24: bbox [10, 5, 0, 20] is empty'),
+    (_annotation(25, 1, 3, (10, 5, 30, 5)), 'annotation 25: bbox [10, 5, 20, 0] is empty'),
+    (_annotation(26, 1, 3, (-1.5, 5, 30, 25)), 'annotation 26: bbox [-1.5, 5, 31.5, 20] lies'),
+    (_annotation(27, 1, 3, (10, -2, 30, 25)), 'annotation 27: bbox [10, -2, 20, 27] lies'),
+    (_annotation(28, 1, 3, (10, 5, 30, 41.5)), 'annotation 28: bbox [10, 5, 20, 36.5] lies'),
+    (_annotation(29, 1, 3, (10, 5, 61.5, 25)), 'annotation 29: bbox [10, 5, 51.5, 20] lies'),
   ],
 )
 def test_a_bad_annotation_is_named_in_one_line_and_can_be_left_out(tmp_path, caplog, bad, named):
@@ -234,6 +328,15 @@ def test_a_bad_annotation_is_named_in_one_line_and_can_be_left_out(tmp_path, cap
   with caplog.at_level(logging.WARNING):
     kept = data_lib.source(_coco_input(tmp_path, skip_bad=True), 'validation', train=True)
   assert len(kept.example(0)['boxes']) == 1 and named.split(':')[0] in caplog.text
+
+
+def test_a_box_within_a_pixel_of_its_image_and_an_annotation_without_iscrowd_are_kept(tmp_path):
+  rounded = _annotation(41, 1, 3, (-0.5, -1.0, 60.5, 41.0))  # COCO's rounding.
+  plain = _annotation(42, 1, 7, (10, 5, 30, 25))
+  del plain['iscrowd']
+  _coco(tmp_path, [rounded, plain])
+  images = data_lib.source(_coco_input(tmp_path), 'validation', train=True)
+  assert sorted(images.example(0)['classes']) == [1, 2]
 
 
 def test_a_segmentation_covering_no_pixel_is_named_when_its_image_is_read(tmp_path, caplog):
@@ -256,5 +359,8 @@ def test_a_class_count_other_than_the_datas_is_named(tmp_path):
 
 
 def test_missing_coco_files_are_named(tmp_path):
-  with pytest.raises(FileNotFoundError, match='annotations/instances_train2017.json'):
+  with pytest.raises(
+    FileNotFoundError,
+    match='annotations/instances_train2017.json: config.input.data_dir must hold COCO as',
+  ):
     data_lib.source(_coco_input(tmp_path), 'train', train=True)

@@ -141,6 +141,22 @@ def test_the_backbone_starts_from_a_classification_run(tmp_path, capsys):
     training.train_and_evaluate(toy.run_config(init_from=workdir), str(tmp_path / 'third'))
 
 
+def test_the_edges_of_each_range_are_accepted():
+  checks.validate_config(
+    toy.run_config(
+      **{
+        'detection.roi_batch_per_image': 4,
+        'detection.fpn_width': 1,
+        'detection.max_objects': 1,
+        'detection.rpn_pre_nms_top_n': (1, 1),
+        'detection.scale_range': (1.0, 1.0),
+        'detection.anchor_ratios': (1.0,),
+        'image_size': 64,
+      }
+    )
+  )
+
+
 @pytest.mark.parametrize(
   'field, value, named',
   [
@@ -152,6 +168,20 @@ def test_the_backbone_starts_from_a_classification_run(tmp_path, capsys):
     ('detection.roi_batch_per_image', 3, 'config.detection.roi_batch_per_image=3 must be >= 4'),
     ('ema_decay', 0.9, 'config.ema_decay=0.9 must be 0.0: detection keeps no EMA'),
     ('model.widths', (8, 16, 0, 32), 'config.model.widths=(8, 16, 0, 32): every entry'),
+    ('detection.fpn_width', 0, 'config.detection.fpn_width=0 must be >= 1'),
+    ('detection.max_objects', 0, 'config.detection.max_objects=0 must be >= 1'),
+    ('detection.anchor_sizes', (8, 16, 0, 64, 128), 'anchor_sizes=(8, 16, 0, 64, 128) must be'),
+    ('detection.anchor_ratios', (), 'config.detection.anchor_ratios=() must be positive'),
+    ('detection.anchor_ratios', (0.5, 0.0), 'anchor_ratios=(0.5, 0.0) must be positive'),
+    ('detection.rpn_pre_nms_top_n', (64,), 'rpn_pre_nms_top_n=(64,) must be (training, inf'),
+    ('detection.rpn_post_nms_top_n', (64, 0), 'rpn_post_nms_top_n=(64, 0) must be (training'),
+    ('detection.scale_range', (0.0, 1.0), 'config.detection.scale_range=(0.0, 1.0) must'),
+    ('image_size', 32, 'config.image_size=32 must be a multiple of 64'),
+    ('trainable', 'head', "config.trainable='head' must be 'all'"),
+    ('evals', ('imagenet_a',), "config.evals=('imagenet_a',) must be ()"),
+    ('input.mixup_alpha', 0.2, 'config.input.mixup_alpha=0.2 must be 0.0'),
+    ('input.randaugment_layers', 2, 'config.input.randaugment_layers=2 must be 0'),
+    ('mesh_shape', (1, 8), r'config.mesh_shape=(1, 8): detection splits images over the data'),
   ],
 )
 def test_a_bad_config_is_named_in_one_line(field, value, named):
