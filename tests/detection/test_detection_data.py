@@ -79,6 +79,27 @@ def test_under_jitter_crops_and_flips_each_box_is_where_its_pixels_went():
   assert seen == {'missed', 'smaller', 'cropped'}
 
 
+@pytest.mark.parametrize('box', [(0, 0, 1, 64), (0, 0, 64, 1)])
+def test_an_object_one_pixel_thin_on_the_edge_keeps_its_box_to_the_pixel(box):
+  out = data_lib.prepared(_rectangle(height=64, width=64, box=box), 64, 4, GREY)
+  np.testing.assert_array_equal(out['boxes'][0], box)
+  assert out['valid'][0]
+
+
+@pytest.mark.parametrize('box', [(80, 10, 90, 40), (10, 50, 40, 60)])
+def test_an_object_the_window_cuts_off_is_left_out(box):
+  example = _rectangle(box=box)  # At the right or the bottom edge of a 90 x 60 image.
+  outcomes = set()
+  for seed in range(20):
+    out = data_lib.prepared(
+      example, 64, 4, (0, 0, 0), rng=np.random.default_rng(seed), scale_range=(2.0, 2.0)
+    )
+    visible = (out['image'][..., 0] > 200).any()
+    assert out['valid'][0] == visible
+    outcomes.add(visible)
+  assert outcomes == {True, False}
+
+
 def test_a_smaller_image_sits_at_the_top_left_of_the_canvas():
   for seed in range(8):
     rng = np.random.default_rng(seed)
@@ -195,10 +216,16 @@ def test_training_batches_are_jittered_as_the_config_says():
   )
   assert len({tuple(size) for size in batch['image_size']}) > 1  # Resized by a drawn share.
   config.detection.scale_range = (1.0, 1.0)
-  batch = next(
+  unflipped = next(
     data_lib.train_batches(config, data_lib.source(config, 'train', train=True), start_step=0)
   )
-  assert (batch['image_size'] == 64).all()
+  assert (unflipped['image_size'] == 64).all()
+  config.input.random_flip = True
+  flipped = next(
+    data_lib.train_batches(config, data_lib.source(config, 'train', train=True), start_step=0)
+  )
+  mirrored = [np.array_equal(a[:, ::-1], b) for a, b in zip(unflipped['image'], flipped['image'])]
+  assert 0 < sum(mirrored) < len(mirrored)
 
 
 def test_the_eval_pass_covers_the_split_once_and_marks_its_padding():
@@ -330,13 +357,15 @@ def test_a_bad_annotation_is_named_in_one_line_and_can_be_left_out(tmp_path, cap
   assert len(kept.example(0)['boxes']) == 1 and named.split(':')[0] in caplog.text
 
 
-def test_a_box_within_a_pixel_of_its_image_and_an_annotation_without_iscrowd_are_kept(tmp_path):
+def test_boxes_within_a_pixel_of_their_image_one_pixel_thin_or_without_iscrowd_are_kept(tmp_path):
   rounded = _annotation(41, 1, 3, (-0.5, -1.0, 60.5, 41.0))  # COCO's rounding.
+  at_the_bounds = _annotation(43, 1, 3, (-1.0, 0.0, 61.0, 40.0))
+  thin = [_annotation(44, 1, 3, (10, 5, 11, 25)), _annotation(45, 1, 3, (20, 5, 30, 6))]
   plain = _annotation(42, 1, 7, (10, 5, 30, 25))
   del plain['iscrowd']
-  _coco(tmp_path, [rounded, plain])
+  _coco(tmp_path, [rounded, plain, at_the_bounds, *thin])
   images = data_lib.source(_coco_input(tmp_path), 'validation', train=True)
-  assert sorted(images.example(0)['classes']) == [1, 2]
+  assert sorted(images.example(0)['classes']) == [1, 1, 1, 1, 2]
 
 
 def test_a_segmentation_covering_no_pixel_is_named_when_its_image_is_read(tmp_path, caplog):

@@ -151,6 +151,7 @@ def test_the_edges_of_each_range_are_accepted():
         'detection.rpn_pre_nms_top_n': (1, 1),
         'detection.scale_range': (1.0, 1.0),
         'detection.anchor_ratios': (1.0,),
+        'detection.anchor_sizes': (1, 16, 32, 64, 128),
         'image_size': 64,
       }
     )
