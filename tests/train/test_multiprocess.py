@@ -15,6 +15,7 @@ from configs import tiny
 from halonet import paths
 from halonet import sharding
 from halonet.attention import measure
+from halonet.detection import evaluation as detection_evaluation
 from halonet.models import networks
 from halonet.train import checkpointing
 from halonet.train import evaluation as eval_lib
@@ -22,6 +23,7 @@ from halonet.train import step as train_step_lib
 from tests import inputs
 from tests import load
 from tests import loopback
+from tests.detection import toy
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
@@ -29,8 +31,11 @@ PROCESSES, DEVICES_PER_PROCESS = 2, 2
 TIMEOUT_S = load.timeout(300)
 
 
-def _run_processes(workdir, cache) -> tuple[list[int], list[str]]:
-  """train.py --distributed in PROCESSES processes; their pids and outputs once all exited 0.
+def _run_processes(
+  workdir, cache, flags=('--config=configs/tiny.py',)
+) -> tuple[list[int], list[str]]:
+  """train.py --distributed `flags` in PROCESSES processes; their pids and outputs once all
+  exited 0.
 
   'auto' attention is measured (on CPU only when asked), so that process 0's choice must reach
   process 1; `cache` is the measurements' cache folder."""
@@ -51,7 +56,7 @@ def _run_processes(workdir, cache) -> tuple[list[int], list[str]]:
         f'--coordinator_address=127.0.0.1:{port}',
         f'--num_processes={PROCESSES}',
         f'--process_id={i}',
-        '--config=configs/tiny.py',
+        *flags,
         f'--workdir={workdir}',
       ],
       cwd=REPO,
@@ -178,3 +183,20 @@ def test_two_processes_train_like_one_and_only_process_0_writes(tmp_path, storag
   events = [name for name in in_bucket if name.startswith('events.out.tfevents')]
   assert events and all(re.search(rf'\.{pids[0]}\.', name) for name in events), (events, pids)
   assert {'config.json', 'results.json'} <= set(in_bucket)
+
+
+@pytest.mark.slow
+def test_two_processes_score_a_detection_run_as_one_does(tmp_path):
+  """Each process reads its own share of every train and eval batch; the detections of all of
+  them are gathered and scored once: every test scene is counted once, and the scores are what
+  one process gives the same checkpoint."""
+  workdir = tmp_path / 'detection'
+  _run_processes(workdir, str(tmp_path / 'cache'), toy.run_flags())
+  two = json.loads((workdir / 'results.json').read_text())['eval']['test']
+  one = detection_evaluation.evaluate_checkpoint(toy.run_config(), str(workdir))['eval']['test']
+  assert two['count'] == one['count'] == 500
+  for kind in ('bbox', 'segm'):
+    names = sorted(one[kind])
+    np.testing.assert_allclose(
+      [two[kind][n] for n in names], [one[kind][n] for n in names], atol=0.2
+    )
