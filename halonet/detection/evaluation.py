@@ -14,7 +14,6 @@ import ml_collections
 import numpy as np
 
 from halonet import console
-from halonet import errors
 from halonet import sharding
 from halonet import text_table
 from halonet.detection import checks
@@ -161,16 +160,7 @@ def evaluate_checkpoint(
   """Scores a saved step (default: the newest that reads whole) on config.input.eval_splits,
   prints the table and appends one record per split to workdir/eval_records.jsonl."""
   checks.validate_config(config)
-  stored = workdir_lib.stored_config(workdir)
-  if stored is not None:
-    diff = workdir_lib.refused_for_eval(
-      workdir_lib.changed_fields(stored, workdir_lib.as_json(config))
-    )
-    if diff:
-      raise errors.ConfigError(
-        f'the checkpoints in {workdir} were trained with a different model (fields: '
-        f'{", ".join(diff)})'
-      )
+  workdir_lib.check_same_model(config, workdir)
   for split in config.input.eval_splits:  # A missing split is named before anything compiles.
     data_lib.source(config, split, train=False)
   mesh = sharding.create_mesh(config.mesh_shape)

@@ -193,4 +193,6 @@ def write_drawing(figure: Figure, target: str) -> str:
 
 def load(workdir: str, step: int | None = None, config: Any = None) -> Predictor:
   """The Predictor of `workdir`'s run (its own config.json unless `config`)."""
-  return Predictor(config or workdir_lib.load_config(workdir), workdir, step)
+  if config is None:
+    config = workdir_lib.load_config(workdir)
+  return Predictor(config, workdir, step)

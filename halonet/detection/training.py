@@ -182,7 +182,7 @@ def _train(
     console.say(f'resumed from checkpoint at step {start_step}')
   else:
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
-    if source:
+    if source is not None:
       state = _with_backbone(state, mesh, source)
   counts = {k: networks.param_count(v) for k, v in abstract.params.items()}
   console.say(

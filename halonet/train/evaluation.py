@@ -17,7 +17,6 @@ from jax.sharding import Mesh
 import ml_collections
 
 from halonet import console
-from halonet import errors
 from halonet import paths
 from halonet import sharding
 from halonet import text_table
@@ -256,16 +255,7 @@ def evaluate_checkpoint(
   appends its records to workdir/eval_records.jsonl: one per (step, dataset, split or evaluator,
   weights), never replacing any."""
   config_checks.validate_config(config)
-  stored = workdir_lib.stored_config(workdir)
-  if stored is not None:
-    diff = workdir_lib.refused_for_eval(
-      workdir_lib.changed_fields(stored, workdir_lib.as_json(config))
-    )
-    if diff:
-      raise errors.ConfigError(
-        f'the checkpoints in {workdir} were trained with a different '
-        f'model (fields: {", ".join(diff)})'
-      )
+  workdir_lib.check_same_model(config, workdir)
   sizes = train_step_lib.split_sizes(config, train=False)
   evaluators = evaluator_specs.parse_all(config.evals)
   evaluators_lib.check_available(config, evaluators)

@@ -75,6 +75,20 @@ def refused_for_eval(fields: list[str]) -> list[str]:
   return [f for f in fields if _within(f, CHECKPOINT_FIELDS)]
 
 
+def check_same_model(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> None:
+  """Refuses, in one line, a config whose model differs from the one workdir's checkpoints were
+  trained with (CHECKPOINT_FIELDS); a workdir without config.json is not checked."""
+  stored = stored_config(workdir)
+  if stored is None:
+    return
+  diff = refused_for_eval(changed_fields(stored, as_json(config)))
+  if diff:
+    raise errors.ConfigError(
+      f'the checkpoints in {workdir} were trained with a different model (fields: '
+      f'{", ".join(diff)})'
+    )
+
+
 def stored_config(workdir: paths.PathLike) -> dict[str, Any] | None:
   """The run's config.json as a dict, or None before its first start; a run stored before the
   input fields moved into config.input reads them there (defaults.MOVED_FIELDS)."""
