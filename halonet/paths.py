@@ -12,7 +12,7 @@ credentials and the STORAGE_EMULATOR_HOST setting, so the same code runs against
 storage server in the tests.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import io
 import itertools
 import json
@@ -140,6 +140,20 @@ def files_under(directory: PathLike) -> list[str]:
   for child in sorted(path(directory).iterdir(), key=str):
     found += files_under(child) if child.is_dir() else [str(child)]
   return found
+
+
+def expand_files(given: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+  """(the files named, each folder's files in its place, sorted; {name: why} for names that are
+  neither a file nor a folder)."""
+  files, missing = [], {}
+  for name in given:
+    if path(name).is_dir():
+      files += files_under(name)
+    elif path(name).is_file():
+      files.append(name)
+    else:
+      missing[name] = 'no such file or directory'
+  return files, missing
 
 
 def create_new(target: PathLike, data: bytes) -> bool:

@@ -99,15 +99,7 @@ class Predictor:
 def read_images(image_paths: Sequence[str]) -> tuple[list[str], list[np.ndarray], dict[str, str]]:
   """(files, RGB uint8 images at their own size, {file: why it was left out}) for files and
   folders (every file under them, sorted), local or URLs."""
-  files, problems = [], {}
-  for given in image_paths:
-    path = paths.path(given)
-    if path.is_dir():
-      files += paths.files_under(path)
-    elif path.is_file():
-      files.append(given)
-    else:
-      problems[given] = 'no such file or directory'
+  files, problems = paths.expand_files(image_paths)
   good, images = [], []
   for name in files:
     try:

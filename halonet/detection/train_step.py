@@ -161,12 +161,7 @@ def make_train_step(
 ):
   """Jitted step: state replicated and donated, each image and its objects on one device."""
   step = functools.partial(train_step, detector=detector, tx=tx, schedule=schedule, config=config)
-  return jax.jit(
-    sharding.traced_within(mesh, step),
-    in_shardings=(state_shardings, sharding.batch_shardings(mesh, TRAIN_BATCH_KEYS)),
-    out_shardings=(state_shardings, sharding.replicated(mesh)),
-    donate_argnums=0,
-  )
+  return train_step_lib.jit_step(step, mesh, state_shardings, TRAIN_BATCH_KEYS)
 
 
 def make_infer(config: ml_collections.ConfigDict, detector: Detector, mesh: Mesh):

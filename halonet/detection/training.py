@@ -142,21 +142,10 @@ def _train(
   source = None
   if config.init_from and not resuming:
     source = _backbone_source(config, workdir, abstract)
-  state = None
-  if resuming:
-    try:
-      start_step, state = checkpointing.restore_readable(
-        manager, abstract, set_aside_damaged=True, say=console.say
-      )
-    except checkpointing.ShapeMismatch as e:
-      manager.close()
-      raise errors.ConfigError(
-        f'cannot resume {paths.as_string(workdir)} from step {e.step} with this config: '
-        f'{e.why}; train it in a new workdir'
-      ) from None
-    except FileNotFoundError:
-      console.say(f'no checkpoint in {paths.as_string(workdir)} could be read: starting at step 0')
-      resuming, start_step = False, 0
+  start_step, state = checkpointing.resume(
+    manager, abstract, workdir, advice='train it in a new workdir', say=console.say
+  )
+  resuming = state is not None
   workdir_lib.check_and_store_config(config, workdir, allow_config_change, start_step)
   logging.info('config:\n%s', config)
   console.say(
@@ -273,7 +262,7 @@ def _loop(run: _Run) -> dict[str, Any]:
   step = run.start_step
   report(step)
   try:
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), checkpointing.naming_last_commit(manager):
       while step < num_steps:
         state, step_metrics = run.step_fn(state, next(run.batches))
         step += 1
@@ -301,13 +290,6 @@ def _loop(run: _Run) -> dict[str, Any]:
       evaluate(step)
       checkpointing.wait_saved(manager, step, state)
     return results
-  except errors.StorageOutage as e:
-    committed = checkpointing.committed_step(manager)
-    last = 'none' if committed is None else f'step {committed}'
-    raise errors.StorageOutage(
-      f'{e}; the last committed checkpoint is {last}: '
-      'rerun the same command once the store is back to resume from it'
-    ) from None
   finally:
     preemption.close()
     if not storage.outage_declared():

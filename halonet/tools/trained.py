@@ -71,15 +71,7 @@ def read_images(
   """(files, uint8 [N, s, s, 3], {file: why it was left out}) for files and folders (every file
   under them, sorted), converted as evaluation converts: any size, mode and image format.
   Local files and URLs alike are read through halonet/paths.py."""
-  files, problems = [], {}
-  for given in image_paths:
-    path = paths.path(given)
-    if path.is_dir():
-      files += paths.files_under(path)
-    elif path.is_file():
-      files.append(given)
-    else:
-      problems[given] = 'no such file or directory'
+  files, problems = paths.expand_files(image_paths)
   images, good = [], []
   for path in files:
     try:

@@ -281,6 +281,47 @@ def restore_readable(
   raise FileNotFoundError(f'no readable checkpoint in {where} (steps {sorted(steps)} are damaged)')
 
 
+def resume(
+  manager: ocp.CheckpointManager,
+  abstract_state: Any,
+  workdir: paths.PathLike,
+  *,
+  advice: str,
+  say: Any = print,
+) -> tuple[int, Any | None]:
+  """(step, state) of a run's newest readable checkpoint (a damaged newer one moved aside, named),
+  or (0, None) when there is none to resume: a workdir whose only checkpoint is step 0 (a
+  converted run) resumes from it. A checkpoint of other shapes stops the run in one line ending
+  with `advice` (what to do instead): no flag resumes a checkpoint into another state."""
+  if manager.latest_step() is None:
+    return 0, None
+  try:
+    return restore_readable(manager, abstract_state, set_aside_damaged=True, say=say)
+  except ShapeMismatch as e:
+    manager.close()
+    raise errors.ConfigError(
+      f'cannot resume {paths.as_string(workdir)} from step {e.step} with this config: '
+      f'{e.why}; {advice}'
+    ) from None
+  except FileNotFoundError:
+    say(f'no checkpoint in {paths.as_string(workdir)} could be read: starting at step 0')
+    return 0, None
+
+
+@contextlib.contextmanager
+def naming_last_commit(manager: ocp.CheckpointManager) -> Iterator[None]:
+  """A StorageOutage inside says which checkpoint a rerun would resume from."""
+  try:
+    yield
+  except errors.StorageOutage as e:
+    committed = committed_step(manager)
+    last = 'none' if committed is None else f'step {committed}'
+    raise errors.StorageOutage(
+      f'{e}; the last committed checkpoint is {last}: '
+      'rerun the same command once the store is back to resume from it'
+    ) from None
+
+
 def _name(path: tuple[Any, ...]) -> str:
   """'params/stage1_block0/conv/kernel' for a key path of either a state or Orbax's metadata."""
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)

@@ -14,7 +14,6 @@ import ml_collections
 import numpy as np
 
 from halonet import console
-from halonet import errors
 from halonet import paths
 from halonet import storage
 from halonet.train import checkpointing
@@ -185,7 +184,7 @@ def train(run: setup.Run) -> dict[str, Any]:
   for action in actions:
     action(step)
   try:
-    with jax.set_mesh(run.mesh):
+    with jax.set_mesh(run.mesh), checkpointing.naming_last_commit(manager):
       while step < run.num_steps:
         state, metrics = run.step_fn(state, next(run.batches))
         step += 1
@@ -223,13 +222,6 @@ def train(run: setup.Run) -> dict[str, Any]:
           f'top-1 {r["top1"]:.2f}% top-5 {r["top5"]:.2f}%'
         )
     return results
-  except errors.StorageOutage as e:
-    committed = checkpointing.committed_step(manager)
-    last = 'none' if committed is None else f'step {committed}'
-    raise errors.StorageOutage(
-      f'{e}; the last committed checkpoint is {last}: '
-      'rerun the same command once the store is back to resume from it'
-    ) from None
   finally:
     if profile:
       profile.close()

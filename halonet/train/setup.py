@@ -16,7 +16,6 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from halonet import console
-from halonet import errors
 from halonet import paths
 from halonet import sharding
 from halonet import storage
@@ -130,21 +129,14 @@ def _set_up(
       abstract.params, networks.abstract_variables(source_config)['params']
     )
     source = (source_dir, source_step, source_config, changed)
-  state = None
-  if resuming:  # The newest step that reads whole; a damaged newer one is moved aside, named.
-    try:
-      start_step, state = checkpointing.restore_readable(
-        manager, abstract, set_aside_damaged=True, say=console.say
-      )
-    except checkpointing.ShapeMismatch as e:  # No flag resumes a checkpoint into another state.
-      manager.close()
-      raise errors.ConfigError(
-        f'cannot resume {paths.as_string(workdir)} from step {e.step} with this config: '
-        f'{e.why}; train it in a new workdir (config.init_from fine-tunes from this run)'
-      ) from None
-    except FileNotFoundError:
-      console.say(f'no checkpoint in {paths.as_string(workdir)} could be read: starting at step 0')
-      resuming, start_step = False, 0
+  start_step, state = checkpointing.resume(
+    manager,
+    abstract,
+    workdir,
+    advice='train it in a new workdir (config.init_from fine-tunes from this run)',
+    say=console.say,
+  )
+  resuming = state is not None
   workdir_lib.check_and_store_config(config, workdir, allow_config_change, start_step)
   logging.info('config:\n%s', config)
   console.say(

@@ -2,7 +2,7 @@
 EMA as one `jax.jit` over a ('data', 'spatial') mesh; how many steps a run takes; restoring a
 run's saved state. The loop that drives it is loop.py's."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import functools
 import math
 from typing import Any
@@ -173,9 +173,17 @@ def make_train_step(
 ):
   """Jitted step: state replicated and donated (updated in place), batch as `batch_shardings`."""
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config)
+  return jit_step(step, mesh, state_shardings, TRAIN_BATCH_KEYS)
+
+
+def jit_step(
+  step: Callable[..., Any], mesh: Mesh, state_shardings: Any, batch_keys: Sequence[str]
+) -> Any:
+  """`step(state, batch) -> (state, metrics)` jitted: the state keeps its shardings and is donated
+  (updated in place), the batch's `batch_keys` are split over the data axis, metrics replicated."""
   return jax.jit(
     sharding.traced_within(mesh, step),
-    in_shardings=(state_shardings, sharding.batch_shardings(mesh, TRAIN_BATCH_KEYS)),
+    in_shardings=(state_shardings, sharding.batch_shardings(mesh, batch_keys)),
     out_shardings=(state_shardings, sharding.replicated(mesh)),
     donate_argnums=0,
   )
