@@ -237,15 +237,16 @@ def _final_params(workdir: str) -> list[np.ndarray]:
 
 @pytest.mark.slow
 def test_the_same_command_started_twice_trains_once_and_equals_an_unbroken_run(workdir, tmp_path):
+  alone = str(tmp_path / 'alone')
   both = [_train(workdir), _train(workdir)]
+  unbroken = _train(alone)  # Meanwhile: its own workdir, its own lease.
   done = [(p.wait(timeout=TIMEOUT_S), *p.communicate()) for p in both]
   codes = sorted(code for code, _, _ in done)
   assert codes == [0, 1], [err[-2000:] for _, _, err in done]
   refused = next(err for code, _, err in done if code == 1)
   assert refused.strip().splitlines()[-1].startswith('FATAL ')
   assert 'the workdir is in use by the run of pid' in refused.strip().splitlines()[-1]
-  alone = str(tmp_path / 'alone')
-  assert _train(alone).wait(timeout=TIMEOUT_S) == 0
+  assert unbroken.wait(timeout=TIMEOUT_S) == 0, unbroken.communicate()[1][-2000:]
   for got, want in zip(_final_params(workdir), _final_params(alone)):
     np.testing.assert_array_equal(got, want)
   assert not (paths.path(workdir) / lease.LEASE).exists()  # Released at the end.
