@@ -6,6 +6,8 @@ The expected names, classes and shapes are written from the architecture (model.
 the paper's stem and stage strides), not read from the code.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,14 +83,14 @@ def _config(options: dict):
 
 
 def _record_calls(config, train: bool):
-  """(path, class name, module, input, output) of every module call, and the variables."""
+  """(path, class name, module, input, output) of every module call, and the variables: shapes
+  and dtypes only (traced, nothing computed)."""
   net = networks.create_model(config)
-  x = jax.random.normal(jax.random.key(0), (2, IMAGE, IMAGE, 3))
-  variables = net.init(jax.random.key(1), x, train=False)
+  x = jax.ShapeDtypeStruct((2, IMAGE, IMAGE, 3), jnp.float32)
+  variables = jax.eval_shape(functools.partial(net.init, train=False), jax.random.key(1), x)
+  apply = functools.partial(net.apply, train=train, mutable=['batch_stats'])
   with intercept.module_calls() as called:
-    net.apply(
-      variables, x, train=train, mutable=['batch_stats'], rngs={'dropout': jax.random.key(2)}
-    )
+    jax.eval_shape(lambda v, x: apply(v, x, rngs={'dropout': jax.random.key(2)}), variables, x)
   calls = [(m.path, type(m).__name__, m, inputs, out) for m, inputs, out in called]
   return calls, variables
 
@@ -185,9 +187,9 @@ def test_eval_logits_of_one_image_do_not_depend_on_the_rest_of_the_batch(built):
   config.model.dtype = 'float32'
   net = networks.create_model(config)
   x = jax.random.normal(jax.random.key(0), (3, IMAGE, IMAGE, 3))
-  variables = net.init(jax.random.key(1), x, train=False)
-  together = net.apply(variables, x, train=False)
-  alone = net.apply(variables, x[:1], train=False)
+  variables = jax.jit(functools.partial(net.init, train=False))(jax.random.key(1), x)
+  apply = jax.jit(functools.partial(net.apply, train=False))
+  together, alone = apply(variables, x), apply(variables, x[:1])
   np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(together[0]), rtol=1e-4, atol=1e-5)
 
 
