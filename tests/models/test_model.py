@@ -1,5 +1,7 @@
 """The model family against the paper's table, plus shape and validation behaviour."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -75,13 +77,15 @@ def test_tiny_forward_train_and_eval():
   config.model.conv_stages = (1,)
   net = networks.create_model(config)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  variables = net.init(jax.random.key(0), x, train=False)
-  logits, updates = net.apply(
-    variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(1)}
-  )
+  variables = jax.jit(functools.partial(net.init, train=False))(jax.random.key(0), x)
+  logits, updates = jax.jit(
+    lambda v, x: net.apply(
+      v, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(1)}
+    )
+  )(variables, x)
   assert logits.shape == (2, 10) and logits.dtype == jnp.float32
   assert np.isfinite(np.asarray(logits)).all()
-  eval_logits = net.apply({**variables, **updates}, x, train=False)
+  eval_logits = jax.jit(functools.partial(net.apply, train=False))({**variables, **updates}, x)
   assert eval_logits.shape == (2, 10)
 
 
@@ -89,9 +93,12 @@ def test_bfloat16_compute_keeps_float32_params():
   config = tiny.get_config()
   config.model.dtype = 'bfloat16'
   net = networks.create_model(config)
-  variables = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  variables = jax.eval_shape(functools.partial(net.init, train=False), jax.random.key(0), x)
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables['params']))
-  assert net.apply(variables, jnp.zeros((1, 32, 32, 3)), train=False).dtype == jnp.float32
+  assert jax.eval_shape(functools.partial(net.apply, train=False), variables, x).dtype == (
+    jnp.float32
+  )
 
 
 def test_conv_stages_replace_attention():
@@ -194,15 +201,25 @@ def _loss_and_grads(config, x):
   return jax.jit(jax.value_and_grad(loss))(variables['params'])
 
 
+def _plain_tiny():
+  config = tiny.get_config()
+  config.model.attention_impl = 'plain'
+  return config, jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+
+
+@functools.cache
+def _plain_loss_and_grads():
+  """The reference of each case below, computed once."""
+  return _loss_and_grads(*_plain_tiny())
+
+
 @pytest.mark.parametrize(
   'field, value', [('remat', True), ('attention_impl', 'plain'), ('attention_impl', 'rows')]
 )
 def test_remat_and_implementations_give_the_same_loss_and_gradients(field, value):
   """Against the plain, non-rematerialised model: same function, same gradients."""
-  config = tiny.get_config()
-  config.model.attention_impl = 'plain'
-  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  want = _loss_and_grads(config, x)
+  config, x = _plain_tiny()
+  want = _plain_loss_and_grads()
   config.model[field] = value
   got = _loss_and_grads(config, x)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
