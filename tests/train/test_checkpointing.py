@@ -191,3 +191,72 @@ def test_restore_places_arrays_as_the_abstract_state_says(tmp_path):
   manager = checkpointing.create_manager(str(tmp_path), 3, read_only=True)
   restored = checkpointing.restore_readable(manager, abstract)[1]
   assert restored['params']['w'].devices() == {device}
+
+
+def test_resume_starts_a_fresh_run_at_0_and_a_step_0_checkpoint_from_itself(tmp_path):
+  said = []
+  empty = checkpointing.create_manager(str(tmp_path / 'empty'), 3)
+  assert checkpointing.resume(empty, _abstract(_state(0)), 'W', advice='-', say=said.append) == (
+    0,
+    None,
+  )
+  _saved(tmp_path / 'converted', (0,))
+  manager = checkpointing.create_manager(str(tmp_path / 'converted'), 3)
+  step, state = checkpointing.resume(
+    manager, _abstract(_state(9)), 'W', advice='-', say=said.append
+  )
+  assert step == 0 and state is not None and int(state['step']) == 0
+  _saved(tmp_path / 'run', (2, 4))
+  manager = checkpointing.create_manager(str(tmp_path / 'run'), 3)
+  step, state = checkpointing.resume(
+    manager, _abstract(_state(0)), 'W', advice='-', say=said.append
+  )
+  assert step == 4 and int(state['step']) == 4
+  assert said == []
+
+
+def test_resume_into_other_shapes_is_one_line_ending_with_the_advice(tmp_path):
+  _saved(tmp_path, (4,))
+  manager = checkpointing.create_manager(str(tmp_path), 3)
+  with pytest.raises(errors.ConfigError) as raised:
+    checkpointing.resume(manager, _abstract(_state(0, width=5)), str(tmp_path), advice='do this')
+  assert str(raised.value) == (
+    f'cannot resume {tmp_path} from step 4 with this config: '
+    'params/w has shape (3,) in the checkpoint but (5,) in this config; do this'
+  )
+
+
+def test_resume_with_no_readable_checkpoint_says_so_and_starts_at_0(tmp_path, monkeypatch):
+  _saved(tmp_path, (4,))
+  manager = checkpointing.create_manager(str(tmp_path), 3)
+
+  def unreadable(*args, **kwargs):
+    raise FileNotFoundError('every step is damaged')
+
+  monkeypatch.setattr(checkpointing, 'restore_readable', unreadable)
+  said = []
+  resumed = checkpointing.resume(
+    manager, _abstract(_state(0)), str(tmp_path), advice='-', say=said.append
+  )
+  assert resumed == (0, None)
+  assert said == [f'no checkpoint in {tmp_path} could be read: starting at step 0']
+
+
+def test_an_outage_names_the_last_committed_step_and_other_errors_pass_unchanged(tmp_path):
+  manager = checkpointing.create_manager(str(tmp_path), 3)
+  with pytest.raises(errors.StorageOutage, match=r'^down; the last committed checkpoint is none:'):
+    with checkpointing.naming_last_commit(manager):
+      raise errors.StorageOutage('down')
+  checkpointing.save(manager, 2, _state(2))
+  checkpointing.wait_saved(manager, 2, _state(2))
+  with pytest.raises(errors.StorageOutage) as raised:
+    with checkpointing.naming_last_commit(manager):
+      raise errors.StorageOutage('down')
+  assert str(raised.value) == (
+    'down; the last committed checkpoint is step 2: '
+    'rerun the same command once the store is back to resume from it'
+  )
+  with pytest.raises(ValueError, match='^other$'):
+    with checkpointing.naming_last_commit(manager):
+      raise ValueError('other')
+  checkpointing.finish(manager)
