@@ -76,7 +76,10 @@ COVERING = {
   ),
   'halonet/train/finetune.py': ('tests/train/test_finetune.py', '-m', 'not slow'),
   'halonet/train/workdir.py': ('tests/train/test_workdir.py',),
-  'halonet/train/checkpointing.py': ('tests/train/test_checkpointing.py',),
+  'halonet/train/checkpointing.py': (
+    'tests/train/test_checkpointing.py',
+    'tests/train/test_damaged_checkpoints.py',
+  ),
   'halonet/train/progress.py': ('tests/train/test_progress.py',),
   'halonet/data/pipeline.py': (
     *_PIPELINE_TESTS,
