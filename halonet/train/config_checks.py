@@ -5,6 +5,7 @@ heads vs widths, the attention window vs the halo) follow it. halonet/models/che
 architecture's own rules and is called from here, so a run needs only `validate_config`.
 """
 
+import numbers
 import re
 
 import jax
@@ -81,8 +82,8 @@ def _inside(value: float, interval: str) -> bool:
 
 
 def check_ranges(config: ml_collections.ConfigDict) -> None:
-  """Each field of RANGES inside its interval, each POSITIVE_ENTRIES entry >= 1 (or >= 0 for
-  halo sizes), and `variant`, when shaped like a paper row, one of the paper's rows."""
+  """Each field of RANGES inside its interval, each POSITIVE_ENTRIES entry a whole number >= 1
+  (or >= 0 for halo sizes), and `variant`, when shaped like a paper row, one of the paper's rows."""
   for name, interval in RANGES.items():
     value = field(config, name)
     if not _inside(float(value), interval):
@@ -90,6 +91,8 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
   for name in POSITIVE_ENTRIES:
     values = tuple(field(config, name))
     smallest = 0 if name == 'model.halo_sizes' else 1
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
+      raise errors.ConfigError(f'config.{name}={values}: every entry must be a whole number')
     if any(v < smallest for v in values):
       raise errors.ConfigError(f'config.{name}={values}: every entry must be >= {smallest}')
   low, high = config.input.crop_area_range

@@ -95,6 +95,8 @@ def test_bad_value_fails_in_one_line_naming_it(field, value):
     ('input.crop_area_range', (0.5, 1.5), 'crop_area_range=(0.5, 1.5)'),
     ('model.halo_sizes', (1, 1, -1, 1), 'model.halo_sizes=(1, 1, -1, 1)'),
     ('fewshot_shots', (1, 0), 'fewshot_shots=(1, 0)'),
+    ('fewshot_shots', (1, 2.5), 'fewshot_shots=(1, 2.5)'),
+    ('model.num_heads', (2, 2, 2, True), 'model.num_heads=(2, 2, 2, True)'),
     ('evals', ('imagenet_a', 'cifar10@0'), "evals entry 'cifar10@0'"),
     ('model.activation', 'gelu', "activation='gelu'"),
     ('input.pixel_mean', (0.5, 0.5), 'pixel_mean=(0.5, 0.5)'),
