@@ -35,6 +35,7 @@ import subprocess
 
 import pytest
 
+from halonet import storage
 from tests import storage_server as storage_server_lib
 
 _DIE_WITH_PARENT = os.path.join(
@@ -80,3 +81,25 @@ def storage_server():
         os.environ[k] = v
     server.stop()
     shutil.rmtree(server.folder, ignore_errors=True)
+
+
+class FakeStorageClock:
+  """Time for halonet/storage.py's retries: each sleep advances it and is kept in `sleeps`."""
+
+  def __init__(self):
+    self.now, self.sleeps = 0.0, []
+
+  def sleep(self, seconds: float) -> None:
+    self.sleeps.append(seconds)
+    self.now += seconds
+
+
+@pytest.fixture
+def storage_clock(monkeypatch):
+  """Fake time for outages, with a fresh budget of 100 s; the default budget after."""
+  clock = FakeStorageClock()
+  monkeypatch.setattr(storage, '_clock', lambda: clock.now)
+  monkeypatch.setattr(storage, '_sleep', clock.sleep)
+  storage.set_budget(100)
+  yield clock
+  storage.set_budget(storage.DEFAULT_BUDGET_S)

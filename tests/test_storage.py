@@ -15,25 +15,6 @@ from halonet import defaults
 from halonet import errors
 from halonet import storage
 
-SLEEPS = []
-
-
-@pytest.fixture
-def clock(monkeypatch):
-  """Fake time: each sleep advances it (and is kept in SLEEPS); the budget starts fresh."""
-  now = [0.0]
-  SLEEPS.clear()
-
-  def sleep(seconds):
-    SLEEPS.append(seconds)
-    now[0] += seconds
-
-  monkeypatch.setattr(storage, '_clock', lambda: now[0])
-  monkeypatch.setattr(storage, '_sleep', sleep)
-  storage.set_budget(100)
-  yield now
-  storage.set_budget(storage.DEFAULT_BUDGET_S)
-
 
 def _failing(times, error):
   calls = []
@@ -112,12 +93,14 @@ def test_transient_failures_are_told_from_lasting_ones(error, transient):
   assert storage.is_transient(error) is transient
 
 
-def test_an_outage_within_budget_is_retried_and_named_when_it_begins_and_ends(clock, caplog):
+def test_an_outage_within_budget_is_retried_and_named_when_it_begins_and_ends(
+  storage_clock, caplog
+):
   operation, calls = _failing(4, aiohttp.ServerDisconnectedError())
   with caplog.at_level(logging.WARNING):
     assert storage.retried(operation, what='writing x', where='gs://b') == 'done'
   assert len(calls) == 5
-  assert clock[0] == 1 + 2 + 4 + 8  # Exponential backoff from one second.
+  assert storage_clock.now == 1 + 2 + 4 + 8  # Exponential backoff from one second.
   lines = [r.getMessage() for r in caplog.records]
   assert len(lines) == 2, lines
   assert lines[0] == (
@@ -127,30 +110,32 @@ def test_an_outage_within_budget_is_retried_and_named_when_it_begins_and_ends(cl
   assert not storage.outage_declared()
 
 
-def test_an_operation_that_never_failed_says_nothing(clock, caplog):
+def test_an_operation_that_never_failed_says_nothing(storage_clock, caplog):
   with caplog.at_level(logging.WARNING):
     assert storage.retried(lambda: 'done', what='writing x', where='gs://b') == 'done'
   assert caplog.records == []
 
 
-def test_a_long_outage_is_named_in_minutes(clock):
+def test_a_long_outage_is_named_in_minutes(storage_clock):
   storage.set_budget(600)
   operation, _ = _failing(10**6, ConnectionResetError())
   with pytest.raises(errors.StorageOutage) as raised:
     storage.retried(operation, what='writing x', where='gs://b')
   assert str(raised.value).startswith('storage gs://b unreachable for 10.0 min ')
-  assert SLEEPS[:7] == [1, 2, 4, 8, 16, 32, 60] and max(SLEEPS) == 60  # Capped at a minute.
+  assert (
+    storage_clock.sleeps[:7] == [1, 2, 4, 8, 16, 32, 60] and max(storage_clock.sleeps) == 60
+  )  # Capped at a minute.
   assert str(raised.value).endswith('while writing x: ConnectionResetError')
 
 
-def test_an_outage_past_its_budget_ends_in_one_error_and_nothing_waits_after(clock):
+def test_an_outage_past_its_budget_ends_in_one_error_and_nothing_waits_after(storage_clock):
   operation, calls = _failing(10**6, gcsfs_retry.HttpError({'code': 503, 'message': 'down'}))
   with pytest.raises(errors.StorageOutage) as raised:
     storage.retried(operation, what='saving checkpoint step 8', where='gs://b')
   message = str(raised.value)
   assert message.startswith('storage gs://b unreachable for 100 s')
   assert 'storage_outage_minutes' in message and 'while saving checkpoint step 8' in message
-  assert 100 <= clock[0] < 100 + storage.LONGEST_WAIT_S
+  assert 100 <= storage_clock.now < 100 + storage.LONGEST_WAIT_S
   assert storage.outage_declared()
   tried = len(calls)
   with pytest.raises(errors.StorageOutage):
@@ -158,14 +143,14 @@ def test_an_outage_past_its_budget_ends_in_one_error_and_nothing_waits_after(clo
   assert len(calls) == tried
 
 
-def test_a_lasting_failure_is_raised_at_once(clock):
+def test_a_lasting_failure_is_raised_at_once(storage_clock):
   operation, calls = _failing(1, PermissionError('403 Forbidden'))
   with pytest.raises(PermissionError):
     storage.retried(operation, what='writing x', where='gs://b')
-  assert len(calls) == 1 and clock[0] == 0
+  assert len(calls) == 1 and storage_clock.now == 0
 
 
-def test_operations_during_one_outage_share_its_budget(clock):
+def test_operations_during_one_outage_share_its_budget(storage_clock):
   """The lease's thread and the main thread meet the same outage: the budget runs from its
   start, whichever operation met it first."""
   calls = []
@@ -178,15 +163,15 @@ def test_operations_during_one_outage_share_its_budget(clock):
 
   with pytest.raises(PermissionError):
     storage.retried(first, what='renewing the lease', where='gs://b')
-  clock[0] += 90
+  storage_clock.now += 90
   second, _ = _failing(10**6, ConnectionResetError())
-  began = clock[0]
+  began = storage_clock.now
   with pytest.raises(errors.StorageOutage):
     storage.retried(second, what='saving', where='gs://b')
-  assert clock[0] - began <= 10
+  assert storage_clock.now - began <= 10
 
 
-def test_a_new_outage_after_the_store_came_back_gets_a_whole_budget(clock):
+def test_a_new_outage_after_the_store_came_back_gets_a_whole_budget(storage_clock):
   first, _ = _failing(3, ConnectionResetError())
   storage.retried(first, what='a', where='gs://b')  # 1 + 2 + 4 s, then back: incident over.
   second, _ = _failing(10**6, ConnectionResetError())

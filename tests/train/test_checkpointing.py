@@ -5,13 +5,16 @@ full disk reports, and which Orbax log lines are kept."""
 import errno
 import logging
 import sys
+import threading
 import types
+import uuid
 
 import jax
 import numpy as np
 import pytest
 
 from halonet import errors
+from halonet import paths
 from halonet.train import checkpointing
 
 
@@ -259,4 +262,126 @@ def test_an_outage_names_the_last_committed_step_and_other_errors_pass_unchanged
   with pytest.raises(ValueError, match='^other$'):
     with checkpointing.naming_last_commit(manager):
       raise ValueError('other')
+  checkpointing.finish(manager)
+
+
+# TensorStore's failure to write to a store out of reach, as Orbax re-raises it.
+UNAVAILABLE = 'UNAVAILABLE: Error writing "checkpoints/2/_METADATA": HTTP response code: 503'
+
+
+class _FailingInTheBackground:
+  """Saves of `steps` fail as a write to an object store fails in an outage: `save` returns and
+  nothing is written; the next wait (Orbax's own save waits first) raises the store's error,
+  once. Other saves and waits are the manager's own."""
+
+  def __init__(self, manager, steps):
+    self.save, self.wait = manager.save, manager.wait_until_finished
+    self.steps, self.failure = set(steps), None
+    manager.save, manager.wait_until_finished = self._save, self._wait
+
+  def _save(self, step, **kwargs):
+    if step not in self.steps:
+      return self.save(step, **kwargs)
+    self.steps.discard(step)
+    self._wait()
+    self.failure = ValueError(UNAVAILABLE)
+    return True
+
+  def _wait(self):
+    self.wait()
+    failure, self.failure = self.failure, None
+    if failure:
+      raise failure
+
+
+def _read_back(workdir):
+  reader = checkpointing.create_manager(workdir, 5, read_only=True)
+  steps = sorted(reader.all_steps())
+  return steps, {s: checkpointing.restore_readable(reader, _abstract(_state(0)), s) for s in steps}
+
+
+def test_on_a_store_a_step_counts_as_committed_only_once_its_save_is_known_complete(
+  storage_server, storage_clock, caplog
+):
+  """A save that failed in the background is retried with the next step's state and never
+  counted as committed; a run's last save that failed is saved again before the run ends."""
+  workdir = f'{storage_server}/saves_{uuid.uuid4().hex}'
+  manager = checkpointing.create_manager(workdir, 5)
+  _FailingInTheBackground(manager, steps={2, 4})
+  assert checkpointing.committed_step(manager) is None
+  checkpointing.save(manager, 1, _state(1))
+  assert checkpointing.committed_step(manager) is None  # Still saving in the background.
+  checkpointing.save(manager, 2, _state(2))
+  assert checkpointing.committed_step(manager) == 1  # Orbax waited for it before starting 2.
+  with caplog.at_level(logging.WARNING):
+    checkpointing.save(manager, 3, _state(3))  # Meets step 2's failure, then saves 3.
+  assert checkpointing.committed_step(manager) == 1
+  assert [r.getMessage() for r in caplog.records if r.name == 'absl'] == [
+    f'storage {storage_server} unreachable while saving checkpoint step 3 in '
+    f'{workdir}/checkpoints ({UNAVAILABLE}): retrying for up to 100 s',
+    f'storage {storage_server} reachable again after 1 s; saving checkpoint step 3 in '
+    f'{workdir}/checkpoints done',
+  ]
+  checkpointing.save(manager, 4, _state(4))
+  assert checkpointing.committed_step(manager) == 3
+  checkpointing.wait_saved(manager, 4, _state(4))  # Step 4 failed: saved again, then waited.
+  assert checkpointing.committed_step(manager) == 4
+  checkpointing.save(manager, 5, _state(5))
+  assert checkpointing.committed_step(manager) == 4  # Not forgotten while 5 is being saved.
+  checkpointing.wait_saved(manager, 5, _state(5))
+  checkpointing.finish(manager)
+  steps, restored = _read_back(workdir)
+  assert steps == [1, 3, 4, 5]
+  for step in steps:
+    assert restored[step][0] == step
+    np.testing.assert_array_equal(restored[step][1]['params']['w'], np.full(3, step))
+
+
+def test_a_long_wait_for_a_save_probes_the_store_and_an_outage_past_the_budget_ends_it(
+  storage_server, storage_clock, monkeypatch
+):
+  """TensorStore retries a write for minutes without a word: the wait asks the store itself,
+  waits on while it answers, and stops at the outage budget, its waiting thread left behind."""
+  workdir = f'{storage_server}/probes_{uuid.uuid4().hex}'
+  manager = checkpointing.create_manager(workdir, 3)
+  checkpointing.save(manager, 1, _state(1))
+  wait, finished = manager.wait_until_finished, threading.Event()
+  threading.Timer(60, finished.set).start()  # Bounds the test whatever the code under it does.
+  manager.wait_until_finished = lambda: (finished.wait(), wait())
+  monkeypatch.setattr(checkpointing, 'PROBE_EVERY_S', 0.01)
+  gpath, probes, reachable = type(paths.path(workdir)), [], [True]
+  exists = gpath.exists
+
+  def probed(path):
+    """The store as the waiting (main) thread sees it; Orbax's own threads see it unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+      return exists(path)
+    probes.append(paths.as_string(path))
+    if not reachable[0]:
+      raise ConnectionRefusedError('Cannot connect to host 127.0.0.1')
+    if len(probes) == 3:
+      finished.set()  # The save completes while the store answers.
+    return exists(path)
+
+  monkeypatch.setattr(gpath, 'exists', probed)
+  checkpointing.wait_saved(manager, 1, _state(1))
+  assert len(probes) >= 3 and set(probes) == {f'{workdir}/checkpoints'}
+  assert checkpointing.committed_step(manager) == 1
+
+  checkpointing.save(manager, 2, _state(2))
+  finished.clear()
+  reachable[0] = False
+  with pytest.raises(errors.StorageOutage) as raised:
+    checkpointing.wait_saved(manager, 2, _state(2))
+  assert str(raised.value).startswith(f'storage {storage_server} unreachable for 100 s')
+  assert str(raised.value).endswith(
+    f'while waiting for the checkpoint save in {workdir}/checkpoints: '
+    'Cannot connect to host 127.0.0.1'
+  )
+  assert checkpointing.committed_step(manager) == 1
+  waiting = [t for t in threading.enumerate() if t.name == 'checkpoint_wait']
+  assert len(waiting) == 1 and waiting[0].daemon  # It cannot keep the process from ending.
+  finished.set()
+  waiting[0].join(60)
+  monkeypatch.undo()
   checkpointing.finish(manager)
