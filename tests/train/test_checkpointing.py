@@ -15,6 +15,7 @@ import pytest
 
 from halonet import errors
 from halonet import paths
+from halonet import storage
 from halonet.train import checkpointing
 
 
@@ -51,6 +52,7 @@ def test_a_step_not_kept_or_an_empty_workdir_is_named(tmp_path):
   empty = checkpointing.create_manager(str(tmp_path / 'empty'), 2, read_only=True)
   with pytest.raises(FileNotFoundError, match=r'no complete checkpoint in .*empty/checkpoints$'):
     checkpointing.restore_readable(empty, _abstract(_state(0)))[1]
+  assert not (tmp_path / 'empty').exists()  # A reader creates nothing.
 
 
 def test_shape_mismatch_names_the_first_array_that_cannot_restore(tmp_path):
@@ -150,15 +152,38 @@ def test_a_full_disk_is_dropped_from_orbax_and_asyncio_logs_and_other_errors_kep
   assert worth_showing(_record('/tensorboard/writer.py', logging.ERROR, full))
 
 
+def _from(name: str, level: int, message: str) -> logging.LogRecord:
+  record = _record(f'/site-packages/{name}/core.py', level, message)
+  record.name = name
+  return record
+
+
+def test_an_unreachable_store_is_dropped_from_orbax_gcsfs_and_asyncio_logs_and_only_orbax_info():
+  """halonet/storage.py names an outage in one line; gcsfs logs each retried request, Orbax and
+  asyncio each failed write. Their other lines stay, and only Orbax's INFO lines go."""
+  worth_showing = checkpointing._worth_showing  # pylint: disable=protected-access
+  orbax = '/site-packages/orbax/checkpoint/_src/futures/future.py'
+  down = 'UNAVAILABLE: HTTP response code: 503 writing checkpoints/3/_METADATA'
+  assert not worth_showing(_record(orbax, logging.ERROR, f'thread raised: {down}'))
+  assert not worth_showing(_from('gcsfs', logging.WARNING, f'retrying request: {down}'))
+  assert not worth_showing(_from('asyncio', logging.ERROR, f'never retrieved: {down}'))
+  assert worth_showing(_from('gcsfs', logging.WARNING, 'bucket type unknown: a flat bucket'))
+  assert worth_showing(_from('gcsfs', logging.INFO, 'listing gs://b'))
+  assert worth_showing(_from('asyncio', logging.INFO, 'Using selector: EpollSelector'))
+
+
 def test_only_callbacks_to_a_closed_event_loop_are_kept_from_the_unraisable_hook(monkeypatch):
   seen = []
   monkeypatch.setattr(sys, 'unraisablehook', lambda info: seen.append(info.exc_value))
   checkpointing.quiet_orbax()
-  checkpointing.quiet_orbax()  # Twice wraps once.
+  hook = sys.unraisablehook
+  checkpointing.quiet_orbax()
+  assert sys.unraisablehook is hook  # Twice wraps once.
   closed, other = RuntimeError('Event loop is closed'), RuntimeError('the stream broke')
-  for error in (closed, other):
+  same_text = ValueError('Event loop is closed')
+  for error in (closed, other, same_text):
     sys.unraisablehook(types.SimpleNamespace(exc_value=error))
-  assert seen == [other]
+  assert seen == [other, same_text]
 
 
 def test_a_writer_removes_unfinished_saves_and_a_reader_leaves_them(tmp_path):
@@ -369,19 +394,26 @@ def test_a_long_wait_for_a_save_probes_the_store_and_an_outage_past_the_budget_e
   assert checkpointing.committed_step(manager) == 1
 
   checkpointing.save(manager, 2, _state(2))
-  finished.clear()
   reachable[0] = False
-  with pytest.raises(errors.StorageOutage) as raised:
-    checkpointing.wait_saved(manager, 2, _state(2))
-  assert str(raised.value).startswith(f'storage {storage_server} unreachable for 100 s')
-  assert str(raised.value).endswith(
-    f'while waiting for the checkpoint save in {workdir}/checkpoints: '
-    'Cannot connect to host 127.0.0.1'
-  )
-  assert checkpointing.committed_step(manager) == 1
-  waiting = [t for t in threading.enumerate() if t.name == 'checkpoint_wait']
-  assert len(waiting) == 1 and waiting[0].daemon  # It cannot keep the process from ending.
-  finished.set()
-  waiting[0].join(60)
+  waiting_callers = {
+    'the next save': lambda: checkpointing.save(manager, 3, _state(3)),
+    "the run's last wait": lambda: checkpointing.wait_saved(manager, 2, _state(2)),
+  }
+  for caller, call in waiting_callers.items():
+    finished.clear()
+    storage.set_budget(100)  # A fresh outage for each.
+    with pytest.raises(errors.StorageOutage) as raised:
+      call()
+    message = str(raised.value)
+    assert message.startswith(f'storage {storage_server} unreachable for 100 s'), caller
+    assert message.endswith(
+      f'while waiting for the checkpoint save in {workdir}/checkpoints: '
+      'Cannot connect to host 127.0.0.1'
+    ), caller
+    assert checkpointing.committed_step(manager) == 1
+    waiting = [t for t in threading.enumerate() if t.name == 'checkpoint_wait']
+    assert len(waiting) == 1 and waiting[0].daemon  # It cannot keep the process from ending.
+    finished.set()
+    waiting[0].join(60)
   monkeypatch.undo()
   checkpointing.finish(manager)
