@@ -295,13 +295,13 @@ UNAVAILABLE = 'UNAVAILABLE: Error writing "checkpoints/2/_METADATA": HTTP respon
 
 
 class _FailingInTheBackground:
-  """Saves of `steps` fail as a write to an object store fails in an outage: `save` returns and
-  nothing is written; the next wait (Orbax's own save waits first) raises the store's error,
-  once. Other saves and waits are the manager's own."""
+  """Saves of `steps` fail as a background write fails (by default, to an object store in an
+  outage): `save` returns and nothing is written; the next wait (Orbax's own save waits first)
+  raises `error`, once. Other saves and waits are the manager's own."""
 
-  def __init__(self, manager, steps):
+  def __init__(self, manager, steps, error=None):
     self.save, self.wait = manager.save, manager.wait_until_finished
-    self.steps, self.failure = set(steps), None
+    self.steps, self.error, self.failure = set(steps), error or ValueError(UNAVAILABLE), None
     manager.save, manager.wait_until_finished = self._save, self._wait
 
   def _save(self, step, **kwargs):
@@ -309,7 +309,7 @@ class _FailingInTheBackground:
       return self.save(step, **kwargs)
     self.steps.discard(step)
     self._wait()
-    self.failure = ValueError(UNAVAILABLE)
+    self.failure = self.error
     return True
 
   def _wait(self):
@@ -417,3 +417,15 @@ def test_a_long_wait_for_a_save_probes_the_store_and_an_outage_past_the_budget_e
     waiting[0].join(60)
   monkeypatch.undo()
   checkpointing.finish(manager)
+
+
+def test_a_full_disk_met_by_the_runs_last_wait_is_named_and_the_manager_still_closed(tmp_path):
+  manager = checkpointing.create_manager(str(tmp_path), 3)
+  checkpointing.save(manager, 1, _state(1))
+  _FailingInTheBackground(manager, {2}, OSError(errno.ENOSPC, 'No space left on device'))
+  checkpointing.save(manager, 2, _state(2))
+  closed, close = [], manager.close
+  manager.close = lambda: (closed.append(True), close())
+  with pytest.raises(errors.DiskFull, match=r'the last complete checkpoint is step 1: free space'):
+    checkpointing.finish(manager)
+  assert closed == [True]
