@@ -61,6 +61,11 @@ COVERING = {
   'halonet/train/config_checks.py': ('tests/train/test_config_checks.py',),
   'halonet/sharding.py': ('tests/test_sharding.py',),
   'halonet/storage.py': ('tests/test_storage.py',),
+  'halonet/paths.py': ('tests/test_paths.py', 'tests/train/test_promises.py'),
+  'halonet/train/event_writer.py': (
+    'tests/train/test_event_writer.py',
+    'tests/train/test_promises.py::test_bucket_metrics_are_uploaded_at_least_every_flush_interval',
+  ),
   'halonet/evaluators/scores.py': ('tests/evaluators/test_scores.py',),
   'halonet/evaluators/specs.py': (
     'tests/evaluators/test_evaluators.py',
