@@ -429,3 +429,12 @@ def test_a_full_disk_met_by_the_runs_last_wait_is_named_and_the_manager_still_cl
   with pytest.raises(errors.DiskFull, match=r'the last complete checkpoint is step 1: free space'):
     checkpointing.finish(manager)
   assert closed == [True]
+
+
+def test_why_a_step_cannot_be_read_is_one_line_of_at_most_300_characters():
+  why = checkpointing._why  # pylint: disable=protected-access
+  assert why(ValueError('checksum mismatch\n  in params/w:\tchunk 0')) == (
+    'checksum mismatch in params/w: chunk 0'
+  )
+  assert why(KeyError()) == 'KeyError'
+  assert why(OSError('x' * 400)) == 'x' * 300
