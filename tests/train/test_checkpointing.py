@@ -246,12 +246,15 @@ def test_resume_starts_a_fresh_run_at_0_and_a_step_0_checkpoint_from_itself(tmp_
 def test_resume_into_other_shapes_is_one_line_ending_with_the_advice(tmp_path):
   _saved(tmp_path, (4,))
   manager = checkpointing.create_manager(str(tmp_path), 3)
+  closed, close = [], manager.close
+  manager.close = lambda: (closed.append(True), close())
   with pytest.raises(errors.ConfigError) as raised:
     checkpointing.resume(manager, _abstract(_state(0, width=5)), str(tmp_path), advice='do this')
   assert str(raised.value) == (
     f'cannot resume {tmp_path} from step 4 with this config: '
     'params/w has shape (3,) in the checkpoint but (5,) in this config; do this'
   )
+  assert closed == [True]  # The run stops here: its manager's threads end with it.
 
 
 def test_resume_with_no_readable_checkpoint_says_so_and_starts_at_0(tmp_path, monkeypatch):

@@ -112,6 +112,37 @@ def test_a_reader_steps_over_a_damaged_step_without_touching_it(workdir, how):
   reader.close()
 
 
+def test_a_run_whose_every_step_is_damaged_says_each_and_starts_at_0(tmp_path):
+  workdir = str(tmp_path / 'run')
+  _saved(workdir)
+  checkpoints = paths.path(workdir) / 'checkpoints'
+  for step, how in zip(STEPS, ('missing', 'metadata', 'truncated')):
+    _damage(str(checkpoints / str(step)), how)
+  reader = checkpointing.create_manager(workdir, 10, read_only=True)
+  with pytest.raises(FileNotFoundError) as raised:
+    checkpointing.restore_readable(reader, _abstract(), say=lambda line: None)
+  assert (
+    str(raised.value) == f'no readable checkpoint in {checkpoints} (steps [2, 4, 6] are damaged)'
+  )
+  reader.close()
+  lines = []
+  manager = checkpointing.create_manager(workdir, 10)
+  assert checkpointing.resume(manager, _abstract(), workdir, advice='-', say=lines.append) == (
+    0,
+    None,
+  )
+  assert [line.split(' in ')[0] for line in lines] == [
+    'checkpoint step 6',
+    'checkpoint step 4',
+    'checkpoint step 2',
+    'no checkpoint',
+  ]
+  assert all('moved to' in line for line in lines[:3])
+  assert lines[3] == f'no checkpoint in {workdir} could be read: starting at step 0'
+  assert sorted(os.listdir(checkpoints)) == ['2.damaged', '4.damaged', '6.damaged']
+  checkpointing.finish(manager)
+
+
 def test_a_step_without_its_commit_marker_on_a_bucket_is_never_restored(storage_server):
   workdir = f'{storage_server}/damaged/uncommitted'
   _saved(workdir)
