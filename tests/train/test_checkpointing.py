@@ -63,6 +63,11 @@ def test_shape_mismatch_names_the_first_array_that_cannot_restore(tmp_path):
   assert checkpointing.shape_mismatch(manager, 4, wider) == (
     'params/w has shape (3,) in the checkpoint but (5,) in this config'
   )
+  with pytest.raises(checkpointing.ShapeMismatch) as raised:
+    checkpointing.restore_readable(manager, wider)
+  assert (
+    str(raised.value) == 'step 4: params/w has shape (3,) in the checkpoint but (5,) in this config'
+  )
   extra = _abstract({**_state(0), 'ema': {'w': np.zeros(3, np.float32)}})
   assert checkpointing.shape_mismatch(manager, 4, extra) == (
     "ema/w (3,) is in this config's state but not in the checkpoint"
@@ -441,3 +446,14 @@ def test_why_a_step_cannot_be_read_is_one_line_of_at_most_300_characters():
   )
   assert why(KeyError()) == 'KeyError'
   assert why(OSError('x' * 400)) == 'x' * 300
+
+
+def test_on_a_local_disk_the_last_wait_raises_its_saves_failure_and_commits_nothing(tmp_path):
+  manager = checkpointing.create_manager(str(tmp_path), 3)
+  checkpointing.save(manager, 1, _state(1))
+  _FailingInTheBackground(manager, {2}, OSError(errno.EIO, 'Input/output error'))
+  checkpointing.save(manager, 2, _state(2))
+  with pytest.raises(OSError, match='Input/output error'):
+    checkpointing.wait_saved(manager, 2, _state(2))
+  assert checkpointing.committed_step(manager) == 1
+  checkpointing.finish(manager)
