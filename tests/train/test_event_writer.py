@@ -3,6 +3,8 @@ bucket is what TensorBoard shows (scalars, texts, hparams, their steps and order
 uploads), and which writer each kind of workdir and process gets."""
 
 import os
+import time
+import uuid
 
 import numpy as np
 import pytest
@@ -36,10 +38,14 @@ def _scalars(accumulator, tag: str) -> list[tuple[int, float]]:
 
 
 def _text(accumulator, tag: str) -> list[tuple[int, str]]:
-  return [(e.step, e.tensor_proto.string_val[0].decode()) for e in accumulator.Tensors(tag)]
+  return [
+    (e.step, tensor_util.make_ndarray(e.tensor_proto).item().decode())
+    for e in accumulator.Tensors(tag)
+  ]
 
 
 def test_scalars_texts_and_hparams_read_back_in_order_across_uploads(tmp_path):
+  began = time.time()
   writer = event_writer.ObjectStoreEventWriter(str(tmp_path))
   writer.write_hparams({'learning_rate': 0.1, 'batch_size': 8})
   writer.write_scalars(1, {'train/loss': 2.5, 'train/accuracy': np.float32(0.25)})
@@ -54,9 +60,11 @@ def test_scalars_texts_and_hparams_read_back_in_order_across_uploads(tmp_path):
   assert len(files) == 2 and files[0].endswith('.000000') and files[1].endswith('.000001')
   for name in files:  # Each upload is a whole events file TensorBoard can open on its own.
     events = list(event_file_loader.EventFileLoader(str(tmp_path / name)).Load())
-    assert events[0].file_version == 'brain.Event:2'
+    assert events[0].file_version == 'brain.Event:2' and events[0].wall_time >= began
   shown = _shown(tmp_path)
   assert _scalars(shown, 'train/loss') == [(1, 2.5), (2, 2.0), (3, 1.5)]
+  times = [e.wall_time for e in shown.Scalars('train/loss')]  # TensorBoard's relative time axis.
+  assert began <= times[0] <= times[1] <= times[2] <= time.time()
   assert _scalars(shown, 'train/accuracy') == [(1, 0.25)]
   assert _text(shown, 'note') == [(3, 'evaluated')]
   assert _text(shown, 'hparams') == [(0, 'batch_size: 8\nlearning_rate: 0.1')]
@@ -83,22 +91,29 @@ def test_kinds_a_bucket_does_not_record_are_refused_by_name(tmp_path, write, nam
 
 
 def test_each_workdir_and_process_gets_its_writer(storage_server, tmp_path):
-  """Process 0 writes events where the run lives (a bucket through whole uploads); other
-  processes only log."""
-  url = f'{storage_server}/events_{os.getpid()}'
-  for workdir in (url, str(tmp_path / 'local')):
+  """Process 0 writes events where the run lives: a bucket through whole uploads of scalars and
+  texts, a local disk through clu's writer (images too); other processes only log."""
+  url = f'{storage_server}/events_{uuid.uuid4().hex}'
+  local = str(tmp_path / 'local')
+  for workdir in (url, local):
     writer = event_writer.create(workdir, just_logging=False)
     writer.write_scalars(7, {'eval/accuracy': 0.5})
+    if workdir == local:
+      writer.write_images(7, {'maps': np.zeros((1, 4, 4, 3), np.uint8)})
+    else:
+      with pytest.raises(NotImplementedError):
+        writer.write_images(7, {'maps': np.zeros((1, 4, 4, 3), np.uint8)})
     writer.close()
   uploaded = tmp_path / 'uploaded'
   uploaded.mkdir()
   for name in (p.name for p in paths.path(url).iterdir()):
     (uploaded / name).write_bytes(paths.path(f'{url}/{name}').read_bytes())
-  for folder in (uploaded, tmp_path / 'local'):
+  for folder in (uploaded, local):
     assert _scalars(_shown(folder), 'eval/accuracy') == [(7, 0.5)], folder
+  assert 'maps' in _shown(local).Tags()['tensors']
 
-  others = tmp_path / 'other_process'
-  writer = event_writer.create(str(others), just_logging=True)
-  writer.write_scalars(7, {'eval/accuracy': 0.5})
-  writer.close()
-  assert not others.exists()
+  for other in (f'{url}_other_process', str(tmp_path / 'other_process')):
+    writer = event_writer.create(other, just_logging=True)
+    writer.write_scalars(7, {'eval/accuracy': 0.5})
+    writer.close()
+    assert not paths.path(other).exists(), other
