@@ -62,6 +62,10 @@ COVERING = {
   'halonet/sharding.py': ('tests/test_sharding.py',),
   'halonet/storage.py': ('tests/test_storage.py',),
   'halonet/paths.py': ('tests/test_paths.py', 'tests/train/test_promises.py'),
+  'halonet/attention/measure.py': (
+    'tests/attention/test_measure.py',
+    'tests/train/test_promises.py::test_a_choice_recorded_on_another_device_is_kept_beside_and_not_used',
+  ),
   'halonet/train/event_writer.py': (
     'tests/train/test_event_writer.py',
     'tests/train/test_promises.py::test_bucket_metrics_are_uploaded_at_least_every_flush_interval',
