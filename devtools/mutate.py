@@ -64,7 +64,7 @@ COVERING = {
   'halonet/paths.py': ('tests/test_paths.py', 'tests/train/test_promises.py'),
   'halonet/attention/measure.py': (
     'tests/attention/test_measure.py',
-    'tests/train/test_promises.py::test_a_choice_recorded_on_another_device_is_kept_beside_and_not_used',
+    'tests/train/test_promises.py::test_a_choice_recorded_elsewhere_is_kept_beside_and_not_used',
   ),
   'halonet/train/event_writer.py': (
     'tests/train/test_event_writer.py',

@@ -112,8 +112,8 @@ def test_choice_is_cached_reused_on_resume_and_skipped_when_explicit(tmp_path, m
   config = tiny.get_config()
   model = networks.create_model(config)
   lines = []
-  run = lambda workdir, impl='auto': measure.for_run(
-    model, impl, 32, 2, str(workdir), say=lines.append
+  run = lambda workdir, impl='auto', batch=2: measure.for_run(
+    model, impl, 32, batch, str(workdir), say=lines.append
   )
   first = run(tmp_path / 'a')
   assert len(calls) == 4 and len(first) == 4 and {impl for _, impl in first} == {'rows'}
@@ -123,6 +123,8 @@ def test_choice_is_cached_reused_on_resume_and_skipped_when_explicit(tmp_path, m
   assert run(tmp_path / 'a') == first and len(calls) == 4  # Resumed: the workdir's record.
   assert run(tmp_path / 'b') == first and len(calls) == 4  # Same device kind: the cache.
   assert '(cached)' in lines[-1]
+  assert run(tmp_path / 'e', batch=4) == first and len(calls) == 8  # Another batch: measured.
+  assert all('batch 4: ' in line and '(measured)' in line for line in lines[-4:])
   assert run(tmp_path / 'c', 'plain') == () and not (tmp_path / 'c').exists()
   monkeypatch.delenv('HALONET_MEASURE_ATTENTION')
   assert run(tmp_path / 'd') == ()  # On CPU 'auto' keeps choose.py's rule unless asked.

@@ -60,7 +60,9 @@ def test_a_tilde_workdir_lands_under_the_home_folder(tmp_path, monkeypatch):
   assert paths.as_string(workdir) == str(home)
 
 
-def test_a_choice_recorded_on_another_device_is_kept_beside_and_not_used(tmp_path, monkeypatch):
+def test_a_choice_recorded_elsewhere_is_kept_beside_and_not_used(tmp_path, monkeypatch):
+  """Another kind of device, other forms' code or other candidates: measured again, and each
+  earlier record kept under its own name."""
   monkeypatch.setenv('HALONET_CACHE', str(tmp_path / 'cache'))
   monkeypatch.setenv('HALONET_MEASURE_ATTENTION', '1')
   monkeypatch.setattr(
@@ -71,19 +73,28 @@ def test_a_choice_recorded_on_another_device_is_kept_beside_and_not_used(tmp_pat
   model = networks.create_model(tiny.get_config())
   workdir = tmp_path / 'run'
   workdir.mkdir()
-  tpu = {
-    **measure.measured_with('cpu'),
-    'device_kind': 'TPU v5 lite',
-    'backend': 'tpu',
-    'layers': {'some layer': {'choice': 'pallas', 'seconds': {}, 'skipped': {}}},
-  }
-  (workdir / measure.CHOICE_FILE).write_text(json.dumps(tpu))
-  lines = []
-  choice = measure.for_run(model, 'auto', 32, 2, str(workdir), say=lines.append)
-  assert {form for _, form in choice} == {'rows'} and len(choice) == 4
-  assert "its device_kind 'TPU v5 lite'" in lines[0]
-  assert json.loads((workdir / 'attention_choice.earlier.json').read_text()) == tpu
-  assert json.loads((workdir / measure.CHOICE_FILE).read_text())['device_kind'] != 'TPU v5 lite'
+  elsewhere = [
+    ('device_kind', 'TPU v5 lite'),
+    ('forms_version', '0123456789abcdef'),
+    ('candidates', ['plain', 'rows', 'dense']),
+  ]
+  kept = ['attention_choice.earlier.json', 'attention_choice.earlier.1.json']
+  kept.append('attention_choice.earlier.2.json')
+  for (part, value), earlier in zip(elsewhere, kept):
+    record = {
+      **measure.measured_with('cpu'),
+      part: value,
+      'backend': 'cpu',
+      'layers': {'some layer': {'choice': 'pallas', 'seconds': {}, 'skipped': {}}},
+    }
+    (workdir / measure.CHOICE_FILE).write_text(json.dumps(record))
+    lines = []
+    choice = measure.for_run(model, 'auto', 32, 2, str(workdir), say=lines.append)
+    assert {form for _, form in choice} == {'rows'} and len(choice) == 4, part
+    assert f'its {part} {value!r}' in lines[0]
+    assert json.loads((workdir / earlier).read_text()) == record
+    assert json.loads((workdir / measure.CHOICE_FILE).read_text())[part] != value
+  assert sorted(p.name for p in workdir.iterdir()) == sorted([measure.CHOICE_FILE, *kept])
 
 
 @pytest.mark.parametrize('name', ['config.json', 'results.json'])

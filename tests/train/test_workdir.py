@@ -78,6 +78,12 @@ def test_eval_refuses_only_what_the_checkpoint_depends_on():
   assert workdir_lib.refused_on_resume(['mesh_shape', 'model.widths', 'profile_steps']) == [
     'model.widths'
   ]
+  # A group holds its own dotted fields, not others that share its first letters.
+  assert workdir_lib.refused_for_eval(['model_ema', 'num_classes_seen', 'modeled.x']) == []
+  assert workdir_lib.refused_on_resume(['evals_weighted', 'mesh_shape_x', 'evals.0']) == [
+    'evals_weighted',
+    'mesh_shape_x',
+  ]
 
 
 def test_stored_config_loads_back_with_tuples_and_new_fields_defaulted(tmp_path):
