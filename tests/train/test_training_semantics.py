@@ -308,3 +308,18 @@ def test_build_schedules_the_runs_epochs_of_its_train_split():
   params = {'w': jnp.ones(3)}
   updates, _ = tx.update({'w': jnp.ones(3)}, tx.init(params), params)
   assert updates['w'].shape == (3,)
+
+
+def test_dropout_masks_differ_from_step_to_step_and_repeat_on_a_rerun_of_a_step():
+  """The masks are drawn from the seed and the step: a resumed step draws the masks the
+  unbroken run drew, and no two steps draw the same."""
+  config = tiny.get_config()
+  config.model.dropout_rate = 0.5
+  step, state, mesh = _step_and_state(config)
+  batch = sharding.shard_batch(steps.random_batch(config), mesh)
+  losses = {}
+  for at, again in ((0, False), (1, False), (0, True)):
+    copy = jax.tree.map(jnp.copy, state).replace(step=jnp.asarray(at, state.step.dtype))
+    losses[at, again] = float(step(copy, batch)[1]['loss'])
+  assert losses[0, False] == losses[0, True]
+  assert losses[0, False] != losses[1, False]
