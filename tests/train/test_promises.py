@@ -95,6 +95,9 @@ def test_a_choice_recorded_elsewhere_is_kept_beside_and_not_used(tmp_path, monke
     assert json.loads((workdir / earlier).read_text()) == record
     assert json.loads((workdir / measure.CHOICE_FILE).read_text())[part] != value
   assert sorted(p.name for p in workdir.iterdir()) == sorted([measure.CHOICE_FILE, *kept])
+  assert measure.recorded_choice(str(workdir)) == choice  # What eval.py's model then runs.
+  (workdir / measure.CHOICE_FILE).write_text(json.dumps(record))
+  assert measure.recorded_choice(str(workdir)) is None
 
 
 @pytest.mark.parametrize('name', ['config.json', 'results.json'])
