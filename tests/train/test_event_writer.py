@@ -71,6 +71,27 @@ def test_scalars_texts_and_hparams_read_back_in_order_across_uploads(tmp_path):
   assert shown.SummaryMetadata('note').plugin_data.plugin_name == 'text'
 
 
+def test_bucket_metrics_are_uploaded_at_least_every_flush_interval(tmp_path, monkeypatch):
+  now = [1000.0]
+  monkeypatch.setattr(event_writer.time, 'monotonic', lambda: now[0])
+  writer = event_writer.ObjectStoreEventWriter(str(tmp_path))
+  writer.write_scalars(1, {'loss': 1.0})
+  now[0] += event_writer.FLUSH_EVERY_SECONDS - 1
+  writer.write_scalars(2, {'loss': 0.9})
+  assert _event_files(tmp_path) == []  # Not yet a minute.
+  now[0] += 2
+  writer.write_scalars(3, {'loss': 0.8})
+  assert len(_event_files(tmp_path)) == 1  # Steps 1-3, uploaded as one whole file.
+  now[0] += 1
+  writer.write_scalars(4, {'loss': 0.7})
+  assert len(_event_files(tmp_path)) == 1  # The interval counts from the last upload.
+  now[0] += event_writer.FLUSH_EVERY_SECONDS + 1
+  writer.write_scalars(5, {'loss': 0.6})
+  writer.close()
+  names = _event_files(tmp_path)
+  assert len(names) == 2 and names == sorted(names)  # Numbered in the order written.
+
+
 @pytest.mark.parametrize(
   'write, named',
   [
