@@ -4,6 +4,9 @@ XLA:CPU also expands optimization barriers and CSEs rematerialised blocks away; 
 the TPU and GPU compilers do, makes the CPU buffer plan show what remat saves on an accelerator.
 Many tests (and the train.py subprocesses they start, which inherit the environment) compile the
 same tiny steps: a session-wide JAX compilation cache compiles each once, then loads it.
+Their programs are tiny and mostly run a few times, so compiling is most of their time: LLVM at
+-O0 compiles in about 60% of the time (and runs about half as fast). The runs that check a figure
+the README states (the quick-starts, the benchmark) set their own XLA_FLAGS.
 """
 
 import atexit
@@ -14,7 +17,7 @@ import tempfile
 
 os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-  ' --xla_disable_hlo_passes=cse_barrier_expander'
+  ' --xla_disable_hlo_passes=cse_barrier_expander --xla_backend_optimization_level=0'
 ).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # pytest-xdist workers inherit the first process's cache, so each step compiles once in all.

@@ -15,7 +15,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_tiny_benchmark_writes_results(tmp_path):
   out = tmp_path / 'results.json'
-  env = dict(os.environ, XLA_FLAGS='')  # The script sets its own threads; no fake devices.
+  # The script sets its own threads; no fake devices. No figure is checked, so LLVM at -O0 (as
+  # conftest.py's) compiles its many steps faster.
+  env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0')
   env['GLIBC_TUNABLES'] = 'glibc.malloc.hugetlb=0'  # glibc's default: recorded, changes nothing.
   subprocess.run(
     [
