@@ -7,12 +7,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from bench import tpu_aot
 from tests import load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_writes_results(tmp_path):
   out = tmp_path / 'results.json'
   # The script sets its own threads; no fake devices. No figure is checked, so LLVM at -O0 (as
