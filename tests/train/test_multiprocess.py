@@ -45,7 +45,8 @@ def _run_processes(
     JAX_PLATFORMS='cpu',
     HALONET_MEASURE_ATTENTION='1',
     HALONET_CACHE=cache,
-    XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}',
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}'
+    ' --xla_backend_optimization_level=0',  # Compiles faster, as conftest.py's.
   )
   children = [
     subprocess.Popen(
