@@ -4,9 +4,7 @@ XLA:CPU also expands optimization barriers and CSEs rematerialised blocks away; 
 the TPU and GPU compilers do, makes the CPU buffer plan show what remat saves on an accelerator.
 Many tests (and the train.py subprocesses they start, which inherit the environment) compile the
 same tiny steps: a session-wide JAX compilation cache compiles each once, then loads it.
-Their programs are tiny and mostly run a few times, so compiling is most of their time: LLVM at
--O0 compiles in about 60% of the time (and runs about half as fast). The runs that check a figure
-the README states (the quick-starts, the benchmark) set their own XLA_FLAGS.
+They compile with compile_flags.py's flags, which the train.py subprocesses inherit too.
 """
 
 import atexit
@@ -15,9 +13,12 @@ import shutil
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import compile_flags  # pylint: disable=g-import-not-at-top
+
 os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-  ' --xla_disable_hlo_passes=cse_barrier_expander --xla_backend_optimization_level=0'
+  f' --xla_disable_hlo_passes=cse_barrier_expander {compile_flags.FAST_COMPILE}'
 ).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # pytest-xdist workers inherit the first process's cache, so each step compiles once in all.
@@ -25,7 +26,6 @@ if 'HALONET_TESTS_JAX_CACHE' not in os.environ:
   os.environ['HALONET_TESTS_JAX_CACHE'] = tempfile.mkdtemp(prefix='halonet_tests_jax_cache_')
   atexit.register(shutil.rmtree, os.environ['HALONET_TESTS_JAX_CACHE'], ignore_errors=True)
 os.environ['JAX_COMPILATION_CACHE_DIR'] = os.environ['HALONET_TESTS_JAX_CACHE']
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pytest-xdist workers inherit the first process's measurement: one per session.
 if 'HALONET_TESTS_SLOWDOWN' not in os.environ:
   from tests import load  # pylint: disable=g-import-not-at-top

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from bench import tpu_aot
+from tests import compile_flags
 from tests import load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,9 +19,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_tiny_benchmark_writes_results(tmp_path):
   out = tmp_path / 'results.json'
-  # The script sets its own threads; no fake devices. No figure is checked, so LLVM at -O0 (as
-  # conftest.py's) compiles its many steps faster.
-  env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0')
+  # The script sets its own threads; no fake devices. No figure is checked: its many steps
+  # compile fast.
+  env = dict(os.environ, XLA_FLAGS=compile_flags.FAST_COMPILE)
   env['GLIBC_TUNABLES'] = 'glibc.malloc.hugetlb=0'  # glibc's default: recorded, changes nothing.
   subprocess.run(
     [

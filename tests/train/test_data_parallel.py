@@ -19,6 +19,7 @@ from halonet import sharding
 from halonet.models import networks
 from halonet.tools import convert
 from halonet.train import step as train_step_lib
+from tests import compile_flags
 from tests import hlo
 
 GLOBAL_BATCH = 64
@@ -57,9 +58,12 @@ def model_config(model: str):
 
 
 @functools.cache
-def compiled_train_step(impl: str, batch: int, devices: int, model: str = 'tiny'):
+def compiled_train_step(
+  impl: str, batch: int, devices: int, model: str = 'tiny', fusion_emitters: bool = False
+):
   """The real train step of configs/tiny.py (or of timm's `model`, converted ones' config),
-  compiled, as `impl` 'name@backend' builds it."""
+  compiled, as `impl` 'name@backend' builds it; with XLA:CPU's fusion emitters for tests that
+  read its loops (compile_flags.py)."""
   config = model_config(model)
   config.batch_size = batch
   impl, backend = impl.split('@')  # e.g. 'auto@tpu': attention_impl 'auto' as it resolves on TPU.
@@ -67,7 +71,8 @@ def compiled_train_step(impl: str, batch: int, devices: int, model: str = 'tiny'
   mesh = sharding.create_mesh((-1, 1), jax.devices()[:devices])
   lowered, model = train_step_lib.lower_train_step(config, mesh, backend=backend)
   num_params = networks.count_params(config)
-  return lowered.compile(), num_params, model
+  options = compile_flags.FUSION_EMITTERS if fusion_emitters else None
+  return lowered.compile(options), num_params, model
 
 
 # 'auto@tpu' and 'auto@gpu' resolve to the same implementation; one is enough to compile.
@@ -97,7 +102,7 @@ def test_train_step_only_all_reduces_parameter_sized_tensors(impl, model):
 
 
 def test_accelerator_train_step_has_no_loop():
-  compiled, _, model = compiled_train_step('auto@tpu', GLOBAL_BATCH, DEVICES)
+  compiled, _, model = compiled_train_step('auto@tpu', GLOBAL_BATCH, DEVICES, fusion_emitters=True)
   assert model.attention.default == 'plain'
   assert hlo.trip_counts(compiled.as_text()) == []
   assert not hlo.hlo_ops(compiled.as_text(), ('while',))
@@ -106,8 +111,12 @@ def test_accelerator_train_step_has_no_loop():
 def test_cpu_row_loop_runs_over_this_devices_images_only():
   """The CPU path loops over (image, block row) pairs: 8 devices run the trip counts of one
   device on the per-device batch, not of the global batch."""
-  sharded = hlo.trip_counts(compiled_train_step('rows@cpu', GLOBAL_BATCH, DEVICES)[0].as_text())
-  single = hlo.trip_counts(compiled_train_step('rows@cpu', GLOBAL_BATCH // DEVICES, 1)[0].as_text())
+
+  def trip_counts(batch, devices):
+    compiled = compiled_train_step('rows@cpu', batch, devices, fusion_emitters=True)[0]
+    return hlo.trip_counts(compiled.as_text())
+
+  sharded, single = trip_counts(GLOBAL_BATCH, DEVICES), trip_counts(GLOBAL_BATCH // DEVICES, 1)
   assert sharded and sharded == single
   # configs/tiny.py: b = 4 on 8x8 and 4x4 maps: 2 and 1 rows of blocks per image.
   assert set(sharded) == {2 * GLOBAL_BATCH // DEVICES, GLOBAL_BATCH // DEVICES}

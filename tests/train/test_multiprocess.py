@@ -20,6 +20,7 @@ from halonet.models import networks
 from halonet.train import checkpointing
 from halonet.train import evaluation as eval_lib
 from halonet.train import step as train_step_lib
+from tests import compile_flags
 from tests import inputs
 from tests import load
 from tests import loopback
@@ -46,7 +47,7 @@ def _run_processes(
     HALONET_MEASURE_ATTENTION='1',
     HALONET_CACHE=cache,
     XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}'
-    ' --xla_backend_optimization_level=0',  # Compiles faster, as conftest.py's.
+    f' {compile_flags.FAST_COMPILE}',
   )
   children = [
     subprocess.Popen(
