@@ -2,9 +2,11 @@
 the definitions of PyTorch's layers written in NumPy: a mistake in a layout shows here even
 where torch and timm are not installed (test_timm_parity.py checks whole networks with them)."""
 
+from flax import traverse_util
 import jax
 import numpy as np
 
+from halonet.models import networks
 from halonet.tools import convert
 
 RNG = np.random.default_rng(0)
@@ -99,3 +101,39 @@ def test_botnets_one_qkv_conv_becomes_each_heads_query_key_and_value():
   keys_and_values = np.einsum('c,chw->hw', x, key_value)
   np.testing.assert_allclose(keys_and_values[:, :qk], k.reshape(heads, qk), atol=ATOL)
   np.testing.assert_allclose(keys_and_values[:, qk:], val.reshape(heads, v), atol=ATOL)
+
+
+def _timm_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape timm's state dict holds for the Flax variable at `path` (PyTorch's layouts)."""
+  if path[-1] != 'kernel':
+    return shape
+  if len(shape) == 4:  # Conv: HWIO <- OIHW.
+    return (shape[3], shape[2], shape[0], shape[1])
+  if len(shape) == 3 and path[-2] == 'attn':  # ECA's Conv1d(1, 1, k).
+    return (1, 1, shape[0])
+  if len(shape) == 3:  # A head projection [in, heads, width] <- a 1x1 conv.
+    return (shape[1] * shape[2], shape[0], 1, 1)
+  if 'head' in path:  # nn.Linear [out, in].
+    return (shape[1], shape[0])
+  return (shape[1], shape[0], 1, 1)  # A 1x1 conv as a projection.
+
+
+def test_the_converted_position_tables_give_timms_unscaled_position_logits():
+  """timm's HaloAttn (scale_pos_embed=False) adds q.r to its logits unscaled, the layer adds
+  (q / sqrt(d)).r: for any query, each converted table gives timm's position logits."""
+  name = 'haloregnetz_b'
+  abstract = networks.abstract_variables(convert.model_config(name))
+  state = {}
+  for collection in ('params', 'batch_stats'):
+    for path, leaf in traverse_util.flatten_dict(abstract[collection]).items():
+      prefix, last = convert._torch_name(path)
+      state[f'{prefix}.{last}'] = RNG.normal(size=_timm_shape(path, leaf.shape)).astype(np.float32)
+  converted = traverse_util.flatten_dict(convert.convert(name, state, abstract)['params'])
+  tables = {p: v for p, v in converted.items() if p[-1] in ('relative_height', 'relative_width')}
+  assert len(tables) == 2 * 5  # Its five halo blocks, a height and a width table each.
+  for path, ours in tables.items():
+    timm = state['.'.join(convert._torch_name(path))]
+    query = RNG.normal(size=timm.shape[-1])
+    np.testing.assert_allclose(
+      ours @ (query / np.sqrt(len(query))), timm @ query, rtol=1e-5, atol=ATOL
+    )
