@@ -3,8 +3,8 @@
 XLA:CPU also expands optimization barriers and CSEs rematerialised blocks away; keeping them, as
 the TPU and GPU compilers do, makes the CPU buffer plan show what remat saves on an accelerator.
 Many tests (and the train.py subprocesses they start, which inherit the environment) compile the
-same tiny steps: a session-wide JAX compilation cache compiles each once, then loads it.
-They compile with compile_flags.py's flags, which the train.py subprocesses inherit too.
+same tiny steps: with compile_flags.py's flags, and through a session-wide JAX compilation cache
+that compiles each once, then loads it.
 """
 
 import atexit
