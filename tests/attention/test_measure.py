@@ -1,7 +1,9 @@
 """'auto' measured on the device: the mechanism, with injected timings (no timing noise)."""
 
+import functools
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,8 @@ from halonet.attention import AttentionPlan
 from halonet.attention import choose
 from halonet.attention import measure
 from halonet.attention import plain
+from halonet.attention.layer import HaloAttention
+from halonet.attention.layer import layer_shape
 from halonet.models import networks
 from halonet.train import loop as train_lib
 from halonet.train import step as train_step_lib
@@ -237,3 +241,51 @@ def test_a_resume_after_the_forms_changed_measures_again_and_says_so(tmp_path, m
   assert 'its forms_version' in lines[0] and 'measuring again' in lines[0]
   assert (tmp_path / 'run' / 'attention_choice.earlier.json').exists()  # The old one kept.
   assert measure.recorded_choice(str(tmp_path / 'run')) == first
+
+
+def test_the_layer_measured_is_the_layer_the_model_runs():
+  """Each measured layer, rebuilt from its shape alone, gives what the model's own layer gives on
+  the input it gets there: masked, strided, with its heads (a field dropped on the way would
+  time and check another layer)."""
+  config = tiny.get_config()
+  config.model.mask_window = 3
+  config.model.dtype = 'bfloat16'
+  model = networks.create_model(config)
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), images)
+
+  def run_recording(variables, images):
+    """Each attention layer's (params, input, output), by the key of its shape."""
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      module = context.module
+      if isinstance(module, HaloAttention) and context.method_name == '__call__':
+        shape = layer_shape(module, args[0].shape)
+        seen.setdefault(shape.key(), (module.variables['params'], args[0], out))
+      return out
+
+    with nn.intercept_methods(record):
+      model.apply(variables, images, train=False)
+    return seen
+
+  seen = jax.jit(run_recording)(variables, images)
+  layers = measure.model_layers(model, image_size=32, batch=2)
+  assert {layer.key() for layer in layers} == set(seen) and len(seen) == 4
+  for layer in layers:
+    assert (layer.shape.mask_window, layer.shape.dtype) == (3, 'bfloat16')
+    params, x, want = seen[layer.key()]
+    got = jax.jit(layer.module('plain').apply)({'params': params}, x)
+    # bfloat16 rounds differently in two compilations; a layer unmasked is off by O(1).
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=0.05)
+
+
+@pytest.mark.parametrize(
+  'rms, scale, within',
+  [(0.01, 0.001, True), (0.02, 0.001, True), (0.03, 0.001, False), (0.01, 0.003, False)],
+)
+def test_errors_are_within_a_limit_only_when_both_figures_are(rms, scale, within):
+  """A systematic error (scale) past its limit is refused however small the rms is, and the
+  other way round; each limit is inclusive."""
+  assert measure.Errors(rms, scale).within(measure.Errors(rms=0.02, scale=0.002)) is within
