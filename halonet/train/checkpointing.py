@@ -61,6 +61,35 @@ def _dropping_closed_loop_callbacks(
   return unraisable
 
 
+# Orbax splits each replicated array into one slice per replica, so that every host writes a part
+# of it: an eager slice op per device and array at each save (and a compile per shape at the first).
+# For the hundreds of small arrays of a network (norms, biases, position tables) that costs more
+# than the bytes it spreads: below this size per slice a replicated array is written whole by one
+# replica; conv and dense kernels are still split.
+MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 64 * 1024
+
+
+def _write_small_arrays_whole() -> None:
+  """Registers Orbax's jax.Array handler with the threshold, once per process, without Orbax's
+  warning that a registration replaced its default (the replacement is the point)."""
+  absl_logger = std_logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(std_logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(
+      jax.Array,
+      ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL
+      ),
+      override=True,
+    )
+  finally:
+    absl_logger.setLevel(level)
+
+
+_write_small_arrays_whole()
+
+
 def _not_read_only_notice(record: std_logging.LogRecord) -> bool:
   """False for Orbax's warnings that a read-only manager will not write: a reader's point."""
   message = record.getMessage()

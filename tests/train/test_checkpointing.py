@@ -11,6 +11,7 @@ import uuid
 
 import jax
 import numpy as np
+from orbax.checkpoint._src.serialization import replica_slices
 import pytest
 
 from halonet import errors
@@ -457,3 +458,35 @@ def test_on_a_local_disk_the_last_wait_raises_its_saves_failure_and_commits_noth
     checkpointing.wait_saved(manager, 2, _state(2))
   assert checkpointing.committed_step(manager) == 1
   checkpointing.finish(manager)
+
+
+def test_small_replicated_arrays_are_written_whole_and_large_ones_split_over_the_replicas(
+  tmp_path, monkeypatch
+):
+  """Orbax slices a replicated array into one part per replica (one eager op per device each):
+  only for a kernel-sized array, whose slices are at least the threshold, not for a norm's
+  scale. Both come back whole."""
+  sliced = []
+  slice_in_dim = jax.lax.slice_in_dim
+
+  def recording(array, *args, **kwargs):
+    sliced.append(array.shape)
+    return slice_in_dim(array, *args, **kwargs)
+
+  monkeypatch.setattr(replica_slices.jax.lax, 'slice_in_dim', recording)
+  replicated = jax.sharding.NamedSharding(
+    jax.sharding.Mesh(np.array(jax.devices()), ('data',)), jax.sharding.PartitionSpec()
+  )
+  assert len(jax.devices()) == 8
+  big_rows = 8 * checkpointing.MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL // (4 * 16)  # 1/8: threshold.
+  state = {
+    'scale': jax.device_put(np.arange(64, dtype=np.float32), replicated),
+    'kernel': jax.device_put(np.ones((big_rows, 16), np.float32), replicated),
+  }
+  manager = checkpointing.create_manager(str(tmp_path), 3)
+  checkpointing.save(manager, 1, state)
+  checkpointing.finish(manager)
+  assert sliced == [(big_rows, 16)] * 8  # Each device's copy of the kernel, sliced once.
+  reader = checkpointing.create_manager(str(tmp_path), 3, read_only=True)
+  restored = checkpointing.restore_readable(reader, _abstract(jax.device_get(state)))[1]
+  jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(state))
