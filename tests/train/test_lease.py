@@ -15,10 +15,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from configs import tiny
 from halonet import errors
 from halonet import paths
 from halonet.train import checkpointing
 from halonet.train import lease
+from halonet.train import loop as train_lib
 from tests import load
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -211,15 +213,17 @@ def test_a_failed_renewal_is_said_unless_the_store_is_declared_out(tmp_path, mon
   assert bool(said) is not outage, warnings
 
 
-def _train(workdir: str, *flags: str) -> subprocess.Popen:
+STEPS = 8
+
+
+def _train(workdir: str) -> subprocess.Popen:
   return subprocess.Popen(
     [
       sys.executable,
       'train.py',
       '--config=configs/tiny.py',
       f'--workdir={workdir}',
-      '--config.num_train_steps=8',
-      *flags,
+      f'--config.num_train_steps={STEPS}',
     ],
     cwd=REPO,
     stdout=subprocess.PIPE,
@@ -235,18 +239,25 @@ def _final_params(workdir: str) -> list[np.ndarray]:
   return [np.asarray(x) for x in jax.tree.leaves(state['params'])]
 
 
+@pytest.fixture(scope='module')
+def unbroken(tmp_path_factory):
+  """The run's final parameters when it trains alone (here: the same program as train.py's)."""
+  config = tiny.get_config()
+  config.num_train_steps = STEPS
+  workdir = str(tmp_path_factory.mktemp('alone'))
+  train_lib.train_and_evaluate(config, workdir)
+  return _final_params(workdir)
+
+
 @pytest.mark.slow
-def test_the_same_command_started_twice_trains_once_and_equals_an_unbroken_run(workdir, tmp_path):
-  alone = str(tmp_path / 'alone')
+def test_the_same_command_started_twice_trains_once_and_equals_an_unbroken_run(workdir, unbroken):
   both = [_train(workdir), _train(workdir)]
-  unbroken = _train(alone)  # Meanwhile: its own workdir, its own lease.
   done = [(p.wait(timeout=TIMEOUT_S), *p.communicate()) for p in both]
   codes = sorted(code for code, _, _ in done)
   assert codes == [0, 1], [err[-2000:] for _, _, err in done]
   refused = next(err for code, _, err in done if code == 1)
   assert refused.strip().splitlines()[-1].startswith('FATAL ')
   assert 'the workdir is in use by the run of pid' in refused.strip().splitlines()[-1]
-  assert unbroken.wait(timeout=TIMEOUT_S) == 0, unbroken.communicate()[1][-2000:]
-  for got, want in zip(_final_params(workdir), _final_params(alone)):
+  for got, want in zip(_final_params(workdir), unbroken, strict=True):
     np.testing.assert_array_equal(got, want)
   assert not (paths.path(workdir) / lease.LEASE).exists()  # Released at the end.

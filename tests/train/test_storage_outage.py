@@ -6,6 +6,7 @@ bit-identical to an unbroken one. A longer one ends the run in one line naming t
 last committed checkpoint, and the same command resumes from it once the store is back.
 """
 
+import hashlib
 import os
 import queue
 import signal
@@ -14,8 +15,14 @@ import sys
 import threading
 import time
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
+from configs import tiny
+from halonet.train import checkpointing
+from halonet.train import loop as train_lib
 from tests import load
 from tests import storage_server as storage_server_lib
 
@@ -31,18 +38,26 @@ FLAGS = [
 TIMEOUT_S = load.timeout(300)
 OUTAGE_S = 40  # Past gcsfs's own retries (about 31 s), so the run's retries are what cures it.
 
-# The final checkpoint's arrays as one digest, read through the same layers as the run.
-DIGEST = """
-import hashlib, sys
-import jax, numpy as np, orbax.checkpoint as ocp
-from halonet.train import checkpointing
-manager = checkpointing.create_manager(sys.argv[1], 100, read_only=True)
-state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
-digest = hashlib.sha256()
-for leaf in jax.tree.leaves(jax.device_get(state)):
-  digest.update(np.ascontiguousarray(leaf).tobytes())
-print(manager.latest_step(), digest.hexdigest())
-"""
+
+def digest(workdir: str) -> tuple[str, str]:
+  """The final checkpoint's step and one digest of its arrays, read through the run's layers."""
+  manager = checkpointing.create_manager(workdir, 100, read_only=True)
+  step = manager.latest_step()
+  state = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  hashed = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(state)):
+    hashed.update(np.ascontiguousarray(leaf).tobytes())
+  return str(step), hashed.hexdigest()
+
+
+# digest() in a process pointed at the outage server: one line per workdir.
+DIGESTS = (
+  'import sys\n'
+  'from tests.train.test_storage_outage import digest\n'
+  'for workdir in sys.argv[1:]:\n'
+  '  print(*digest(workdir))\n'
+)
 
 
 def _python(*args, env=None):
@@ -54,8 +69,10 @@ def _python(*args, env=None):
   return done
 
 
-def _digest(workdir, env):
-  return _python('-c', DIGEST, workdir, env=env).stdout.split()
+def _digests(env, *workdirs):
+  return [
+    tuple(line.split()) for line in _python('-c', DIGESTS, *workdirs, env=env).stdout.splitlines()
+  ]
 
 
 class _Run:
@@ -132,8 +149,11 @@ def test_a_short_outage_costs_time_only_and_a_long_one_ends_in_one_line_then_res
   outage_server.stop()
   down = time.monotonic()
   short.process.send_signal(signal.SIGCONT)
-  _python('train.py', f'--workdir={local}', *FLAGS)  # The unbroken reference, meanwhile.
-  want = _digest(local, env)
+  # The unbroken reference, meanwhile: train.py's program, in this process.
+  config = tiny.get_config()
+  config.num_train_steps, config.checkpoint_every_steps, config.keep_checkpoints = STEPS, 2, 100
+  train_lib.train_and_evaluate(config, local)
+  want = digest(local)
   assert want[0] == str(STEPS)
 
   code, out, err = long.finish()
@@ -154,9 +174,8 @@ def test_a_short_outage_costs_time_only_and_a_long_one_ends_in_one_line_then_res
   code, out, err = short.finish()
   assert code == 0, err[-3000:]
   assert 'Traceback' not in err and 'reachable again' in err, err[-3000:]
-  assert _digest(f'gs://{BUCKET}/short', env) == want
   code, out, err = resumed.finish()
   assert code == 0, err[-3000:]
   if committed != 'none':
     assert f'resumed from checkpoint at {committed}' in out, out
-  assert _digest(f'gs://{BUCKET}/long', env) == want
+  assert _digests(env, f'gs://{BUCKET}/short', f'gs://{BUCKET}/long') == [want, want]
