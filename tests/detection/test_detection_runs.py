@@ -98,20 +98,21 @@ def _run(args, workdir):
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_equals_the_unbroken_run(unbroken, tmp_path):
-  """SIGKILLed as it reads the batch of step 5 (saves of earlier steps in flight), then rerun:
-  the final state is bit-identical to the unbroken run's (the input and the samplers' draws are
-  functions of the step)."""
+def test_kill_9_then_resume_equals_the_unbroken_run(unbroken, tmp_path, capsys):
+  """SIGKILLed as it reads the batch of step 5 (saves of earlier steps in flight), then rerun
+  (train.py's program, in this process): the final state is bit-identical to the unbroken run's
+  (the input and the samplers' draws are functions of the step)."""
   workdir = str(tmp_path / 'killed')
   ahead = sharding.PREFETCH_BATCHES
   killed = _run([INTERRUPTED_TRAIN, 'SIGKILL', str(2 + ahead + 1), '-', '0'], workdir)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   saved = ocp.path.step.checkpoint_steps(os.path.join(workdir, 'checkpoints'))
   assert saved and max(saved) < STEPS
-  done = _run(['train.py'], workdir)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert f'resumed from checkpoint at step {max(saved)}' in done.stdout
-  assert 'AP^bb' in done.stdout
+  capsys.readouterr()
+  training.train_and_evaluate(toy.run_config(checkpoint_every_steps=1), workdir)
+  done = capsys.readouterr().out
+  assert f'resumed from checkpoint at step {max(saved)}' in done
+  assert 'AP^bb' in done
   jax.tree.map(np.testing.assert_array_equal, _state(workdir), _state(unbroken[0]))
 
 
