@@ -46,6 +46,7 @@ def _run_processes(
     JAX_PLATFORMS='cpu',
     HALONET_MEASURE_ATTENTION='1',
     HALONET_CACHE=cache,
+    PYTHONFAULTHANDLER='1',
     XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}'
     f' {compile_flags.FAST_COMPILE}',
   )
@@ -71,7 +72,19 @@ def _run_processes(
     for i in range(PROCESSES)
   ]
   try:
-    outputs = [child.communicate(timeout=TIMEOUT_S)[0] for child in children]
+    try:
+      outputs = [child.communicate(timeout=TIMEOUT_S)[0] for child in children]
+    except subprocess.TimeoutExpired:
+      # A stall: each process still running prints every thread's Python stack (faulthandler,
+      # on SIGABRT) and the failure shows where it waits.
+      stuck = [i for i, child in enumerate(children) if child.poll() is None]
+      for i in stuck:
+        os.killpg(children[i].pid, signal.SIGABRT)
+      tails = [child.communicate(timeout=60)[0][-6000:] for child in children]
+      raise AssertionError(
+        f'processes {stuck} still running after {TIMEOUT_S:.0f} s; their output and stacks:\n'
+        + '\n'.join(f'--- process {i}:\n{tail}' for i, tail in enumerate(tails))
+      ) from None
   finally:
     for child in children:
       if child.poll() is None:
