@@ -42,6 +42,8 @@ def test_a_second_run_is_refused_naming_the_owner_until_the_first_releases(workd
   message = str(refused.value)
   assert f'in use by the run of pid {os.getpid()} on {socket.gethostname()}' in message
   assert '\n' not in message and 'train in another workdir' in message
+  beside = lease.acquire(f'{workdir}_beside')  # Another workdir, meanwhile: its own lease.
+  beside.release()
   first.release()
   assert not (paths.path(workdir) / lease.LEASE).exists()
   lease.acquire(workdir).release()  # Free again.
