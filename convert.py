@@ -6,10 +6,9 @@ W then holds config.json and a step-0 checkpoint that eval.py, predict.py, visua
 --config.init_from take like any run (halonet/tools/convert.py, docs/timm.md).
 """
 
-from absl import app
-
 from halonet.tools import convert
+from halonet.train import launch
 
 if __name__ == '__main__':
   convert.define_flags()
-  app.run(convert.main)
+  launch.run(convert.main)

@@ -10,7 +10,6 @@ split or evaluator, weights) to W/eval_records.jsonl.
 from collections.abc import Sequence
 import os
 
-from absl import app
 from absl import flags
 
 from halonet.train import launch
@@ -48,4 +47,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  launch.run(main, flags_parser=parse_flags)

@@ -127,4 +127,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  launch.run(main)

@@ -4,7 +4,6 @@ Mask R-CNN on one (config.task='detection'): `--config=configs/detection.py:digi
 Rerunning with the same workdir resumes from its latest complete checkpoint.
 """
 
-from absl import app
 from absl import flags
 
 from halonet.train import launch
@@ -35,4 +34,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=launch.parse_flags)
+  launch.run(main, flags_parser=launch.parse_flags)

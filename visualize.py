@@ -6,10 +6,9 @@
 One row per query pixel, one column per head (halonet/tools/visualize.py).
 """
 
-from absl import app
-
 from halonet.tools import visualize
+from halonet.train import launch
 
 if __name__ == '__main__':
   visualize.define_flags()
-  app.run(visualize.main)
+  launch.run(visualize.main)

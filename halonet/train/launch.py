@@ -1,4 +1,5 @@
-"""What train.py and eval.py share: the --config/--workdir/--distributed flags and start-up."""
+"""What the commands share: how they run and end; for train.py and eval.py, the
+--config/--workdir/--distributed flags and start-up."""
 
 import os
 
@@ -6,8 +7,10 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 # pylint: disable=wrong-import-position
-from collections.abc import Iterator, Sequence
+import atexit
+from collections.abc import Callable, Iterator, Sequence
 import contextlib
+import gc
 import logging as std_logging
 import sys
 
@@ -21,6 +24,19 @@ from halonet import errors
 HELP_FLAGS = ('--help', '-help', '-h', '--helpshort', '-?')
 
 FLAGS = flags.FLAGS
+
+
+def run(
+  main: Callable[[list[str]], object],
+  flags_parser: Callable[[list[str]], list[str]] = app.parse_flags_with_usage,
+) -> None:
+  """absl's app.run of a command's `main`, minus CPython's last garbage collections at exit:
+  they walk every object TensorFlow, JAX and Flax made (about 1 s of each command's time on 2
+  cores) only to free memory the process hands back anyway. The rest of the exit is unchanged:
+  atexit handlers run, output is flushed, objects no longer referenced are released; only
+  reference cycles still alive then are left to the OS."""
+  atexit.register(gc.freeze)
+  app.run(main, flags_parser=flags_parser)
 
 
 def define_flags(workdir_help: str) -> None:
