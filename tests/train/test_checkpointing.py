@@ -460,12 +460,9 @@ def test_on_a_local_disk_the_last_wait_raises_its_saves_failure_and_commits_noth
   checkpointing.finish(manager)
 
 
-def test_small_replicated_arrays_are_written_whole_and_large_ones_split_over_the_replicas(
-  tmp_path, monkeypatch
-):
-  """Orbax slices a replicated array into one part per replica (one eager op per device each):
-  only for a kernel-sized array, whose slices are at least the threshold, not for a norm's
-  scale. Both come back whole."""
+def _saved_slices(tmp_path, monkeypatch) -> tuple[list[tuple[int, ...]], int]:
+  """The shapes Orbax slices while saving, replicated on 8 devices, a norm's 64-float scale and a
+  kernel whose slice is exactly the threshold, which must restore whole; and the kernel's rows."""
   sliced = []
   slice_in_dim = jax.lax.slice_in_dim
 
@@ -486,7 +483,27 @@ def test_small_replicated_arrays_are_written_whole_and_large_ones_split_over_the
   manager = checkpointing.create_manager(str(tmp_path), 3)
   checkpointing.save(manager, 1, state)
   checkpointing.finish(manager)
-  assert sliced == [(big_rows, 16)] * 8  # Each device's copy of the kernel, sliced once.
+  monkeypatch.undo()
   reader = checkpointing.create_manager(str(tmp_path), 3, read_only=True)
   restored = checkpointing.restore_readable(reader, _abstract(jax.device_get(state)))[1]
   jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(state))
+  return sliced, big_rows
+
+
+def test_small_replicated_arrays_are_written_whole_and_large_ones_split_over_the_replicas(
+  tmp_path, monkeypatch
+):
+  """Orbax slices a replicated array into one part per replica (one eager op per device each):
+  in a single process only a kernel-sized array, whose slices are at least the threshold, not a
+  norm's scale."""
+  sliced, big_rows = _saved_slices(tmp_path, monkeypatch)
+  assert sliced == [(big_rows, 16)] * 8  # Each device's copy of the kernel, sliced once.
+
+
+def test_several_processes_keep_orbaxs_split_of_every_replicated_array(tmp_path, monkeypatch):
+  """Where other hosts share the writes (here a process count of 2 is all the module sees),
+  Orbax's default stands: the scale is split over the replicas as well."""
+  fields = {'process_count': lambda: 2, 'Array': jax.Array, 'tree_util': jax.tree_util}
+  monkeypatch.setattr(checkpointing, 'jax', types.SimpleNamespace(**fields))
+  sliced, big_rows = _saved_slices(tmp_path, monkeypatch)
+  assert sorted(sliced) == sorted([(64,)] * 8 + [(big_rows, 16)] * 8)
