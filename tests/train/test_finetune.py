@@ -214,6 +214,23 @@ def test_bad_sources_fail_naming_the_path_before_anything_compiles(tmp_path, mon
     train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
+def test_a_source_of_another_architecture_is_refused_naming_each_sides_shape(tmp_path, monkeypatch):
+  """Through the run's set-up, before anything compiles: the parameter that differs, with the
+  source run's shape and the new model's, each on its side."""
+  source = _source_workdir(tmp_path / 'source')  # tiny.py's widths, (8, 16, 16, 32).
+  config = _config('digits/6-9', 4, 48, init_from=str(source), **{'model.widths': (8, 16, 16, 48)})
+
+  def no_compile(*args, **kwargs):
+    raise AssertionError('compiled before the source was checked')
+
+  monkeypatch.setattr(jax, 'jit', no_compile)
+  with pytest.raises(
+    errors.ConfigError,
+    match=r'stage4_block0/.* has shape \(.*32.*\) in the source run but \(.*48.*\) in the new',
+  ):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'new'))
+
+
 def _source_workdir(source):
   """A workdir as train.py leaves it, by hand: its config.json and checkpoints of steps 2 and 4."""
   config = _config('digits/0-5', 6, 32)
