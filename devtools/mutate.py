@@ -158,6 +158,8 @@ COVERING = {
     'tests/attention/test_measure.py::test_training_measures_records_and_uses_the_chosen_forms',
     'tests/attention/test_measure.py::test_the_train_and_eval_steps_run_the_measured_forms',
     'tests/train/test_checkpoint_resume.py',
+    'tests/train/test_loop.py',
+    'tests/evaluators/test_evaluators_in_runs.py',
     '-m',
     'not slow',
   ),
