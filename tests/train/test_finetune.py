@@ -191,13 +191,14 @@ def test_fine_tune_at_a_new_size_on_new_classes(tmp_path, capsys):
   assert _files(source) == before
 
 
-def test_bad_sources_fail_naming_the_path_before_anything_compiles(tmp_path, monkeypatch):
-  def no_compile(*args, **kwargs):
-    raise AssertionError('compiled before the source was checked')
+def _no_compile(*args, **kwargs):
+  raise AssertionError('compiled before the source was checked')
 
+
+def test_bad_sources_fail_naming_the_path_before_anything_compiles(tmp_path, monkeypatch):
   missing = tmp_path / 'nowhere'
   config = _config('digits', 10, 32, init_from=str(missing))
-  monkeypatch.setattr(jax, 'jit', no_compile)
+  monkeypatch.setattr(jax, 'jit', _no_compile)
   with pytest.raises(FileNotFoundError, match=f"init_from='{missing}': no such directory"):
     train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
   (tmp_path / 'empty').mkdir()
@@ -220,10 +221,7 @@ def test_a_source_of_another_architecture_is_refused_naming_each_sides_shape(tmp
   source = _source_workdir(tmp_path / 'source')  # tiny.py's widths, (8, 16, 16, 32).
   config = _config('digits/6-9', 4, 48, init_from=str(source), **{'model.widths': (8, 16, 16, 48)})
 
-  def no_compile(*args, **kwargs):
-    raise AssertionError('compiled before the source was checked')
-
-  monkeypatch.setattr(jax, 'jit', no_compile)
+  monkeypatch.setattr(jax, 'jit', _no_compile)
   with pytest.raises(
     errors.ConfigError,
     match=r'stage4_block0/.* has shape \(.*32.*\) in the source run but \(.*48.*\) in the new',
