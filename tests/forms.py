@@ -7,8 +7,18 @@ import jax.numpy as jnp
 
 from halonet import attention
 from halonet.attention import choose
+from tests import compile_flags
 
 TRITON_CALL = '__gpu$xla.gpu.triton'  # The custom call of Pallas GPU kernels.
+
+
+def jit(fn, impl: str):
+  """jax.jit(fn), compiled with compile_flags.INTERPRETED_KERNELS where `impl` is the form
+  whose kernels run in Pallas' interpreter on CPU ('pallas_gpu')."""
+  jitted = jax.jit(fn)
+  if impl != 'pallas_gpu':
+    return jitted
+  return lambda *args: jitted.lower(*args).compile(compile_flags.INTERPRETED_KERNELS)(*args)
 
 
 def assert_matches_plain_form(impl: str, input_shape: tuple[int, ...], **layer_args) -> None:
@@ -22,8 +32,9 @@ def assert_matches_plain_form(impl: str, input_shape: tuple[int, ...], **layer_a
   variables = layers['plain'].init(jax.random.key(1), x)
   cotangent = jax.random.normal(jax.random.key(2), layers['plain'].apply(variables, x).shape)
   results = {
-    form: jax.jit(
-      jax.value_and_grad(lambda v, x: (layer.apply(v, x) * cotangent).sum(), argnums=(0, 1))
+    form: jit(
+      jax.value_and_grad(lambda v, x: (layer.apply(v, x) * cotangent).sum(), argnums=(0, 1)),
+      form,
     )(variables, x)
     for form, layer in layers.items()
   }

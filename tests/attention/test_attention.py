@@ -1,6 +1,8 @@
 """Every HaloAttention implementation against an explicit per-query NumPy reference and each other,
 and the layer's symmetry properties."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 from halonet.attention import IMPLEMENTATIONS
 from halonet.attention import AttentionPlan
 from halonet.attention import HaloAttention
+from tests import forms
 
 
 def naive_halo_attention(x, params, *, heads, block, halo, stride, mask_window=0):
@@ -110,36 +113,28 @@ def _case_naive(case, x, params):
   )
 
 
-@pytest.mark.parametrize('impl', IMPLS)
-@pytest.mark.parametrize('case', CASES, ids=lambda c: str(c))
-def test_matches_naive_reference(case, impl):
+@functools.cache
+def _case_inputs(index: int):
+  """CASES[index]'s input and parameters (initialised by the plain form: every form has the
+  same parameters), shared by every form's test of the case."""
+  case = CASES[index]
   x = jax.random.normal(jax.random.key(0), (2, *case['hw'], case['c']))
-  layer, params = _case_layer_and_params(case, x, impl)
-  got = jax.jit(layer.apply)({'params': params}, x)
-  want = _case_naive(case, x, params)
-  assert got.shape == want.shape
-  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+  return x, _case_layer_and_params(case, x, 'plain')[1]
 
 
-GRADIENT_CASES = [CASES[i] for i in (0, 1, 2, 3, 4, 6, 8, 9)]
+@functools.cache
+def _case_naive_output(index: int) -> np.ndarray:
+  """The float64 reference's output for CASES[index], computed once for every form."""
+  return _case_naive(CASES[index], *_case_inputs(index))
 
 
-@pytest.mark.parametrize('impl', IMPLS)
-@pytest.mark.parametrize('case', GRADIENT_CASES, ids=lambda c: str(c))
-def test_gradients_match_finite_differences_of_naive_reference(case, impl):
-  """Gradients (autodiff, or the row loop's hand-written backward) against central differences
-  of the float64 reference.
-
-  One direction per input (x, each kernel, each position table), so a wrong gradient of any one
-  of them is caught.
-  """
-  x = jax.random.normal(jax.random.key(0), (2, *case['hw'], case['c']))
-  layer, params = _case_layer_and_params(case, x, impl)
-  cotangent = np.asarray(
-    jax.random.normal(jax.random.key(4), layer.apply({'params': params}, x).shape)
-  )
-  loss = lambda p, x: (layer.apply({'params': p}, x) * cotangent).sum()
-  grads = jax.tree_util.tree_leaves(jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x))
+@functools.cache
+def _case_naive_derivatives(index: int):
+  """Central differences of the float64 reference for CASES[index], computed once for every
+  form: the cotangent, then (input name, direction, derivative) for one random direction per
+  input (x, each kernel, each position table)."""
+  case, (x, params) = CASES[index], _case_inputs(index)
+  cotangent = np.asarray(jax.random.normal(jax.random.key(4), _case_naive_output(index).shape))
   inputs, treedef = jax.tree_util.tree_flatten_with_path((params, x))
   inputs = [(jax.tree_util.keystr(path), np.asarray(leaf, np.float64)) for path, leaf in inputs]
 
@@ -149,13 +144,47 @@ def test_gradients_match_finite_differences_of_naive_reference(case, impl):
 
   rng = np.random.default_rng(0)
   eps = 1e-6
-  for i, ((name, leaf), grad) in enumerate(zip(inputs, grads)):
+  derivatives = []
+  for i, (name, leaf) in enumerate(inputs):
     direction = rng.normal(size=leaf.shape)
     shifted = lambda sign: naive(
       [leaf + sign * eps * direction if j == i else other for j, (_, other) in enumerate(inputs)]
     )
+    derivatives.append((name, direction, (shifted(1) - shifted(-1)) / (2 * eps)))
+  return cotangent, derivatives
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('index', range(len(CASES)), ids=lambda i: str(CASES[i]))
+def test_matches_naive_reference(index, impl):
+  x, params = _case_inputs(index)
+  layer = _case_layer_and_params(CASES[index], x, impl)[0]
+  got = forms.jit(layer.apply, impl)({'params': params}, x)
+  want = _case_naive_output(index)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+
+
+GRADIENT_CASES = (0, 1, 2, 3, 4, 6, 8, 9)  # Indices into CASES.
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('index', GRADIENT_CASES, ids=lambda i: str(CASES[i]))
+def test_gradients_match_finite_differences_of_naive_reference(index, impl):
+  """Gradients (autodiff, or the row loop's hand-written backward) against central differences
+  of the float64 reference.
+
+  One direction per input (x, each kernel, each position table), so a wrong gradient of any one
+  of them is caught.
+  """
+  x, params = _case_inputs(index)
+  layer = _case_layer_and_params(CASES[index], x, impl)[0]
+  cotangent, derivatives = _case_naive_derivatives(index)
+  loss = lambda p, x: (layer.apply({'params': p}, x) * cotangent).sum()
+  grads = jax.tree_util.tree_leaves(forms.jit(jax.grad(loss, argnums=(0, 1)), impl)(params, x))
+  assert len(grads) == len(derivatives)
+  for (name, direction, numeric), grad in zip(derivatives, grads):
     analytic = np.sum(np.asarray(grad, np.float64) * direction)
-    numeric = (shifted(1) - shifted(-1)) / (2 * eps)
     np.testing.assert_allclose(analytic, numeric, rtol=2e-4, atol=2e-4, err_msg=name)
 
 
@@ -179,29 +208,46 @@ def test_gradients_finite_with_masks_and_padding(impl):
     assert np.abs(np.asarray(g)).max() > 0
 
 
+AGREE_KWARGS = dict(qk_width=16, value_width=24, num_heads=4, block_size=8, halo_size=3)
+AGREE_TOLERANCES = ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2))
+
+
+def _forward_and_gradients(layer, params, x, cotangent):
+  loss = lambda p, x: (layer.apply({'params': p}, x).astype(jnp.float32) * cotangent).sum()
+  return forms.jit(
+    lambda p, x: (layer.apply({'params': p}, x).astype(jnp.float32), jax.grad(loss, (0, 1))(p, x)),
+    layer.attention.default,
+  )(params, x)
+
+
+@functools.cache
+def _plain_results(stride: int):
+  """The plain form's case of test_implementations_agree, computed once for every other form:
+  (params, x, cotangent, {dtype: (forward, gradients)})."""
+  x = jax.random.normal(jax.random.key(0), (3, 21, 13, 16))
+  plain, params = _layer_and_params(
+    x, **AGREE_KWARGS, stride=stride, attention=AttentionPlan('plain')
+  )
+  cotangent = jax.random.normal(jax.random.key(5), plain.apply({'params': params}, x).shape)
+  results = {
+    dtype: _forward_and_gradients(plain.clone(dtype=dtype), params, x, cotangent)
+    for dtype, _ in AGREE_TOLERANCES
+  }
+  return params, x, cotangent, results
+
+
 @pytest.mark.parametrize('impl', [i for i in IMPLS if i != 'plain'])
 @pytest.mark.parametrize('stride', [1, 2])
 def test_implementations_agree(impl, stride):
   """Each implementation against the plain one on a larger map (H1-like b=8, h=3, 3 x 2 blocks
   that b does not divide), forward and gradients, float32 and bfloat16."""
-  x = jax.random.normal(jax.random.key(0), (3, 21, 13, 16))
-  kwargs = dict(qk_width=16, value_width=24, num_heads=4, block_size=8, halo_size=3, stride=stride)
-  plain, params = _layer_and_params(x, **kwargs, attention=AttentionPlan('plain'))
-  other = HaloAttention(**kwargs, attention=AttentionPlan(impl))
-  cotangent = jax.random.normal(jax.random.key(5), plain.apply({'params': params}, x).shape)
-  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
-    results = []
-    for layer in (plain, other):
-      layer = layer.clone(dtype=dtype)
-      loss = lambda p, x: (layer.apply({'params': p}, x).astype(jnp.float32) * cotangent).sum()
-      results.append(
-        jax.jit(
-          lambda p, x: (
-            layer.apply({'params': p}, x).astype(jnp.float32),
-            jax.grad(loss, argnums=(0, 1))(p, x),
-          )
-        )(params, x)
-      )
+  params, x, cotangent, plain_results = _plain_results(stride)
+  other = HaloAttention(**AGREE_KWARGS, stride=stride, attention=AttentionPlan(impl))
+  for dtype, tol in AGREE_TOLERANCES:
+    results = [
+      plain_results[dtype],
+      _forward_and_gradients(other.clone(dtype=dtype), params, x, cotangent),
+    ]
     scale = jax.tree.map(lambda a: float(np.abs(np.asarray(a, np.float32)).max()), results[0])
     jax.tree.map(
       lambda a, b, s: np.testing.assert_allclose(

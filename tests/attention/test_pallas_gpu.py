@@ -72,9 +72,10 @@ def test_data_parallel_train_step_equals_the_plain_path():
     config.model.attention_impl = impl
     state, step = steps.fresh_state_and_step(config, mesh)
     batch = sharding.shard_batch(steps.random_batch(config, 0), mesh)
-    collectives = hlo.hlo_ops(step.lower(state, batch).compile().as_text(), hlo.COLLECTIVES)
+    compiled = step.lower(state, batch).compile()
+    collectives = hlo.hlo_ops(compiled.as_text(), hlo.COLLECTIVES)
     assert {op for op, _ in collectives} == {'all-reduce'}, (impl, collectives)
-    state, metrics = step(state, batch)
+    state, metrics = compiled(state, batch)
     results[impl] = jax.device_get(
       (metrics['loss'], metrics['grad_norm'], state.params, state.batch_stats)
     )

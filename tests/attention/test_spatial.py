@@ -19,6 +19,7 @@ from halonet import sharding
 from halonet.attention import AttentionPlan
 from halonet.attention import spatial as attention_spatial
 from halonet.train import step as train_step_lib
+from tests import forms
 from tests import hlo
 
 MESH = (4, 2)
@@ -86,10 +87,10 @@ def test_attention_layer_and_gradients_equal_the_unsharded_layer(
     return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape)))
 
   value_and_grads = jax.value_and_grad(loss, argnums=(0, 1))
-  want = jax.jit(value_and_grads)(variables, x)
+  want = forms.jit(value_and_grads, impl)(variables, x)
   mesh = sharding.create_mesh(MESH)
   rows = P('data', 'spatial') if height % MESH[1] == 0 else P('data')
-  got = jax.jit(sharding.traced_within(mesh, value_and_grads))(
+  got = forms.jit(sharding.traced_within(mesh, value_and_grads), impl)(
     variables, jax.device_put(x, NamedSharding(mesh, rows))
   )
   chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)
