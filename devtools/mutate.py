@@ -139,6 +139,8 @@ COVERING = {
     'tests/train/test_training_semantics.py::test_batchnorm_running_statistics_after_a_step_are_computed_from_the_batch',
     'tests/models/test_model.py::test_every_attention_layer_runs_the_form_the_config_names',
     'tests/models/test_mixers.py::test_sasa_resnets_have_table_1s_parameters_and_flops',
+    'tests/models/test_model.py::test_only_mixers_that_normalise_their_output_skip_the_blocks_norm_after_them',
+    'tests/tools/test_trained.py::test_features_have_strides_4_to_32_at_sizes_b_does_not_divide',
   ),
   'halonet/train/lease.py': ('tests/train/test_lease.py', '-m', 'not slow'),
   'halonet/detection/data.py': ('tests/detection/test_detection_data.py',),

@@ -13,6 +13,7 @@ from configs import timm as timm_configs
 from configs import tiny
 from halonet.attention import AttentionPlan
 from halonet.models import halonet as model
+from halonet.models import mixers
 from halonet.models import networks
 from halonet.models.timm import byob
 from tests import forms
@@ -279,6 +280,34 @@ def test_options_add_the_parameters_counted_by_hand():
   assert _tiny_count(final_width=64) - base_count == 32 * 64 + 2 * 64 + (64 - 32) * 10
   # SiLU and the drop rates have no parameters.
   assert _tiny_count(activation='silu', stochastic_depth_rate=0.5, dropout_rate=0.5) == base_count
+
+
+def test_only_mixers_that_normalise_their_output_skip_the_blocks_norm_after_them():
+  """SK and Split Attention end with their own BatchNorm and activation, so a block feeds their
+  output straight to its last 1x1 projection; after any other mixer (the 3x3 conv here) the block
+  normalises and activates it first."""
+  config = tiny.get_config()
+  config.model.mixers = ('sk', 'split', 'conv', 'conv')
+  x = jax.random.normal(jax.random.key(0), (2, config.image_size, config.image_size, 3))
+  with intercept.module_calls() as called:
+    networks.create_model(config).init(jax.random.key(0), x, train=False)
+  in_block = [c for c in called if isinstance(c[0].parent, model.BottleneckBlock)]
+  mixed = {
+    module.parent.name: out
+    for module, _, out in in_block
+    if isinstance(module, (mixers.SelectiveKernel, mixers.SplitAttention, mixers.Conv3x3))
+  }
+  # A block's 1x1 projections, in call order: the last that is not the shortcut's reads the mixer.
+  projected = {
+    module.parent.name: inputs
+    for module, inputs, _ in in_block
+    if isinstance(module, nn.Dense) and module.name != 'proj'
+  }
+  assert sorted(mixed) == sorted(projected) == [f'stage{s}_block0' for s in (1, 2, 3, 4)]
+  for stage in (1, 2):
+    np.testing.assert_array_equal(projected[f'stage{stage}_block0'], mixed[f'stage{stage}_block0'])
+  for stage in (3, 4):
+    assert not np.allclose(projected[f'stage{stage}_block0'], mixed[f'stage{stage}_block0'])
 
 
 def _calls(config, x, module_type, train, unit_bn_scales=False):
