@@ -25,8 +25,8 @@ from halonet import storage
 def quiet_orbax() -> None:
   """Orbax logs dozens of INFO lines per save. A full disk, or an object store out of reach, it
   logs as a traceback from each writer thread and each of their unawaited tasks, as gcsfs does
-  from each request: DiskFull and halonet/storage.py say those in one line. Other warnings and
-  errors stay."""
+  from each request and fsspec from each read it prefetches: DiskFull and halonet/storage.py say
+  those in one line. Other warnings and errors stay."""
   logging.get_absl_handler().addFilter(_worth_showing)
   if not getattr(sys.unraisablehook, 'drops_closed_loop_callbacks', False):
     sys.unraisablehook = _dropping_closed_loop_callbacks(sys.unraisablehook)
@@ -34,7 +34,7 @@ def quiet_orbax() -> None:
 
 def _worth_showing(record: std_logging.LogRecord) -> bool:
   from_orbax = '/orbax/' in record.pathname
-  if not (from_orbax or record.name == 'asyncio' or record.name.startswith('gcsfs')):
+  if not (from_orbax or record.name == 'asyncio' or record.name.startswith(('gcsfs', 'fsspec'))):
     return True
   if from_orbax and record.levelno < std_logging.WARNING:
     return False

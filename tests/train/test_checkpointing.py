@@ -164,15 +164,27 @@ def _from(name: str, level: int, message: str) -> logging.LogRecord:
   return record
 
 
-def test_an_unreachable_store_is_dropped_from_orbax_gcsfs_and_asyncio_logs_and_only_orbax_info():
-  """halonet/storage.py names an outage in one line; gcsfs logs each retried request, Orbax and
-  asyncio each failed write. Their other lines stay, and only Orbax's INFO lines go."""
+def test_an_unreachable_store_is_dropped_from_the_storage_libraries_logs_and_only_orbax_info():
+  """halonet/storage.py names an outage in one line; gcsfs logs each retried request, fsspec each
+  prefetched read, Orbax and asyncio each failed write. Their other lines stay, and only Orbax's
+  INFO lines go."""
   worth_showing = checkpointing._worth_showing  # pylint: disable=protected-access
   orbax = '/site-packages/orbax/checkpoint/_src/futures/future.py'
   down = 'UNAVAILABLE: HTTP response code: 503 writing checkpoints/3/_METADATA'
   assert not worth_showing(_record(orbax, logging.ERROR, f'thread raised: {down}'))
   assert not worth_showing(_from('gcsfs', logging.WARNING, f'retrying request: {down}'))
   assert not worth_showing(_from('asyncio', logging.ERROR, f'never retrieved: {down}'))
+  # fsspec's prefetcher logs a failed read as logger.exception('Consumer caught an error.').
+  for error, shown in (
+    (ConnectionRefusedError(111, 'Connect call failed'), False),
+    (KeyError(3), True),
+  ):
+    try:
+      raise error
+    except type(error):
+      prefetch = _from('fsspec.prefetcher', logging.ERROR, 'Consumer caught an error.')
+      prefetch.exc_info = sys.exc_info()
+    assert worth_showing(prefetch) == shown, error
   assert worth_showing(_from('gcsfs', logging.WARNING, 'bucket type unknown: a flat bucket'))
   assert worth_showing(_from('gcsfs', logging.INFO, 'listing gs://b'))
   assert worth_showing(_from('asyncio', logging.INFO, 'Using selector: EpollSelector'))
