@@ -61,13 +61,17 @@ def naive_halo_attention(x, params, *, heads, block, halo, stride, mask_window=0
   return out
 
 
-def _layer_and_params(x, **kwargs):
-  layer = HaloAttention(**kwargs)
+def _params(layer, x):
   params = layer.init(jax.random.key(1), x)['params']
   # Non-trivial relative tables, so the position terms are tested too.
   params['relative_height'] = jax.random.normal(jax.random.key(2), params['relative_height'].shape)
   params['relative_width'] = jax.random.normal(jax.random.key(3), params['relative_width'].shape)
-  return layer, params
+  return params
+
+
+def _layer_and_params(x, **kwargs):
+  layer = HaloAttention(**kwargs)
+  return layer, _params(layer, x)
 
 
 CASES = [
@@ -87,9 +91,9 @@ CASES = [
 IMPLS = sorted(IMPLEMENTATIONS)
 
 
-def _case_layer_and_params(case, x, impl):
-  return _layer_and_params(
-    x,
+def _case_layer(case, impl):
+  """The case's layer with `impl`; its parameters come from `_case_inputs`."""
+  return HaloAttention(
     qk_width=case['qk'],
     value_width=case['v'],
     num_heads=case['heads'],
@@ -99,6 +103,11 @@ def _case_layer_and_params(case, x, impl):
     mask_window=case.get('mask', 0),
     attention=AttentionPlan(impl),
   )
+
+
+def _case_layer_and_params(case, x, impl):
+  layer = _case_layer(case, impl)
+  return layer, _params(layer, x)
 
 
 def _case_naive(case, x, params):
@@ -158,7 +167,7 @@ def _case_naive_derivatives(index: int):
 @pytest.mark.parametrize('index', range(len(CASES)), ids=lambda i: str(CASES[i]))
 def test_matches_naive_reference(index, impl):
   x, params = _case_inputs(index)
-  layer = _case_layer_and_params(CASES[index], x, impl)[0]
+  layer = _case_layer(CASES[index], impl)
   got = forms.jit(layer.apply, impl)({'params': params}, x)
   want = _case_naive_output(index)
   assert got.shape == want.shape
@@ -178,7 +187,7 @@ def test_gradients_match_finite_differences_of_naive_reference(index, impl):
   of them is caught.
   """
   x, params = _case_inputs(index)
-  layer = _case_layer_and_params(CASES[index], x, impl)[0]
+  layer = _case_layer(CASES[index], impl)
   cotangent, derivatives = _case_naive_derivatives(index)
   loss = lambda p, x: (layer.apply({'params': p}, x) * cotangent).sum()
   grads = jax.tree_util.tree_leaves(forms.jit(jax.grad(loss, argnums=(0, 1)), impl)(params, x))
@@ -377,7 +386,7 @@ def test_dense_form_folds_positions_and_masks_into_the_dot_product(monkeypatch):
   layer, params = _case_layer_and_params(case, x, 'dense')
   monkeypatch.setattr(dense.jax.nn, 'dot_product_attention', spy)
   got = layer.apply({'params': params}, x)
-  want = _case_layer_and_params(case, x, 'plain')[0].apply({'params': params}, x)
+  want = _case_layer(case, 'plain').apply({'params': params}, x)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   ((query, key, args, kwargs),) = calls
   window = case['block'] + 2 * case['halo']
